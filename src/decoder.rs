@@ -1,0 +1,422 @@
+//! Dense paged decode on the GPU: the `full`/`none` variant, the baseline every sparse variant
+//! is measured against.
+//!
+//! A step is at most two launches (attention, then the split-KV merge when a request is split
+//! over blocks), sized from host-side bounds only, so it can be captured in a CUDA graph.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use twilight_jit::{Jit, LoadedProgram, Pruning, Selector, Stage, VariantSpec};
+
+use crate::element::KvElement;
+use crate::error::{Error, Result};
+use crate::kv_cache::{PagedKvCache, RequestId};
+use crate::page_table::PageTable;
+use crate::variant::Variant;
+
+/// How a step splits each request's tokens over blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitPlan {
+    /// Tokens per block; a multiple of the kernel's tile.
+    pub chunk_tokens: usize,
+    /// Blocks per (request, KV head); 1 means no merge launch.
+    pub num_chunks: usize,
+}
+
+/// The outputs of a step: `o [batch, num_qo_heads, head_dim]` and `lse [batch, num_qo_heads]`.
+#[derive(Debug)]
+pub struct DecodeOutput<T: KvElement> {
+    pub o: CudaSlice<T>,
+    pub lse: CudaSlice<f32>,
+}
+
+/// Scratch space of split-KV partial results, reused across steps.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    partial_o: Option<CudaSlice<f32>>,
+    partial_lse: Option<CudaSlice<f32>>,
+}
+
+/// Blocks the split-KV plan aims for per multiprocessor: enough resident warps to keep the
+/// loads of every SM in flight.
+const TARGET_BLOCKS_PER_SM: usize = 8;
+/// Below this many tokens per block the merge costs more than the extra parallelism saves.
+const MIN_CHUNK_TOKENS: usize = 256;
+
+/// Dense decode for one variant on one stream.
+pub struct DenseDecoder {
+    spec: VariantSpec,
+    stream: Arc<CudaStream>,
+    program: Arc<LoadedProgram>,
+    num_sms: usize,
+}
+
+impl std::fmt::Debug for DenseDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DenseDecoder")
+            .field("spec", &self.spec.name())
+            .finish()
+    }
+}
+
+impl DenseDecoder {
+    /// Loads (from memory, disk or NVRTC) the kernels of a dense variant.
+    ///
+    /// # Errors
+    /// An invalid spec, a variant that is not `full`/`none`, a JIT or driver error.
+    pub fn new(stream: Arc<CudaStream>, spec: VariantSpec) -> Result<Self> {
+        spec.validate()?;
+        if spec.selector != Selector::Full || spec.pruning != Pruning::None {
+            return Err(Error::Unsupported {
+                variant: spec.name(),
+                reason: "DenseDecoder runs `selector = full, pruning = none` variants".into(),
+            });
+        }
+        let jit = Jit::for_context(stream.context())?;
+        let program = jit.load(&spec)?;
+        let num_sms = stream
+            .context()
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| Error::driver("reading the SM count", e))? as usize;
+        Ok(DenseDecoder {
+            spec,
+            stream,
+            program,
+            num_sms,
+        })
+    }
+
+    /// [`DenseDecoder::new`] for a variant declared with `#[twilight_kernel]`.
+    ///
+    /// # Errors
+    /// As [`DenseDecoder::new`].
+    pub fn for_variant<V: Variant>(stream: Arc<CudaStream>) -> Result<Self> {
+        DenseDecoder::new(stream, V::SPEC)
+    }
+
+    pub fn spec(&self) -> &VariantSpec {
+        &self.spec
+    }
+
+    pub fn program(&self) -> &Arc<LoadedProgram> {
+        &self.program
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// The split of a step over `batch` requests of at most `max_len` tokens.
+    pub fn plan(&self, batch: usize, num_kv_heads: usize, max_len: usize) -> SplitPlan {
+        let tile = self.program.tiling.decode_tile_tokens(self.spec.head_dim) as usize;
+        let pairs = (batch * num_kv_heads).max(1);
+        let wanted_chunks = (self.num_sms * TARGET_BLOCKS_PER_SM).div_ceil(pairs).max(1);
+        let chunk = max_len
+            .div_ceil(wanted_chunks)
+            .max(MIN_CHUNK_TOKENS)
+            .next_multiple_of(tile);
+        SplitPlan {
+            chunk_tokens: chunk,
+            num_chunks: max_len.div_ceil(chunk).max(1),
+        }
+    }
+
+    fn check_cache<T: KvElement>(&self, cache: &PagedKvCache<T>, table: &PageTable) -> Result<()> {
+        let shape = cache.shape();
+        let name = self.spec.name();
+        if T::DTYPE != self.spec.dtype {
+            return Err(Error::Dtype {
+                variant: name,
+                expected: self.spec.dtype,
+                got: T::DTYPE,
+            });
+        }
+        if shape.layout != self.spec.kv_layout {
+            return Err(Error::Layout {
+                variant: name,
+                expected: self.spec.kv_layout,
+                got: shape.layout,
+            });
+        }
+        if shape.page_size != self.spec.page_size as usize {
+            return Err(Error::shape(
+                "cache page_size",
+                self.spec.page_size,
+                shape.page_size,
+            ));
+        }
+        if shape.head_dim != self.spec.head_dim as usize {
+            return Err(Error::shape(
+                "cache head_dim",
+                self.spec.head_dim,
+                shape.head_dim,
+            ));
+        }
+        if table.page_size() != shape.page_size || table.num_pages() != shape.num_pages {
+            return Err(Error::PageTable(format!(
+                "table was validated for {} pages of {} tokens, the cache has {} of {}",
+                table.num_pages(),
+                table.page_size(),
+                shape.num_pages,
+                shape.page_size
+            )));
+        }
+        Ok(())
+    }
+
+    /// One decode step: allocates the outputs, then [`DenseDecoder::run_into`].
+    ///
+    /// # Errors
+    /// As [`DenseDecoder::run_into`].
+    pub fn run<T: KvElement>(
+        &self,
+        q: &CudaSlice<T>,
+        cache: &PagedKvCache<T>,
+        table: &PageTable,
+        sm_scale: Option<f32>,
+    ) -> Result<DecodeOutput<T>> {
+        let heads = table.batch() * cache.shape().num_kv_heads * self.spec.group_size as usize;
+        let mut out = DecodeOutput {
+            o: self
+                .stream
+                .alloc_zeros::<T>(heads * self.spec.head_dim as usize)
+                .map_err(|e| Error::driver("allocating o", e))?,
+            lse: self
+                .stream
+                .alloc_zeros::<f32>(heads)
+                .map_err(|e| Error::driver("allocating lse", e))?,
+        };
+        let mut workspace = Workspace::default();
+        self.run_into(q, cache, table, sm_scale, &mut out, &mut workspace)?;
+        Ok(out)
+    }
+
+    /// One decode step into existing outputs. With a workspace already large enough (as after
+    /// one step of the same shape) it allocates nothing, so it can be captured in a graph.
+    ///
+    /// # Errors
+    /// Shape, dtype or layout mismatches between the variant, q, the cache, the table and the
+    /// outputs; a non-finite or non-positive `sm_scale`; driver errors.
+    pub fn run_into<T: KvElement>(
+        &self,
+        q: &CudaSlice<T>,
+        cache: &PagedKvCache<T>,
+        table: &PageTable,
+        sm_scale: Option<f32>,
+        out: &mut DecodeOutput<T>,
+        workspace: &mut Workspace,
+    ) -> Result<()> {
+        self.check_cache(cache, table)?;
+        let shape = cache.shape();
+        let head_dim = self.spec.head_dim as usize;
+        let batch = table.batch();
+        let num_kv_heads = shape.num_kv_heads;
+        let num_qo_heads = num_kv_heads * self.spec.group_size as usize;
+        if q.len() != batch * num_qo_heads * head_dim {
+            return Err(Error::shape(
+                format!(
+                    "q [batch, num_qo_heads, head_dim] (num_qo_heads = {num_kv_heads} KV heads x group_size {})",
+                    self.spec.group_size
+                ),
+                format!("{batch} x {num_qo_heads} x {head_dim} = {}", batch * num_qo_heads * head_dim),
+                q.len(),
+            ));
+        }
+        if out.o.len() != q.len() {
+            return Err(Error::shape("o", q.len(), out.o.len()));
+        }
+        if out.lse.len() != batch * num_qo_heads {
+            return Err(Error::shape("lse", batch * num_qo_heads, out.lse.len()));
+        }
+        let sm_scale = sm_scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+        if !sm_scale.is_finite() || sm_scale <= 0.0 {
+            return Err(Error::Parameter(format!(
+                "sm_scale must be finite and positive, got {sm_scale}"
+            )));
+        }
+
+        let plan = self.plan(batch, num_kv_heads, table.max_len());
+        let partial_len = if plan.num_chunks > 1 {
+            batch * num_qo_heads * plan.num_chunks
+        } else {
+            1
+        };
+        ensure_len(
+            &self.stream,
+            &mut workspace.partial_o,
+            partial_len * head_dim,
+            "partial o",
+        )?;
+        ensure_len(
+            &self.stream,
+            &mut workspace.partial_lse,
+            partial_len,
+            "partial lse",
+        )?;
+        let partial_o = workspace.partial_o.as_mut().expect("ensured above");
+        let partial_lse = workspace.partial_lse.as_mut().expect("ensured above");
+
+        let tiling = self.program.tiling;
+        let decode = self.function(Stage::DecodeDense)?;
+        let (num_kv_heads_i, chunk_i, chunks_i) = (
+            num_kv_heads as i32,
+            plan.chunk_tokens as i32,
+            plan.num_chunks as i32,
+        );
+        let mut launch = self.stream.launch_builder(decode);
+        launch
+            .arg(q)
+            .arg(&cache.k)
+            .arg(&cache.v)
+            .arg(&table.kv_indptr)
+            .arg(&table.kv_indices)
+            .arg(&table.kv_last_page_len)
+            .arg(&mut out.o)
+            .arg(&mut out.lse)
+            .arg(&mut *partial_o)
+            .arg(&mut *partial_lse)
+            .arg(&num_kv_heads_i)
+            .arg(&chunk_i)
+            .arg(&chunks_i)
+            .arg(&sm_scale);
+        let config = LaunchConfig {
+            grid_dim: (plan.num_chunks as u32, num_kv_heads as u32, batch as u32),
+            block_dim: (tiling.decode_threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the argument list matches the `_decode` entry of decode_dense.cu.tera; every
+        // buffer was checked above against the sizes the kernel indexes (q, o, lse by batch
+        // and heads, partials by the plan, K/V and the table by the validated page table).
+        unsafe { launch.launch(config) }.map_err(|e| Error::driver("launching decode", e))?;
+
+        if plan.num_chunks > 1 {
+            let merge = self.function(Stage::Merge)?;
+            let num_qo_i = num_qo_heads as i32;
+            let mut launch = self.stream.launch_builder(merge);
+            launch
+                .arg(&*partial_o)
+                .arg(&*partial_lse)
+                .arg(&table.kv_indptr)
+                .arg(&table.kv_last_page_len)
+                .arg(&mut out.o)
+                .arg(&mut out.lse)
+                .arg(&num_qo_i)
+                .arg(&chunk_i)
+                .arg(&chunks_i);
+            let config = LaunchConfig {
+                grid_dim: ((batch * num_qo_heads) as u32, 1, 1),
+                block_dim: (tiling.merge_threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            // SAFETY: matches the `_merge` entry of merge.cu.tera; partials hold
+            // batch * num_qo_heads * num_chunks entries, written by the decode launch above
+            // for every chunk the merge reads.
+            unsafe { launch.launch(config) }.map_err(|e| Error::driver("launching merge", e))?;
+        }
+        Ok(())
+    }
+
+    /// Appends new tokens: `k_new` and `v_new` are `[tokens, num_kv_heads, head_dim]`, the
+    /// tokens of `appends[0]` first, in order. One launch for decode and prefill alike.
+    ///
+    /// # Errors
+    /// Shape or dtype mismatches, unknown requests, a full cache, driver errors.
+    pub fn append<T: KvElement>(
+        &self,
+        cache: &mut PagedKvCache<T>,
+        appends: &[(RequestId, usize)],
+        k_new: &CudaSlice<T>,
+        v_new: &CudaSlice<T>,
+    ) -> Result<()> {
+        let shape = cache.shape();
+        if T::DTYPE != self.spec.dtype {
+            return Err(Error::Dtype {
+                variant: self.spec.name(),
+                expected: self.spec.dtype,
+                got: T::DTYPE,
+            });
+        }
+        if shape.layout != self.spec.kv_layout
+            || shape.page_size != self.spec.page_size as usize
+            || shape.head_dim != self.spec.head_dim as usize
+        {
+            return Err(Error::Layout {
+                variant: self.spec.name(),
+                expected: self.spec.kv_layout,
+                got: shape.layout,
+            });
+        }
+        let tokens: usize = appends.iter().map(|a| a.1).sum();
+        let row = shape.num_kv_heads * shape.head_dim;
+        for (what, t) in [("k_new", k_new), ("v_new", v_new)] {
+            if t.len() != tokens * row {
+                return Err(Error::shape(
+                    format!("{what} [tokens, num_kv_heads, head_dim]"),
+                    format!(
+                        "{tokens} x {} x {} = {}",
+                        shape.num_kv_heads,
+                        shape.head_dim,
+                        tokens * row
+                    ),
+                    t.len(),
+                ));
+            }
+        }
+        if tokens == 0 {
+            return Ok(());
+        }
+        let slots = cache.reserve(appends)?;
+        let slots = self
+            .stream
+            .clone_htod(&slots)
+            .map_err(|e| Error::driver("uploading append slots", e))?;
+        let (tokens_i, heads_i) = (tokens as i32, shape.num_kv_heads as i32);
+        let function = self.function(Stage::Append)?;
+        let mut launch = self.stream.launch_builder(function);
+        launch
+            .arg(k_new)
+            .arg(v_new)
+            .arg(&slots)
+            .arg(&mut cache.k)
+            .arg(&mut cache.v)
+            .arg(&tokens_i)
+            .arg(&heads_i);
+        let config = LaunchConfig {
+            grid_dim: (tokens as u32, 1, 1),
+            block_dim: (self.program.tiling.append_threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: matches the `_append` entry of append.cu.tera; k_new/v_new hold `tokens`
+        // rows (checked), and every slot was reserved inside the cache's page pool.
+        unsafe { launch.launch(config) }.map_err(|e| Error::driver("launching append", e))?;
+        Ok(())
+    }
+
+    fn function(&self, stage: Stage) -> Result<&cudarc::driver::CudaFunction> {
+        self.program
+            .function(stage)
+            .ok_or_else(|| Error::Unsupported {
+                variant: self.spec.name(),
+                reason: format!("the program has no {stage:?} stage"),
+            })
+    }
+}
+
+fn ensure_len(
+    stream: &Arc<CudaStream>,
+    slot: &mut Option<CudaSlice<f32>>,
+    len: usize,
+    what: &str,
+) -> Result<()> {
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        *slot = Some(
+            stream
+                .alloc_zeros::<f32>(len)
+                .map_err(|e| Error::driver(format!("allocating {what}"), e))?,
+        );
+    }
+    Ok(())
+}

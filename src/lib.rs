@@ -1,0 +1,31 @@
+//! twilight: adaptive (Select-then-Prune) sparse attention for long-context LLM decoding.
+//!
+//! Declare the variants an engine needs with [`twilight_kernel`]; their CUDA is rendered from
+//! the templates for exactly that variant and compiled at run time by NVRTC, cached in memory
+//! and on disk ([`twilight_jit`]). [`reference`] holds the CPU oracle of every stage.
+
+// Lets `#[twilight_kernel]` expand to `::twilight::...` paths inside this crate too.
+extern crate self as twilight;
+
+pub mod decoder;
+pub mod element;
+pub mod error;
+pub mod kv_cache;
+pub mod page_table;
+pub mod reference;
+pub mod synthetic;
+pub mod variant;
+
+#[doc(hidden)]
+pub use inventory;
+pub use twilight_jit;
+pub use twilight_jit::{Dtype, KvLayout, Pruning, Selector, SpecError, VariantSpec};
+pub use twilight_macros::twilight_kernel;
+
+pub use decoder::{DecodeOutput, DenseDecoder, SplitPlan, Workspace};
+pub use element::KvElement;
+pub use error::{Error, Result};
+pub use kv_cache::{PagedKvCache, RequestId};
+pub use page_table::{HostPageTable, PageTable};
+pub use reference::CacheShape;
+pub use variant::{declared_variants, DeclaredVariant, Variant};

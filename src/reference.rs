@@ -1,0 +1,183 @@
+//! The CPU reference: every stage in f64 on the same layouts as the GPU, written for clarity.
+//! It is the oracle of every GPU test and the CPU path of the CLI, and it never touches CUDA.
+
+use twilight_jit::KvLayout;
+
+use crate::page_table::HostPageTable;
+
+/// The geometry of a paged K or V pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheShape {
+    pub num_pages: usize,
+    pub num_kv_heads: usize,
+    pub page_size: usize,
+    pub head_dim: usize,
+    pub layout: KvLayout,
+}
+
+impl CacheShape {
+    /// Elements in one of K or V.
+    pub fn elements(&self) -> usize {
+        self.num_pages * self.num_kv_heads * self.page_size * self.head_dim
+    }
+
+    /// Element offset of (slot, kv_head, channel 0), slot = page * page_size + offset.
+    pub fn offset(&self, slot: usize, kv_head: usize) -> usize {
+        let (page, off) = (slot / self.page_size, slot % self.page_size);
+        let row = match self.layout {
+            KvLayout::Hnd => (page * self.num_kv_heads + kv_head) * self.page_size + off,
+            KvLayout::Nhd => (page * self.page_size + off) * self.num_kv_heads + kv_head,
+        };
+        row * self.head_dim
+    }
+}
+
+/// K and V of a paged cache on the host, as f32 (already rounded to the storage dtype).
+#[derive(Clone, Copy, Debug)]
+pub struct HostKv<'a> {
+    pub shape: CacheShape,
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+}
+
+impl HostKv<'_> {
+    pub fn k_row(&self, slot: usize, kv_head: usize) -> &[f32] {
+        let at = self.shape.offset(slot, kv_head);
+        &self.k[at..at + self.shape.head_dim]
+    }
+    pub fn v_row(&self, slot: usize, kv_head: usize) -> &[f32] {
+        let at = self.shape.offset(slot, kv_head);
+        &self.v[at..at + self.shape.head_dim]
+    }
+}
+
+/// Output of a decode step: `o [batch, num_qo_heads, head_dim]`, `lse [batch, num_qo_heads]`
+/// (natural log of the softmax denominator of the scaled scores).
+#[derive(Clone, Debug, PartialEq)]
+pub struct DecodeResult {
+    pub o: Vec<f32>,
+    pub lse: Vec<f32>,
+}
+
+/// Exact softmax attention of one query row over the given token slots.
+pub fn attend(
+    q: &[f32],
+    kv: &HostKv,
+    kv_head: usize,
+    slots: &[usize],
+    sm_scale: f64,
+) -> (Vec<f32>, f32) {
+    let d = kv.shape.head_dim;
+    let scores: Vec<f64> = slots
+        .iter()
+        .map(|&s| {
+            let k = kv.k_row(s, kv_head);
+            sm_scale
+                * q.iter()
+                    .zip(k)
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+        })
+        .collect();
+    let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let denom: f64 = weights.iter().sum();
+    let mut o = vec![0f64; d];
+    for (&s, w) in slots.iter().zip(&weights) {
+        for (acc, &v) in o.iter_mut().zip(kv.v_row(s, kv_head)) {
+            *acc += w * v as f64;
+        }
+    }
+    let o = o.iter().map(|x| (x / denom) as f32).collect();
+    (o, (max + denom.ln()) as f32)
+}
+
+/// Dense paged decode: every query head attends to every token of its request, through its
+/// KV head `h / group_size`. `q` is `[batch, num_qo_heads, head_dim]`.
+pub fn dense_decode(
+    q: &[f32],
+    num_qo_heads: usize,
+    kv: &HostKv,
+    table: &HostPageTable,
+    sm_scale: f32,
+) -> DecodeResult {
+    let d = kv.shape.head_dim;
+    let group = num_qo_heads / kv.shape.num_kv_heads;
+    let batch = table.batch();
+    let mut o = Vec::with_capacity(batch * num_qo_heads * d);
+    let mut lse = Vec::with_capacity(batch * num_qo_heads);
+    for b in 0..batch {
+        let slots: Vec<usize> = (0..table.len_of(b)).map(|t| table.slot(b, t)).collect();
+        for h in 0..num_qo_heads {
+            let qh = &q[(b * num_qo_heads + h) * d..][..d];
+            let (oh, l) = attend(qh, kv, h / group, &slots, sm_scale as f64);
+            o.extend(oh);
+            lse.push(l);
+        }
+    }
+    DecodeResult { o, lse }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_token_returns_its_value_and_score() {
+        let shape = CacheShape {
+            num_pages: 1,
+            num_kv_heads: 1,
+            page_size: 1,
+            head_dim: 2,
+            layout: KvLayout::Nhd,
+        };
+        let kv = HostKv {
+            shape,
+            k: &[1.0, 2.0],
+            v: &[3.0, -4.0],
+        };
+        let table = HostPageTable::new(vec![0, 1], vec![0], vec![1], 1, 1).unwrap();
+        let r = dense_decode(&[0.5, 0.25], 1, &kv, &table, 1.0);
+        assert_eq!(r.o, vec![3.0, -4.0]);
+        // score = 0.5 * 1 + 0.25 * 2 = 1, one token: lse = 1.
+        assert!((r.lse[0] - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn two_equal_scores_average_values_and_add_ln2() {
+        let shape = CacheShape {
+            num_pages: 2,
+            num_kv_heads: 1,
+            page_size: 1,
+            head_dim: 1,
+            layout: KvLayout::Hnd,
+        };
+        let kv = HostKv {
+            shape,
+            k: &[2.0, 2.0],
+            v: &[1.0, 3.0],
+        };
+        let table = HostPageTable::new(vec![0, 2], vec![1, 0], vec![1], 1, 2).unwrap();
+        let r = dense_decode(&[1.0], 1, &kv, &table, 0.5);
+        assert!((r.o[0] - 2.0).abs() < 1e-6);
+        assert!((r.lse[0] - (1.0 + 2f32.ln())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn layouts_address_the_same_rows_differently() {
+        let hnd = CacheShape {
+            num_pages: 3,
+            num_kv_heads: 2,
+            page_size: 4,
+            head_dim: 8,
+            layout: KvLayout::Hnd,
+        };
+        let nhd = CacheShape {
+            layout: KvLayout::Nhd,
+            ..hnd
+        };
+        // slot 6 = page 1, offset 2; head 1
+        assert_eq!(hnd.offset(6, 1), ((2 + 1) * 4 + 2) * 8);
+        assert_eq!(nhd.offset(6, 1), ((4 + 2) * 2 + 1) * 8);
+    }
+}

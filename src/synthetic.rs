@@ -1,0 +1,113 @@
+//! Synthetic decode inputs: a paged cache with shuffled page ids, ragged request lengths, and
+//! q, all seeded. Used by tests, the demo and benchmarks.
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+use crate::element::{round_to, KvElement};
+use crate::error::Result;
+use crate::page_table::HostPageTable;
+use crate::reference::{CacheShape, HostKv};
+
+/// One decode step's inputs on the host. Values are rounded to the storage dtype, so the
+/// f32 copies are exactly what the GPU reads.
+#[derive(Clone, Debug)]
+pub struct SyntheticStep {
+    pub shape: CacheShape,
+    pub num_qo_heads: usize,
+    pub table: HostPageTable,
+    pub q: Vec<f32>,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+impl SyntheticStep {
+    /// Normally distributed q, K and V (K scaled by `key_scale`, which sets how peaked the
+    /// attention is) for requests of the given lengths. Pages are handed out in a random
+    /// order, and `spare_pages` unused pages (filled with noise) are added to the pool so that
+    /// wrong indexing reads wrong data.
+    ///
+    /// # Errors
+    /// A zero-length request.
+    #[allow(clippy::too_many_arguments)]
+    pub fn random<T: KvElement>(
+        seed: u64,
+        lens: &[usize],
+        num_kv_heads: usize,
+        group_size: usize,
+        page_size: usize,
+        head_dim: usize,
+        layout: twilight_jit::KvLayout,
+        key_scale: f32,
+    ) -> Result<SyntheticStep> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let pages_needed: usize = lens.iter().map(|l| l.div_ceil(page_size)).sum();
+        let spare_pages = 3;
+        let num_pages = pages_needed + spare_pages;
+        let mut page_ids: Vec<i32> = (0..num_pages as i32).collect();
+        page_ids.shuffle(&mut rng);
+        let mut rows = Vec::new();
+        let mut next = 0;
+        for &len in lens {
+            let n = len.div_ceil(page_size);
+            rows.push((&page_ids[next..next + n], len));
+            next += n;
+        }
+        let table = HostPageTable::from_requests(&rows, page_size, num_pages)?;
+        let shape = CacheShape {
+            num_pages,
+            num_kv_heads,
+            page_size,
+            head_dim,
+            layout,
+        };
+        let num_qo_heads = num_kv_heads * group_size;
+        let mut normal = |n: usize, scale: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| round_to::<T>(scale * standard_normal(&mut rng)))
+                .collect()
+        };
+        let q = normal(lens.len() * num_qo_heads * head_dim, 1.0);
+        let k = normal(shape.elements(), key_scale);
+        let v = normal(shape.elements(), 1.0);
+        Ok(SyntheticStep {
+            shape,
+            num_qo_heads,
+            table,
+            q,
+            k,
+            v,
+        })
+    }
+
+    pub fn kv(&self) -> HostKv<'_> {
+        HostKv {
+            shape: self.shape,
+            k: &self.k,
+            v: &self.v,
+        }
+    }
+
+    /// Converts f32 values to the storage type (exact: they were rounded at creation).
+    pub fn to_elements<T: KvElement>(values: &[f32]) -> Vec<T> {
+        values.iter().map(|&x| T::from_f32(x)).collect()
+    }
+}
+
+/// A standard normal sample (Box-Muller), so no extra distribution crate is needed.
+pub fn standard_normal(rng: &mut impl Rng) -> f32 {
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random::<f64>();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// Random request lengths in `1..=max_len`, one of them exactly `max_len`.
+pub fn ragged_lengths(rng: &mut impl Rng, batch: usize, max_len: usize) -> Vec<usize> {
+    let mut lens: Vec<usize> = (0..batch).map(|_| rng.random_range(1..=max_len)).collect();
+    if let Some(first) = lens.first_mut() {
+        *first = max_len;
+    }
+    lens.shuffle(rng);
+    lens
+}

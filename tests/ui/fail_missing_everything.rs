@@ -1,0 +1,6 @@
+use twilight::twilight_kernel;
+
+#[twilight_kernel]
+pub struct Kernel;
+
+fn main() {}

@@ -1,0 +1,6 @@
+use twilight::twilight_kernel;
+
+#[twilight_kernel(page_size = sixteen, head_dim = 128, dtype = f16, group_size = 4, selector = quest, pruning = top_p)]
+pub struct Kernel;
+
+fn main() {}

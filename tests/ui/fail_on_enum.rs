@@ -1,0 +1,9 @@
+use twilight::twilight_kernel;
+
+#[twilight_kernel(page_size = 16, head_dim = 128, dtype = f16, group_size = 4, selector = quest, pruning = top_p)]
+pub enum Kernel {
+    A,
+    B,
+}
+
+fn main() {}

@@ -1,0 +1,8 @@
+use twilight::twilight_kernel;
+
+#[twilight_kernel(page_size = 16, head_dim = 128, dtype = f16, group_size = 4, selector = quest, pruning = top_p)]
+pub struct Kernel {
+    scale: f32,
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+use twilight::twilight_kernel;
+
+#[twilight_kernel(page_size = 12, head_dim = 128, dtype = f32, group_sise = 4, selector = quest, pruning = top_p)]
+pub struct Kernel;
+
+fn main() {}

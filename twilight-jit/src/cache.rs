@@ -1,0 +1,307 @@
+//! The two-tier kernel cache: a memory tier per CUDA context over the disk tier.
+//!
+//! Failure policy (also in [`crate::disk_cache`]): a disk entry that fails its checks, or that
+//! the driver refuses to load, is a warning and a recompile; a failed disk write is a warning
+//! and the kernel stays in memory; a render, compile or load failure of a fresh kernel is an
+//! error. `TWILIGHT_JIT_DISABLE=1` turns a miss of every tier into [`JitError::JitDisabled`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
+use cudarc::nvrtc::Ptx;
+
+use crate::disk_cache::{DiskCache, EntryMeta};
+use crate::env::JitEnv;
+use crate::error::JitError;
+use crate::key::{CacheKey, KeyInputs};
+use crate::nvrtc::{self, Target};
+use crate::render::{render, RenderedProgram, Stage, Tiling};
+use crate::spec::VariantSpec;
+
+/// Where a program's binary came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// Compiled by NVRTC in this process, taking this long.
+    Compiled(Duration),
+    /// Read from the disk cache (or the seed cache).
+    Disk,
+}
+
+/// A variant's binary, ready to write or load, with everything that identifies it.
+#[derive(Clone, Debug)]
+pub struct PreparedBinary {
+    pub program: RenderedProgram,
+    pub key: CacheKey,
+    pub target: Target,
+    pub binary: Vec<u8>,
+    pub origin: Origin,
+}
+
+/// The cache key of a rendered program for `target` with the NVRTC found on this machine.
+///
+/// # Errors
+/// A missing NVRTC: its version is part of the key.
+pub fn key_of(program: &RenderedProgram, target: &Target) -> Result<CacheKey, JitError> {
+    let info = nvrtc::nvrtc()?;
+    let options = nvrtc::identity_options(target);
+    Ok(CacheKey::compute(&KeyInputs {
+        source: &program.source,
+        options: &options,
+        target: &target.arch(),
+        nvrtc_version: info.version,
+        crate_version: env!("CARGO_PKG_VERSION"),
+    }))
+}
+
+/// Renders a variant and finds its binary in `disk`, or compiles it and stores it there. Used
+/// by the memory tier and, with no GPU at all, by `twilight precompile --arch`.
+///
+/// # Errors
+/// Render, NVRTC or compile errors, or [`JitError::JitDisabled`] on a miss when compiling is
+/// forbidden.
+pub fn prepare(
+    spec: &VariantSpec,
+    target: &Target,
+    disk: &DiskCache,
+    jit_disabled: bool,
+) -> Result<PreparedBinary, JitError> {
+    spec.validate()?;
+    let program = render(spec)?;
+    let key = key_of(&program, target)?;
+    let name = spec.name();
+    if let Some(binary) = disk.get(&key, &name) {
+        tracing::debug!(variant = %name, key = %key, "kernel disk-cache hit");
+        return Ok(PreparedBinary {
+            program,
+            key,
+            target: *target,
+            binary,
+            origin: Origin::Disk,
+        });
+    }
+    compile_and_store(program, key, target, disk, jit_disabled)
+}
+
+fn compile_and_store(
+    program: RenderedProgram,
+    key: CacheKey,
+    target: &Target,
+    disk: &DiskCache,
+    jit_disabled: bool,
+) -> Result<PreparedBinary, JitError> {
+    let name = program.spec.name();
+    if jit_disabled {
+        return Err(JitError::JitDisabled {
+            variant: name,
+            key: key.hex(),
+        });
+    }
+    let compiled = nvrtc::compile(&program, target)?;
+    tracing::info!(
+        variant = %name,
+        key = %key,
+        target = %target.arch(),
+        ms = compiled.duration.as_secs_f64() * 1e3,
+        bytes = compiled.binary.len(),
+        "compiled kernel"
+    );
+    if !compiled.log.trim().is_empty() {
+        tracing::debug!(variant = %name, log = %compiled.log, "NVRTC log");
+    }
+    let meta = EntryMeta {
+        variant: name,
+        target: target.arch(),
+        kind: compiled.kind,
+        nvrtc_version: nvrtc::nvrtc()?.version,
+        options: nvrtc::identity_options(target),
+    };
+    disk.put(&key, &meta, &compiled.binary);
+    Ok(PreparedBinary {
+        program,
+        key,
+        target: *target,
+        binary: compiled.binary,
+        origin: Origin::Compiled(compiled.duration),
+    })
+}
+
+/// A variant's program loaded into a CUDA context, with a function per stage.
+#[derive(Debug)]
+pub struct LoadedProgram {
+    pub spec: VariantSpec,
+    pub key: CacheKey,
+    pub tiling: Tiling,
+    pub origin: Origin,
+    /// Time from the request to a loaded module (render, key, disk or compile, load).
+    pub load_time: Duration,
+    functions: HashMap<Stage, CudaFunction>,
+    _module: Arc<CudaModule>,
+}
+
+impl LoadedProgram {
+    /// The function of a stage, if the variant has that stage.
+    pub fn function(&self, stage: Stage) -> Option<&CudaFunction> {
+        self.functions.get(&stage)
+    }
+}
+
+type Slot = Arc<Mutex<Option<Arc<LoadedProgram>>>>;
+
+/// The memory tier for one CUDA context. A hit is a map lookup; two threads asking for one
+/// variant compile it once (the second waits on the variant's slot, then finds it filled).
+pub struct Jit {
+    ctx: Arc<CudaContext>,
+    target: Target,
+    disk: DiskCache,
+    jit_disabled: bool,
+    slots: Mutex<HashMap<VariantSpec, Slot>>,
+}
+
+impl std::fmt::Debug for Jit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Jit")
+            .field("target", &self.target.arch())
+            .field("disk", &self.disk.dir())
+            .finish()
+    }
+}
+
+impl Jit {
+    /// The shared JIT of a context, created on first use with the disk cache of the
+    /// environment ([`JitEnv`]).
+    ///
+    /// # Errors
+    /// A missing NVRTC, or a driver error reading the device's compute capability.
+    pub fn for_context(ctx: &Arc<CudaContext>) -> Result<Arc<Jit>, JitError> {
+        static REGISTRY: OnceLock<Mutex<HashMap<usize, Weak<Jit>>>> = OnceLock::new();
+        let registry = REGISTRY.get_or_init(Default::default);
+        let mut map = registry.lock().unwrap_or_else(|e| e.into_inner());
+        let id = ctx.cu_ctx() as usize;
+        if let Some(jit) = map.get(&id).and_then(Weak::upgrade) {
+            return Ok(jit);
+        }
+        let env = JitEnv::get();
+        let disk = DiskCache::open(env.cache_dir.clone(), env.seed_cache_dir.clone());
+        let jit = Arc::new(Jit::new(ctx.clone(), disk, env.jit_disabled)?);
+        map.retain(|_, weak| weak.strong_count() > 0);
+        map.insert(id, Arc::downgrade(&jit));
+        Ok(jit)
+    }
+
+    /// A JIT with its own disk cache (tests, tools).
+    ///
+    /// # Errors
+    /// As [`Jit::for_context`].
+    pub fn new(
+        ctx: Arc<CudaContext>,
+        disk: DiskCache,
+        jit_disabled: bool,
+    ) -> Result<Jit, JitError> {
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| JitError::driver("reading the compute capability", e))?;
+        let target = Target::for_device(nvrtc::nvrtc()?, major, minor);
+        Ok(Jit {
+            ctx,
+            target,
+            disk,
+            jit_disabled,
+            slots: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+
+    pub fn target(&self) -> Target {
+        self.target
+    }
+
+    pub fn disk(&self) -> &DiskCache {
+        &self.disk
+    }
+
+    /// The loaded program of a variant: from memory, else disk, else NVRTC.
+    ///
+    /// # Errors
+    /// Render, compile or load errors of a fresh kernel; [`JitError::JitDisabled`].
+    pub fn load(&self, spec: &VariantSpec) -> Result<Arc<LoadedProgram>, JitError> {
+        let slot = {
+            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            slots.entry(*spec).or_default().clone()
+        };
+        let mut filled = slot.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(program) = filled.as_ref() {
+            tracing::trace!(variant = %spec, "kernel memory-cache hit");
+            return Ok(program.clone());
+        }
+        let start = Instant::now();
+        let prepared = prepare(spec, &self.target, &self.disk, self.jit_disabled)?;
+        let loaded = match self.load_module(&prepared, start) {
+            Ok(loaded) => loaded,
+            Err(e) if prepared.origin == Origin::Disk => {
+                tracing::warn!(variant = %spec, key = %prepared.key, error = %e,
+                    "cached kernel failed to load; recompiling");
+                self.disk.invalidate(&prepared.key, &spec.name());
+                let fresh = compile_and_store(
+                    prepared.program,
+                    prepared.key,
+                    &self.target,
+                    &self.disk,
+                    self.jit_disabled,
+                )?;
+                self.load_module(&fresh, start)?
+            }
+            Err(e) => return Err(e),
+        };
+        let loaded = Arc::new(loaded);
+        *filled = Some(loaded.clone());
+        Ok(loaded)
+    }
+
+    fn load_module(
+        &self,
+        prepared: &PreparedBinary,
+        start: Instant,
+    ) -> Result<LoadedProgram, JitError> {
+        let module = self
+            .ctx
+            .load_module(Ptx::from_binary(prepared.binary.clone()))
+            .map_err(|e| {
+                JitError::driver(format!("loading module {}", prepared.program.spec), e)
+            })?;
+        let mut functions = HashMap::new();
+        for &stage in &prepared.program.stages {
+            let entry = prepared.program.entry(stage);
+            let function = module
+                .load_function(&entry)
+                .map_err(|e| JitError::driver(format!("finding kernel {entry}"), e))?;
+            functions.insert(stage, function);
+        }
+        Ok(LoadedProgram {
+            spec: prepared.program.spec,
+            key: prepared.key,
+            tiling: prepared.program.tiling,
+            origin: prepared.origin,
+            load_time: start.elapsed(),
+            functions,
+            _module: module,
+        })
+    }
+}
+
+/// Opens a CUDA device, turning a missing driver or GPU into an error instead of a panic.
+///
+/// # Errors
+/// [`JitError::DriverMissing`] without libcuda; a driver error without a usable GPU.
+pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>, JitError> {
+    // SAFETY: only probes whether libcuda can be dlopened; calls no driver function.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(JitError::DriverMissing);
+    }
+    CudaContext::new(ordinal)
+        .map_err(|e| JitError::driver(format!("opening CUDA device {ordinal}"), e))
+}

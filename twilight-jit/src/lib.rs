@@ -1,0 +1,33 @@
+//! The compiler side of twilight: a [`VariantSpec`] names one kernel variant, [`render`] turns it
+//! into one self-contained CUDA translation unit, and (with the `cuda` feature) NVRTC compiles it
+//! and a two-tier cache (per CUDA context in memory, and on disk) keeps the result.
+//!
+//! Without the `cuda` feature the crate holds only what needs no CUDA at all: the spec, its
+//! validation and rendering. The proc macro depends on that part alone.
+
+pub mod env;
+pub mod render;
+pub mod spec;
+
+#[cfg(feature = "cuda")]
+pub mod cache;
+#[cfg(feature = "cuda")]
+pub mod disk_cache;
+#[cfg(feature = "cuda")]
+pub mod error;
+#[cfg(feature = "cuda")]
+pub mod key;
+#[cfg(feature = "cuda")]
+pub mod nvrtc;
+
+pub use render::{render, RenderError, RenderedProgram, Stage, Tiling};
+
+#[cfg(feature = "cuda")]
+pub use cache::{open_device, Jit, LoadedProgram, Origin};
+#[cfg(feature = "cuda")]
+pub use error::JitError;
+#[cfg(feature = "cuda")]
+pub use nvrtc::Target;
+pub use spec::{
+    Dtype, KvLayout, Pruning, Selector, SpecBuilder, SpecError, SpecField, VariantSpec,
+};

@@ -1,0 +1,330 @@
+//! Rendering: a [`VariantSpec`] becomes one self-contained CUDA translation unit.
+//!
+//! Kernel logic lives in the headers under `templates/include/twilight/`; each stage's
+//! `.cu.tera` file is thin glue (types, constants, the `extern "C"` entry) rendered through Tera
+//! with a typed context. The headers are prepended from Rust behind `#line` markers rather than
+//! included by Tera, which would read C++ braces as its own syntax. The same spec always renders
+//! byte-identical source, so the source is part of the cache key.
+//!
+//! Templates are embedded at build time; `TWILIGHT_TEMPLATE_DIR` (see [`crate::env`]) names a
+//! directory laid out like `templates/` whose files override them while a kernel is developed.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::env::JitEnv;
+use crate::spec::{KvLayout, Pruning, Selector, VariantSpec};
+
+/// One kernel entry of a variant's program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// Writes new tokens into their slots of the paged cache.
+    Append,
+    /// Attention over every token of each request (selector `full`, pruning `none`).
+    DecodeDense,
+    /// Merges split-KV partial outputs by (o, lse).
+    Merge,
+}
+
+impl Stage {
+    /// Suffix of the entry symbol: `<variant name>_<suffix>`.
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Stage::Append => "append",
+            Stage::DecodeDense => "decode",
+            Stage::Merge => "merge",
+        }
+    }
+
+    fn template(self) -> &'static str {
+        match self {
+            Stage::Append => "append.cu.tera",
+            Stage::DecodeDense => "decode_dense.cu.tera",
+            Stage::Merge => "merge.cu.tera",
+        }
+    }
+}
+
+/// Headers in dependency order, prepended to every program.
+const HEADERS: [&str; 8] = [
+    "common.cuh",
+    "dtype.cuh",
+    "vec.cuh",
+    "reduce.cuh",
+    "paging.cuh",
+    "append.cuh",
+    "decode_dense.cuh",
+    "merge.cuh",
+];
+
+/// Every template file, relative to `templates/`, with its embedded text.
+const EMBEDDED: [(&str, &str); 11] = [
+    (
+        "include/twilight/common.cuh",
+        include_str!("../../templates/include/twilight/common.cuh"),
+    ),
+    (
+        "include/twilight/dtype.cuh",
+        include_str!("../../templates/include/twilight/dtype.cuh"),
+    ),
+    (
+        "include/twilight/vec.cuh",
+        include_str!("../../templates/include/twilight/vec.cuh"),
+    ),
+    (
+        "include/twilight/reduce.cuh",
+        include_str!("../../templates/include/twilight/reduce.cuh"),
+    ),
+    (
+        "include/twilight/paging.cuh",
+        include_str!("../../templates/include/twilight/paging.cuh"),
+    ),
+    (
+        "include/twilight/append.cuh",
+        include_str!("../../templates/include/twilight/append.cuh"),
+    ),
+    (
+        "include/twilight/decode_dense.cuh",
+        include_str!("../../templates/include/twilight/decode_dense.cuh"),
+    ),
+    (
+        "include/twilight/merge.cuh",
+        include_str!("../../templates/include/twilight/merge.cuh"),
+    ),
+    (
+        "append.cu.tera",
+        include_str!("../../templates/append.cu.tera"),
+    ),
+    (
+        "decode_dense.cu.tera",
+        include_str!("../../templates/decode_dense.cu.tera"),
+    ),
+    (
+        "merge.cu.tera",
+        include_str!("../../templates/merge.cu.tera"),
+    ),
+];
+
+/// Where template text comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TemplateSource {
+    /// The templates built into this binary.
+    Embedded,
+    /// A directory laid out like `templates/`; files missing there fall back to the embedded ones.
+    Dir(PathBuf),
+}
+
+impl TemplateSource {
+    /// `TWILIGHT_TEMPLATE_DIR` when set, else the embedded templates.
+    pub fn from_env() -> TemplateSource {
+        match &JitEnv::get().template_dir {
+            Some(dir) => TemplateSource::Dir(dir.clone()),
+            None => TemplateSource::Embedded,
+        }
+    }
+
+    fn read(&self, name: &str) -> Result<String, RenderError> {
+        let embedded = EMBEDDED
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, text)| *text)
+            .expect("every template name used by the renderer is embedded");
+        match self {
+            TemplateSource::Embedded => Ok(embedded.to_string()),
+            TemplateSource::Dir(dir) => {
+                let path = dir.join(name);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => Ok(text),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(embedded.to_string()),
+                    Err(source) => Err(RenderError::TemplateFile { path, source }),
+                }
+            }
+        }
+    }
+}
+
+/// Why a program could not be rendered.
+#[derive(Debug, thiserror::Error)]
+pub enum RenderError {
+    #[error("variant {variant}: {what} has no kernel yet")]
+    Unsupported { variant: String, what: String },
+    #[error("template {template} failed to render for variant {variant}: {message}")]
+    Template {
+        template: String,
+        variant: String,
+        message: String,
+    },
+    #[error("cannot read template override {}: {source}", path.display())]
+    TemplateFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Block shapes and unroll factors of a variant's kernels, decided here in Rust and handed both
+/// to the templates (as constants) and to the launcher (as grid and block sizes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Tiling {
+    pub decode_threads: u32,
+    /// Tokens each row of lanes loads before it computes, to keep loads in flight.
+    pub decode_unroll: u32,
+    pub merge_threads: u32,
+    pub append_threads: u32,
+}
+
+impl Tiling {
+    pub fn for_spec(spec: &VariantSpec) -> Tiling {
+        Tiling {
+            decode_threads: 128,
+            // Eight query heads per KV head already hold 128 accumulators per lane; a deeper
+            // unroll would spill.
+            decode_unroll: if spec.group_size >= 8 { 2 } else { 4 },
+            merge_threads: spec.head_dim.min(128),
+            append_threads: 128,
+        }
+    }
+
+    /// Tokens one decode block consumes per iteration; split-KV chunks are multiples of it.
+    pub fn decode_tile_tokens(&self, head_dim: u32) -> u32 {
+        self.decode_threads / (head_dim / 8) * self.decode_unroll
+    }
+}
+
+/// The typed context every stage template sees.
+#[derive(Serialize)]
+struct KernelContext<'a> {
+    variant: &'a str,
+    dtype: &'static str,
+    page_size: u32,
+    head_dim: u32,
+    group_size: u32,
+    /// `true` for the `hnd` layout, as a C++ literal.
+    hnd: &'static str,
+    #[serde(flatten)]
+    tiling: Tiling,
+}
+
+/// A variant's whole program: the source and the entry symbol of each stage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RenderedProgram {
+    pub spec: VariantSpec,
+    pub source: String,
+    pub stages: Vec<Stage>,
+    pub tiling: Tiling,
+}
+
+impl RenderedProgram {
+    /// The `extern "C"` symbol of a stage.
+    pub fn entry(&self, stage: Stage) -> String {
+        format!("{}_{}", self.spec.name(), stage.suffix())
+    }
+}
+
+/// The stages a variant's program holds.
+///
+/// # Errors
+/// [`RenderError::Unsupported`] for selectors and pruners whose kernels do not exist yet.
+pub fn stages_of(spec: &VariantSpec) -> Result<Vec<Stage>, RenderError> {
+    let unsupported = |what: String| RenderError::Unsupported {
+        variant: spec.name(),
+        what,
+    };
+    match (spec.selector, spec.pruning) {
+        (Selector::Full, Pruning::None) => {
+            Ok(vec![Stage::Append, Stage::DecodeDense, Stage::Merge])
+        }
+        (selector, Pruning::None) => {
+            Err(unsupported(format!("selector `{}`", selector.declared())))
+        }
+        (_, pruning) => Err(unsupported(format!("pruning `{}`", pruning.declared()))),
+    }
+}
+
+/// Renders a variant with the templates of [`TemplateSource::from_env`].
+///
+/// # Errors
+/// See [`render_with`].
+pub fn render(spec: &VariantSpec) -> Result<RenderedProgram, RenderError> {
+    render_with(spec, &TemplateSource::from_env())
+}
+
+/// Renders a variant's whole program: a banner, every header behind a `#line` marker, then the
+/// glue of each stage.
+///
+/// # Errors
+/// An unsupported variant, an override file that cannot be read, or a template error.
+pub fn render_with(
+    spec: &VariantSpec,
+    templates: &TemplateSource,
+) -> Result<RenderedProgram, RenderError> {
+    let stages = stages_of(spec)?;
+    let name = spec.name();
+    let tiling = Tiling::for_spec(spec);
+    let context = KernelContext {
+        variant: &name,
+        dtype: spec.dtype.cpp(),
+        page_size: spec.page_size,
+        head_dim: spec.head_dim,
+        group_size: spec.group_size,
+        hnd: match spec.kv_layout {
+            KvLayout::Hnd => "true",
+            KvLayout::Nhd => "false",
+        },
+        tiling,
+    };
+    let template_error = |template: &str, message: String| RenderError::Template {
+        template: template.to_string(),
+        variant: name.clone(),
+        message,
+    };
+    let tera_context = tera::Context::from_serialize(&context)
+        .map_err(|e| template_error("<context>", e.to_string()))?;
+
+    let mut source = String::new();
+    let _ = writeln!(
+        source,
+        "// twilight variant {name}\n// {spec:?}\n// Generated by twilight-jit {}; do not edit.",
+        env!("CARGO_PKG_VERSION")
+    );
+    for header in HEADERS {
+        let path = format!("include/twilight/{header}");
+        let _ = writeln!(source, "\n#line 1 \"twilight/{header}\"");
+        source.push_str(&templates.read(&path)?);
+    }
+    for stage in &stages {
+        let template = stage.template();
+        let text = templates.read(template)?;
+        let mut tera = tera::Tera::default();
+        tera.autoescape_on(Vec::<&str>::new());
+        tera.add_raw_template(template, &text)
+            .map_err(|e| template_error(template, error_chain(&e)))?;
+        let rendered = tera
+            .render(template, &tera_context)
+            .map_err(|e| template_error(template, error_chain(&e)))?;
+        let _ = writeln!(source, "\n#line 1 \"{template}\"");
+        source.push_str(rendered.trim_start());
+    }
+    Ok(RenderedProgram {
+        spec: *spec,
+        source,
+        stages,
+        tiling,
+    })
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let _ = write!(text, ": {e}");
+        cause = e.source();
+    }
+    text
+}
+
+/// The embedded template files, relative to `templates/` (for tooling and tests).
+pub fn embedded_template_names() -> impl Iterator<Item = &'static Path> {
+    EMBEDDED.iter().map(|(name, _)| Path::new(*name))
+}

@@ -1,0 +1,798 @@
+//! The disk tier of the kernel cache, without a GPU: round trips, every kind of damaged entry,
+//! read-only and impossible directories, the seed, permissions, and many threads and processes
+//! writing one cache at once.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use twilight_jit::disk_cache::{BinaryKind, DiskCache, EntryMeta};
+use twilight_jit::key::{CacheKey, KeyInputs, CACHE_FORMAT};
+
+const VARIANT: &str = "ps16_hd128_f16_g4_hnd_full_none";
+const OTHER_VARIANT: &str = "ps32_hd64_bf16_g1_nhd_quest_topp";
+
+/// Environment variable that turns `multiprocess_child` into a worker: the cache directory.
+const CHILD_ENV: &str = "TWILIGHT_DISK_CACHE_CHILD";
+/// Where the worker writes a marker file once it has done all of its work.
+const CHILD_DONE_ENV: &str = "TWILIGHT_DISK_CACHE_CHILD_DONE";
+
+fn key(n: u32) -> CacheKey {
+    let options = vec!["--std=c++17".to_string(), "-arch=sm_90".to_string()];
+    let source = format!("// kernel {n}\nextern \"C\" __global__ void k{n}() {{}}\n");
+    CacheKey::compute(&KeyInputs {
+        source: &source,
+        options: &options,
+        target: "sm_90",
+        nvrtc_version: (13, 0),
+        crate_version: env!("CARGO_PKG_VERSION"),
+    })
+}
+
+/// A distinct, deterministic binary per key; some are large enough to take several writes.
+fn binary(n: u32) -> Vec<u8> {
+    let len = 1 + (n as usize * 7919) % 40_000;
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).wrapping_add(n) as u8 ^ (i >> 8) as u8)
+        .collect()
+}
+
+fn meta(variant: &str) -> EntryMeta {
+    EntryMeta {
+        variant: variant.to_string(),
+        target: "sm_90".to_string(),
+        kind: BinaryKind::Cubin,
+        nvrtc_version: (13, 0),
+        options: vec!["--std=c++17".to_string(), "-arch=sm_90".to_string()],
+    }
+}
+
+fn entry_paths(dir: &Path, key: &CacheKey, variant: &str) -> (PathBuf, PathBuf) {
+    let folder = dir.join(format!("v{CACHE_FORMAT}")).join(variant);
+    (
+        folder.join(format!("{}.bin", key.hex())),
+        folder.join(format!("{}.json", key.hex())),
+    )
+}
+
+/// Every file under `dir`, relative, with its contents.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+        for entry in fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(base, &path, out);
+            } else {
+                let rel = path.strip_prefix(base).unwrap().to_path_buf();
+                out.push((rel, fs::read(&path).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+// ---- capturing warnings --------------------------------------------------------------------
+
+/// A minimal subscriber that records the message of every WARN event.
+#[derive(Clone, Default)]
+struct WarnRecorder {
+    warnings: Arc<Mutex<Vec<String>>>,
+}
+
+struct MessageVisitor<'a>(&'a mut String);
+
+impl tracing::field::Visit for MessageVisitor<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        use std::fmt::Write;
+        let _ = write!(self.0, "{}={:?} ", field.name(), value);
+    }
+}
+
+impl tracing::Subscriber for WarnRecorder {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        if *event.metadata().level() == tracing::Level::WARN {
+            let mut text = String::new();
+            event.record(&mut MessageVisitor(&mut text));
+            self.warnings.lock().unwrap().push(text);
+        }
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+/// Runs `f` with a subscriber on this thread and returns its result and the warnings it logged.
+fn capture_warnings<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let recorder = WarnRecorder::default();
+    let warnings = recorder.warnings.clone();
+    let value = tracing::subscriber::with_default(recorder, f);
+    let warnings = warnings.lock().unwrap().clone();
+    (value, warnings)
+}
+
+// ---- tests -------------------------------------------------------------------------------------
+
+#[test]
+fn disk_cache_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<DiskCache>();
+}
+
+#[test]
+fn put_then_get_round_trips_and_persists() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let ((), warnings) = capture_warnings(|| {
+        let cache = DiskCache::open(Some(dir.clone()), None);
+        assert!(cache.is_writable());
+        assert_eq!(cache.dir(), Some(dir.as_path()));
+        assert_eq!(cache.seed_dir(), None);
+        assert_eq!(cache.get(&key(1), VARIANT), None);
+        cache.put(&key(1), &meta(VARIANT), &binary(1));
+        assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)));
+        // Another key, and the same key under another variant, are still misses.
+        assert_eq!(cache.get(&key(2), VARIANT), None);
+        assert_eq!(cache.get(&key(1), OTHER_VARIANT), None);
+
+        let reopened = DiskCache::open(Some(dir.clone()), None);
+        assert_eq!(reopened.get(&key(1), VARIANT), Some(binary(1)));
+    });
+    assert!(warnings.is_empty(), "unexpected warnings: {warnings:?}");
+
+    let (bin, json) = entry_paths(&dir, &key(1), VARIANT);
+    assert_eq!(fs::read(&bin).unwrap(), binary(1));
+    let meta_json: serde_json::Value = serde_json::from_slice(&fs::read(&json).unwrap()).unwrap();
+    assert_eq!(meta_json["key"], key(1).hex());
+    assert_eq!(meta_json["format"], CACHE_FORMAT);
+    assert_eq!(meta_json["len"], binary(1).len());
+    assert_eq!(meta_json["variant"], VARIANT);
+    assert_eq!(meta_json["kind"], "cubin");
+    assert_eq!(meta_json["target"], "sm_90");
+}
+
+#[test]
+fn empty_binary_round_trips() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(Some(tmp.path().to_path_buf()), None);
+    cache.put(&key(7), &meta(VARIANT), &[]);
+    assert_eq!(cache.get(&key(7), VARIANT), Some(Vec::new()));
+}
+
+/// Damages the entry of `key(1)` with `damage`, checks that it is a miss with a "recompiling"
+/// warning, then that a fresh put makes it a hit again.
+fn damaged_entry_is_a_miss(what: &str, damage: impl FnOnce(&Path, &Path)) {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(Some(tmp.path().to_path_buf()), None);
+    cache.put(&key(1), &meta(VARIANT), &binary(1));
+    assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)), "{what}");
+    let (bin, json) = entry_paths(tmp.path(), &key(1), VARIANT);
+    damage(&bin, &json);
+
+    let (got, warnings) = capture_warnings(|| cache.get(&key(1), VARIANT));
+    assert_eq!(got, None, "{what}: a damaged entry must be a miss");
+    assert_eq!(warnings.len(), 1, "{what}: {warnings:?}");
+    assert!(warnings[0].contains("recompiling"), "{what}: {warnings:?}");
+    // A fresh cache on the same directory agrees.
+    let reopened = DiskCache::open(Some(tmp.path().to_path_buf()), None);
+    assert_eq!(reopened.get(&key(1), VARIANT), None, "{what}");
+
+    cache.put(&key(1), &meta(VARIANT), &binary(1));
+    assert_eq!(
+        cache.get(&key(1), VARIANT),
+        Some(binary(1)),
+        "{what}: after a new put"
+    );
+}
+
+#[test]
+fn garbage_metadata_is_a_miss() {
+    damaged_entry_is_a_miss("garbage json", |_, json| {
+        fs::write(json, b"{ this is not json").unwrap();
+    });
+}
+
+#[test]
+fn truncated_binary_is_a_miss() {
+    damaged_entry_is_a_miss("truncated binary", |bin, _| {
+        let bytes = fs::read(bin).unwrap();
+        fs::write(bin, &bytes[..bytes.len() / 2]).unwrap();
+    });
+}
+
+#[test]
+fn longer_binary_is_a_miss() {
+    damaged_entry_is_a_miss("binary with a byte appended", |bin, _| {
+        let mut bytes = fs::read(bin).unwrap();
+        bytes.push(0);
+        fs::write(bin, &bytes).unwrap();
+    });
+}
+
+#[test]
+fn flipped_byte_is_a_miss() {
+    damaged_entry_is_a_miss("flipped byte", |bin, _| {
+        let mut bytes = fs::read(bin).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 0x01;
+        fs::write(bin, &bytes).unwrap();
+    });
+}
+
+#[test]
+fn metadata_of_another_key_is_a_miss() {
+    damaged_entry_is_a_miss("metadata of another key", |bin, json| {
+        // A complete, valid entry of key 2 (same bytes), whose metadata is copied over key 1's.
+        let tmp = tempfile::tempdir().unwrap();
+        let other = DiskCache::open(Some(tmp.path().to_path_buf()), None);
+        let bytes = fs::read(bin).unwrap();
+        other.put(&key(2), &meta(VARIANT), &bytes);
+        let (_, other_json) = entry_paths(tmp.path(), &key(2), VARIANT);
+        fs::copy(other_json, json).unwrap();
+    });
+}
+
+#[test]
+fn metadata_of_another_format_is_a_miss() {
+    damaged_entry_is_a_miss("metadata of another format", |_, json| {
+        let mut value: serde_json::Value =
+            serde_json::from_slice(&fs::read(json).unwrap()).unwrap();
+        value["format"] = serde_json::json!(CACHE_FORMAT + 1);
+        fs::write(json, serde_json::to_vec(&value).unwrap()).unwrap();
+    });
+}
+
+#[test]
+fn metadata_without_binary_is_a_miss() {
+    damaged_entry_is_a_miss("metadata without binary", |bin, _| {
+        fs::remove_file(bin).unwrap();
+    });
+}
+
+#[test]
+fn binary_without_metadata_is_a_quiet_miss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(Some(tmp.path().to_path_buf()), None);
+    let (bin, json) = entry_paths(tmp.path(), &key(3), VARIANT);
+    // What a writer killed between its two renames leaves behind.
+    fs::create_dir_all(bin.parent().unwrap()).unwrap();
+    fs::write(&bin, binary(3)).unwrap();
+    let (got, warnings) = capture_warnings(|| cache.get(&key(3), VARIANT));
+    assert_eq!(got, None);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert!(cache.list().is_empty(), "{:?}", cache.list());
+
+    cache.put(&key(3), &meta(VARIANT), &binary(3));
+    assert!(json.exists());
+    assert_eq!(cache.get(&key(3), VARIANT), Some(binary(3)));
+}
+
+#[test]
+fn bad_variant_names_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let cache = DiskCache::open(Some(dir.clone()), None);
+    let before = snapshot(tmp.path());
+    for bad in [
+        "../escape",
+        "a/b",
+        "",
+        "UPPER",
+        "with-dash",
+        "dot.dot",
+        "sp ace",
+    ] {
+        let ((), warnings) = capture_warnings(|| {
+            cache.put(&key(4), &meta(bad), &binary(4));
+            assert_eq!(cache.get(&key(4), bad), None, "{bad:?}");
+        });
+        assert_eq!(warnings.len(), 2, "{bad:?}: {warnings:?}");
+    }
+    let long = "a".repeat(500);
+    cache.put(&key(4), &meta(&long), &binary(4));
+    assert_eq!(cache.get(&key(4), &long), None);
+    assert_eq!(
+        snapshot(tmp.path()),
+        before,
+        "a refused name wrote something"
+    );
+    assert!(!tmp.path().join("escape").exists());
+    // A good name still works after all that.
+    assert!(cache.is_writable());
+    cache.put(&key(4), &meta(VARIANT), &binary(4));
+    assert_eq!(cache.get(&key(4), VARIANT), Some(binary(4)));
+}
+
+/// Whether this process can create files in a `0o500` directory (root can).
+fn permission_bits_bind(tmp: &Path) -> bool {
+    let probe_dir = tmp.join("probe");
+    fs::create_dir(&probe_dir).unwrap();
+    fs::set_permissions(&probe_dir, fs::Permissions::from_mode(0o500)).unwrap();
+    let bound = fs::write(probe_dir.join("x"), b"x").is_err();
+    fs::set_permissions(&probe_dir, fs::Permissions::from_mode(0o700)).unwrap();
+    bound
+}
+
+/// Opens a cache on `dir`, which cannot be used, and checks it degrades with one warning.
+fn assert_degrades(dir: PathBuf, what: &str) {
+    let (cache, warnings) = capture_warnings(|| {
+        let cache = DiskCache::open(Some(dir.clone()), None);
+        assert!(!cache.is_writable(), "{what}");
+        for n in 0..5 {
+            cache.put(&key(n), &meta(VARIANT), &binary(n));
+            assert_eq!(cache.get(&key(n), VARIANT), None, "{what}");
+        }
+        assert!(cache.list().is_empty(), "{what}");
+        assert_eq!(cache.clear().unwrap_or(0), 0, "{what}");
+        cache
+    });
+    assert_eq!(
+        warnings.len(),
+        1,
+        "{what}: exactly one warning: {warnings:?}"
+    );
+    assert!(warnings[0].contains("memory only"), "{what}: {warnings:?}");
+    assert_eq!(cache.dir(), Some(dir.as_path()), "{what}");
+}
+
+#[test]
+fn unwritable_directory_degrades_to_memory_with_one_warning() {
+    let tmp = tempfile::tempdir().unwrap();
+
+    // A path under a regular file can never be created, not even by root.
+    let file = tmp.path().join("file");
+    fs::write(&file, b"not a directory").unwrap();
+    assert_degrades(file.join("cache"), "path under a file");
+
+    if permission_bits_bind(tmp.path()) {
+        let ro = tmp.path().join("readonly");
+        fs::create_dir(&ro).unwrap();
+        fs::set_permissions(&ro, fs::Permissions::from_mode(0o500)).unwrap();
+        assert_degrades(ro.clone(), "0o500 directory");
+        fs::set_permissions(&ro, fs::Permissions::from_mode(0o700)).unwrap();
+    } else {
+        eprintln!("running as root: a 0o500 directory is writable, tested the path under a file");
+    }
+}
+
+#[test]
+fn failed_write_warns_once_and_keeps_reading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(Some(tmp.path().to_path_buf()), None);
+    cache.put(&key(1), &meta(VARIANT), &binary(1));
+    // A regular file where OTHER_VARIANT's folder belongs: its writes fail, even for root.
+    let blocker = tmp
+        .path()
+        .join(format!("v{CACHE_FORMAT}"))
+        .join(OTHER_VARIANT);
+    fs::write(&blocker, b"in the way").unwrap();
+
+    let ((), warnings) = capture_warnings(|| {
+        assert!(cache.is_writable());
+        for n in 2..6 {
+            cache.put(&key(n), &meta(OTHER_VARIANT), &binary(n));
+            assert_eq!(cache.get(&key(n), OTHER_VARIANT), None);
+        }
+        assert!(!cache.is_writable(), "a failed write turns writing off");
+        // Writing is off for every variant now, without a warning each.
+        cache.put(&key(6), &meta(VARIANT), &binary(6));
+        assert_eq!(cache.get(&key(6), VARIANT), None);
+        // What is already on disk is still served.
+        assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)));
+    });
+    assert_eq!(warnings.len(), 1, "exactly one warning: {warnings:?}");
+    assert!(warnings[0].contains("memory only"), "{warnings:?}");
+    assert_eq!(fs::read(&blocker).unwrap(), b"in the way");
+}
+
+#[test]
+fn no_directory_means_no_disk_and_no_warning() {
+    let (cache, warnings) = capture_warnings(|| {
+        let cache = DiskCache::open(None, None);
+        cache.put(&key(1), &meta(VARIANT), &binary(1));
+        assert_eq!(cache.get(&key(1), VARIANT), None);
+        cache
+    });
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert!(!cache.is_writable());
+    assert_eq!(cache.dir(), None);
+    assert_eq!(cache.clear().unwrap(), 0);
+    assert!(cache.list().is_empty());
+}
+
+#[test]
+fn seed_is_read_first_and_never_written() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seed = tmp.path().join("seed");
+    let dir = tmp.path().join("cache");
+    {
+        let filler = DiskCache::open(Some(seed.clone()), None);
+        filler.put(&key(10), &meta(VARIANT), &binary(10));
+        filler.put(&key(11), &meta(VARIANT), &binary(11));
+    }
+    let seed_before = snapshot(&seed);
+
+    let ((), warnings) = capture_warnings(|| {
+        let cache = DiskCache::open(Some(dir.clone()), Some(seed.clone()));
+        assert_eq!(cache.seed_dir(), Some(seed.as_path()));
+        assert!(cache.is_writable());
+        // Present only in the seed: a hit.
+        assert_eq!(cache.get(&key(10), VARIANT), Some(binary(10)));
+        // Written entries go to the writable directory.
+        cache.put(&key(12), &meta(VARIANT), &binary(12));
+        assert_eq!(cache.get(&key(12), VARIANT), Some(binary(12)));
+        cache.put(&key(11), &meta(VARIANT), &binary(11));
+        assert_eq!(cache.clear().unwrap(), 2);
+        // The seed is still there after a clear.
+        assert_eq!(cache.get(&key(10), VARIANT), Some(binary(10)));
+        assert_eq!(cache.get(&key(11), VARIANT), Some(binary(11)));
+        assert_eq!(cache.get(&key(12), VARIANT), None);
+        cache.put(&key(12), &meta(VARIANT), &binary(12));
+        assert_eq!(
+            cache.list().len(),
+            1,
+            "list shows the writable directory only"
+        );
+    });
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(snapshot(&seed), seed_before, "the seed was written");
+    let (bin, json) = entry_paths(&dir, &key(12), VARIANT);
+    assert!(bin.exists() && json.exists());
+    let (bin, _) = entry_paths(&dir, &key(10), VARIANT);
+    assert!(
+        !bin.exists(),
+        "a seed hit was copied into the writable directory"
+    );
+}
+
+#[test]
+fn seed_is_consulted_before_the_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seed = tmp.path().join("seed");
+    let dir = tmp.path().join("cache");
+    // Same key, different bytes: only the order of the lookups tells which one is returned.
+    DiskCache::open(Some(seed.clone()), None).put(&key(1), &meta(VARIANT), b"from the seed");
+    DiskCache::open(Some(dir.clone()), None).put(&key(1), &meta(VARIANT), b"from the dir");
+    let cache = DiskCache::open(Some(dir), Some(seed.clone()));
+    assert_eq!(cache.get(&key(1), VARIANT).unwrap(), b"from the seed");
+
+    // A damaged seed entry warns and falls through to the directory.
+    let (bin, _) = entry_paths(&seed, &key(1), VARIANT);
+    fs::write(bin, b"from the seeD").unwrap();
+    let (got, warnings) = capture_warnings(|| cache.get(&key(1), VARIANT));
+    assert_eq!(got.unwrap(), b"from the dir");
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+}
+
+#[test]
+fn invalidate_removes_the_entry_and_skips_the_seed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let seed = tmp.path().join("seed");
+    let dir = tmp.path().join("cache");
+    DiskCache::open(Some(seed.clone()), None).put(&key(5), &meta(VARIANT), &binary(5));
+    let seed_before = snapshot(&seed);
+    let cache = DiskCache::open(Some(dir.clone()), Some(seed.clone()));
+
+    cache.put(&key(6), &meta(VARIANT), &binary(6));
+    assert_eq!(cache.get(&key(6), VARIANT), Some(binary(6)));
+    let ((), warnings) = capture_warnings(|| cache.invalidate(&key(6), VARIANT));
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert_eq!(cache.get(&key(6), VARIANT), None);
+    let (bin, json) = entry_paths(&dir, &key(6), VARIANT);
+    assert!(!bin.exists() && !json.exists());
+
+    assert_eq!(cache.get(&key(5), VARIANT), Some(binary(5)));
+    cache.invalidate(&key(5), VARIANT);
+    assert_eq!(
+        cache.get(&key(5), VARIANT),
+        None,
+        "a refused seed entry is skipped"
+    );
+    assert_eq!(snapshot(&seed), seed_before, "invalidate touched the seed");
+    // The recompiled kernel goes to the directory and is found there.
+    cache.put(&key(5), &meta(VARIANT), b"recompiled");
+    assert_eq!(cache.get(&key(5), VARIANT).unwrap(), b"recompiled");
+    // Invalidating something absent is harmless.
+    cache.invalidate(&key(99), VARIANT);
+}
+
+#[test]
+fn directory_is_owner_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("a").join("b").join("cache");
+    let cache = DiskCache::open(Some(dir.clone()), None);
+    assert!(cache.is_writable());
+    assert_eq!(mode(&dir), 0o700);
+    assert_eq!(mode(&dir.join(format!("v{CACHE_FORMAT}"))), 0o700);
+    cache.put(&key(1), &meta(VARIANT), &binary(1));
+    let (bin, json) = entry_paths(&dir, &key(1), VARIANT);
+    assert_eq!(mode(bin.parent().unwrap()), 0o700);
+    assert_eq!(mode(&bin) & 0o077, 0, "binary readable by others");
+    assert_eq!(mode(&json) & 0o077, 0, "metadata readable by others");
+
+    // An existing directory that others can read is tightened.
+    let open_dir = tmp.path().join("open");
+    fs::create_dir(&open_dir).unwrap();
+    fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(mode(&open_dir), 0o755);
+    let cache = DiskCache::open(Some(open_dir.clone()), None);
+    assert!(cache.is_writable());
+    assert_eq!(mode(&open_dir), 0o700);
+}
+
+#[test]
+fn stale_temporary_files_are_removed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(Some(tmp.path().to_path_buf()), None);
+    cache.put(&key(1), &meta(VARIANT), &binary(1));
+    let folder = entry_paths(tmp.path(), &key(1), VARIANT)
+        .0
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let stale = folder.join(".tmp-1-1-w");
+    let fresh = folder.join(".tmp-1-2-w");
+    fs::write(&stale, b"half").unwrap();
+    fs::write(&fresh, b"half").unwrap();
+    let two_hours_ago = SystemTime::now() - Duration::from_secs(2 * 60 * 60);
+    fs::File::options()
+        .write(true)
+        .open(&stale)
+        .unwrap()
+        .set_modified(two_hours_ago)
+        .unwrap();
+
+    let _reopened = DiskCache::open(Some(tmp.path().to_path_buf()), None);
+    assert!(!stale.exists(), "a stale temporary file survived open");
+    assert!(fresh.exists(), "a live writer's temporary file was removed");
+    assert_eq!(
+        DiskCache::open(Some(tmp.path().to_path_buf()), None).get(&key(1), VARIANT),
+        Some(binary(1))
+    );
+}
+
+#[test]
+fn list_and_clear() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(Some(tmp.path().to_path_buf()), None);
+    assert!(cache.list().is_empty());
+    let before = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    cache.put(&key(1), &meta(VARIANT), &binary(1));
+    cache.put(&key(2), &meta(VARIANT), &binary(2));
+    let mut ptx = meta(OTHER_VARIANT);
+    ptx.kind = BinaryKind::Ptx;
+    ptx.target = "compute_90".to_string();
+    ptx.nvrtc_version = (13, 1);
+    cache.put(&key(3), &ptx, &binary(3));
+    // A binary without metadata is not an entry.
+    let (orphan, _) = entry_paths(tmp.path(), &key(4), VARIANT);
+    fs::write(&orphan, binary(4)).unwrap();
+    // Neither is an entry whose binary was truncated.
+    cache.put(&key(5), &meta(VARIANT), &binary(5));
+    let (truncated, _) = entry_paths(tmp.path(), &key(5), VARIANT);
+    fs::write(&truncated, b"x").unwrap();
+    let after = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+
+    let list = cache.list();
+    let mut expected: Vec<(String, CacheKey)> = vec![
+        (VARIANT.to_string(), key(1)),
+        (VARIANT.to_string(), key(2)),
+        (OTHER_VARIANT.to_string(), key(3)),
+    ];
+    expected.sort();
+    let got: Vec<(String, CacheKey)> = list.iter().map(|e| (e.variant.clone(), e.key)).collect();
+    assert_eq!(got, expected, "list is sorted by variant, then key");
+    for entry in &list {
+        let n = [1, 2, 3]
+            .into_iter()
+            .find(|&n| key(n) == entry.key)
+            .unwrap();
+        assert_eq!(entry.size, binary(n).len() as u64);
+        assert_eq!(
+            entry.path,
+            entry_paths(tmp.path(), &key(n), &entry.variant).0
+        );
+        assert_eq!(fs::read(&entry.path).unwrap(), binary(n));
+        assert!(
+            (before..=after).contains(&entry.created),
+            "{}",
+            entry.created
+        );
+        if n == 3 {
+            assert_eq!(entry.kind, BinaryKind::Ptx);
+            assert_eq!(entry.target, "compute_90");
+            assert_eq!(entry.nvrtc_version, (13, 1));
+        } else {
+            assert_eq!(entry.kind, BinaryKind::Cubin);
+            assert_eq!(entry.target, "sm_90");
+            assert_eq!(entry.nvrtc_version, (13, 0));
+        }
+    }
+
+    // Three entries, the orphan binary and the damaged entry: five keys.
+    assert_eq!(cache.clear().unwrap(), 5);
+    assert!(cache.list().is_empty());
+    for n in 1..=5 {
+        assert_eq!(cache.get(&key(n), VARIANT), None);
+    }
+    assert_eq!(cache.get(&key(3), OTHER_VARIANT), None);
+    assert_eq!(cache.clear().unwrap(), 0);
+    // Still usable after a clear.
+    cache.put(&key(1), &meta(VARIANT), &binary(1));
+    assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)));
+}
+
+/// Every file of a cache directory, minus the folders: `.tmp-` leftovers show up here.
+fn leftover_tmp_files(dir: &Path) -> Vec<PathBuf> {
+    snapshot(dir)
+        .into_iter()
+        .map(|(p, _)| p)
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(".tmp-"))
+        })
+        .collect()
+}
+
+/// The keys and variants that the concurrency tests fill the cache with.
+const SHARED_KEYS: u32 = 12;
+
+fn shared_variant(n: u32) -> &'static str {
+    if n % 3 == 0 {
+        OTHER_VARIANT
+    } else {
+        VARIANT
+    }
+}
+
+/// One worker's share of the concurrency tests: for every key, in an order that depends on
+/// `worker`, a get (a miss or exactly the bytes), a put, and a get that must hit.
+fn hammer(cache: &DiskCache, worker: u32, rounds: u32) {
+    for round in 0..rounds {
+        for i in 0..SHARED_KEYS {
+            let n = (i * 5 + worker * 7 + round) % SHARED_KEYS;
+            let variant = shared_variant(n);
+            if let Some(got) = cache.get(&key(n), variant) {
+                assert!(got == binary(n), "worker {worker}: wrong bytes for key {n}");
+            }
+            cache.put(&key(n), &meta(variant), &binary(n));
+            let got = cache.get(&key(n), variant);
+            assert!(
+                got.as_deref() == Some(&binary(n)[..]),
+                "worker {worker}: key {n} missing or wrong right after its put"
+            );
+            // A key of this worker's own, too.
+            let own = 1000 + worker * 100 + round * SHARED_KEYS + i;
+            cache.put(&key(own), &meta(VARIANT), &binary(own));
+        }
+    }
+}
+
+/// Checks that `dir` holds every shared key, valid, and no temporary files.
+fn assert_complete(dir: &Path, extra_keys: impl IntoIterator<Item = u32>) {
+    let cache = DiskCache::open(Some(dir.to_path_buf()), None);
+    let mut expected = BTreeSet::new();
+    for n in 0..SHARED_KEYS {
+        assert_eq!(
+            cache.get(&key(n), shared_variant(n)),
+            Some(binary(n)),
+            "key {n}"
+        );
+        expected.insert(key(n));
+    }
+    for n in extra_keys {
+        assert_eq!(cache.get(&key(n), VARIANT), Some(binary(n)), "key {n}");
+        expected.insert(key(n));
+    }
+    let listed: BTreeSet<CacheKey> = cache.list().iter().map(|e| e.key).collect();
+    assert_eq!(listed, expected);
+    assert_eq!(leftover_tmp_files(dir), Vec::<PathBuf>::new());
+}
+
+#[test]
+fn many_threads_share_one_cache() {
+    const THREADS: u32 = 8;
+    const ROUNDS: u32 = 2;
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(Some(tmp.path().to_path_buf()), None);
+    let warnings = Arc::new(AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        for worker in 0..THREADS {
+            let cache = &cache;
+            let warnings = warnings.clone();
+            s.spawn(move || {
+                let ((), w) = capture_warnings(|| hammer(cache, worker, ROUNDS));
+                warnings.fetch_add(w.len(), Ordering::Relaxed);
+            });
+        }
+    });
+    assert_eq!(warnings.load(Ordering::Relaxed), 0);
+    assert!(cache.is_writable());
+    let own = (0..THREADS).flat_map(|w| (0..ROUNDS * SHARED_KEYS).map(move |j| 1000 + w * 100 + j));
+    assert_complete(tmp.path(), own);
+}
+
+/// The worker of `many_processes_share_one_cache`; does nothing unless `CHILD_ENV` is set.
+#[test]
+fn multiprocess_child() {
+    let Some(dir) = std::env::var_os(CHILD_ENV) else {
+        return;
+    };
+    let worker: u32 = std::env::var("TWILIGHT_DISK_CACHE_WORKER")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let (cache, warnings) = capture_warnings(|| {
+        let cache = DiskCache::open(Some(PathBuf::from(dir)), None);
+        hammer(&cache, worker, 3);
+        cache
+    });
+    assert!(warnings.is_empty(), "worker {worker}: {warnings:?}");
+    assert!(cache.is_writable());
+    fs::write(std::env::var_os(CHILD_DONE_ENV).unwrap(), b"done").unwrap();
+}
+
+#[test]
+fn many_processes_share_one_cache() {
+    const CHILDREN: u32 = 4;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..CHILDREN)
+        .map(|worker| {
+            let done = tmp.path().join(format!("done-{worker}"));
+            let child = Command::new(&exe)
+                .args([
+                    "--exact",
+                    "multiprocess_child",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CHILD_ENV, &dir)
+                .env(CHILD_DONE_ENV, &done)
+                .env("TWILIGHT_DISK_CACHE_WORKER", worker.to_string())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (worker, done, child)
+        })
+        .collect();
+    for (worker, done, child) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "worker {worker} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(done.exists(), "worker {worker} did not run its body");
+    }
+    let own = (0..CHILDREN).flat_map(|w| (0..3 * SHARED_KEYS).map(move |j| 1000 + w * 100 + j));
+    assert_complete(&dir, own);
+}

@@ -1,0 +1,20 @@
+//! The variants whose rendered source is snapshotted and compiled in tests: every dtype,
+//! layout, head_dim and several group and page sizes.
+
+use twilight_jit::{Dtype, KvLayout, VariantSpec};
+
+pub fn snapshot_variants() -> Vec<VariantSpec> {
+    use Dtype::*;
+    use KvLayout::*;
+    vec![
+        VariantSpec::dense(16, 128, F16, 4, Hnd),
+        VariantSpec::dense(16, 128, Bf16, 4, Nhd),
+        VariantSpec::dense(1, 64, F16, 1, Nhd),
+        VariantSpec::dense(64, 64, Bf16, 8, Hnd),
+        VariantSpec::dense(8, 256, F16, 8, Nhd),
+        VariantSpec::dense(32, 256, Bf16, 1, Hnd),
+        VariantSpec::dense(16, 128, F16, 1, Nhd),
+        VariantSpec::dense(64, 128, Bf16, 2, Hnd),
+        VariantSpec::dense(1, 128, F16, 8, Hnd),
+    ]
+}
