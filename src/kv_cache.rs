@@ -94,6 +94,12 @@ impl<T: KvElement> PagedKvCache<T> {
         &self.v
     }
 
+    /// K and V for writing in place (an engine's own kernels, benchmark fills). Nothing
+    /// derived from K is updated: variants that keep derived structures need `append`.
+    pub fn k_v_mut(&mut self) -> (&mut CudaSlice<T>, &mut CudaSlice<T>) {
+        (&mut self.k, &mut self.v)
+    }
+
     pub fn free_pages(&self) -> usize {
         self.free_pages.len()
     }

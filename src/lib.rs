@@ -7,6 +7,7 @@
 // Lets `#[twilight_kernel]` expand to `::twilight::...` paths inside this crate too.
 extern crate self as twilight;
 
+pub mod bench;
 pub mod decoder;
 pub mod element;
 pub mod error;

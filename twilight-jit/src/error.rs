@@ -10,8 +10,8 @@ use crate::spec::SpecError;
 pub enum JitError {
     #[error(transparent)]
     Spec(#[from] SpecError),
-    #[error("{0}")]
-    Render(String),
+    #[error(transparent)]
+    Render(std::sync::Arc<RenderError>),
     #[error("NVRTC 13 (libnvrtc.so.13) was not found; searched: {}. Hint: install the CUDA 13 toolkit, or run scripts/install-nvrtc.sh and set TWILIGHT_NVRTC_DIR to the directory it prints", searched.join(", "))]
     NvrtcMissing { searched: Vec<String> },
     #[error("NVRTC {}.{} found{} but twilight needs NVRTC 13.x. Hint: set TWILIGHT_NVRTC_DIR to a CUDA 13 lib directory", found.0, found.1, lib_dir.as_ref().map(|d| format!(" in {}", d.display())).unwrap_or_default())]
@@ -33,7 +33,7 @@ pub enum JitError {
 
 impl From<RenderError> for JitError {
     fn from(e: RenderError) -> Self {
-        JitError::Render(e.to_string())
+        JitError::Render(std::sync::Arc::new(e))
     }
 }
 
@@ -61,11 +61,13 @@ pub struct CompileFailure {
 const CONTEXT_LINES: usize = 3;
 
 impl CompileFailure {
+    /// `variant` also names the program as NVRTC saw it: `<variant>.cu`.
     pub fn new(variant: String, options: Vec<String>, log: String, source: &str) -> Self {
+        let program = format!("{variant}.cu");
         let excerpts = reported_locations(&log)
             .into_iter()
             .filter_map(|(file, line)| {
-                excerpt(source, &file, line).map(|text| (file.clone(), line, text))
+                excerpt(source, &program, &file, line).map(|text| (file.clone(), line, text))
             })
             .collect();
         CompileFailure {
@@ -118,21 +120,28 @@ fn reported_locations(log: &str) -> Vec<(String, usize)> {
     out
 }
 
-/// The rendered lines around `line` of `file`, found through the `#line 1 "file"` markers
-/// (a file with no marker is the program itself, numbered from its first line).
-fn excerpt(source: &str, file: &str, line: usize) -> Option<String> {
+/// The rendered lines around `line` of `file`, found through the `#line 1 "file"` markers.
+/// `program` (the name NVRTC was given) is numbered from the first line of the source; a file
+/// with neither (a CUDA header) has no excerpt. An excerpt never runs past its own file.
+fn excerpt(source: &str, program: &str, file: &str, line: usize) -> Option<String> {
     let lines: Vec<&str> = source.lines().collect();
+    let is_marker = |l: &&str| l.trim_start().starts_with("#line ");
     let marker = format!("#line 1 \"{file}\"");
-    let first = match lines.iter().position(|l| l.trim() == marker) {
-        Some(at) => at + 1,
-        None => 0,
+    let first = if file == program {
+        0
+    } else {
+        lines.iter().position(|l| l.trim() == marker)? + 1
     };
+    let end = lines[first..]
+        .iter()
+        .position(is_marker)
+        .map_or(lines.len(), |at| first + at);
     let target = first + line.checked_sub(1)?;
-    if target >= lines.len() {
+    if target >= end {
         return None;
     }
     let from = target.saturating_sub(CONTEXT_LINES).max(first);
-    let to = (target + CONTEXT_LINES + 1).min(lines.len());
+    let to = (target + CONTEXT_LINES + 1).min(end);
     let mut text = String::new();
     for (i, l) in lines.iter().enumerate().take(to).skip(from) {
         let mark = if i == target { ">" } else { " " };

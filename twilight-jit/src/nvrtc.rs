@@ -70,7 +70,8 @@ impl Target {
         } else {
             (BinaryKind::Ptx, text.strip_prefix("compute_")?)
         };
-        let digits = digits.trim_end_matches('a');
+        // Arch-specific targets (sm_90a) are not offered: nothing here uses their instructions,
+        // and refusing them beats silently building for sm_90.
         if digits.len() < 2 || !digits.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
@@ -285,18 +286,35 @@ impl Drop for Program {
 /// A missing NVRTC, or [`JitError::Compile`] with the log and the source around each
 /// reported line.
 pub fn compile(program: &RenderedProgram, target: &Target) -> Result<CompiledBinary, JitError> {
+    compile_source(&program.spec.name(), &program.source, target)
+}
+
+/// Compiles any self-contained CUDA source (a variant's program, or a tool's kernel such as
+/// the bandwidth probe of the benchmarks); `name` labels errors and logs.
+///
+/// # Errors
+/// As [`compile`].
+pub fn compile_source(
+    name: &str,
+    source: &str,
+    target: &Target,
+) -> Result<CompiledBinary, JitError> {
     let info = nvrtc()?;
     let start = Instant::now();
     let mut options = identity_options(target);
     if let Some(include) = &info.include_dir {
         options.push(format!("--include-path={}", include.display()));
     }
-    let variant = program.spec.name();
-    let source = CString::new(program.source.as_str()).map_err(|_| JitError::Nvrtc {
+    let variant = name.to_string();
+    let source_text = source;
+    let source = CString::new(source).map_err(|_| JitError::Nvrtc {
         what: "create program".into(),
-        message: "rendered source contains a NUL byte".into(),
+        message: "source contains a NUL byte".into(),
     })?;
-    let name = CString::new(format!("{variant}.cu")).expect("variant names have no NUL");
+    let name = CString::new(format!("{variant}.cu")).map_err(|_| JitError::Nvrtc {
+        what: "create program".into(),
+        message: "program name contains a NUL byte".into(),
+    })?;
     let handle = cudarc::nvrtc::result::create_program(&source, Some(&name)).map_err(|e| {
         JitError::Nvrtc {
             what: "nvrtcCreateProgram".into(),
@@ -312,7 +330,7 @@ pub fn compile(program: &RenderedProgram, target: &Target) -> Result<CompiledBin
         .unwrap_or_default();
     if compiled.is_err() {
         return Err(JitError::Compile(Box::new(
-            crate::error::CompileFailure::new(variant, options, log, &program.source),
+            crate::error::CompileFailure::new(variant, options, log, source_text),
         )));
     }
     let binary = match target.kind {
@@ -379,6 +397,7 @@ mod tests {
         let t = Target::parse("compute_120").unwrap();
         assert_eq!((t.major, t.minor, t.kind), (12, 0, BinaryKind::Ptx));
         assert!(Target::parse("sm_x").is_none());
+        assert!(Target::parse("sm_90a").is_none());
         assert!(Target::parse("gfx90a").is_none());
     }
 }

@@ -1,0 +1,60 @@
+//! `twilight doctor`: what this machine offers twilight, each line with a hint when missing.
+
+use twilight::twilight_jit::env::JitEnv;
+use twilight::twilight_jit::{nvrtc, open_device};
+
+use super::CliResult;
+
+pub fn run() -> CliResult {
+    let env = JitEnv::get();
+    match open_device(0) {
+        Ok(ctx) => {
+            let name = ctx
+                .name()
+                .unwrap_or_else(|e| format!("<name unavailable: {e}>"));
+            let (major, minor) = ctx.compute_capability().unwrap_or((0, 0));
+            let mem = ctx.total_mem().unwrap_or(0) as f64 / (1u64 << 30) as f64;
+            let mut driver = 0i32;
+            // SAFETY: libcuda is loaded (the device opened); the out-pointer is valid.
+            unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut driver) };
+            println!("driver:  CUDA {}.{}", driver / 1000, driver % 1000 / 10);
+            println!("device:  {name}, sm_{major}{minor}, {mem:.0} GiB");
+        }
+        Err(e) => println!("device:  none ({e})"),
+    }
+    match nvrtc::nvrtc() {
+        Ok(info) => {
+            println!(
+                "nvrtc:   {}.{} from {}",
+                info.version.0,
+                info.version.1,
+                info.lib_dir
+                    .as_ref()
+                    .map_or("the loader's search path".to_string(), |d| d
+                        .display()
+                        .to_string())
+            );
+            match &info.include_dir {
+                Some(d) => println!("headers: {}", d.display()),
+                None => println!(
+                    "headers: cuda_fp16.h/cuda_bf16.h not found (set CUDA_HOME, or use scripts/install-nvrtc.sh)"
+                ),
+            }
+        }
+        Err(e) => println!("nvrtc:   none ({e})"),
+    }
+    match &env.cache_dir {
+        Some(d) => println!("cache:   {}", d.display()),
+        None => println!("cache:   disk cache disabled"),
+    }
+    if let Some(seed) = &env.seed_cache_dir {
+        println!("seed:    {} (read-only)", seed.display());
+    }
+    if env.jit_disabled {
+        println!("jit:     disabled (TWILIGHT_JIT_DISABLE=1): kernels must come from a cache");
+    }
+    if let Some(t) = &env.template_dir {
+        println!("templates: overridden from {}", t.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,481 @@
+//! The rendered CUDA of every snapshot variant, pinned with insta, plus the invariants of a
+//! rendered program that a snapshot cannot state: determinism, one entry per stage, headers
+//! behind `#line` markers, no Tera syntax left, the banner, template overrides, and which
+//! variants have no kernel yet.
+//!
+//! Rendering always uses [`TemplateSource::Embedded`] (or an explicit directory), so
+//! `TWILIGHT_TEMPLATE_DIR` cannot change what these tests see. Accept changed snapshots with
+//! `INSTA_UPDATE=always cargo test -p twilight-jit --test render_snapshots` and review the diff.
+
+mod variants;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use twilight_jit::render::{embedded_template_names, render_with, TemplateSource};
+use twilight_jit::{Dtype, KvLayout, Pruning, RenderError, RenderedProgram, Selector, VariantSpec};
+
+/// Selector and pruning pairs that have no kernel yet, with the word their error must name.
+///
+/// When a kernel lands: delete its row, add a variant that uses it to `variants/mod.rs`, and
+/// accept the new snapshot. `snapshot_variants_cover_the_variant_space` fails until both are done.
+const NOT_YET_RENDERED: &[(Selector, Pruning, &str)] = &[
+    (Selector::Quest, Pruning::None, "quest"),
+    (
+        Selector::DoubleSparse { channels: 32 },
+        Pruning::None,
+        "double_sparse",
+    ),
+    (Selector::Full, Pruning::TopP, "top_p"),
+    (Selector::Quest, Pruning::TopP, "top_p"),
+    (
+        Selector::DoubleSparse { channels: 16 },
+        Pruning::TopP,
+        "top_p",
+    ),
+];
+
+fn render(spec: &VariantSpec) -> RenderedProgram {
+    render_with(spec, &TemplateSource::Embedded)
+        .unwrap_or_else(|e| panic!("{spec} does not render: {e}"))
+}
+
+fn templates_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates")
+}
+
+/// The headers prepended to every program (`common.cuh`, ...), from the embedded file list.
+fn header_names() -> Vec<String> {
+    let headers: Vec<String> = embedded_template_names()
+        .filter_map(|p| p.strip_prefix("include/twilight").ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        headers.len() >= 3 && headers.iter().all(|h| h.ends_with(".cuh")),
+        "unexpected embedded headers: {headers:?}"
+    );
+    headers
+}
+
+/// The stage templates (`append.cu.tera`, ...), from the embedded file list.
+fn stage_template_names() -> Vec<String> {
+    embedded_template_names()
+        .filter(|p| p.extension().is_some_and(|e| e == "tera"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect()
+}
+
+fn is_ident_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_'
+}
+
+/// Byte offsets at which `word` occurs as a whole C identifier.
+fn identifier_positions(source: &str, word: &str) -> Vec<usize> {
+    let bytes = source.as_bytes();
+    source
+        .match_indices(word)
+        .map(|(at, _)| at)
+        .filter(|&at| {
+            let before = at.checked_sub(1).map(|i| bytes[i]);
+            let after = bytes.get(at + word.len()).copied();
+            !before.is_some_and(is_ident_byte) && !after.is_some_and(is_ident_byte)
+        })
+        .collect()
+}
+
+/// The part of `source` that a `#line 1 "<file>"` marker line opens, up to the next marker:
+/// `(before, section, after)`, the section starting with the marker itself.
+fn split_section<'a>(source: &'a str, file: &str) -> (&'a str, &'a str, &'a str) {
+    let marker = format!("\n#line 1 \"{file}\"\n");
+    let start = source
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no `#line 1 \"{file}\"` marker line"))
+        + 1;
+    let end = source[start + 1..]
+        .find("\n#line 1 \"")
+        .map_or(source.len(), |at| start + 1 + at + 1);
+    (&source[..start], &source[start..end], &source[end..])
+}
+
+#[test]
+fn rendered_source_snapshots() {
+    let specs = variants::snapshot_variants();
+    assert!(!specs.is_empty());
+    for spec in &specs {
+        let program = render(spec);
+        insta::assert_snapshot!(spec.name(), program.source);
+    }
+}
+
+/// Every `.snap` of this file belongs to a listed variant: a variant removed from the list must
+/// take its snapshot with it.
+#[test]
+fn no_orphan_snapshots() {
+    let names: Vec<String> = variants::snapshot_variants()
+        .iter()
+        .map(VariantSpec::name)
+        .collect();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
+    let Ok(entries) = fs::read_dir(&dir) else {
+        panic!("{} is missing: generate the snapshots", dir.display());
+    };
+    let mut seen = 0;
+    for entry in entries {
+        let file = entry.unwrap().file_name().to_string_lossy().into_owned();
+        let Some(variant) = file
+            .strip_prefix("render_snapshots__")
+            .and_then(|f| f.strip_suffix(".snap"))
+        else {
+            continue;
+        };
+        assert!(
+            names.iter().any(|n| n == variant),
+            "{file} is not the snapshot of any variant in variants/mod.rs; delete it"
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, names.len(), "a snapshot variant has no .snap file");
+}
+
+#[test]
+fn snapshot_variants_cover_the_variant_space() {
+    let specs = variants::snapshot_variants();
+    let mut names: Vec<String> = specs.iter().map(VariantSpec::name).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(
+        names.len(),
+        specs.len(),
+        "a snapshot variant is listed twice"
+    );
+    for spec in &specs {
+        spec.validate()
+            .unwrap_or_else(|e| panic!("{spec} is invalid: {e}"));
+    }
+    let covers = |what: &str, hit: &dyn Fn(&VariantSpec) -> bool| {
+        assert!(specs.iter().any(hit), "no snapshot variant has {what}");
+    };
+    for page_size in twilight_jit::spec::PAGE_SIZES {
+        covers(&format!("page_size {page_size}"), &|s| {
+            s.page_size == page_size
+        });
+    }
+    for head_dim in twilight_jit::spec::HEAD_DIMS {
+        covers(&format!("head_dim {head_dim}"), &|s| s.head_dim == head_dim);
+    }
+    for group_size in twilight_jit::spec::GROUP_SIZES {
+        covers(&format!("group_size {group_size}"), &|s| {
+            s.group_size == group_size
+        });
+    }
+    for dtype in [Dtype::F16, Dtype::Bf16] {
+        covers(&format!("dtype {dtype:?}"), &|s| s.dtype == dtype);
+    }
+    for layout in [KvLayout::Nhd, KvLayout::Hnd] {
+        covers(&format!("kv_layout {layout:?}"), &|s| s.kv_layout == layout);
+    }
+    // Every selector and every pruning mode is either snapshotted or listed as not rendered yet.
+    for selector in [
+        Selector::Full,
+        Selector::Quest,
+        Selector::DoubleSparse { channels: 32 },
+    ] {
+        for pruning in [Pruning::None, Pruning::TopP] {
+            let same_kind =
+                |s: Selector| std::mem::discriminant(&s) == std::mem::discriminant(&selector);
+            let pending = NOT_YET_RENDERED
+                .iter()
+                .any(|(s, p, _)| same_kind(*s) && *p == pruning);
+            let snapshotted = specs
+                .iter()
+                .any(|s| same_kind(s.selector) && s.pruning == pruning);
+            assert!(
+                pending || snapshotted,
+                "selector {} with pruning {} renders but no snapshot variant uses it",
+                selector.declared(),
+                pruning.declared()
+            );
+        }
+    }
+}
+
+#[test]
+fn rendering_is_deterministic() {
+    for spec in variants::snapshot_variants() {
+        let a = render(&spec);
+        let b = render(&spec);
+        assert!(a.source == b.source, "{spec}: two renders differ");
+        assert_eq!(a, b, "{spec}: two rendered programs differ");
+        // A spec that is equal but built another way renders the same bytes too.
+        let parsed: VariantSpec = spec.name().parse().unwrap();
+        assert!(render(&parsed).source == a.source, "{spec}: reparsed spec");
+    }
+}
+
+#[test]
+fn banner_names_the_variant() {
+    for spec in variants::snapshot_variants() {
+        let program = render(&spec);
+        let first = program.source.lines().next().unwrap_or_default();
+        assert_eq!(first, format!("// twilight variant {}", spec.name()));
+        assert_eq!(program.spec, spec);
+    }
+}
+
+#[test]
+fn every_stage_entry_is_defined_exactly_once() {
+    for spec in variants::snapshot_variants() {
+        let program = render(&spec);
+        let source = &program.source;
+        assert!(!program.stages.is_empty(), "{spec}: no stages");
+        let mut entries = Vec::new();
+        for &stage in &program.stages {
+            let entry = program.entry(stage);
+            assert_eq!(entry, format!("{}_{}", spec.name(), stage.suffix()));
+            let at = identifier_positions(source, &entry);
+            assert_eq!(
+                at.len(),
+                1,
+                "{spec}: entry `{entry}` occurs {} times as an identifier",
+                at.len()
+            );
+            let at = at[0];
+            // It is the name being declared by the nearest `extern "C"` before it ...
+            let decl = source[..at]
+                .rfind("extern \"C\"")
+                .unwrap_or_else(|| panic!("{spec}: no extern \"C\" before `{entry}`"));
+            let between = &source[decl..at];
+            assert!(
+                !between.contains([';', '{', '}']),
+                "{spec}: `{entry}` is not the name declared by `extern \"C\"`: {between:?}"
+            );
+            assert!(between.contains("__global__"), "{spec}: {between:?}");
+            // ... and the parameter list follows it.
+            assert!(
+                source[at + entry.len()..].trim_start().starts_with('('),
+                "{spec}: `{entry}` is not followed by its parameters"
+            );
+            entries.push(entry);
+        }
+        entries.sort();
+        entries.dedup();
+        assert_eq!(
+            entries.len(),
+            program.stages.len(),
+            "{spec}: duplicate stage"
+        );
+        assert_eq!(
+            source.matches("extern \"C\"").count(),
+            program.stages.len(),
+            "{spec}: an `extern \"C\"` that is not a stage entry"
+        );
+    }
+}
+
+#[test]
+fn every_header_follows_its_line_marker_verbatim() {
+    let headers = header_names();
+    let stages = stage_template_names();
+    for spec in variants::snapshot_variants() {
+        let source = render(&spec).source;
+        let lines: Vec<&str> = source.lines().collect();
+        let mut last_header_line = 0;
+        for header in &headers {
+            let marker = format!("#line 1 \"twilight/{header}\"");
+            let at: Vec<usize> = lines
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| **l == marker)
+                .map(|(i, _)| i)
+                .collect();
+            assert_eq!(at.len(), 1, "{spec}: `{marker}` on {} lines", at.len());
+            last_header_line = last_header_line.max(at[0]);
+            // The marker is followed by the header's text, unchanged.
+            let text =
+                fs::read_to_string(templates_dir().join("include/twilight").join(header)).unwrap();
+            let (_, section, _) = split_section(&source, &format!("twilight/{header}"));
+            let body = &section[marker.len() + 1..];
+            assert!(
+                body.trim_end() == text.trim_end(),
+                "{spec}: the text after `{marker}` is not {header}"
+            );
+        }
+        // Headers come first, then each stage's glue behind its own marker.
+        for stage in &stages {
+            let marker = format!("#line 1 \"{stage}\"");
+            let at = lines.iter().position(|l| *l == marker);
+            let at = at.unwrap_or_else(|| panic!("{spec}: no `{marker}`"));
+            assert!(at > last_header_line, "{spec}: {stage} before a header");
+        }
+        // No other `#line` directive can shift NVRTC's line numbers.
+        let directives = lines
+            .iter()
+            .filter(|l| l.trim_start().starts_with("#line"))
+            .count();
+        assert_eq!(directives, headers.len() + stages.len(), "{spec}");
+    }
+}
+
+#[test]
+fn no_template_syntax_survives() {
+    for spec in variants::snapshot_variants() {
+        let source = render(&spec).source;
+        for token in ["{{", "}}", "{%", "%}", "{#", "#}"] {
+            if let Some(at) = source.find(token) {
+                let line = source[..at].lines().count();
+                panic!("{spec}: `{token}` left in the rendered source at line {line}");
+            }
+        }
+    }
+}
+
+/// Today only `full` + `none` has kernels. This pins that every other combination is refused
+/// with an error naming the variant; update `NOT_YET_RENDERED` as kernels land.
+#[test]
+fn variants_without_kernels_are_unsupported() {
+    let base = VariantSpec::dense(16, 128, Dtype::F16, 4, KvLayout::Hnd);
+    for &(selector, pruning, what) in NOT_YET_RENDERED {
+        let spec = VariantSpec {
+            selector,
+            pruning,
+            ..base
+        };
+        spec.validate().unwrap();
+        match render_with(&spec, &TemplateSource::Embedded) {
+            Err(RenderError::Unsupported { variant, what: got }) => {
+                assert_eq!(variant, spec.name());
+                assert!(got.contains(what), "{spec}: `{got}` does not name {what}");
+            }
+            Err(other) => panic!("{spec}: expected Unsupported, got {other}"),
+            Ok(_) => panic!(
+                "{spec} renders now: remove it from NOT_YET_RENDERED and add a snapshot variant"
+            ),
+        }
+        let err = render_with(&spec, &TemplateSource::Embedded).unwrap_err();
+        assert!(err.to_string().contains(&spec.name()), "{err}");
+        assert!(
+            twilight_jit::render::stages_of(&spec).is_err(),
+            "{spec}: stages_of"
+        );
+    }
+}
+
+/// A directory laid out like `templates/` holding only the given files.
+fn override_dir(files: &[(&str, String)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in files {
+        let path = dir.path().join(name);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, text).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn template_dir_overrides_a_stage_template() {
+    let spec = variants::snapshot_variants()[0];
+    let embedded = render(&spec).source;
+    let original = fs::read_to_string(templates_dir().join("append.cu.tera")).unwrap();
+    // Rendered through Tera with the variant's context, like the original.
+    let modified = format!("{original}\n// twilight-test override of {{{{ variant }}}}\n");
+    let dir = override_dir(&[("append.cu.tera", modified)]);
+    let program = render_with(&spec, &TemplateSource::Dir(dir.path().to_path_buf())).unwrap();
+    let added = format!("// twilight-test override of {}", spec.name());
+    assert_ne!(program.source, embedded);
+    assert_eq!(
+        program.source.matches(&added).count(),
+        1,
+        "{}",
+        program.source
+    );
+    // Only the append section changed.
+    let (before, section, after) = split_section(&program.source, "append.cu.tera");
+    let (e_before, e_section, e_after) = split_section(&embedded, "append.cu.tera");
+    assert!(before == e_before, "text before the append glue changed");
+    assert!(after == e_after, "text after the append glue changed");
+    assert!(section.contains(&added) && !e_section.contains(&added));
+    assert!(section.contains(&format!("{}_append", spec.name())));
+}
+
+#[test]
+fn template_dir_overrides_a_header() {
+    let spec = variants::snapshot_variants()[0];
+    let embedded = render(&spec).source;
+    let original = fs::read_to_string(templates_dir().join("include/twilight/common.cuh")).unwrap();
+    // Headers are not Tera templates: braces pass through as they are.
+    let added = "// twilight-test header override {{ not tera }}";
+    let dir = override_dir(&[(
+        "include/twilight/common.cuh",
+        format!("{original}{added}\n"),
+    )]);
+    let program = render_with(&spec, &TemplateSource::Dir(dir.path().to_path_buf())).unwrap();
+    let (before, section, after) = split_section(&program.source, "twilight/common.cuh");
+    let (e_before, _, e_after) = split_section(&embedded, "twilight/common.cuh");
+    assert!(section.contains(added), "{section}");
+    assert!(before == e_before && after == e_after);
+}
+
+#[test]
+fn template_dir_without_the_file_falls_back_to_embedded() {
+    let spec = variants::snapshot_variants()[0];
+    let embedded = render(&spec).source;
+    let empty = tempfile::tempdir().unwrap();
+    let program = render_with(&spec, &TemplateSource::Dir(empty.path().to_path_buf())).unwrap();
+    assert!(
+        program.source == embedded,
+        "empty override dir changed the source"
+    );
+    // A file for another template leaves this one embedded.
+    let dir = override_dir(&[("merge.cu.tera", "// only merge\n".to_string())]);
+    let program = render_with(&spec, &TemplateSource::Dir(dir.path().to_path_buf())).unwrap();
+    let (_, section, _) = split_section(&program.source, "append.cu.tera");
+    let (_, e_section, _) = split_section(&embedded, "append.cu.tera");
+    assert_eq!(section, e_section);
+    assert!(program.source.contains("// only merge"));
+}
+
+#[test]
+fn broken_override_is_a_template_error_naming_file_and_variant() {
+    let spec = variants::snapshot_variants()[0];
+    let dir = override_dir(&[(
+        "decode_dense.cu.tera",
+        "{{ variant }}_decode {{ no_such_value }}\n".to_string(),
+    )]);
+    let err = render_with(&spec, &TemplateSource::Dir(dir.path().to_path_buf())).unwrap_err();
+    let shown = err.to_string();
+    match &err {
+        RenderError::Template {
+            template, variant, ..
+        } => {
+            assert_eq!(template, "decode_dense.cu.tera");
+            assert_eq!(*variant, spec.name());
+            assert!(shown.contains("decode_dense.cu.tera") && shown.contains(&spec.name()));
+            assert!(shown.contains("no_such_value"), "{shown}");
+        }
+        other => panic!("expected a template error, got {other:?}"),
+    }
+}
+
+#[test]
+fn unreadable_override_is_an_error_not_a_fallback() {
+    let spec = variants::snapshot_variants()[0];
+    let dir = tempfile::tempdir().unwrap();
+    // A directory where the template file belongs cannot be read as text.
+    fs::create_dir(dir.path().join("merge.cu.tera")).unwrap();
+    match render_with(&spec, &TemplateSource::Dir(dir.path().to_path_buf())) {
+        Err(RenderError::TemplateFile { path, .. }) => {
+            assert_eq!(path, dir.path().join("merge.cu.tera"));
+        }
+        other => panic!("expected a template file error, got {other:?}"),
+    }
+}
+
+#[test]
+fn missing_template_dir_is_an_error_not_a_silent_fallback() {
+    let spec = variants::snapshot_variants()[0];
+    let missing = std::env::temp_dir().join("twilight-no-such-template-dir-for-tests");
+    match render_with(&spec, &TemplateSource::Dir(missing.clone())) {
+        Err(RenderError::TemplateFile { path, .. }) => assert_eq!(path, missing),
+        other => panic!("expected TemplateFile error, got {other:?}"),
+    }
+}
