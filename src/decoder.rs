@@ -124,49 +124,6 @@ impl DenseDecoder {
         }
     }
 
-    fn check_cache<T: KvElement>(&self, cache: &PagedKvCache<T>, table: &PageTable) -> Result<()> {
-        let shape = cache.shape();
-        let name = self.spec.name();
-        if T::DTYPE != self.spec.dtype {
-            return Err(Error::Dtype {
-                variant: name,
-                expected: self.spec.dtype,
-                got: T::DTYPE,
-            });
-        }
-        if shape.layout != self.spec.kv_layout {
-            return Err(Error::Layout {
-                variant: name,
-                expected: self.spec.kv_layout,
-                got: shape.layout,
-            });
-        }
-        if shape.page_size != self.spec.page_size as usize {
-            return Err(Error::shape(
-                "cache page_size",
-                self.spec.page_size,
-                shape.page_size,
-            ));
-        }
-        if shape.head_dim != self.spec.head_dim as usize {
-            return Err(Error::shape(
-                "cache head_dim",
-                self.spec.head_dim,
-                shape.head_dim,
-            ));
-        }
-        if table.page_size() != shape.page_size || table.num_pages() != shape.num_pages {
-            return Err(Error::PageTable(format!(
-                "table was validated for {} pages of {} tokens, the cache has {} of {}",
-                table.num_pages(),
-                table.page_size(),
-                shape.num_pages,
-                shape.page_size
-            )));
-        }
-        Ok(())
-    }
-
     /// One decode step: allocates the outputs, then [`DenseDecoder::run_into`].
     ///
     /// # Errors
@@ -209,33 +166,14 @@ impl DenseDecoder {
         out: &mut DecodeOutput<T>,
         workspace: &mut Workspace,
     ) -> Result<()> {
-        self.check_cache(cache, table)?;
-        let shape = cache.shape();
+        let (batch, num_kv_heads, num_qo_heads, sm_scale) =
+            check_step_inputs(&self.spec, q, cache, table, sm_scale)?;
         let head_dim = self.spec.head_dim as usize;
-        let batch = table.batch();
-        let num_kv_heads = shape.num_kv_heads;
-        let num_qo_heads = num_kv_heads * self.spec.group_size as usize;
-        if q.len() != batch * num_qo_heads * head_dim {
-            return Err(Error::shape(
-                format!(
-                    "q [batch, num_qo_heads, head_dim] (num_qo_heads = {num_kv_heads} KV heads x group_size {})",
-                    self.spec.group_size
-                ),
-                format!("{batch} x {num_qo_heads} x {head_dim} = {}", batch * num_qo_heads * head_dim),
-                q.len(),
-            ));
-        }
         if out.o.len() != q.len() {
             return Err(Error::shape("o", q.len(), out.o.len()));
         }
         if out.lse.len() != batch * num_qo_heads {
             return Err(Error::shape("lse", batch * num_qo_heads, out.lse.len()));
-        }
-        let sm_scale = sm_scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
-        if !sm_scale.is_finite() || sm_scale <= 0.0 {
-            return Err(Error::Parameter(format!(
-                "sm_scale must be finite and positive, got {sm_scale}"
-            )));
         }
 
         let plan = self.plan(batch, num_kv_heads, table.max_len());
@@ -260,7 +198,7 @@ impl DenseDecoder {
         let partial_lse = workspace.partial_lse.as_mut().expect("ensured above");
 
         let tiling = self.program.tiling;
-        let decode = self.function(Stage::DecodeDense)?;
+        let decode = self.function(Stage::Attend)?;
         let (num_kv_heads_i, chunk_i, chunks_i) = (
             num_kv_heads as i32,
             plan.chunk_tokens as i32,
@@ -331,68 +269,7 @@ impl DenseDecoder {
         k_new: &CudaSlice<T>,
         v_new: &CudaSlice<T>,
     ) -> Result<()> {
-        let shape = cache.shape();
-        if T::DTYPE != self.spec.dtype {
-            return Err(Error::Dtype {
-                variant: self.spec.name(),
-                expected: self.spec.dtype,
-                got: T::DTYPE,
-            });
-        }
-        if shape.layout != self.spec.kv_layout
-            || shape.page_size != self.spec.page_size as usize
-            || shape.head_dim != self.spec.head_dim as usize
-        {
-            return Err(Error::Layout {
-                variant: self.spec.name(),
-                expected: self.spec.kv_layout,
-                got: shape.layout,
-            });
-        }
-        let tokens: usize = appends.iter().map(|a| a.1).sum();
-        let row = shape.num_kv_heads * shape.head_dim;
-        for (what, t) in [("k_new", k_new), ("v_new", v_new)] {
-            if t.len() != tokens * row {
-                return Err(Error::shape(
-                    format!("{what} [tokens, num_kv_heads, head_dim]"),
-                    format!(
-                        "{tokens} x {} x {} = {}",
-                        shape.num_kv_heads,
-                        shape.head_dim,
-                        tokens * row
-                    ),
-                    t.len(),
-                ));
-            }
-        }
-        if tokens == 0 {
-            return Ok(());
-        }
-        let slots = cache.reserve(appends)?;
-        let slots = self
-            .stream
-            .clone_htod(&slots)
-            .map_err(|e| Error::driver("uploading append slots", e))?;
-        let (tokens_i, heads_i) = (tokens as i32, shape.num_kv_heads as i32);
-        let function = self.function(Stage::Append)?;
-        let mut launch = self.stream.launch_builder(function);
-        launch
-            .arg(k_new)
-            .arg(v_new)
-            .arg(&slots)
-            .arg(&mut cache.k)
-            .arg(&mut cache.v)
-            .arg(&tokens_i)
-            .arg(&heads_i);
-        let config = LaunchConfig {
-            grid_dim: (tokens as u32, 1, 1),
-            block_dim: (self.program.tiling.append_threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: matches the `_append` entry of append.cu.tera; k_new/v_new hold `tokens`
-        // rows (checked), and every slot was reserved inside the cache's page pool.
-        unsafe { launch.launch(config) }.map_err(|e| Error::driver("launching append", e))?;
-        Ok(())
+        crate::append::append(&self.stream, &self.program, cache, appends, k_new, v_new)
     }
 
     fn function(&self, stage: Stage) -> Result<&cudarc::driver::CudaFunction> {
@@ -405,18 +282,95 @@ impl DenseDecoder {
     }
 }
 
-fn ensure_len(
+/// Grows a reusable device buffer to at least `len` elements (allocating only when it is too
+/// small, so steps of a shape seen before allocate nothing).
+pub(crate) fn ensure_len<E: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
     stream: &Arc<CudaStream>,
-    slot: &mut Option<CudaSlice<f32>>,
+    slot: &mut Option<CudaSlice<E>>,
     len: usize,
     what: &str,
 ) -> Result<()> {
     if slot.as_ref().is_none_or(|s| s.len() < len) {
         *slot = Some(
             stream
-                .alloc_zeros::<f32>(len)
+                .alloc_zeros::<E>(len.max(1))
                 .map_err(|e| Error::driver(format!("allocating {what}"), e))?,
         );
     }
     Ok(())
+}
+
+/// The checks every decode step makes before launching: the variant, q, the cache and the table
+/// agree on dtype, layout, page size, head_dim, page pool and head counts. Returns
+/// `(batch, num_kv_heads, num_qo_heads, sm_scale)`.
+pub(crate) fn check_step_inputs<T: KvElement>(
+    spec: &VariantSpec,
+    q: &CudaSlice<T>,
+    cache: &PagedKvCache<T>,
+    table: &PageTable,
+    sm_scale: Option<f32>,
+) -> Result<(usize, usize, usize, f32)> {
+    let shape = cache.shape();
+    let name = spec.name();
+    if T::DTYPE != spec.dtype {
+        return Err(Error::Dtype {
+            variant: name,
+            expected: spec.dtype,
+            got: T::DTYPE,
+        });
+    }
+    if shape.layout != spec.kv_layout {
+        return Err(Error::Layout {
+            variant: name,
+            expected: spec.kv_layout,
+            got: shape.layout,
+        });
+    }
+    if shape.page_size != spec.page_size as usize {
+        return Err(Error::shape(
+            "cache page_size",
+            spec.page_size,
+            shape.page_size,
+        ));
+    }
+    if shape.head_dim != spec.head_dim as usize {
+        return Err(Error::shape(
+            "cache head_dim",
+            spec.head_dim,
+            shape.head_dim,
+        ));
+    }
+    if table.page_size() != shape.page_size || table.num_pages() != shape.num_pages {
+        return Err(Error::PageTable(format!(
+            "table was validated for {} pages of {} tokens, the cache has {} of {}",
+            table.num_pages(),
+            table.page_size(),
+            shape.num_pages,
+            shape.page_size
+        )));
+    }
+    let head_dim = spec.head_dim as usize;
+    let batch = table.batch();
+    let num_kv_heads = shape.num_kv_heads;
+    let num_qo_heads = num_kv_heads * spec.group_size as usize;
+    if q.len() != batch * num_qo_heads * head_dim {
+        return Err(Error::shape(
+            format!(
+                "q [batch, num_qo_heads, head_dim] (num_qo_heads = {num_kv_heads} KV heads x group_size {})",
+                spec.group_size
+            ),
+            format!(
+                "{batch} x {num_qo_heads} x {head_dim} = {}",
+                batch * num_qo_heads * head_dim
+            ),
+            q.len(),
+        ));
+    }
+    let sm_scale = sm_scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
+    if !sm_scale.is_finite() || sm_scale <= 0.0 {
+        return Err(Error::Parameter(format!(
+            "sm_scale must be finite and positive, got {sm_scale}"
+        )));
+    }
+    Ok((batch, num_kv_heads, num_qo_heads, sm_scale))
 }

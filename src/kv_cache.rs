@@ -13,6 +13,36 @@ use crate::reference::CacheShape;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RequestId(pub usize);
 
+/// What a variant derives from K, kept beside it and updated by the same append launch.
+#[derive(Debug)]
+pub struct Derived<T: KvElement> {
+    /// Quest: `[num_pages, num_kv_heads, head_dim]` element-wise max and min over each page's
+    /// valid tokens.
+    pub page_max: Option<CudaSlice<T>>,
+    pub page_min: Option<CudaSlice<T>>,
+    /// Top-p: 4-bit K, one row of `head_dim / 2` bytes per (token, head) in the K layout.
+    pub k_q4: Option<CudaSlice<u8>>,
+    /// Top-p: `(scale, min)` per (token, head) in the K layout.
+    pub k_q4_scale_min: Option<CudaSlice<half::f16>>,
+}
+
+/// Which derived structures a cache keeps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DerivedKinds {
+    pub quest: bool,
+    pub quant4: bool,
+}
+
+impl DerivedKinds {
+    /// What a variant's kernels read.
+    pub fn for_spec(spec: &twilight_jit::VariantSpec) -> DerivedKinds {
+        DerivedKinds {
+            quest: spec.selector == twilight_jit::Selector::Quest,
+            quant4: spec.pruning == twilight_jit::Pruning::TopP,
+        }
+    }
+}
+
 #[derive(Clone, Debug, Default)]
 struct RequestPages {
     pages: Vec<i32>,
@@ -26,6 +56,7 @@ pub struct PagedKvCache<T: KvElement> {
     shape: CacheShape,
     pub(crate) k: CudaSlice<T>,
     pub(crate) v: CudaSlice<T>,
+    pub(crate) derived: Derived<T>,
     free_pages: Vec<i32>,
     requests: Vec<Option<RequestPages>>,
 }
@@ -47,6 +78,30 @@ impl<T: KvElement> PagedKvCache<T> {
     /// A shape with a zero dimension, a head_dim that is not a multiple of 8, a page count
     /// beyond 32-bit page ids, or a failed allocation.
     pub fn new(stream: &Arc<CudaStream>, shape: CacheShape) -> Result<Self> {
+        Self::with_derived(stream, shape, DerivedKinds::default())
+    }
+
+    /// A cache for a variant: K, V and every structure the variant derives from K.
+    ///
+    /// # Errors
+    /// As [`PagedKvCache::new`].
+    pub fn for_variant(
+        stream: &Arc<CudaStream>,
+        shape: CacheShape,
+        spec: &twilight_jit::VariantSpec,
+    ) -> Result<Self> {
+        Self::with_derived(stream, shape, DerivedKinds::for_spec(spec))
+    }
+
+    /// A cache with the given derived structures.
+    ///
+    /// # Errors
+    /// As [`PagedKvCache::new`].
+    pub fn with_derived(
+        stream: &Arc<CudaStream>,
+        shape: CacheShape,
+        kinds: DerivedKinds,
+    ) -> Result<Self> {
         if shape.num_pages == 0 || shape.num_kv_heads == 0 || shape.page_size == 0 {
             return Err(Error::Parameter(format!(
                 "cache shape has a zero dimension: {shape:?}"
@@ -72,8 +127,36 @@ impl<T: KvElement> PagedKvCache<T> {
                 )
             })
         };
+        let rows = shape.num_pages * shape.num_kv_heads * shape.page_size;
+        let meta = shape.num_pages * shape.num_kv_heads * shape.head_dim;
+        let zeros = |what: &str, n: usize| -> Result<CudaSlice<T>> {
+            stream
+                .alloc_zeros::<T>(n)
+                .map_err(|e| Error::driver(format!("allocating {what}"), e))
+        };
+        let derived = Derived {
+            page_max: kinds
+                .quest
+                .then(|| zeros("Quest page max", meta))
+                .transpose()?,
+            page_min: kinds
+                .quest
+                .then(|| zeros("Quest page min", meta))
+                .transpose()?,
+            k_q4: kinds
+                .quant4
+                .then(|| stream.alloc_zeros::<u8>(rows * shape.head_dim / 2))
+                .transpose()
+                .map_err(|e| Error::driver("allocating 4-bit K", e))?,
+            k_q4_scale_min: kinds
+                .quant4
+                .then(|| stream.alloc_zeros::<half::f16>(rows * 2))
+                .transpose()
+                .map_err(|e| Error::driver("allocating 4-bit K scales", e))?,
+        };
         Ok(PagedKvCache {
             shape,
+            derived,
             k: alloc("K")?,
             v: alloc("V")?,
             // Popped from the end: page 0 is handed out first.
@@ -92,6 +175,18 @@ impl<T: KvElement> PagedKvCache<T> {
 
     pub fn v(&self) -> &CudaSlice<T> {
         &self.v
+    }
+
+    /// The structures derived from K that this cache keeps.
+    pub fn derived(&self) -> &Derived<T> {
+        &self.derived
+    }
+
+    pub fn derived_kinds(&self) -> DerivedKinds {
+        DerivedKinds {
+            quest: self.derived.page_max.is_some(),
+            quant4: self.derived.k_q4.is_some(),
+        }
     }
 
     /// K and V for writing in place (an engine's own kernels, benchmark fills). Nothing
@@ -147,6 +242,13 @@ impl<T: KvElement> PagedKvCache<T> {
     /// [`Error::UnknownRequest`], [`Error::OutOfPages`].
     pub fn reserve(&mut self, appends: &[(RequestId, usize)]) -> Result<Vec<i32>> {
         let page_size = self.shape.page_size;
+        let mut seen = std::collections::HashSet::new();
+        if let Some(&(id, _)) = appends.iter().find(|(id, _)| !seen.insert(*id)) {
+            return Err(Error::Parameter(format!(
+                "request {} appears twice in one append; give its tokens as one entry",
+                id.0
+            )));
+        }
         let mut needed = 0;
         for &(id, count) in appends {
             let r = self.request(id)?;
@@ -199,8 +301,14 @@ impl<T: KvElement> PagedKvCache<T> {
     /// manage pages themselves). Page bookkeeping is not changed.
     ///
     /// # Errors
-    /// A length other than `shape.elements()`, or a failed copy.
+    /// A length other than `shape.elements()`, a cache with derived structures (which this
+    /// would leave stale: fill such a cache through a decoder's `append`), or a failed copy.
     pub fn upload(&mut self, stream: &Arc<CudaStream>, k: &[T], v: &[T]) -> Result<()> {
+        if self.derived_kinds() != DerivedKinds::default() {
+            return Err(Error::Parameter(
+                "upload would leave the cache's Quest or 4-bit metadata stale; use append".into(),
+            ));
+        }
         for (what, data) in [("K", k), ("V", v)] {
             if data.len() != self.shape.elements() {
                 return Err(Error::shape(

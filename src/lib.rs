@@ -7,13 +7,16 @@
 // Lets `#[twilight_kernel]` expand to `::twilight::...` paths inside this crate too.
 extern crate self as twilight;
 
+mod append;
 pub mod bench;
 pub mod decoder;
 pub mod element;
 pub mod error;
+pub mod generator;
 pub mod kv_cache;
 pub mod page_table;
 pub mod reference;
+pub mod sparse;
 pub mod synthetic;
 pub mod variant;
 
@@ -26,7 +29,8 @@ pub use twilight_macros::twilight_kernel;
 pub use decoder::{DecodeOutput, DenseDecoder, SplitPlan, Workspace};
 pub use element::KvElement;
 pub use error::{Error, Result};
-pub use kv_cache::{PagedKvCache, RequestId};
+pub use kv_cache::{Derived, DerivedKinds, PagedKvCache, RequestId};
 pub use page_table::{HostPageTable, PageTable};
 pub use reference::CacheShape;
+pub use sparse::{SparseDecoder, SparseOutput, SparseParams, SparsePlan, SparseWorkspace};
 pub use variant::{declared_variants, DeclaredVariant, Variant};

@@ -89,6 +89,23 @@ impl SyntheticStep {
         }
     }
 
+    /// The K and V rows of request `b`, `[tokens, num_kv_heads, head_dim]` in token order: what
+    /// an engine would hand to `append` to build the same cache.
+    pub fn request_rows<T: KvElement>(&self, b: usize) -> (Vec<T>, Vec<T>) {
+        let len = self.table.len_of(b);
+        let row = self.shape.num_kv_heads * self.shape.head_dim;
+        let (mut k, mut v) = (Vec::with_capacity(len * row), Vec::with_capacity(len * row));
+        let kv = self.kv();
+        for t in 0..len {
+            let slot = self.table.slot(b, t);
+            for h in 0..self.shape.num_kv_heads {
+                k.extend(kv.k_row(slot, h).iter().map(|&x| T::from_f32(x)));
+                v.extend(kv.v_row(slot, h).iter().map(|&x| T::from_f32(x)));
+            }
+        }
+        (k, v)
+    }
+
     /// Converts f32 values to the storage type (exact: they were rounded at creation).
     pub fn to_elements<T: KvElement>(values: &[f32]) -> Vec<T> {
         values.iter().map(|&x| T::from_f32(x)).collect()

@@ -198,34 +198,17 @@ fn run_gpu<T: KvElement>(
         ..step.shape
     };
     let mut cache = PagedKvCache::<T>::new(stream, shape)?;
-    let kv = step.kv();
     let mut ids = Vec::new();
     let append_start = Instant::now();
     let mut tokens = 0;
     for b in 0..step.table.batch() {
         let id = cache.add_request();
         ids.push(id);
-        let len = step.table.len_of(b);
-        let mut k_rows = Vec::with_capacity(len * shape.num_kv_heads * shape.head_dim);
-        let mut v_rows = Vec::with_capacity(k_rows.capacity());
-        for t in 0..len {
-            for h in 0..shape.num_kv_heads {
-                k_rows.extend(
-                    kv.k_row(step.table.slot(b, t), h)
-                        .iter()
-                        .map(|&x| T::from_f32(x)),
-                );
-                v_rows.extend(
-                    kv.v_row(step.table.slot(b, t), h)
-                        .iter()
-                        .map(|&x| T::from_f32(x)),
-                );
-            }
-        }
+        let (k_rows, v_rows) = step.request_rows::<T>(b);
         let k_new = stream.clone_htod(&k_rows)?;
         let v_new = stream.clone_htod(&v_rows)?;
-        decoder.append(&mut cache, &[(id, len)], &k_new, &v_new)?;
-        tokens += len;
+        decoder.append(&mut cache, &[(id, step.table.len_of(b))], &k_new, &v_new)?;
+        tokens += step.table.len_of(b);
     }
     stream.synchronize()?;
     println!(

@@ -18,12 +18,22 @@ use crate::env::JitEnv;
 use crate::spec::{KvLayout, Pruning, Selector, VariantSpec};
 
 /// One kernel entry of a variant's program.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Stage {
-    /// Writes new tokens into their slots of the paged cache.
+    /// Writes new tokens into their slots, with the variant's derived structures.
     Append,
-    /// Attention over every token of each request (selector `full`, pruning `none`).
-    DecodeDense,
+    /// Quest: an upper bound of q.k per page.
+    QuestScore,
+    /// Quest: the budget's best pages, plus the last page.
+    QuestSelect,
+    /// Top-p: estimated logits of the candidates from the 4-bit K.
+    Estimate,
+    /// Top-p: the exact threshold weight per query head.
+    Threshold,
+    /// The kept candidates of each (request, KV head) as a list of token slots.
+    Compact,
+    /// Attention: over every token (dense variants) or over the kept list (sparse ones).
+    Attend,
     /// Merges split-KV partial outputs by (o, lse).
     Merge,
 }
@@ -33,78 +43,66 @@ impl Stage {
     pub fn suffix(self) -> &'static str {
         match self {
             Stage::Append => "append",
-            Stage::DecodeDense => "decode",
+            Stage::QuestScore => "quest_score",
+            Stage::QuestSelect => "quest_select",
+            Stage::Estimate => "estimate",
+            Stage::Threshold => "threshold",
+            Stage::Compact => "compact",
+            Stage::Attend => "attend",
             Stage::Merge => "merge",
         }
     }
 
-    fn template(self) -> &'static str {
+    /// The template file holding the stage's entry (several stages may share one).
+    pub fn template(self) -> &'static str {
         match self {
             Stage::Append => "append.cu.tera",
-            Stage::DecodeDense => "decode_dense.cu.tera",
+            Stage::QuestScore | Stage::QuestSelect => "quest.cu.tera",
+            Stage::Estimate | Stage::Threshold | Stage::Compact => "prune.cu.tera",
+            Stage::Attend => "attend.cu.tera",
             Stage::Merge => "merge.cu.tera",
         }
     }
 }
 
 /// Headers in dependency order, prepended to every program.
-const HEADERS: [&str; 8] = [
+const HEADERS: [&str; 10] = [
     "common.cuh",
     "dtype.cuh",
     "vec.cuh",
     "reduce.cuh",
     "paging.cuh",
     "append.cuh",
-    "decode_dense.cuh",
+    "attend.cuh",
     "merge.cuh",
+    "quest.cuh",
+    "prune.cuh",
 ];
 
+/// Embeds template files, given relative to `templates/`, with their paths.
+macro_rules! embed {
+    ($($path:literal),* $(,)?) => {
+        [$(($path, include_str!(concat!("../../templates/", $path)))),*]
+    };
+}
+
 /// Every template file, relative to `templates/`, with its embedded text.
-const EMBEDDED: [(&str, &str); 11] = [
-    (
-        "include/twilight/common.cuh",
-        include_str!("../../templates/include/twilight/common.cuh"),
-    ),
-    (
-        "include/twilight/dtype.cuh",
-        include_str!("../../templates/include/twilight/dtype.cuh"),
-    ),
-    (
-        "include/twilight/vec.cuh",
-        include_str!("../../templates/include/twilight/vec.cuh"),
-    ),
-    (
-        "include/twilight/reduce.cuh",
-        include_str!("../../templates/include/twilight/reduce.cuh"),
-    ),
-    (
-        "include/twilight/paging.cuh",
-        include_str!("../../templates/include/twilight/paging.cuh"),
-    ),
-    (
-        "include/twilight/append.cuh",
-        include_str!("../../templates/include/twilight/append.cuh"),
-    ),
-    (
-        "include/twilight/decode_dense.cuh",
-        include_str!("../../templates/include/twilight/decode_dense.cuh"),
-    ),
-    (
-        "include/twilight/merge.cuh",
-        include_str!("../../templates/include/twilight/merge.cuh"),
-    ),
-    (
-        "append.cu.tera",
-        include_str!("../../templates/append.cu.tera"),
-    ),
-    (
-        "decode_dense.cu.tera",
-        include_str!("../../templates/decode_dense.cu.tera"),
-    ),
-    (
-        "merge.cu.tera",
-        include_str!("../../templates/merge.cu.tera"),
-    ),
+const EMBEDDED: [(&str, &str); 15] = embed![
+    "include/twilight/common.cuh",
+    "include/twilight/dtype.cuh",
+    "include/twilight/vec.cuh",
+    "include/twilight/reduce.cuh",
+    "include/twilight/paging.cuh",
+    "include/twilight/append.cuh",
+    "include/twilight/attend.cuh",
+    "include/twilight/merge.cuh",
+    "include/twilight/quest.cuh",
+    "include/twilight/prune.cuh",
+    "append.cu.tera",
+    "attend.cu.tera",
+    "merge.cu.tera",
+    "quest.cu.tera",
+    "prune.cu.tera",
 ];
 
 /// Where template text comes from.
@@ -182,6 +180,10 @@ pub struct Tiling {
     pub decode_unroll: u32,
     pub merge_threads: u32,
     pub append_threads: u32,
+    pub select_threads: u32,
+    pub estimate_threads: u32,
+    pub threshold_threads: u32,
+    pub compact_threads: u32,
 }
 
 impl Tiling {
@@ -193,6 +195,10 @@ impl Tiling {
             decode_unroll: if spec.group_size >= 8 { 2 } else { 4 },
             merge_threads: spec.head_dim.min(128),
             append_threads: 128,
+            select_threads: 256,
+            estimate_threads: 128,
+            threshold_threads: 512,
+            compact_threads: 256,
         }
     }
 
@@ -212,6 +218,15 @@ struct KernelContext<'a> {
     group_size: u32,
     /// `true` for the `hnd` layout, as a C++ literal.
     hnd: &'static str,
+    /// Attention over every token of the request (selector `full`, pruning `none`).
+    dense: bool,
+    /// The append maintains Quest's page min/max.
+    quest: bool,
+    /// The append maintains the 4-bit K (the top-p pruner reads it).
+    quant4: bool,
+    top_p: bool,
+    /// Candidates come from a selector's page list rather than every page.
+    selected: bool,
     #[serde(flatten)]
     tiling: Tiling,
 }
@@ -241,15 +256,24 @@ pub fn stages_of(spec: &VariantSpec) -> Result<Vec<Stage>, RenderError> {
         variant: spec.name(),
         what,
     };
+    use Stage::*;
+    let mut stages = match spec.selector {
+        Selector::Full => vec![Append],
+        Selector::Quest => vec![Append, QuestScore, QuestSelect],
+        Selector::DoubleSparse { .. } => {
+            return Err(unsupported(format!(
+                "selector `{}`",
+                spec.selector.declared()
+            )))
+        }
+    };
     match (spec.selector, spec.pruning) {
-        (Selector::Full, Pruning::None) => {
-            Ok(vec![Stage::Append, Stage::DecodeDense, Stage::Merge])
-        }
-        (selector, Pruning::None) => {
-            Err(unsupported(format!("selector `{}`", selector.declared())))
-        }
-        (_, pruning) => Err(unsupported(format!("pruning `{}`", pruning.declared()))),
+        (Selector::Full, Pruning::None) => {}
+        (_, Pruning::None) => stages.push(Compact),
+        (_, Pruning::TopP) => stages.extend([Estimate, Threshold, Compact]),
     }
+    stages.extend([Attend, Merge]);
+    Ok(stages)
 }
 
 /// Renders a variant with the templates of [`TemplateSource::from_env`].
@@ -282,6 +306,11 @@ pub fn render_with(
             KvLayout::Hnd => "true",
             KvLayout::Nhd => "false",
         },
+        dense: spec.selector == Selector::Full && spec.pruning == Pruning::None,
+        quest: spec.selector == Selector::Quest,
+        quant4: spec.pruning == Pruning::TopP,
+        top_p: spec.pruning == Pruning::TopP,
+        selected: spec.selector == Selector::Quest,
         tiling,
     };
     let template_error = |template: &str, message: String| RenderError::Template {
@@ -316,8 +345,13 @@ pub fn render_with(
         let _ = writeln!(source, "\n#line 1 \"twilight/{header}\"");
         source.push_str(&templates.read(&path)?);
     }
+    let mut templates_used: Vec<&str> = Vec::new();
     for stage in &stages {
         let template = stage.template();
+        if templates_used.contains(&template) {
+            continue;
+        }
+        templates_used.push(template);
         let text = templates.read(template)?;
         let mut tera = tera::Tera::default();
         tera.autoescape_on(Vec::<&str>::new());

@@ -222,8 +222,9 @@ fn prepare_refuses_invalid_and_unsupported_specs() {
         }
         other => panic!("expected a spec error, got {other:?}"),
     }
+    // Double Sparsity validates but has no kernels yet.
     let sparse = VariantSpec {
-        selector: Selector::Quest,
+        selector: Selector::DoubleSparse { channels: 32 },
         pruning: Pruning::TopP,
         ..spec()
     };

@@ -1,26 +1,93 @@
-// Append of new tokens to the paged cache. Each new token comes with its destination slot
-// (page * PAGE_SIZE + offset), chosen by the host-side page allocator, so one launch serves
-// decode (one token per request) and prefill (many per request, pages partly full) alike.
+// Append of new tokens to the paged cache, and of everything derived from K that the variant
+// reads, in one launch. The host groups the new tokens by destination page into jobs
+// {page, first_offset, count, src_row}: the `count` tokens starting at row `src_row` of k_new/v_new
+// land at offsets first_offset.. of `page`. One block owns one page, so the page's Quest min/max
+// can be updated without atomics, from its old value when the page already held tokens.
 
-template <typename T, int HEAD_DIM, int PAGE_SIZE, bool HND>
-TW_DEVICE void tw_append_kv(const T* __restrict__ k_new, const T* __restrict__ v_new, const int* __restrict__ slots,
-                            T* __restrict__ k_cache, T* __restrict__ v_cache, int num_tokens, int num_kv_heads) {
-  typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM> layout;
-  constexpr int TX = HEAD_DIM / 8;
-  const int token = blockIdx.x;
-  if (token >= num_tokens) return;
-  const int slot = slots[token];
-  const int page = slot / PAGE_SIZE;
-  const int offset = slot % PAGE_SIZE;
-  for (int e = threadIdx.x; e < num_kv_heads * TX; e += blockDim.x) {
-    const int head = e / TX;
-    const int lane = e % TX;
-    const tw_i64 src = (tw_i64(token) * num_kv_heads + head) * HEAD_DIM + lane * 8;
-    const tw_i64 dst = layout::offset(page, head, offset, num_kv_heads) + lane * 8;
-    tw_vec8<T> packet;
-    packet.load(k_new + src);
-    packet.store(k_cache + dst);
-    packet.load(v_new + src);
-    packet.store(v_cache + dst);
+template <typename T, int HEAD_DIM, int PAGE_SIZE, bool HND, bool QUEST, bool QUANT4, int THREADS>
+struct tw_append {
+  static constexpr int TX = HEAD_DIM / 8;
+  static constexpr int WARPS = THREADS / 32;
+  static constexpr int PER_LANE = HEAD_DIM / 32;  // channels per lane when a warp owns a row
+  typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM> kv_layout;
+  typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM / 2> q4_layout;  // bytes: two codes each
+  typedef tw_paged_layout<HND, PAGE_SIZE, 2> scale_layout;           // (scale, min) pairs
+
+  TW_DEVICE static void run(const T* __restrict__ k_new, const T* __restrict__ v_new, const int* __restrict__ jobs,
+                            T* __restrict__ k_cache, T* __restrict__ v_cache, T* __restrict__ page_max,
+                            T* __restrict__ page_min, unsigned char* __restrict__ k_q4,
+                            half* __restrict__ k_q4_scale_min, int num_jobs, int num_kv_heads) {
+    const int job_id = blockIdx.x;
+    if (job_id >= num_jobs) return;
+    const int page = jobs[4 * job_id];
+    const int first = jobs[4 * job_id + 1];
+    const int count = jobs[4 * job_id + 2];
+    const int src_row = jobs[4 * job_id + 3];
+
+    for (int e = threadIdx.x; e < count * num_kv_heads * TX; e += THREADS) {
+      const int i = e / (num_kv_heads * TX);
+      const int head = e / TX % num_kv_heads;
+      const int lane = e % TX;
+      const tw_i64 src = (tw_i64(src_row + i) * num_kv_heads + head) * HEAD_DIM + lane * 8;
+      const tw_i64 dst = kv_layout::offset(page, head, first + i, num_kv_heads) + lane * 8;
+      tw_vec8<T> packet;
+      packet.load(k_new + src);
+      packet.store(k_cache + dst);
+      packet.load(v_new + src);
+      packet.store(v_cache + dst);
+    }
+
+    if (QUANT4) {
+      // One warp per (token, head) row: asymmetric 4-bit codes with the row's own scale and min.
+      const int warp = threadIdx.x / 32;
+      const int lane = threadIdx.x % 32;
+      for (int row = warp; row < count * num_kv_heads; row += WARPS) {
+        const int i = row / num_kv_heads;
+        const int head = row % num_kv_heads;
+        const T* src = k_new + (tw_i64(src_row + i) * num_kv_heads + head) * HEAD_DIM + lane * PER_LANE;
+        float x[PER_LANE];
+        float lo = 3.402823466e38f, hi = -3.402823466e38f;
+#pragma unroll
+        for (int j = 0; j < PER_LANE; ++j) {
+          x[j] = tw_to_float(src[j]);
+          lo = fminf(lo, x[j]);
+          hi = fmaxf(hi, x[j]);
+        }
+        lo = -tw_group_max<32>(-lo);
+        hi = tw_group_max<32>(hi);
+        const float scale = fmaxf(hi - lo, 1e-6f) / 15.f;
+        unsigned char* dst = k_q4 + q4_layout::offset(page, head, first + i, num_kv_heads) + lane * (PER_LANE / 2);
+#pragma unroll
+        for (int j = 0; j < PER_LANE; j += 2) {
+          const float c0 = fminf(fmaxf(roundf((x[j] - lo) / scale), 0.f), 15.f);
+          const float c1 = fminf(fmaxf(roundf((x[j + 1] - lo) / scale), 0.f), 15.f);
+          dst[j / 2] = (unsigned char)(int(c0) | (int(c1) << 4));
+        }
+        if (lane == 0) {
+          half* sm = k_q4_scale_min + scale_layout::offset(page, head, first + i, num_kv_heads);
+          sm[0] = __float2half_rn(scale);
+          sm[1] = __float2half_rn(lo);
+        }
+      }
+    }
+
+    if (QUEST) {
+      // Element-wise max/min over the page's valid tokens: the old bound (if the page held
+      // tokens) merged with the new rows, read from k_new rather than the cache just written.
+      for (int e = threadIdx.x; e < num_kv_heads * HEAD_DIM; e += THREADS) {
+        const int head = e / HEAD_DIM;
+        const int d = e % HEAD_DIM;
+        const tw_i64 meta = (tw_i64(page) * num_kv_heads + head) * HEAD_DIM + d;
+        float mx = first > 0 ? tw_to_float(page_max[meta]) : -3.402823466e38f;
+        float mn = first > 0 ? tw_to_float(page_min[meta]) : 3.402823466e38f;
+        for (int i = 0; i < count; ++i) {
+          const float x = tw_to_float(k_new[(tw_i64(src_row + i) * num_kv_heads + head) * HEAD_DIM + d]);
+          mx = fmaxf(mx, x);
+          mn = fminf(mn, x);
+        }
+        page_max[meta] = tw_from_float<T>(mx);
+        page_min[meta] = tw_from_float<T>(mn);
+      }
+    }
   }
-}
+};

@@ -1,7 +1,13 @@
 //! The variants whose rendered source is snapshotted and compiled in tests: every dtype,
-//! layout, head_dim and several group and page sizes.
+//! layout, head_dim, selector with kernels and pruning mode, and several group and page sizes.
 
-use twilight_jit::{Dtype, KvLayout, VariantSpec};
+use twilight_jit::{Dtype, KvLayout, Pruning, Selector, VariantSpec};
+
+fn sparse(mut spec: VariantSpec, selector: Selector, pruning: Pruning) -> VariantSpec {
+    spec.selector = selector;
+    spec.pruning = pruning;
+    spec
+}
 
 pub fn snapshot_variants() -> Vec<VariantSpec> {
     use Dtype::*;
@@ -16,5 +22,8 @@ pub fn snapshot_variants() -> Vec<VariantSpec> {
         VariantSpec::dense(16, 128, F16, 1, Nhd),
         VariantSpec::dense(64, 128, Bf16, 2, Hnd),
         VariantSpec::dense(1, 128, F16, 8, Hnd),
+        sparse(VariantSpec::dense(16, 128, F16, 4, Hnd), Selector::Quest, Pruning::TopP),
+        sparse(VariantSpec::dense(64, 64, Bf16, 2, Nhd), Selector::Quest, Pruning::None),
+        sparse(VariantSpec::dense(1, 256, F16, 8, Nhd), Selector::Full, Pruning::TopP),
     ]
 }

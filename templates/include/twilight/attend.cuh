@@ -1,12 +1,33 @@
-// Dense paged decode attention: one query token per request, attending to every token of the
-// request. A block serves all GROUP query heads of one KV head over one chunk of the request's
-// tokens, so each K and V row is read once for the whole group. Within the block, TX lanes
+// Decode attention: one query token per request, attending to a list of the request's tokens
+// (all of them for dense decode, the kept ones for sparse). A block serves all GROUP query heads
+// of one KV head over one chunk of the list, so each K and V row is read once for the whole
+// group. Within the block, TX lanes
 // share a token row (8 channels each, one 16-byte load), ROWS rows stream different tokens and
 // keep their own online-softmax state, merged through shared memory at the end. A request
 // longer than one chunk is split over blocks (flash-decoding) and merged by tw_merge_states.
 
+// Every token of a request, in order, through the page table.
+template <int PAGE_SIZE>
+struct tw_request_tokens {
+  const int* pages;
+  int len;
+  TW_DEVICE tw_request_tokens(const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len, int request)
+      : pages(kv_indices + kv_indptr[request]),
+        len(tw_request_len(kv_indptr, kv_last_page_len, request, PAGE_SIZE)) {}
+  TW_DEVICE int length() const { return len; }
+  TW_DEVICE int slot(int t) const { return pages[t / PAGE_SIZE] * PAGE_SIZE + t % PAGE_SIZE; }
+};
+
+// An explicit list of token slots (page * PAGE_SIZE + offset), e.g. the kept tokens of a head.
+struct tw_listed_tokens {
+  const int* slots;
+  int len;
+  TW_DEVICE int length() const { return len; }
+  TW_DEVICE int slot(int t) const { return slots[t]; }
+};
+
 template <typename T, int HEAD_DIM, int PAGE_SIZE, int GROUP, bool HND, int BLOCK_THREADS, int UNROLL>
-struct tw_dense_decode {
+struct tw_attend {
   static constexpr int VEC = 8;
   static constexpr int TX = HEAD_DIM / VEC;
   static constexpr int ROWS = BLOCK_THREADS / TX;
@@ -23,23 +44,32 @@ struct tw_dense_decode {
 
   // q: [batch, num_qo_heads, HEAD_DIM]. With num_chunks == 1 the block writes o and lse
   // directly; otherwise it writes its normalized partial output and lse for the merge.
+  template <typename Tokens>
   TW_DEVICE static void run(const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
-                            const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices,
-                            const int* __restrict__ kv_last_page_len, T* __restrict__ o, float* __restrict__ lse,
+                            const Tokens& tokens, T* __restrict__ o, float* __restrict__ lse,
                             float* __restrict__ partial_o, float* __restrict__ partial_lse, int num_kv_heads,
                             int chunk_tokens, int num_chunks, float sm_scale, shared_state& smem) {
     const int chunk = blockIdx.x;
     const int kv_head = blockIdx.y;
     const int request = blockIdx.z;
-    const int len = tw_request_len(kv_indptr, kv_last_page_len, request, PAGE_SIZE);
+    const int len = tokens.length();
     const int begin = chunk * chunk_tokens;
-    // Grids are sized from an upper bound of the lengths: chunks past this request's end idle.
-    if (begin >= len) return;
+    // Grids are sized from an upper bound of the lengths: chunks past this list's end idle.
+    if (begin >= len) {
+      if (len == 0 && num_chunks == 1) {  // nothing to attend: o = 0, lse = -inf
+        const int num_qo_heads = num_kv_heads * GROUP;
+        for (int e = threadIdx.x; e < GROUP * HEAD_DIM; e += BLOCK_THREADS) {
+          const tw_i64 head = tw_i64(request) * num_qo_heads + kv_head * GROUP + e / HEAD_DIM;
+          o[head * HEAD_DIM + e % HEAD_DIM] = tw_from_float<T>(0.f);
+          if (e % HEAD_DIM == 0) lse[head] = tw_neg_inf();
+        }
+      }
+      return;
+    }
     const int end = min(len, begin + chunk_tokens);
     const int tx = threadIdx.x % TX;
     const int row = threadIdx.x / TX;
     const int num_qo_heads = num_kv_heads * GROUP;
-    const int* pages = kv_indices + kv_indptr[request];
 
     // Scores are kept in base 2: q is pre-scaled by sm_scale * log2(e).
     const float q_scale = sm_scale * TW_LOG2E;
@@ -71,7 +101,8 @@ struct tw_dense_decode {
         const int t = base + j * ROWS + row;
         valid[j] = t < end;
         if (valid[j]) {
-          const tw_i64 at = layout::offset(pages[t / PAGE_SIZE], kv_head, t % PAGE_SIZE, num_kv_heads) + tx * VEC;
+          const int slot = tokens.slot(t);
+          const tw_i64 at = layout::offset(slot / PAGE_SIZE, kv_head, slot % PAGE_SIZE, num_kv_heads) + tx * VEC;
           k_packet[j].load_stream(k_cache + at);
           v_packet[j].load_stream(v_cache + at);
         } else {

@@ -1,0 +1,190 @@
+//! Twilight's top-p pruner on the CPU.
+//!
+//! For one query head over a candidate list: estimated logits `sm_scale * sum_d q[d] *
+//! dequant(k)[d]` (f64 accumulation of the f32 values, in channel order), weights = softmax
+//! over the candidates only (f64). The kept set: sort the weights in descending order, take
+//! the shortest prefix whose running sum (in that order, f64) is at least `p`; its last weight
+//! is the threshold `w*`; keep every candidate whose weight is `>= w*` (so every weight tied
+//! with the threshold is kept, and nothing else). `p >= 1` keeps every candidate (the
+//! threshold is then the smallest weight), as does a `p` the running sum never reaches.
+
+use crate::error::{Error, Result};
+use crate::reference::quant::Quant4Cache;
+
+/// The outcome of top-p for one query head: the kept candidate indices (ascending), every
+/// candidate's estimated weight, and the threshold weight.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TopP {
+    pub kept: Vec<usize>,
+    pub weights: Vec<f64>,
+    pub threshold: f64,
+}
+
+/// Checks that `p` is in (0, 1].
+///
+/// # Errors
+/// [`Error::Parameter`] otherwise (NaN included).
+pub fn check_p(p: f64) -> Result<()> {
+    if p > 0.0 && p <= 1.0 {
+        Ok(())
+    } else {
+        Err(Error::Parameter(format!(
+            "top-p threshold p = {p} is outside (0, 1]"
+        )))
+    }
+}
+
+/// Softmax in f64: `exp(x - max) / sum`, the sum taken in list order. Empty in, empty out.
+pub fn softmax(logits: &[f64]) -> Vec<f64> {
+    let max = logits.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let e: Vec<f64> = logits.iter().map(|&x| (x - max).exp()).collect();
+    let denom: f64 = e.iter().sum();
+    e.into_iter().map(|x| x / denom).collect()
+}
+
+/// The threshold weight `w*` of top-p over `weights` (see the module documentation). An empty
+/// list has threshold `+inf` (nothing kept).
+///
+/// # Errors
+/// `p` outside (0, 1].
+pub fn top_p_threshold(weights: &[f64], p: f64) -> Result<f64> {
+    check_p(p)?;
+    let mut sorted = weights.to_vec();
+    sorted.sort_by(|a, b| b.total_cmp(a));
+    let Some(&smallest) = sorted.last() else {
+        return Ok(f64::INFINITY);
+    };
+    if p >= 1.0 {
+        return Ok(smallest);
+    }
+    let mut acc = 0f64;
+    for &w in &sorted {
+        acc += w;
+        if acc >= p {
+            return Ok(w);
+        }
+    }
+    Ok(smallest)
+}
+
+/// Top-p over given weights: the kept indices (ascending) and the threshold.
+///
+/// # Errors
+/// `p` outside (0, 1].
+pub fn top_p_keep(weights: &[f64], p: f64) -> Result<(Vec<usize>, f64)> {
+    let threshold = top_p_threshold(weights, p)?;
+    let kept = (0..weights.len())
+        .filter(|&i| weights[i] >= threshold)
+        .collect();
+    Ok((kept, threshold))
+}
+
+/// The estimated logit of each candidate slot for query row `q` through KV head `kv_head`:
+/// `sm_scale * sum_d q[d] * dequant[d]`, accumulated in f64 in channel order.
+pub fn estimated_logits(
+    q: &[f32],
+    quant: &Quant4Cache,
+    kv_head: usize,
+    candidates: &[usize],
+    sm_scale: f64,
+) -> Vec<f64> {
+    let mut row = vec![0f32; quant.shape.head_dim];
+    candidates
+        .iter()
+        .map(|&slot| {
+            quant.dequantize(slot, kv_head, &mut row);
+            sm_scale * dot(q, &row)
+        })
+        .collect()
+}
+
+/// `sum_d a[d] * b[d]` in f64, in order.
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+/// Top-p for one query head over candidate slots, with the 4-bit estimate of K.
+///
+/// # Errors
+/// `p` outside (0, 1].
+pub fn top_p_head(
+    q: &[f32],
+    quant: &Quant4Cache,
+    kv_head: usize,
+    candidates: &[usize],
+    sm_scale: f64,
+    p: f64,
+) -> Result<TopP> {
+    let weights = softmax(&estimated_logits(q, quant, kv_head, candidates, sm_scale));
+    let (kept, threshold) = top_p_keep(&weights, p)?;
+    Ok(TopP {
+        kept,
+        weights,
+        threshold,
+    })
+}
+
+/// The group's kept set: a candidate index is kept when any head keeps it. Ascending.
+pub fn group_union<'a>(
+    heads: impl IntoIterator<Item = &'a [usize]>,
+    candidates: usize,
+) -> Vec<usize> {
+    let mut mask = vec![false; candidates];
+    for kept in heads {
+        for &i in kept {
+            mask[i] = true;
+        }
+    }
+    (0..candidates).filter(|&i| mask[i]).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ties_at_the_threshold_are_all_kept() {
+        let w = [0.3, 0.4, 0.3];
+        // 0.4 < 0.5, 0.4 + 0.3 >= 0.5: w* = 0.3, and both 0.3s are kept.
+        assert_eq!(top_p_keep(&w, 0.5).unwrap(), (vec![0, 1, 2], 0.3));
+        // 0.4 >= 0.4: one is enough.
+        assert_eq!(top_p_keep(&w, 0.4).unwrap(), (vec![1], 0.4));
+        assert_eq!(top_p_keep(&w, 1.0).unwrap(), (vec![0, 1, 2], 0.3));
+        // Below the largest weight: still the largest.
+        assert_eq!(top_p_keep(&w, 1e-9).unwrap(), (vec![1], 0.4));
+    }
+
+    #[test]
+    fn nothing_beyond_the_minimal_set() {
+        let w = [0.1, 0.5, 0.25, 0.15];
+        // 0.5 + 0.25 = 0.75 >= 0.7: keep {1, 2}; 0.15 and 0.1 are below w* = 0.25.
+        assert_eq!(top_p_keep(&w, 0.7).unwrap(), (vec![1, 2], 0.25));
+        assert_eq!(top_p_keep(&w, 0.75).unwrap(), (vec![1, 2], 0.25));
+        assert_eq!(top_p_keep(&w, 0.76).unwrap(), (vec![1, 2, 3], 0.15));
+    }
+
+    #[test]
+    fn p_one_keeps_all_even_if_the_sum_falls_short() {
+        // Weights that sum to less than 1 in f64.
+        let w = [0.1; 9];
+        assert!(w.iter().sum::<f64>() < 1.0);
+        assert_eq!(top_p_keep(&w, 1.0).unwrap().0.len(), 9);
+        assert_eq!(top_p_keep(&w, 0.95).unwrap().0.len(), 9);
+    }
+
+    #[test]
+    fn bad_p_is_an_error() {
+        for p in [0.0, -0.1, 1.0001, f64::NAN] {
+            assert!(top_p_keep(&[1.0], p).is_err(), "{p}");
+        }
+        assert_eq!(top_p_keep(&[], 0.5).unwrap().0, Vec::<usize>::new());
+    }
+
+    #[test]
+    fn softmax_and_union() {
+        let w = softmax(&[0.0, 2f64.ln()]);
+        assert!((w[0] - 1.0 / 3.0).abs() < 1e-15 && (w[1] - 2.0 / 3.0).abs() < 1e-15);
+        let (a, b) = ([0usize, 3], [3usize, 1]);
+        assert_eq!(group_union([&a[..], &b[..]], 5), vec![0, 1, 3]);
+    }
+}

@@ -1,0 +1,595 @@
+//! The Select-then-Prune decode step on the GPU: a base selector (`quest`, or `full`), the
+//! top-p pruner over a 4-bit estimate of K (or `none`), and exact attention over what is kept.
+//!
+//! Launches per step: Quest score and select (quest only), estimate and threshold (top_p only),
+//! compaction into kept lists, attention, and the split-KV merge when a list is split. Every
+//! grid is sized from host-side bounds (the longest request, B0), idle blocks exit early, and
+//! nothing is read back, so a step can be captured in a CUDA graph and replayed.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use twilight_jit::{Jit, LoadedProgram, Pruning, Selector, Stage, VariantSpec};
+
+use crate::decoder::{check_step_inputs, ensure_len};
+use crate::element::KvElement;
+use crate::error::{Error, Result};
+use crate::kv_cache::{DerivedKinds, PagedKvCache, RequestId};
+use crate::page_table::PageTable;
+
+/// The parameters of a sparse step.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SparseParams {
+    /// B0: the selector's token budget per (request, KV head).
+    pub budget: usize,
+    /// Top-p threshold in (0, 1]: the share of the candidates' estimated mass to keep.
+    pub p: f32,
+    /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
+    pub sm_scale: Option<f32>,
+}
+
+impl SparseParams {
+    /// # Errors
+    /// [`Error::Parameter`] for B0 = 0, p outside (0, 1], or a non-finite or non-positive
+    /// sm_scale.
+    pub fn validate(&self) -> Result<()> {
+        if self.budget == 0 {
+            return Err(Error::Parameter(
+                "the token budget B0 must be at least 1".into(),
+            ));
+        }
+        if !(self.p > 0.0 && self.p <= 1.0) {
+            return Err(Error::Parameter(format!(
+                "p must be in (0, 1], got {}",
+                self.p
+            )));
+        }
+        if let Some(s) = self.sm_scale {
+            if !s.is_finite() || s <= 0.0 {
+                return Err(Error::Parameter(format!(
+                    "sm_scale must be finite and positive, got {s}"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Grid bounds of a step, all from host-side knowledge.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SparsePlan {
+    /// Pages of the longest request.
+    pub max_pages: usize,
+    /// ceil(B0 / page_size): pages the Quest selector keeps (the last page included).
+    pub budget_pages: usize,
+    /// Upper bound of candidates (and so of kept tokens) per (request, KV head).
+    pub max_cands: usize,
+    /// Tokens per attention block, and blocks per (request, KV head).
+    pub chunk_tokens: usize,
+    pub num_chunks: usize,
+}
+
+/// What a step returns: `o [batch, num_qo_heads, head_dim]`, `lse [batch, num_qo_heads]`, the
+/// kept count per (request, KV head) (the adaptive budget) and the kept token slots
+/// `[batch, num_kv_heads, max_cands]` (the first `kept_counts` of each row are valid).
+#[derive(Debug)]
+pub struct SparseOutput<T: KvElement> {
+    pub o: CudaSlice<T>,
+    pub lse: CudaSlice<f32>,
+    pub kept_counts: CudaSlice<i32>,
+    pub kept: CudaSlice<i32>,
+    /// The row length of `kept`.
+    pub max_cands: usize,
+}
+
+/// Scratch buffers of a step, reused across steps.
+#[derive(Debug, Default)]
+pub struct SparseWorkspace {
+    scores: Option<CudaSlice<f32>>,
+    selected: Option<CudaSlice<i32>>,
+    selected_count: Option<CudaSlice<i32>>,
+    logits: Option<CudaSlice<f32>>,
+    stats: Option<CudaSlice<f32>>,
+    partial_o: Option<CudaSlice<f32>>,
+    partial_lse: Option<CudaSlice<f32>>,
+}
+
+impl SparseWorkspace {
+    /// The Quest selection of the last step, copied to the host: the selected page positions
+    /// (rows of `budget_pages`, ascending) and their count per (request, KV head). `None` for
+    /// variants without a page selector. For tests and diagnostics; it synchronizes.
+    ///
+    /// # Errors
+    /// A failed copy.
+    pub fn selected_pages(&self, stream: &Arc<CudaStream>) -> Result<Option<(Vec<i32>, Vec<i32>)>> {
+        match (&self.selected, &self.selected_count) {
+            (Some(sel), Some(count)) => Ok(Some((
+                stream
+                    .clone_dtoh(sel)
+                    .map_err(|e| Error::driver("downloading selected pages", e))?,
+                stream
+                    .clone_dtoh(count)
+                    .map_err(|e| Error::driver("downloading selected counts", e))?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Blocks per SM the attention split aims for (as in dense decode).
+const TARGET_BLOCKS_PER_SM: usize = 8;
+/// Kept lists are short; below this a split costs more than it saves.
+const MIN_CHUNK_TOKENS: usize = 64;
+
+/// The sparse decode step of one variant on one stream.
+pub struct SparseDecoder {
+    spec: VariantSpec,
+    params: SparseParams,
+    stream: Arc<CudaStream>,
+    program: Arc<LoadedProgram>,
+    num_sms: usize,
+}
+
+impl std::fmt::Debug for SparseDecoder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparseDecoder")
+            .field("spec", &self.spec.name())
+            .field("params", &self.params)
+            .finish()
+    }
+}
+
+impl SparseDecoder {
+    /// Loads the kernels of a sparse variant (`quest` or `full` selector, `top_p` or `none`
+    /// pruning, not both `full` and `none`: that is [`crate::DenseDecoder`]).
+    ///
+    /// # Errors
+    /// Bad parameters, an unsupported variant, JIT or driver errors.
+    pub fn new(stream: Arc<CudaStream>, spec: VariantSpec, params: SparseParams) -> Result<Self> {
+        spec.validate()?;
+        params.validate()?;
+        if spec.selector == Selector::Full && spec.pruning == Pruning::None {
+            return Err(Error::Unsupported {
+                variant: spec.name(),
+                reason: "`full` with `none` is dense decode: use DenseDecoder".into(),
+            });
+        }
+        let jit = Jit::for_context(stream.context())?;
+        let program = jit.load(&spec)?;
+        let num_sms = stream
+            .context()
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| Error::driver("reading the SM count", e))? as usize;
+        Ok(SparseDecoder {
+            spec,
+            params,
+            stream,
+            program,
+            num_sms,
+        })
+    }
+
+    pub fn spec(&self) -> &VariantSpec {
+        &self.spec
+    }
+    pub fn params(&self) -> &SparseParams {
+        &self.params
+    }
+    pub fn program(&self) -> &Arc<LoadedProgram> {
+        &self.program
+    }
+
+    /// Changes B0, p or sm_scale; the kernels do not depend on them.
+    ///
+    /// # Errors
+    /// As [`SparseParams::validate`].
+    pub fn set_params(&mut self, params: SparseParams) -> Result<()> {
+        params.validate()?;
+        self.params = params;
+        Ok(())
+    }
+
+    /// Appends tokens and updates the metadata the variant reads (see
+    /// [`crate::DenseDecoder::append`]).
+    ///
+    /// # Errors
+    /// Shape, dtype or layout mismatches, a cache without the variant's metadata, a full
+    /// cache, driver errors.
+    pub fn append<T: KvElement>(
+        &self,
+        cache: &mut PagedKvCache<T>,
+        appends: &[(RequestId, usize)],
+        k_new: &CudaSlice<T>,
+        v_new: &CudaSlice<T>,
+    ) -> Result<()> {
+        crate::append::append(&self.stream, &self.program, cache, appends, k_new, v_new)
+    }
+
+    /// The bounds of a step over `batch` requests of at most `max_len` tokens.
+    pub fn plan(&self, batch: usize, num_kv_heads: usize, max_len: usize) -> SparsePlan {
+        let page_size = self.spec.page_size as usize;
+        let max_pages = max_len.div_ceil(page_size).max(1);
+        let budget_pages = self.params.budget.div_ceil(page_size);
+        let max_cands = match self.spec.selector {
+            Selector::Quest => budget_pages.min(max_pages) * page_size,
+            _ => max_pages * page_size,
+        };
+        let tile = self.program.tiling.decode_tile_tokens(self.spec.head_dim) as usize;
+        let pairs = (batch * num_kv_heads).max(1);
+        let wanted = (self.num_sms * TARGET_BLOCKS_PER_SM).div_ceil(pairs).max(1);
+        let chunk_tokens = max_cands
+            .div_ceil(wanted)
+            .max(MIN_CHUNK_TOKENS)
+            .next_multiple_of(tile);
+        SparsePlan {
+            max_pages,
+            budget_pages,
+            max_cands,
+            chunk_tokens,
+            num_chunks: max_cands.div_ceil(chunk_tokens).max(1),
+        }
+    }
+
+    /// Allocates outputs for a step over `table`.
+    ///
+    /// # Errors
+    /// A failed allocation.
+    pub fn alloc_output<T: KvElement>(
+        &self,
+        table: &PageTable,
+        num_kv_heads: usize,
+    ) -> Result<SparseOutput<T>> {
+        let plan = self.plan(table.batch(), num_kv_heads, table.max_len());
+        let heads = table.batch() * num_kv_heads * self.spec.group_size as usize;
+        let rows = table.batch() * num_kv_heads;
+        let alloc = |what: &str, e| Error::driver(format!("allocating {what}"), e);
+        Ok(SparseOutput {
+            o: self
+                .stream
+                .alloc_zeros::<T>(heads * self.spec.head_dim as usize)
+                .map_err(|e| alloc("o", e))?,
+            lse: self
+                .stream
+                .alloc_zeros::<f32>(heads)
+                .map_err(|e| alloc("lse", e))?,
+            kept_counts: self
+                .stream
+                .alloc_zeros::<i32>(rows)
+                .map_err(|e| alloc("kept counts", e))?,
+            kept: self
+                .stream
+                .alloc_zeros::<i32>(rows * plan.max_cands)
+                .map_err(|e| alloc("kept lists", e))?,
+            max_cands: plan.max_cands,
+        })
+    }
+
+    /// One step: allocates outputs and scratch, then [`SparseDecoder::run_into`].
+    ///
+    /// # Errors
+    /// As [`SparseDecoder::run_into`].
+    pub fn run<T: KvElement>(
+        &self,
+        q: &CudaSlice<T>,
+        cache: &PagedKvCache<T>,
+        table: &PageTable,
+    ) -> Result<SparseOutput<T>> {
+        let mut out = self.alloc_output(table, cache.shape().num_kv_heads)?;
+        self.run_into(q, cache, table, &mut out, &mut SparseWorkspace::default())?;
+        Ok(out)
+    }
+
+    /// One step into existing outputs. With a workspace already sized (after one step of the
+    /// same shape) it allocates and synchronizes nothing: it can be captured in a CUDA graph.
+    ///
+    /// # Errors
+    /// Mismatches between the variant, q, the cache (and its metadata), the table and the
+    /// outputs; driver errors.
+    pub fn run_into<T: KvElement>(
+        &self,
+        q: &CudaSlice<T>,
+        cache: &PagedKvCache<T>,
+        table: &PageTable,
+        out: &mut SparseOutput<T>,
+        workspace: &mut SparseWorkspace,
+    ) -> Result<()> {
+        self.run_instrumented(q, cache, table, out, workspace, &mut |_| Ok(()))
+    }
+
+    /// [`SparseDecoder::run_into`], calling `before` with each stage just before its launch and
+    /// with `None` after the last (to record CUDA events between stages, say).
+    ///
+    /// # Errors
+    /// As [`SparseDecoder::run_into`], or what `before` returns.
+    pub fn run_instrumented<T: KvElement>(
+        &self,
+        q: &CudaSlice<T>,
+        cache: &PagedKvCache<T>,
+        table: &PageTable,
+        out: &mut SparseOutput<T>,
+        workspace: &mut SparseWorkspace,
+        before: &mut dyn FnMut(Option<Stage>) -> Result<()>,
+    ) -> Result<()> {
+        let spec = &self.spec;
+        let (batch, num_kv_heads, num_qo_heads, sm_scale) =
+            check_step_inputs(spec, q, cache, table, self.params.sm_scale)?;
+        let needed = DerivedKinds::for_spec(spec);
+        let kept = cache.derived_kinds();
+        if (needed.quest && !kept.quest) || (needed.quant4 && !kept.quant4) {
+            return Err(Error::Parameter(format!(
+                "variant {spec} reads {needed:?} metadata but the cache keeps {kept:?}; create it with PagedKvCache::for_variant and fill it through append"
+            )));
+        }
+        let plan = self.plan(batch, num_kv_heads, table.max_len());
+        let rows = batch * num_kv_heads;
+        let head_dim = spec.head_dim as usize;
+        if out.o.len() != q.len() || out.lse.len() != batch * num_qo_heads {
+            return Err(Error::shape(
+                "o and lse",
+                format!("{} and {}", q.len(), batch * num_qo_heads),
+                format!("{} and {}", out.o.len(), out.lse.len()),
+            ));
+        }
+        if out.kept_counts.len() != rows
+            || out.max_cands != plan.max_cands
+            || out.kept.len() != rows * plan.max_cands
+        {
+            return Err(Error::shape(
+                "kept lists (allocate outputs with SparseDecoder::alloc_output for this table)",
+                format!("{rows} rows of {}", plan.max_cands),
+                format!("{} rows of {}", out.kept_counts.len(), out.max_cands),
+            ));
+        }
+        let quest = spec.selector == Selector::Quest;
+        let top_p = spec.pruning == Pruning::TopP;
+        let split = plan.num_chunks > 1;
+        let s = &self.stream;
+        if quest {
+            ensure_len(
+                s,
+                &mut workspace.scores,
+                rows * plan.max_pages,
+                "Quest scores",
+            )?;
+            ensure_len(
+                s,
+                &mut workspace.selected,
+                rows * plan.budget_pages,
+                "selected pages",
+            )?;
+            ensure_len(s, &mut workspace.selected_count, rows, "selected counts")?;
+        }
+        if top_p {
+            ensure_len(
+                s,
+                &mut workspace.logits,
+                batch * num_qo_heads * plan.max_cands,
+                "logits",
+            )?;
+            ensure_len(
+                s,
+                &mut workspace.stats,
+                batch * num_qo_heads * 2,
+                "top-p thresholds",
+            )?;
+        }
+        let partials = if split {
+            batch * num_qo_heads * plan.num_chunks
+        } else {
+            1
+        };
+        ensure_len(
+            s,
+            &mut workspace.partial_o,
+            partials * head_dim,
+            "partial o",
+        )?;
+        ensure_len(s, &mut workspace.partial_lse, partials, "partial lse")?;
+
+        let tiling = self.program.tiling;
+        let null: u64 = 0;
+        let (kvh_i, max_pages_i, budget_pages_i, max_cands_i) = (
+            num_kv_heads as i32,
+            plan.max_pages as i32,
+            plan.budget_pages as i32,
+            plan.max_cands as i32,
+        );
+        let (chunk_i, chunks_i, qo_i) = (
+            plan.chunk_tokens as i32,
+            plan.num_chunks as i32,
+            num_qo_heads as i32,
+        );
+        let (b, kvh, qo) = (batch as u32, num_kv_heads as u32, num_qo_heads as u32);
+        let ws = workspace;
+
+        if quest {
+            let derived = cache.derived();
+            let (Some(page_max), Some(page_min)) = (&derived.page_max, &derived.page_min) else {
+                unreachable!("checked above: the cache keeps Quest metadata");
+            };
+            let scores = ws.scores.as_mut().expect("ensured above");
+            before(Some(Stage::QuestScore))?;
+            let mut l = s.launch_builder(self.function(Stage::QuestScore)?);
+            l.arg(q)
+                .arg(page_max)
+                .arg(page_min)
+                .arg(&table.kv_indptr)
+                .arg(&table.kv_indices)
+                .arg(&mut *scores)
+                .arg(&kvh_i)
+                .arg(&max_pages_i);
+            let warps = tiling.select_threads / 32;
+            let grid_x = (plan.max_pages as u32).div_ceil(warps).max(1);
+            // SAFETY: matches `_quest_score` of quest.cu.tera; scores hold rows * max_pages
+            // entries and every request has at most max_pages pages (max_pages is derived from
+            // the table's longest request).
+            unsafe { l.launch(cfg((grid_x, kvh, b), tiling.select_threads)) }
+                .map_err(|e| Error::driver("launching quest_score", e))?;
+
+            before(Some(Stage::QuestSelect))?;
+            let selected = ws.selected.as_mut().expect("ensured above");
+            let selected_count = ws.selected_count.as_mut().expect("ensured above");
+            let mut l = s.launch_builder(self.function(Stage::QuestSelect)?);
+            l.arg(&*scores)
+                .arg(&table.kv_indptr)
+                .arg(&mut *selected)
+                .arg(&mut *selected_count)
+                .arg(&kvh_i)
+                .arg(&max_pages_i)
+                .arg(&budget_pages_i);
+            // SAFETY: matches `_quest_select`; selected holds rows * budget_pages entries and
+            // the kernel writes at most budget_pages per row.
+            unsafe { l.launch(cfg((kvh, b, 1), tiling.select_threads)) }
+                .map_err(|e| Error::driver("launching quest_select", e))?;
+        }
+
+        if top_p {
+            let derived = cache.derived();
+            let (Some(codes), Some(scales)) = (&derived.k_q4, &derived.k_q4_scale_min) else {
+                unreachable!("checked above: the cache keeps the 4-bit K");
+            };
+            before(Some(Stage::Estimate))?;
+            let logits = ws.logits.as_mut().expect("ensured above");
+            let mut l = s.launch_builder(self.function(Stage::Estimate)?);
+            l.arg(q).arg(codes).arg(scales);
+            push_candidates(
+                &mut l,
+                table,
+                ws.selected.as_ref(),
+                ws.selected_count.as_ref(),
+                &null,
+            );
+            l.arg(&mut *logits)
+                .arg(&kvh_i)
+                .arg(&budget_pages_i)
+                .arg(&max_cands_i)
+                .arg(&sm_scale);
+            let grid_x = (plan.max_cands as u32).div_ceil(tiling.estimate_threads);
+            // SAFETY: matches `_estimate` of prune.cu.tera; logits hold
+            // batch * num_qo_heads * max_cands entries and no row has more candidates.
+            unsafe { l.launch(cfg((grid_x, kvh, b), tiling.estimate_threads)) }
+                .map_err(|e| Error::driver("launching estimate", e))?;
+
+            before(Some(Stage::Threshold))?;
+            let stats = ws.stats.as_mut().expect("ensured above");
+            let mut l = s.launch_builder(self.function(Stage::Threshold)?);
+            l.arg(&*logits);
+            push_candidates(
+                &mut l,
+                table,
+                ws.selected.as_ref(),
+                ws.selected_count.as_ref(),
+                &null,
+            );
+            l.arg(&mut *stats)
+                .arg(&kvh_i)
+                .arg(&budget_pages_i)
+                .arg(&max_cands_i)
+                .arg(&self.params.p);
+            // SAFETY: matches `_threshold`; stats hold 2 floats per (request, qo head).
+            unsafe { l.launch(cfg((qo, b, 1), tiling.threshold_threads)) }
+                .map_err(|e| Error::driver("launching threshold", e))?;
+        }
+
+        before(Some(Stage::Compact))?;
+        let mut l = s.launch_builder(self.function(Stage::Compact)?);
+        match (&ws.logits, &ws.stats) {
+            (Some(logits), Some(stats)) if top_p => l.arg(logits).arg(stats),
+            _ => l.arg(&null).arg(&null),
+        };
+        push_candidates(
+            &mut l,
+            table,
+            ws.selected.as_ref(),
+            ws.selected_count.as_ref(),
+            &null,
+        );
+        l.arg(&mut out.kept)
+            .arg(&mut out.kept_counts)
+            .arg(&kvh_i)
+            .arg(&budget_pages_i)
+            .arg(&max_cands_i);
+        // SAFETY: matches `_compact`; kept holds rows * max_cands entries (checked above).
+        unsafe { l.launch(cfg((kvh, b, 1), tiling.compact_threads)) }
+            .map_err(|e| Error::driver("launching compact", e))?;
+
+        before(Some(Stage::Attend))?;
+        let partial_o = ws.partial_o.as_mut().expect("ensured above");
+        let partial_lse = ws.partial_lse.as_mut().expect("ensured above");
+        let mut l = s.launch_builder(self.function(Stage::Attend)?);
+        l.arg(q)
+            .arg(&cache.k)
+            .arg(&cache.v)
+            .arg(&out.kept)
+            .arg(&out.kept_counts)
+            .arg(&mut out.o)
+            .arg(&mut out.lse)
+            .arg(&mut *partial_o)
+            .arg(&mut *partial_lse)
+            .arg(&kvh_i)
+            .arg(&max_cands_i)
+            .arg(&chunk_i)
+            .arg(&chunks_i)
+            .arg(&sm_scale);
+        // SAFETY: matches the sparse `_attend` of attend.cu.tera; kept lists hold slots inside
+        // the cache's pool (written by compact from the validated page table), partials hold
+        // batch * num_qo_heads * num_chunks rows when split.
+        unsafe { l.launch(cfg((plan.num_chunks as u32, kvh, b), tiling.decode_threads)) }
+            .map_err(|e| Error::driver("launching attend", e))?;
+
+        if split {
+            before(Some(Stage::Merge))?;
+            let mut l = s.launch_builder(self.function(Stage::Merge)?);
+            l.arg(&*partial_o)
+                .arg(&*partial_lse)
+                .arg(&out.kept_counts)
+                .arg(&mut out.o)
+                .arg(&mut out.lse)
+                .arg(&qo_i)
+                .arg(&chunk_i)
+                .arg(&chunks_i);
+            // SAFETY: matches the sparse `_merge`; it reads the partials attend wrote for the
+            // chunks covering each kept list.
+            unsafe { l.launch(cfg((b * qo, 1, 1), tiling.merge_threads)) }
+                .map_err(|e| Error::driver("launching merge", e))?;
+        }
+        before(None)
+    }
+
+    fn function(&self, stage: Stage) -> Result<&CudaFunction> {
+        self.program
+            .function(stage)
+            .ok_or_else(|| Error::Unsupported {
+                variant: self.spec.name(),
+                reason: format!("the program has no {stage:?} stage"),
+            })
+    }
+}
+
+fn cfg(grid: (u32, u32, u32), threads: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The candidate arguments shared by estimate, threshold and compact: the page table and the
+/// selector's pages (null for `full`).
+fn push_candidates<'a>(
+    l: &mut cudarc::driver::LaunchArgs<'a>,
+    table: &'a PageTable,
+    selected: Option<&'a CudaSlice<i32>>,
+    selected_count: Option<&'a CudaSlice<i32>>,
+    null: &'a u64,
+) {
+    l.arg(&table.kv_indptr)
+        .arg(&table.kv_indices)
+        .arg(&table.kv_last_page_len);
+    match (selected, selected_count) {
+        (Some(sel), Some(count)) => l.arg(sel).arg(count),
+        _ => l.arg(null).arg(null),
+    };
+}

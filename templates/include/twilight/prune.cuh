@@ -1,0 +1,209 @@
+// Candidates and the Twilight pruner. The candidates of (request, KV head) are the valid tokens
+// of its selected pages (every page for the `full` selector), numbered in page-list order. The
+// pruner estimates each candidate's attention logit from the 4-bit copy of K, finds for every
+// query head the exact top-p threshold weight w* (the smallest set of largest softmax weights
+// whose sum reaches p, ties at w* all kept), and compacts the union over the group into a list
+// of kept token slots.
+
+// Candidate c -> token slot. With SELECTED the selector's page positions are used (the request's
+// last page is always the last of them), otherwise every page of the request.
+template <int PAGE_SIZE, bool SELECTED>
+struct tw_candidates {
+  const int* pages;
+  const int* positions;
+  int count;
+
+  TW_DEVICE tw_candidates(const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len,
+                          const int* selected, const int* selected_count, int request, int head_row,
+                          int budget_pages) {
+    pages = kv_indices + kv_indptr[request];
+    const int last = kv_last_page_len[request];
+    if (SELECTED) {
+      positions = selected + tw_i64(head_row) * budget_pages;
+      count = (selected_count[head_row] - 1) * PAGE_SIZE + last;
+    } else {
+      positions = nullptr;
+      count = (kv_indptr[request + 1] - kv_indptr[request] - 1) * PAGE_SIZE + last;
+    }
+  }
+  TW_DEVICE int slot(int c) const {
+    const int pos = SELECTED ? positions[c / PAGE_SIZE] : c / PAGE_SIZE;
+    return pages[pos] * PAGE_SIZE + c % PAGE_SIZE;
+  }
+};
+
+template <typename T, int HEAD_DIM, int PAGE_SIZE, int GROUP, bool HND>
+struct tw_prune {
+  typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM / 2> q4_layout;
+  typedef tw_paged_layout<HND, PAGE_SIZE, 2> scale_layout;
+
+  // Grid (candidate blocks, kv heads, batch), one thread per candidate: base-2 logits
+  // sm_scale * log2(e) * q[h] . dequant(k_q4[t]) for every query head h of the group, written to
+  // logits[request, qo head, candidate]. dequant = code * scale + min, so
+  // q . dequant = scale * (q . code) + min * sum(q).
+  template <int THREADS, typename Candidates>
+  TW_DEVICE static void estimate(const T* __restrict__ q, const unsigned char* __restrict__ k_q4,
+                                 const half* __restrict__ k_q4_scale_min, const Candidates& cands,
+                                 float* __restrict__ logits, int num_kv_heads, int max_cands, float sm_scale) {
+    __shared__ float q_s[GROUP][HEAD_DIM];
+    __shared__ float q_sum[GROUP];
+    const int kv_head = blockIdx.y;
+    const int request = blockIdx.z;
+    const int num_qo_heads = num_kv_heads * GROUP;
+    if (blockIdx.x * THREADS >= cands.count) return;  // whole block past the candidates
+    const float q_scale = sm_scale * TW_LOG2E;
+    for (int e = threadIdx.x; e < GROUP * HEAD_DIM; e += THREADS) {
+      q_s[e / HEAD_DIM][e % HEAD_DIM] =
+          q_scale * tw_to_float(q[(tw_i64(request) * num_qo_heads + kv_head * GROUP) * HEAD_DIM + e]);
+    }
+    __syncthreads();
+    if (threadIdx.x < GROUP) {
+      float s = 0.f;
+      for (int d = 0; d < HEAD_DIM; ++d) s += q_s[threadIdx.x][d];
+      q_sum[threadIdx.x] = s;
+    }
+    __syncthreads();
+    const int c = blockIdx.x * THREADS + threadIdx.x;
+    if (c >= cands.count) return;
+    const int slot = cands.slot(c);
+    const int page = slot / PAGE_SIZE, offset = slot % PAGE_SIZE;
+    const uint4* codes = reinterpret_cast<const uint4*>(k_q4 + q4_layout::offset(page, kv_head, offset, num_kv_heads));
+    const half* sm = k_q4_scale_min + scale_layout::offset(page, kv_head, offset, num_kv_heads);
+    const float scale = __half2float(sm[0]);
+    const float minimum = __half2float(sm[1]);
+    float acc[GROUP];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) acc[g] = 0.f;
+#pragma unroll
+    for (int w = 0; w < HEAD_DIM / 32; ++w) {
+      const uint4 packet = codes[w];
+      const unsigned words[4] = {packet.x, packet.y, packet.z, packet.w};
+#pragma unroll
+      for (int word = 0; word < 4; ++word) {
+#pragma unroll
+        for (int b = 0; b < 4; ++b) {
+          const unsigned byte = (words[word] >> (8 * b)) & 255u;
+          const float lo = float(byte & 15u), hi = float(byte >> 4);
+          const int ch = w * 32 + word * 8 + 2 * b;
+#pragma unroll
+          for (int g = 0; g < GROUP; ++g) acc[g] = fmaf(q_s[g][ch], lo, fmaf(q_s[g][ch + 1], hi, acc[g]));
+        }
+      }
+    }
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+      logits[(tw_i64(request) * num_qo_heads + kv_head * GROUP + g) * max_cands + c] =
+          fmaf(scale, acc[g], minimum * q_sum[g]);
+    }
+  }
+
+  // One block per (request, qo head): the row's max logit and the exact top-p threshold weight
+  // w* (weights w = exp2(logit - max), unnormalized). A radix descent over the weights' bits
+  // (positive floats order like their bits) sums the weight mass per digit bucket and follows
+  // the bucket where the mass from the top first reaches p * sum(w). stats[row] = (max, w*);
+  // p >= 1 keeps everything (w* = 0).
+  template <int THREADS, typename Candidates>
+  TW_DEVICE static void threshold(const float* __restrict__ logits, const Candidates& cands,
+                                  float* __restrict__ stats, int max_cands, float p) {
+    __shared__ float mass[256];
+    __shared__ float scratch[THREADS / 32];
+    __shared__ unsigned chosen_prefix;
+    __shared__ float chosen_above;
+    const int row_id = blockIdx.y * gridDim.x + blockIdx.x;  // request * num_qo_heads + qo head
+    const float* row = logits + tw_i64(row_id) * max_cands;
+    const int n = cands.count;
+    float mx = tw_neg_inf();
+    for (int i = threadIdx.x; i < n; i += THREADS) mx = fmaxf(mx, row[i]);
+    mx = tw_block_max<THREADS>(mx, scratch);
+    float z = 0.f;
+    for (int i = threadIdx.x; i < n; i += THREADS) z += exp2f(row[i] - mx);
+    z = tw_block_sum<THREADS>(z, scratch);
+    if (p >= 1.f) {
+      if (threadIdx.x == 0) {
+        stats[2 * row_id] = mx;
+        stats[2 * row_id + 1] = 0.f;
+      }
+      return;
+    }
+    const float target = p * z;
+    unsigned prefix = 0, mask = 0;
+    float above = 0.f;  // mass of the weights beyond the current prefix's range
+    for (int shift = 24; shift >= 0; shift -= 8) {
+      for (int i = threadIdx.x; i < 256; i += THREADS) mass[i] = 0.f;
+      __syncthreads();
+      for (int i = threadIdx.x; i < n; i += THREADS) {
+        const float w = exp2f(row[i] - mx);
+        const unsigned key = __float_as_uint(w);
+        if ((key & mask) == prefix) atomicAdd(&mass[(key >> shift) & 255u], w);
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float cum = above;
+        int digit = -1, lowest = 0;
+        for (int d = 255; d >= 0; --d) {
+          if (mass[d] > 0.f) lowest = d;
+          if (cum + mass[d] >= target) {
+            digit = d;
+            break;
+          }
+          cum += mass[d];
+        }
+        // Rounding can leave the total a hair under p * z: then everything down to the smallest
+        // weight is needed.
+        if (digit < 0) {
+          digit = lowest;
+          cum -= mass[lowest];
+        }
+        chosen_prefix = prefix | (unsigned(digit) << shift);
+        chosen_above = cum;
+      }
+      __syncthreads();
+      prefix = chosen_prefix;
+      above = chosen_above;
+      mask |= 255u << shift;
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      stats[2 * row_id] = mx;
+      stats[2 * row_id + 1] = __uint_as_float(prefix);
+    }
+  }
+
+  // One block per (request, kv head): the kept candidates (any head of the group keeps it; with
+  // PRUNE false, every candidate) as token slots in candidate order, and their count.
+  template <int THREADS, bool PRUNE, typename Candidates>
+  TW_DEVICE static void compact(const float* __restrict__ logits, const float* __restrict__ stats,
+                                const Candidates& cands, int* __restrict__ kept, int* __restrict__ kept_count,
+                                int num_kv_heads, int max_cands) {
+    __shared__ int scan_scratch[THREADS / 32];
+    __shared__ float row_max[GROUP], row_threshold[GROUP];
+    const int kv_head = blockIdx.x;
+    const int request = blockIdx.y;
+    const int head_row = request * num_kv_heads + kv_head;
+    const int first_qo = head_row * GROUP;  // request * num_qo_heads + kv_head * GROUP
+    if (PRUNE && threadIdx.x < GROUP) {
+      row_max[threadIdx.x] = stats[2 * (first_qo + threadIdx.x)];
+      row_threshold[threadIdx.x] = stats[2 * (first_qo + threadIdx.x) + 1];
+    }
+    __syncthreads();
+    int* out = kept + tw_i64(head_row) * max_cands;
+    int written = 0;
+    for (int base = 0; base < cands.count; base += THREADS) {
+      const int c = base + threadIdx.x;
+      bool keep = c < cands.count;
+      if (PRUNE && keep) {
+        keep = false;
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+          // The same expression as in `threshold`, so a weight equal to w* there is equal here.
+          keep |= exp2f(logits[tw_i64(first_qo + g) * max_cands + c] - row_max[g]) >= row_threshold[g];
+        }
+      }
+      int total = 0;
+      const int at = written + tw_block_exclusive_count<THREADS>(keep, scan_scratch, total);
+      if (keep) out[at] = cands.slot(c);
+      written += total;
+    }
+    if (threadIdx.x == 0) kept_count[head_row] = written;
+  }
+};

@@ -1,0 +1,803 @@
+//! The Select-then-Prune step on the GPU against the CPU reference, on fresh random inputs each
+//! run, with every output poisoned before the launch.
+//!
+//! Selections are compared honestly: the GPU scores pages and tokens in f32 and the reference in
+//! f64, so a page or token whose score ties the selection boundary within float rounding may go
+//! either way. Every difference between the two sets must be such a near-tie (judged with the
+//! reference's own scores and an error bound derived from f32 accumulation), and the GPU's kept
+//! set must still carry the mass p under the reference weights. Attention itself is checked
+//! exactly: the GPU output is compared with the reference attention over the GPU's own kept set.
+
+mod common;
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+use rand::{Rng, SeedableRng};
+use twilight::reference::quant::Quant4Cache;
+use twilight::reference::quest::{quest_budget_pages, quest_scores, QuestMeta};
+use twilight::reference::step::{decode_step, StepInputs, StepParams};
+use twilight::reference::{attend, HostKv};
+use twilight::synthetic::{ragged_lengths, SyntheticStep};
+use twilight::{
+    Dtype, KvElement, KvLayout, PageTable, PagedKvCache, Pruning, Selector, SparseDecoder,
+    SparseOutput, SparseParams, SparseWorkspace, VariantSpec,
+};
+
+/// Relative tolerance of a score near a selection boundary: f32 accumulation over head_dim x
+/// group terms errs by a few units in 1e-6 of the sum of magnitudes; 1e-4 leaves a wide margin
+/// and is still far below any gap between distinct random scores that matters.
+const NEAR_TIE: f64 = 1e-4;
+
+struct Case {
+    spec: VariantSpec,
+    lens: Vec<usize>,
+    num_kv_heads: usize,
+    budget: usize,
+    p: f32,
+    key_scale: f32,
+}
+
+/// A device cache filled through the variant's append (one launch per request, like a prefill),
+/// plus its host mirror for the reference.
+struct Built<T: KvElement> {
+    step: SyntheticStep,
+    cache: PagedKvCache<T>,
+    table: PageTable,
+    host_table: twilight::HostPageTable,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+fn build<T: KvElement>(
+    stream: &Arc<CudaStream>,
+    decoder: &SparseDecoder,
+    case: &Case,
+    seed: u64,
+) -> Built<T> {
+    let spec = case.spec;
+    let step = SyntheticStep::random::<T>(
+        seed,
+        &case.lens,
+        case.num_kv_heads,
+        spec.group_size as usize,
+        spec.page_size as usize,
+        spec.head_dim as usize,
+        spec.kv_layout,
+        case.key_scale,
+    )
+    .unwrap();
+    let mut cache = PagedKvCache::<T>::for_variant(stream, step.shape, &spec).unwrap();
+    let mut ids = Vec::new();
+    for b in 0..case.lens.len() {
+        let id = cache.add_request();
+        ids.push(id);
+        // Two appends per request (a prefill that ends mid-page, then the rest), so pages are
+        // extended as well as started.
+        let (k, v) = step.request_rows::<T>(b);
+        let row = step.shape.num_kv_heads * step.shape.head_dim;
+        let split = case.lens[b] / 2;
+        for (lo, hi) in [(0, split), (split, case.lens[b])] {
+            if hi > lo {
+                let kd = stream.clone_htod(&k[lo * row..hi * row]).unwrap();
+                let vd = stream.clone_htod(&v[lo * row..hi * row]).unwrap();
+                decoder
+                    .append(&mut cache, &[(id, hi - lo)], &kd, &vd)
+                    .unwrap();
+            }
+        }
+    }
+    let host_table = cache.host_page_table(&ids).unwrap();
+    let table = cache.page_table(stream, &ids).unwrap();
+    let (k, v) = cache.download(stream).unwrap();
+    let to_f32 = |x: Vec<T>| x.into_iter().map(|e| e.to_f32()).collect::<Vec<f32>>();
+    Built {
+        step,
+        cache,
+        table,
+        host_table,
+        k: to_f32(k),
+        v: to_f32(v),
+    }
+}
+
+fn poisoned_output<T: KvElement>(
+    stream: &Arc<CudaStream>,
+    decoder: &SparseDecoder,
+    built: &Built<T>,
+) -> SparseOutput<T> {
+    let mut out = decoder
+        .alloc_output::<T>(&built.table, built.step.shape.num_kv_heads)
+        .unwrap();
+    stream
+        .memcpy_htod(&vec![T::poison(); out.o.len()], &mut out.o)
+        .unwrap();
+    stream
+        .memcpy_htod(&vec![f32::NAN; out.lse.len()], &mut out.lse)
+        .unwrap();
+    stream
+        .memcpy_htod(&vec![-7i32; out.kept.len()], &mut out.kept)
+        .unwrap();
+    stream
+        .memcpy_htod(&vec![-1i32; out.kept_counts.len()], &mut out.kept_counts)
+        .unwrap();
+    out
+}
+
+/// The derived structures on the GPU equal the reference's, bit for bit.
+fn check_metadata<T: KvElement>(
+    stream: &Arc<CudaStream>,
+    built: &Built<T>,
+    kv: &HostKv,
+    what: &str,
+) -> (Option<QuestMeta>, Option<Quant4Cache>) {
+    let d = built.cache.derived();
+    let quest = d.page_max.as_ref().map(|max_dev| {
+        let want = QuestMeta::build(kv, &built.host_table);
+        let max: Vec<f32> = stream
+            .clone_dtoh(max_dev)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        let min: Vec<f32> = stream
+            .clone_dtoh(d.page_min.as_ref().unwrap())
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        for page in built.host_table.kv_indices.iter().map(|&p| p as usize) {
+            for g in 0..kv.shape.num_kv_heads {
+                let at = want.offset(page, g);
+                let n = kv.shape.head_dim;
+                assert_eq!(
+                    &max[at..at + n],
+                    want.max_row(page, g),
+                    "{what}: page_max of page {page} head {g}"
+                );
+                assert_eq!(
+                    &min[at..at + n],
+                    want.min_row(page, g),
+                    "{what}: page_min of page {page} head {g}"
+                );
+            }
+        }
+        want
+    });
+    let quant = d.k_q4.as_ref().map(|codes_dev| {
+        let want = Quant4Cache::build(kv, &built.host_table).unwrap();
+        let codes = stream.clone_dtoh(codes_dev).unwrap();
+        let scales = stream
+            .clone_dtoh(d.k_q4_scale_min.as_ref().unwrap())
+            .unwrap();
+        for b in 0..built.host_table.batch() {
+            for t in 0..built.host_table.len_of(b) {
+                let slot = built.host_table.slot(b, t);
+                for g in 0..kv.shape.num_kv_heads {
+                    let row = want.row(slot, g);
+                    let n = kv.shape.head_dim / 2;
+                    assert_eq!(
+                        &codes[row * n..row * n + n],
+                        want.codes_row(slot, g),
+                        "{what}: 4-bit codes of slot {slot} head {g}"
+                    );
+                    assert_eq!(
+                        [scales[2 * row], scales[2 * row + 1]],
+                        want.scale_min_row(slot, g),
+                        "{what}: scale/min of slot {slot} head {g}"
+                    );
+                }
+            }
+        }
+        want
+    });
+    (quest, quant)
+}
+
+/// Every position where the GPU's Quest choice differs from the reference's is a near-tie with
+/// the boundary score. Returns whether the choices are identical.
+fn check_selection(
+    case: &Case,
+    built: &Built<impl KvElement>,
+    meta: &QuestMeta,
+    gpu: &(Vec<i32>, Vec<i32>),
+    want: &[Vec<usize>],
+    what: &str,
+) -> bool {
+    let spec = case.spec;
+    let g_size = spec.group_size as usize;
+    let kvh = case.num_kv_heads;
+    let d = spec.head_dim as usize;
+    let budget_pages = quest_budget_pages(case.budget, spec.page_size as usize);
+    let mut identical = true;
+    for b in 0..case.lens.len() {
+        for g in 0..kvh {
+            let row = b * kvh + g;
+            let count = gpu.1[row] as usize;
+            let got: Vec<usize> = gpu.0[row * budget_pages..row * budget_pages + count]
+                .iter()
+                .map(|&x| x as usize)
+                .collect();
+            if got == want[row] {
+                continue;
+            }
+            identical = false;
+            let qo = kvh * g_size;
+            let q_group = &built.step.q[(b * qo + g * g_size) * d..][..g_size * d];
+            let scores = quest_scores(q_group, meta, &built.host_table, b, g);
+            assert_eq!(
+                got.len(),
+                want[row].len(),
+                "{what}: selection size of row {row}"
+            );
+            assert_eq!(
+                got.last(),
+                want[row].last(),
+                "{what}: the last page is always selected"
+            );
+            let boundary = want[row][..want[row].len() - 1]
+                .iter()
+                .map(|&p| scores[p])
+                .fold(f64::INFINITY, f64::min);
+            let scale: f64 = scores.iter().map(|s| s.abs()).fold(0.0, f64::max).max(1.0);
+            for p in got
+                .iter()
+                .filter(|p| !want[row].contains(p))
+                .chain(want[row].iter().filter(|p| !got.contains(p)))
+            {
+                assert!((scores[*p] - boundary).abs() <= NEAR_TIE * scale, "{what}: page {p} of row {row} differs but its score {} is not near the boundary {boundary}", scores[*p]);
+            }
+        }
+    }
+    identical
+}
+
+fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
+    let spec = case.spec;
+    let what = format!(
+        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed}",
+        case.budget,
+        case.p,
+        case.num_kv_heads,
+        &case.lens[..case.lens.len().min(6)]
+    );
+    let sm_scale = 1.0 / (spec.head_dim as f32).sqrt();
+    let params = SparseParams {
+        budget: case.budget,
+        p: case.p,
+        sm_scale: Some(sm_scale),
+    };
+    let decoder = SparseDecoder::new(stream.clone(), spec, params).unwrap();
+    let built = build::<T>(stream, &decoder, case, seed);
+    let kv = HostKv {
+        shape: built.step.shape,
+        k: &built.k,
+        v: &built.v,
+    };
+    let (quest, quant) = check_metadata(stream, &built, &kv, &what);
+
+    let mut out = poisoned_output(stream, &decoder, &built);
+    let mut ws = SparseWorkspace::default();
+    decoder
+        .run_into(
+            &built.cache_q(stream),
+            &built.cache,
+            &built.table,
+            &mut out,
+            &mut ws,
+        )
+        .unwrap();
+    let o: Vec<f32> = stream
+        .clone_dtoh(&out.o)
+        .unwrap()
+        .iter()
+        .map(|x| x.to_f32())
+        .collect();
+    let lse = stream.clone_dtoh(&out.lse).unwrap();
+    let counts = stream.clone_dtoh(&out.kept_counts).unwrap();
+    let kept = stream.clone_dtoh(&out.kept).unwrap();
+
+    let mut step_params = StepParams::new(case.budget, case.p, sm_scale);
+    step_params.record_weights = true;
+    let inputs = StepInputs {
+        q: &built.step.q,
+        num_qo_heads: built.step.num_qo_heads,
+        kv,
+        table: &built.host_table,
+        quest: quest.as_ref(),
+        quant: quant.as_ref(),
+    };
+    let want = decode_step(&spec, &step_params, &inputs).unwrap();
+
+    let selection_identical = match (&quest, ws.selected_pages(stream).unwrap()) {
+        (Some(meta), Some(gpu)) => {
+            check_selection(case, &built, meta, &gpu, &want.selected_pages, &what)
+        }
+        _ => true,
+    };
+
+    let kvh = case.num_kv_heads;
+    let g_size = spec.group_size as usize;
+    let qo = kvh * g_size;
+    let d = spec.head_dim as usize;
+    let (atol, rtol) = match spec.dtype {
+        Dtype::F16 => (2e-3, 8e-3),
+        Dtype::Bf16 => (8e-3, 2e-2),
+    };
+    let mut differing_rows = 0;
+    for b in 0..case.lens.len() {
+        for g in 0..kvh {
+            let row = b * kvh + g;
+            let count = counts[row];
+            assert!(
+                count >= 1 && count as usize <= out.max_cands,
+                "{what}: kept count {count} of row {row}"
+            );
+            let got: Vec<usize> = kept[row * out.max_cands..row * out.max_cands + count as usize]
+                .iter()
+                .map(|&s| s as usize)
+                .collect();
+            // Kept slots are candidates of this request, in candidate order, each once.
+            let position: std::collections::HashMap<usize, usize> = (0..built.host_table.len_of(b))
+                .map(|t| (built.host_table.slot(b, t), t))
+                .collect();
+            let positions: Vec<usize> = got
+                .iter()
+                .map(|s| {
+                    *position
+                        .get(s)
+                        .unwrap_or_else(|| panic!("{what}: slot {s} is not a token of request {b}"))
+                })
+                .collect();
+            if spec.selector == Selector::Full || selection_identical {
+                assert!(
+                    positions.windows(2).all(|w| w[0] < w[1]),
+                    "{what}: kept list of row {row} is not in candidate order"
+                );
+            }
+            let mut want_set = want.kept[row].clone();
+            want_set.sort_unstable();
+            let mut got_set = got.clone();
+            got_set.sort_unstable();
+            if got_set != want_set {
+                differing_rows += 1;
+                // Only near-ties may differ, and only when the candidates agree.
+                assert!(
+                    selection_identical || spec.selector == Selector::Full,
+                    "{what}: row {row} kept sets differ after differing selections"
+                );
+                assert_eq!(
+                    spec.pruning,
+                    Pruning::TopP,
+                    "{what}: without pruning the kept set is the candidate set"
+                );
+                let cands = &want.candidates[row];
+                for s in got_set
+                    .iter()
+                    .filter(|s| !want_set.contains(s))
+                    .chain(want_set.iter().filter(|s| !got_set.contains(s)))
+                {
+                    let c = cands
+                        .iter()
+                        .position(|x| x == s)
+                        .unwrap_or_else(|| panic!("{what}: slot {s} is not a candidate"));
+                    let near = (0..g_size).any(|h| {
+                        let head = &want.heads[b * qo + g * g_size + h];
+                        let w = head.weights.as_ref().unwrap()[c];
+                        (w - head.threshold).abs() <= NEAR_TIE * head.threshold
+                    });
+                    assert!(near, "{what}: slot {s} of row {row} kept differently but no head's weight is near its threshold");
+                }
+                // The GPU's set still carries mass p for every head under the reference weights.
+                for h in 0..g_size {
+                    let head = &want.heads[b * qo + g * g_size + h];
+                    let weights = head.weights.as_ref().unwrap();
+                    let mass: f64 = cands
+                        .iter()
+                        .zip(weights)
+                        .filter(|(s, _)| got_set.contains(s))
+                        .map(|(_, w)| w)
+                        .sum();
+                    assert!(
+                        mass >= case.p as f64 * (1.0 - NEAR_TIE),
+                        "{what}: row {row} head {h} keeps mass {mass} < p"
+                    );
+                }
+            }
+            // Attention is exact over whatever was kept.
+            for h in 0..g_size {
+                let head = b * qo + g * g_size + h;
+                let (ref_o, ref_lse) = attend(
+                    &built.step.q[head * d..][..d],
+                    &kv,
+                    g,
+                    &got,
+                    sm_scale as f64,
+                );
+                common::assert_close(
+                    &format!("o of head {head}, {what}"),
+                    &o[head * d..][..d],
+                    &ref_o,
+                    atol,
+                    rtol,
+                );
+                common::assert_close(
+                    &format!("lse of head {head}, {what}"),
+                    &lse[head..head + 1],
+                    &[ref_lse],
+                    1e-3,
+                    1e-4,
+                );
+            }
+        }
+    }
+    // Near-ties are rare on random data: a systematic disagreement is a bug, not rounding.
+    assert!(
+        differing_rows * 10 <= counts.len().max(10),
+        "{what}: {differing_rows} of {} rows differ",
+        counts.len()
+    );
+    if selection_identical && differing_rows == 0 {
+        common::assert_close(
+            &format!("o vs the reference step, {what}"),
+            &o,
+            &want.o,
+            atol,
+            rtol,
+        );
+        assert_eq!(
+            counts.iter().map(|&c| c as usize).collect::<Vec<_>>(),
+            want.kept_counts,
+            "{what}: kept counts"
+        );
+    }
+}
+
+impl<T: KvElement> Built<T> {
+    fn cache_q(&self, stream: &Arc<CudaStream>) -> cudarc::driver::CudaSlice<T> {
+        stream
+            .clone_htod(&SyntheticStep::to_elements::<T>(&self.step.q))
+            .unwrap()
+    }
+}
+
+fn run(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
+    match case.spec.dtype {
+        Dtype::F16 => run_case::<half::f16>(stream, case, seed),
+        Dtype::Bf16 => run_case::<half::bf16>(stream, case, seed),
+    }
+}
+
+fn fresh_seed() -> u64 {
+    let seed = rand::rng().random();
+    eprintln!("seed {seed}");
+    seed
+}
+
+fn spec(
+    page_size: u32,
+    head_dim: u32,
+    dtype: Dtype,
+    group_size: u32,
+    layout: KvLayout,
+    selector: Selector,
+    pruning: Pruning,
+) -> VariantSpec {
+    VariantSpec {
+        page_size,
+        head_dim,
+        dtype,
+        group_size,
+        kv_layout: layout,
+        selector,
+        pruning,
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_sparse_step_matches_reference_over_the_variant_matrix() {
+    let Some(stream) = common::gpu_stream() else {
+        return;
+    };
+    let seed = fresh_seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let ps = [0.5f32, 0.85, 0.95, 0.99, 1.0];
+    let mut cases = Vec::new();
+    let mut i = 0usize;
+    for (selector, pruning) in [
+        (Selector::Quest, Pruning::TopP),
+        (Selector::Quest, Pruning::None),
+        (Selector::Full, Pruning::TopP),
+    ] {
+        for dtype in [Dtype::F16, Dtype::Bf16] {
+            for layout in [KvLayout::Nhd, KvLayout::Hnd] {
+                for group_size in [1, 2, 4, 8] {
+                    let page_size = [1, 16, 64][i % 3];
+                    let head_dim = [64, 128, 256][(i / 3) % 3];
+                    i += 1;
+                    let batch = rng.random_range(1..=6);
+                    let max_len = rng.random_range(1..=if page_size == 1 { 1500 } else { 5000 });
+                    let lens = ragged_lengths(&mut rng, batch, max_len);
+                    // B0 below the longest request, or (one case in four) above all of them.
+                    let budget = if i % 4 == 0 {
+                        max_len + rng.random_range(0..100)
+                    } else {
+                        rng.random_range(1..=max_len.max(2) / 2 + 1)
+                    };
+                    cases.push(Case {
+                        spec: spec(
+                            page_size, head_dim, dtype, group_size, layout, selector, pruning,
+                        ),
+                        lens,
+                        num_kv_heads: rng.random_range(1..=2),
+                        budget,
+                        p: ps[i % ps.len()],
+                        key_scale: [0.5, 1.5, 3.0][i % 3],
+                    });
+                }
+            }
+        }
+    }
+    for (n, case) in cases.iter().enumerate() {
+        run(&stream, case, seed.wrapping_add(n as u64));
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_sparse_step_every_p_on_one_long_batch() {
+    let Some(stream) = common::gpu_stream() else {
+        return;
+    };
+    let seed = fresh_seed();
+    for (n, p) in [0.5f32, 0.85, 0.95, 0.99, 1.0].into_iter().enumerate() {
+        let case = Case {
+            spec: spec(
+                16,
+                128,
+                Dtype::F16,
+                4,
+                KvLayout::Hnd,
+                Selector::Quest,
+                Pruning::TopP,
+            ),
+            lens: vec![12_000, 333, 4097, 20],
+            num_kv_heads: 2,
+            budget: 2048,
+            p,
+            key_scale: 2.0,
+        };
+        run(&stream, &case, seed.wrapping_add(n as u64));
+    }
+}
+
+/// A whole step captured in a CUDA graph and replayed with new queries.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_sparse_step_replays_as_a_cuda_graph() {
+    let Some(default) = common::gpu_stream() else {
+        return;
+    };
+    let ctx = default.context().clone();
+    // Graph capture needs a stream of its own, and cudarc's cross-stream event tracking would
+    // insert waits on events recorded outside the capture.
+    // SAFETY: everything below runs on the one stream created here.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().unwrap();
+    let seed = fresh_seed();
+    let case = Case {
+        spec: spec(
+            16,
+            128,
+            Dtype::Bf16,
+            4,
+            KvLayout::Nhd,
+            Selector::Quest,
+            Pruning::TopP,
+        ),
+        lens: vec![9000, 4000, 130],
+        num_kv_heads: 2,
+        budget: 1024,
+        p: 0.9,
+        key_scale: 2.0,
+    };
+    let sm_scale = 1.0 / 128f32.sqrt();
+    let decoder = SparseDecoder::new(
+        stream.clone(),
+        case.spec,
+        SparseParams {
+            budget: case.budget,
+            p: case.p,
+            sm_scale: Some(sm_scale),
+        },
+    )
+    .unwrap();
+    let built = build::<half::bf16>(&stream, &decoder, &case, seed);
+    let kv = HostKv {
+        shape: built.step.shape,
+        k: &built.k,
+        v: &built.v,
+    };
+    let mut q = built.cache_q(&stream);
+    let mut out = poisoned_output(&stream, &decoder, &built);
+    let mut ws = SparseWorkspace::default();
+    decoder
+        .run_into(&q, &built.cache, &built.table, &mut out, &mut ws)
+        .unwrap();
+    stream.synchronize().unwrap();
+    stream
+        .begin_capture(
+            cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+        )
+        .unwrap();
+    decoder
+        .run_into(&q, &built.cache, &built.table, &mut out, &mut ws)
+        .unwrap();
+    let graph = stream
+        .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
+        .unwrap()
+        .expect("a captured graph");
+    let quest = QuestMeta::build(&kv, &built.host_table);
+    let quant = Quant4Cache::build(&kv, &built.host_table).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
+    for replay in 0..2 {
+        let q_host: Vec<f32> = (0..built.step.q.len())
+            .map(|_| {
+                twilight::element::round_to::<half::bf16>(
+                    2.0 * twilight::synthetic::standard_normal(&mut rng),
+                )
+            })
+            .collect();
+        stream
+            .memcpy_htod(&SyntheticStep::to_elements::<half::bf16>(&q_host), &mut q)
+            .unwrap();
+        stream
+            .memcpy_htod(&vec![half::bf16::poison(); out.o.len()], &mut out.o)
+            .unwrap();
+        graph.launch().unwrap();
+        stream.synchronize().unwrap();
+        let o: Vec<f32> = stream
+            .clone_dtoh(&out.o)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        let counts = stream.clone_dtoh(&out.kept_counts).unwrap();
+        let kept = stream.clone_dtoh(&out.kept).unwrap();
+        let want = decode_step(
+            &case.spec,
+            &StepParams::new(case.budget, case.p, sm_scale),
+            &StepInputs {
+                q: &q_host,
+                num_qo_heads: built.step.num_qo_heads,
+                kv,
+                table: &built.host_table,
+                quest: Some(&quest),
+                quant: Some(&quant),
+            },
+        )
+        .unwrap();
+        // Attention over the replay's own kept lists must match the reference exactly, and the
+        // kept counts must be the new query's (not the captured one's).
+        let d = 128;
+        let mut same_counts = 0;
+        for row in 0..counts.len() {
+            let got: Vec<usize> = kept[row * out.max_cands..][..counts[row] as usize]
+                .iter()
+                .map(|&s| s as usize)
+                .collect();
+            same_counts += usize::from(counts[row] as usize == want.kept_counts[row]);
+            for h in 0..4 {
+                let head = row * 4 + h;
+                let (ref_o, _) = attend(
+                    &q_host[head * d..][..d],
+                    &kv,
+                    row % 2,
+                    &got,
+                    sm_scale as f64,
+                );
+                common::assert_close(
+                    &format!("replay {replay} head {head}"),
+                    &o[head * d..][..d],
+                    &ref_o,
+                    8e-3,
+                    2e-2,
+                );
+            }
+        }
+        assert!(
+            same_counts * 10 >= counts.len() * 8,
+            "replay {replay}: kept counts {counts:?} vs reference {:?}",
+            want.kept_counts
+        );
+    }
+}
+
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_sparse_bad_parameters_are_errors() {
+    let Some(stream) = common::gpu_stream() else {
+        return;
+    };
+    let quest = spec(
+        16,
+        64,
+        Dtype::F16,
+        2,
+        KvLayout::Hnd,
+        Selector::Quest,
+        Pruning::TopP,
+    );
+    let ok = SparseParams {
+        budget: 64,
+        p: 0.9,
+        sm_scale: None,
+    };
+    for bad in [
+        SparseParams { p: 0.0, ..ok },
+        SparseParams { p: 1.5, ..ok },
+        SparseParams { p: f32::NAN, ..ok },
+        SparseParams { budget: 0, ..ok },
+        SparseParams {
+            sm_scale: Some(f32::INFINITY),
+            ..ok
+        },
+        SparseParams {
+            sm_scale: Some(-1.0),
+            ..ok
+        },
+    ] {
+        assert!(
+            matches!(
+                SparseDecoder::new(stream.clone(), quest, bad),
+                Err(twilight::Error::Parameter(_))
+            ),
+            "{bad:?}"
+        );
+    }
+    let decoder = SparseDecoder::new(stream.clone(), quest, ok).unwrap();
+    // A cache without the variant's metadata is refused, for append and for a step.
+    let step =
+        SyntheticStep::random::<half::f16>(3, &[40], 1, 2, 16, 64, KvLayout::Hnd, 1.0).unwrap();
+    let mut plain = PagedKvCache::<half::f16>::new(&stream, step.shape).unwrap();
+    let id = plain.add_request();
+    let (k, v) = step.request_rows::<half::f16>(0);
+    let (k, v) = (
+        stream.clone_htod(&k).unwrap(),
+        stream.clone_htod(&v).unwrap(),
+    );
+    assert!(decoder
+        .append(&mut plain, &[(id, 40)], &k, &v)
+        .unwrap_err()
+        .to_string()
+        .contains("metadata"));
+    let mut full = PagedKvCache::<half::f16>::for_variant(&stream, step.shape, &quest).unwrap();
+    let id = full.add_request();
+    decoder.append(&mut full, &[(id, 40)], &k, &v).unwrap();
+    let table = full.page_table(&stream, &[id]).unwrap();
+    let q = stream.alloc_zeros::<half::f16>(2 * 64).unwrap();
+    assert!(decoder.run(&q, &plain, &table).is_err());
+    assert!(decoder.run(&q, &full, &table).is_ok());
+    // The dense variant belongs to DenseDecoder; double sparsity has no kernel yet.
+    assert!(SparseDecoder::new(
+        stream.clone(),
+        VariantSpec {
+            selector: Selector::Full,
+            pruning: Pruning::None,
+            ..quest
+        },
+        ok
+    )
+    .is_err());
+    assert!(SparseDecoder::new(
+        stream.clone(),
+        VariantSpec {
+            selector: Selector::DoubleSparse { channels: 16 },
+            head_dim: 128,
+            ..quest
+        },
+        ok
+    )
+    .is_err());
+}

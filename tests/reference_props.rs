@@ -1,0 +1,491 @@
+//! Property tests of the CPU reference: top-p sets minimal and sufficient, budgets monotone in
+//! p, `full` + `none` equal to dense attention, the 4-bit error bound, Quest's metadata and
+//! selection rules. Small shapes, 64 cases per property.
+
+use half::f16;
+use proptest::prelude::*;
+use twilight::generator::{generate, GeneratorParams, Preset};
+use twilight::reference::quant::{dequantize_row, quantize_row, row_params, Quant4Cache};
+use twilight::reference::quest::{
+    quest_budget_pages, quest_scores, quest_select, valid_tokens_per_page, QuestMeta,
+};
+use twilight::reference::{
+    decode_step, dense_decode, CacheShape, HostKv, StepInputs, StepParams, StepResult,
+};
+use twilight::synthetic::SyntheticStep;
+use twilight::{Dtype, KvLayout, Pruning, Selector, VariantSpec};
+
+/// One random problem: shapes, lengths and how peaked the keys are.
+#[derive(Clone, Debug)]
+struct Case {
+    seed: u64,
+    lens: Vec<usize>,
+    num_kv_heads: usize,
+    group_size: usize,
+    page_size: usize,
+    head_dim: usize,
+    layout: KvLayout,
+    key_scale: f32,
+    /// Use the realistic generator instead of normal keys.
+    realistic: bool,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        any::<u64>(),
+        prop::collection::vec(1usize..=70, 1..=3),
+        1usize..=2,
+        prop::sample::select(vec![1usize, 2, 4]),
+        prop::sample::select(vec![1usize, 2, 3, 4, 8, 16]),
+        prop::sample::select(vec![8usize, 16]),
+        any::<bool>(),
+        prop::sample::select(vec![0.3f32, 1.0, 3.0, 8.0]),
+        any::<bool>(),
+    )
+        .prop_map(
+            |(
+                seed,
+                lens,
+                num_kv_heads,
+                group_size,
+                page_size,
+                head_dim,
+                nhd,
+                key_scale,
+                realistic,
+            )| {
+                Case {
+                    seed,
+                    lens,
+                    num_kv_heads,
+                    group_size,
+                    page_size,
+                    head_dim,
+                    layout: if nhd { KvLayout::Nhd } else { KvLayout::Hnd },
+                    key_scale,
+                    realistic,
+                }
+            },
+        )
+}
+
+fn step_of(c: &Case) -> SyntheticStep {
+    if c.realistic {
+        let params = GeneratorParams::preset(Preset::Default, c.seed);
+        generate::<f16>(
+            &params,
+            &c.lens,
+            c.num_kv_heads,
+            c.group_size,
+            c.page_size,
+            c.head_dim,
+            c.layout,
+        )
+        .unwrap()
+    } else {
+        SyntheticStep::random::<f16>(
+            c.seed,
+            &c.lens,
+            c.num_kv_heads,
+            c.group_size,
+            c.page_size,
+            c.head_dim,
+            c.layout,
+            c.key_scale,
+        )
+        .unwrap()
+    }
+}
+
+fn spec(c: &Case, selector: Selector, pruning: Pruning) -> VariantSpec {
+    VariantSpec {
+        page_size: c.page_size as u32,
+        head_dim: c.head_dim as u32,
+        dtype: Dtype::F16,
+        group_size: c.group_size as u32,
+        kv_layout: c.layout,
+        selector,
+        pruning,
+    }
+}
+
+/// Runs a step of the given selector and pruning on `s`, with every derived structure.
+fn run(
+    c: &Case,
+    s: &SyntheticStep,
+    selector: Selector,
+    pruning: Pruning,
+    params: StepParams,
+) -> StepResult {
+    let kv = s.kv();
+    let meta = QuestMeta::build(&kv, &s.table);
+    let quant = Quant4Cache::build(&kv, &s.table).unwrap();
+    let inputs = StepInputs {
+        q: &s.q,
+        num_qo_heads: s.num_qo_heads,
+        kv,
+        table: &s.table,
+        quest: Some(&meta),
+        quant: Some(&quant),
+    };
+    decode_step(&spec(c, selector, pruning), &params, &inputs).unwrap()
+}
+
+fn sm_scale(c: &Case) -> f32 {
+    1.0 / (c.head_dim as f32).sqrt()
+}
+
+fn desc_sum(mut w: Vec<f64>) -> f64 {
+    w.sort_by(|a, b| b.total_cmp(a));
+    w.iter().sum()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// Every query head's own kept set is `{w >= w*}`, sums to at least p, and its members
+    /// strictly above the threshold sum to less than p (so without a tie at the threshold,
+    /// dropping the smallest member falls below p). The group keeps the union.
+    #[test]
+    fn top_p_sets_are_sufficient_and_minimal(
+        c in case(),
+        p in prop::sample::select(vec![0.05f32, 0.3, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0]),
+        b0 in 1usize..=80,
+        quest in any::<bool>(),
+    ) {
+        let s = step_of(&c);
+        let mut params = StepParams::new(b0, p, sm_scale(&c));
+        params.record_weights = true;
+        let selector = if quest { Selector::Quest } else { Selector::Full };
+        let r = run(&c, &s, selector, Pruning::TopP, params);
+        let group = c.group_size;
+        let p = p as f64;
+        prop_assert_eq!(r.heads.len(), s.table.batch() * s.num_qo_heads);
+        for (i, cands) in r.candidates.iter().enumerate() {
+            let mut union = vec![false; cands.len()];
+            for h in 0..group {
+                let head = &r.heads[i * group + h];
+                let w = head.weights.as_ref().unwrap();
+                prop_assert_eq!(w.len(), cands.len());
+                let kept: Vec<usize> = (0..w.len()).filter(|&j| w[j] >= head.threshold).collect();
+                prop_assert_eq!(kept.len(), head.kept_count);
+                prop_assert!(!kept.is_empty());
+                let kept_w: Vec<f64> = kept.iter().map(|&j| w[j]).collect();
+                let above: Vec<f64> =
+                    kept_w.iter().cloned().filter(|&x| x > head.threshold).collect();
+                if p >= 1.0 || desc_sum(w.clone()) < p {
+                    // p = 1, or a p the rounded sum never reaches: everything.
+                    prop_assert_eq!(kept.len(), w.len());
+                } else {
+                    prop_assert!(desc_sum(kept_w.clone()) >= p, "kept sum below p");
+                    prop_assert!(desc_sum(above.clone()) < p, "not minimal");
+                    if above.len() + 1 == kept.len() {
+                        // No tie at the threshold: dropping the smallest falls below p.
+                        let mut sorted = kept_w.clone();
+                        sorted.sort_by(f64::total_cmp);
+                        prop_assert!(desc_sum(sorted[1..].to_vec()) < p);
+                    }
+                }
+                for j in kept {
+                    union[j] = true;
+                }
+            }
+            let mut want: Vec<usize> =
+                cands.iter().zip(&union).filter(|(_, &u)| u).map(|(&s, _)| s).collect();
+            want.sort_unstable();
+            prop_assert_eq!(&r.kept[i], &want);
+            prop_assert_eq!(r.kept_counts[i], want.len());
+        }
+    }
+
+    /// Kept sets only grow with p (per query head and per group), on the same candidates.
+    #[test]
+    fn budgets_are_monotone_in_p(c in case(), b0 in 1usize..=80, quest in any::<bool>()) {
+        let s = step_of(&c);
+        let selector = if quest { Selector::Quest } else { Selector::Full };
+        let ps = [0.1f32, 0.5, 0.7, 0.85, 0.9, 0.95, 0.99, 0.999, 1.0];
+        let runs: Vec<StepResult> = ps
+            .iter()
+            .map(|&p| run(&c, &s, selector, Pruning::TopP, StepParams::new(b0, p, sm_scale(&c))))
+            .collect();
+        for pair in runs.windows(2) {
+            let (lo, hi) = (&pair[0], &pair[1]);
+            prop_assert_eq!(&lo.candidates, &hi.candidates);
+            for (a, b) in lo.kept.iter().zip(&hi.kept) {
+                prop_assert!(a.iter().all(|x| b.binary_search(x).is_ok()), "{:?} not in {:?}", a, b);
+            }
+            for (a, b) in lo.heads.iter().zip(&hi.heads) {
+                prop_assert!(a.kept_count <= b.kept_count);
+            }
+        }
+        // p = 1 keeps every candidate.
+        let last = runs.last().unwrap();
+        for (k, cands) in last.kept.iter().zip(&last.candidates) {
+            prop_assert_eq!(k.len(), cands.len());
+        }
+    }
+
+    /// `full` + `none` is dense attention, bit for bit; so is `full` + `top_p` at p = 1; and a
+    /// budget of at least the sequence length selects every token with either selector.
+    #[test]
+    fn full_none_is_dense_and_big_budgets_select_everything(c in case(), p in 0.01f32..=1.0) {
+        let s = step_of(&c);
+        let scale = sm_scale(&c);
+        let dense = dense_decode(&s.q, s.num_qo_heads, &s.kv(), &s.table, scale);
+        let full = run(&c, &s, Selector::Full, Pruning::None, StepParams::new(1, p, scale));
+        prop_assert_eq!(&full.o, &dense.o);
+        prop_assert_eq!(&full.lse, &dense.lse);
+        let all_p = run(&c, &s, Selector::Full, Pruning::TopP, StepParams::new(1, 1.0, scale));
+        prop_assert_eq!(&all_p.o, &dense.o);
+        prop_assert_eq!(&all_p.lse, &dense.lse);
+        let max_len = s.table.max_len();
+        for selector in [Selector::Full, Selector::Quest] {
+            let b0 = max_len + (c.seed % 5) as usize;
+            let r = run(&c, &s, selector, Pruning::None, StepParams::new(b0, p, scale));
+            for b in 0..s.table.batch() {
+                let all: Vec<usize> = (0..s.table.len_of(b)).map(|t| s.table.slot(b, t)).collect();
+                let pages = (s.table.kv_indptr[b + 1] - s.table.kv_indptr[b]) as usize;
+                for g in 0..c.num_kv_heads {
+                    let i = b * c.num_kv_heads + g;
+                    prop_assert_eq!(&r.candidates[i], &all);
+                    prop_assert_eq!(&r.selected_pages[i], &(0..pages).collect::<Vec<_>>());
+                }
+            }
+            prop_assert_eq!(&r.o, &dense.o);
+        }
+    }
+
+    /// Quest: the budget is `min(pages, ceil(B0 / page_size))`, the last page is always in,
+    /// every other selected page scores at least as high as every page left out (a tie going
+    /// to the lower position), and candidates are the selected pages' valid tokens in order.
+    #[test]
+    fn quest_selection_rules(c in case(), b0 in 1usize..=80) {
+        let s = step_of(&c);
+        let r = run(&c, &s, Selector::Quest, Pruning::None, StepParams::new(b0, 0.9, sm_scale(&c)));
+        let kv = s.kv();
+        let meta = QuestMeta::build(&kv, &s.table);
+        let d = c.head_dim;
+        for b in 0..s.table.batch() {
+            let lo = s.table.kv_indptr[b] as usize;
+            let n = s.table.kv_indptr[b + 1] as usize - lo;
+            for g in 0..c.num_kv_heads {
+                let i = b * c.num_kv_heads + g;
+                let sel = &r.selected_pages[i];
+                let budget = quest_budget_pages(b0, c.page_size);
+                prop_assert_eq!(sel.len(), n.min(budget));
+                prop_assert_eq!(*sel.last().unwrap(), n - 1);
+                let q_group = &s.q[(b * s.num_qo_heads + g * c.group_size) * d..][..c.group_size * d];
+                let scores = quest_scores(q_group, &meta, &s.table, b, g);
+                for &a in &sel[..sel.len() - 1] {
+                    for out in (0..n - 1).filter(|x| sel.binary_search(x).is_err()) {
+                        prop_assert!(
+                            scores[a] > scores[out] || (scores[a] == scores[out] && a < out),
+                            "selected {} ({}) vs left out {} ({})", a, scores[a], out, scores[out]
+                        );
+                    }
+                }
+                prop_assert_eq!(sel, &quest_select(&scores, budget));
+                let mut want = Vec::new();
+                for &pos in sel {
+                    let page = s.table.kv_indices[lo + pos] as usize;
+                    let valid = if pos + 1 == n { s.table.kv_last_page_len[b] as usize } else { c.page_size };
+                    want.extend((0..valid).map(|o| page * c.page_size + o));
+                }
+                prop_assert_eq!(&r.candidates[i], &want);
+            }
+        }
+    }
+
+    /// Appending tokens a few at a time, page by page, gives exactly the batch-built Quest
+    /// metadata and 4-bit K; unreferenced pages stay 0.
+    #[test]
+    fn incremental_append_matches_batch_build(c in case(), chunk_seed in any::<u64>()) {
+        let s = step_of(&c);
+        let kv = s.kv();
+        let batch_meta = QuestMeta::build(&kv, &s.table);
+        let batch_q4 = Quant4Cache::build(&kv, &s.table).unwrap();
+        let sh = s.shape;
+        let mut meta = QuestMeta::zeros(sh.num_pages, sh.num_kv_heads, sh.head_dim);
+        let mut q4 = Quant4Cache::zeros(sh).unwrap();
+        let mut rng = chunk_seed;
+        for b in 0..s.table.batch() {
+            let mut t = 0;
+            let len = s.table.len_of(b);
+            while t < len {
+                // Pieces of 1..=5 tokens that never cross a page boundary.
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let off = t % c.page_size;
+                let n = (1 + (rng >> 60) as usize % 5).min(c.page_size - off).min(len - t);
+                let page = s.table.slot(b, t) / c.page_size;
+                meta.append(&kv, page, off, n);
+                q4.append(&kv, page, off, n);
+                t += n;
+            }
+        }
+        prop_assert_eq!(&meta, &batch_meta);
+        prop_assert_eq!(&q4, &batch_q4);
+        let valid = valid_tokens_per_page(&s.table, sh.num_pages);
+        for (page, &v) in valid.iter().enumerate() {
+            if v == 0 {
+                for g in 0..sh.num_kv_heads {
+                    prop_assert!(meta.max_row(page, g).iter().all(|&x| x == 0.0));
+                    prop_assert!(meta.min_row(page, g).iter().all(|&x| x == 0.0));
+                }
+            }
+        }
+    }
+
+    /// 4-bit error bound per element, with `scale` the f32 step and `(scale_h, min_h)` the
+    /// stored f16 values:
+    /// `|dequant - k| <= scale / 2 + 15 * |scale - f32(scale_h)| + |kmin - f32(min_h)|
+    ///                   + 4 * eps * (|k| + |kmin| + 15 * scale)`, eps = f32::EPSILON:
+    /// half a step from rounding to the grid, the grid's stretch from the f16 scale over at
+    /// most 15 steps, the f16 offset, and the f32 roundings of subtract, divide, multiply, add.
+    #[test]
+    fn four_bit_error_is_bounded(
+        row in prop::collection::vec(-1.0f32..1.0, 1..=64),
+        magnitude in prop::sample::select(vec![1e-7f32, 1e-3, 1.0, 30.0, 1000.0]),
+        offset in -2.0f32..2.0,
+        flat in any::<bool>(),
+    ) {
+        let mut k: Vec<f32> = row.iter().map(|&x| offset * magnitude + x * magnitude).collect();
+        if k.len() % 2 == 1 {
+            k.push(offset * magnitude);
+        }
+        if flat {
+            let first = k[0];
+            k.iter_mut().for_each(|x| *x = first);
+        }
+        let mut packed = vec![0u8; k.len() / 2];
+        let sm = quantize_row(&k, &mut packed);
+        let (kmin, scale) = row_params(&k);
+        let mut out = vec![0f32; k.len()];
+        dequantize_row(&packed, sm, &mut out);
+        let (scale_h, min_h) = (sm[0].to_f32(), sm[1].to_f32());
+        let eps = f32::EPSILON as f64;
+        for (&x, &y) in k.iter().zip(&out) {
+            let bound = scale as f64 / 2.0
+                + 15.0 * (scale as f64 - scale_h as f64).abs()
+                + (kmin as f64 - min_h as f64).abs()
+                + 4.0 * eps * (x.abs() as f64 + kmin.abs() as f64 + 15.0 * scale as f64);
+            let err = (y as f64 - x as f64).abs();
+            prop_assert!(err <= bound, "k {} dequant {} err {} bound {}", x, y, err, bound);
+        }
+    }
+}
+
+/// Hand-computed top-p examples of the tie rule.
+#[test]
+fn top_p_tie_rule_by_hand() {
+    use twilight::reference::top_p::top_p_keep;
+    // 0.4 < 0.5 <= 0.4 + 0.3: the threshold is 0.3, and both weights of 0.3 are kept.
+    assert_eq!(
+        top_p_keep(&[0.4, 0.3, 0.3], 0.5).unwrap(),
+        (vec![0, 1, 2], 0.3)
+    );
+    // 0.4 reaches 0.4 alone.
+    assert_eq!(top_p_keep(&[0.4, 0.3, 0.3], 0.4).unwrap(), (vec![0], 0.4));
+    // Ties above the threshold change nothing: 0.25 + 0.25 + 0.25 >= 0.7.
+    assert_eq!(
+        top_p_keep(&[0.25, 0.1, 0.25, 0.15, 0.25], 0.7).unwrap(),
+        (vec![0, 2, 4], 0.25)
+    );
+    assert_eq!(
+        top_p_keep(&[0.25, 0.1, 0.25, 0.15, 0.25], 0.8).unwrap(),
+        (vec![0, 2, 3, 4], 0.15)
+    );
+}
+
+/// Hand-computed Quest examples: the last page always, ties to the lower position, a budget
+/// covering every page selects them all.
+#[test]
+fn quest_selection_by_hand() {
+    assert_eq!(quest_select(&[5.0, -1.0, 2.0], 3), vec![0, 1, 2]);
+    assert_eq!(quest_select(&[5.0, -1.0, 2.0], 7), vec![0, 1, 2]);
+    assert_eq!(quest_select(&[5.0, -1.0, 2.0], 2), vec![0, 2]);
+    assert_eq!(quest_select(&[-1.0, 5.0, 2.0], 1), vec![2]);
+    assert_eq!(quest_select(&[4.0, 4.0, 4.0, 4.0, 0.0], 3), vec![0, 1, 4]);
+    assert_eq!(quest_budget_pages(33, 16), 3);
+    // A tiny cache: one KV head, head_dim 2, pages of 2 tokens, request pages [1, 0].
+    let shape = CacheShape {
+        num_pages: 2,
+        num_kv_heads: 1,
+        page_size: 2,
+        head_dim: 2,
+        layout: KvLayout::Hnd,
+    };
+    let k = [2.0, -1.0, -3.0, 4.0, 1.0, 1.0, 0.5, -2.0];
+    let kv = HostKv {
+        shape,
+        k: &k,
+        v: &k,
+    };
+    let table = twilight::HostPageTable::new(vec![0, 2], vec![1, 0], vec![2], 2, 2).unwrap();
+    let meta = QuestMeta::build(&kv, &table);
+    // Page 1: max (1, 1), min (0.5, -2); page 0: max (2, 4), min (-3, -1).
+    assert_eq!(meta.max_row(1, 0), &[1.0, 1.0]);
+    assert_eq!(meta.min_row(0, 0), &[-3.0, -1.0]);
+    // q = (-1, 1): page 1: max(-1, -0.5) + max(1, -2) = 0.5; page 0: max(-2, 3) + max(4, -1) = 7.
+    assert_eq!(
+        quest_scores(&[-1.0, 1.0], &meta, &table, 0, 0),
+        vec![0.5, 7.0]
+    );
+}
+
+/// Times the reference at benchmark scale: `cargo test --release --test reference_props
+/// reference_speed -- --ignored --nocapture`.
+#[test]
+#[ignore = "a timing report, run in release"]
+fn reference_speed() {
+    use std::time::Instant;
+    let (kv_heads, group, ps, d) = (8, 4, 16, 128);
+    let params = GeneratorParams::preset(Preset::Default, 1);
+    let t = Instant::now();
+    let s = generate::<f16>(&params, &[32768; 8], kv_heads, group, ps, d, KvLayout::Hnd).unwrap();
+    println!("{params}\ngenerate: {:.2} s", t.elapsed().as_secs_f64());
+    let kv = s.kv();
+    let t = Instant::now();
+    let meta = QuestMeta::build(&kv, &s.table);
+    println!("QuestMeta::build: {:.2} s", t.elapsed().as_secs_f64());
+    let t = Instant::now();
+    let quant = Quant4Cache::build(&kv, &s.table).unwrap();
+    println!("Quant4Cache::build: {:.2} s", t.elapsed().as_secs_f64());
+    let inputs = StepInputs {
+        q: &s.q,
+        num_qo_heads: s.num_qo_heads,
+        kv,
+        table: &s.table,
+        quest: Some(&meta),
+        quant: Some(&quant),
+    };
+    let c = Case {
+        seed: 0,
+        lens: vec![],
+        num_kv_heads: kv_heads,
+        group_size: group,
+        page_size: ps,
+        head_dim: d,
+        layout: KvLayout::Hnd,
+        key_scale: 1.0,
+        realistic: true,
+    };
+    for (selector, pruning) in [
+        (Selector::Full, Pruning::None),
+        (Selector::Quest, Pruning::None),
+        (Selector::Quest, Pruning::TopP),
+        (Selector::Full, Pruning::TopP),
+    ] {
+        let t = Instant::now();
+        let r = decode_step(
+            &spec(&c, selector, pruning),
+            &StepParams::new(8192, 0.9, sm_scale(&c)),
+            &inputs,
+        )
+        .unwrap();
+        let mean_kept = r.kept_counts.iter().sum::<usize>() as f64 / r.kept_counts.len() as f64;
+        println!(
+            "{selector:?}/{pruning:?}, B0 8192, p 0.9: {:.2} s, mean kept per (request, kv head) {mean_kept:.0}",
+            t.elapsed().as_secs_f64()
+        );
+    }
+}
