@@ -280,7 +280,10 @@ fn every_header_follows_its_line_marker_verbatim() {
         let mut stages: Vec<String> = Vec::new();
         for stage in &program.stages {
             let name = stage.template().to_string();
-            assert!(all_stage_templates.contains(&name), "{spec}: {name} is not embedded");
+            assert!(
+                all_stage_templates.contains(&name),
+                "{spec}: {name} is not embedded"
+            );
             if !stages.contains(&name) {
                 stages.push(name);
             }

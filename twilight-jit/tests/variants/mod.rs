@@ -22,8 +22,20 @@ pub fn snapshot_variants() -> Vec<VariantSpec> {
         VariantSpec::dense(16, 128, F16, 1, Nhd),
         VariantSpec::dense(64, 128, Bf16, 2, Hnd),
         VariantSpec::dense(1, 128, F16, 8, Hnd),
-        sparse(VariantSpec::dense(16, 128, F16, 4, Hnd), Selector::Quest, Pruning::TopP),
-        sparse(VariantSpec::dense(64, 64, Bf16, 2, Nhd), Selector::Quest, Pruning::None),
-        sparse(VariantSpec::dense(1, 256, F16, 8, Nhd), Selector::Full, Pruning::TopP),
+        sparse(
+            VariantSpec::dense(16, 128, F16, 4, Hnd),
+            Selector::Quest,
+            Pruning::TopP,
+        ),
+        sparse(
+            VariantSpec::dense(64, 64, Bf16, 2, Nhd),
+            Selector::Quest,
+            Pruning::None,
+        ),
+        sparse(
+            VariantSpec::dense(1, 256, F16, 8, Nhd),
+            Selector::Full,
+            Pruning::TopP,
+        ),
     ]
 }
