@@ -21,6 +21,8 @@ use super::CliResult;
 pub enum What {
     /// Dense paged decode (`full`/`none`) against the card's read-bandwidth floor.
     Dense(DenseArgs),
+    /// The Select-then-Prune step beside Quest alone and dense decode, per stage and per step.
+    Sparse(super::bench_sparse::SparseArgs),
     /// JIT costs: cold compile, warm disk-cache load and memory-cache hit, per variant.
     Jit {
         /// Variants (default: the dense Llama-3 shape in f16 and bf16).
@@ -62,6 +64,7 @@ pub struct DenseArgs {
 pub fn run(what: What) -> CliResult {
     match what {
         What::Dense(args) => dense(args),
+        What::Sparse(args) => super::bench_sparse::run(args),
         What::Jit { variants } => jit(variants),
     }
 }
