@@ -118,8 +118,11 @@ impl SparseWorkspace {
 
 /// Blocks per SM the attention split aims for (as in dense decode).
 const TARGET_BLOCKS_PER_SM: usize = 8;
-/// Kept lists are short; below this a split costs more than it saves.
-const MIN_CHUNK_TOKENS: usize = 64;
+/// Kept lists are short and of unknown length when the grid is sized: small chunks keep many
+/// blocks busy on a short list, and the blocks past a list's end exit at once.
+const MAX_CHUNK_TOKENS: usize = 128;
+/// Pages each warp of the Quest scoring kernel walks.
+const PAGES_PER_WARP: u32 = 16;
 
 /// The sparse decode step of one variant on one stream.
 pub struct SparseDecoder {
@@ -221,7 +224,7 @@ impl SparseDecoder {
         let wanted = (self.num_sms * TARGET_BLOCKS_PER_SM).div_ceil(pairs).max(1);
         let chunk_tokens = max_cands
             .div_ceil(wanted)
-            .max(MIN_CHUNK_TOKENS)
+            .min(MAX_CHUNK_TOKENS)
             .next_multiple_of(tile);
         SparsePlan {
             max_pages,
@@ -420,8 +423,11 @@ impl SparseDecoder {
                 .arg(&mut *scores)
                 .arg(&kvh_i)
                 .arg(&max_pages_i);
+            // Each warp scores PAGES_PER_WARP pages, so q is loaded once per warp for many pages.
             let warps = tiling.select_threads / 32;
-            let grid_x = (plan.max_pages as u32).div_ceil(warps).max(1);
+            let grid_x = (plan.max_pages as u32)
+                .div_ceil(warps * PAGES_PER_WARP)
+                .max(1);
             // SAFETY: matches `_quest_score` of quest.cu.tera; scores hold rows * max_pages
             // entries and every request has at most max_pages pages (max_pages is derived from
             // the table's longest request).

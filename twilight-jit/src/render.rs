@@ -198,7 +198,8 @@ impl Tiling {
             select_threads: 256,
             estimate_threads: 128,
             threshold_threads: 512,
-            compact_threads: 256,
+            // One block walks a whole candidate list in order: make each step of it wide.
+            compact_threads: 1024,
         }
     }
 

@@ -45,7 +45,7 @@ struct tw_prune {
   TW_DEVICE static void estimate(const T* __restrict__ q, const unsigned char* __restrict__ k_q4,
                                  const half* __restrict__ k_q4_scale_min, const Candidates& cands,
                                  float* __restrict__ logits, int num_kv_heads, int max_cands, float sm_scale) {
-    __shared__ float q_s[GROUP][HEAD_DIM];
+    __shared__ __align__(16) float q_s[GROUP][HEAD_DIM];
     __shared__ float q_sum[GROUP];
     const int kv_head = blockIdx.y;
     const int request = blockIdx.z;
@@ -79,14 +79,16 @@ struct tw_prune {
       const uint4 packet = codes[w];
       const unsigned words[4] = {packet.x, packet.y, packet.z, packet.w};
 #pragma unroll
-      for (int word = 0; word < 4; ++word) {
+      for (int half_word = 0; half_word < 8; ++half_word) {
+        // Two bytes: four channels, read from shared memory as one float4 per head.
+        const unsigned bits = (words[half_word / 2] >> (16 * (half_word % 2))) & 0xffffu;
+        const float c0 = float(bits & 15u), c1 = float((bits >> 4) & 15u);
+        const float c2 = float((bits >> 8) & 15u), c3 = float(bits >> 12);
+        const int ch = w * 32 + half_word * 4;
 #pragma unroll
-        for (int b = 0; b < 4; ++b) {
-          const unsigned byte = (words[word] >> (8 * b)) & 255u;
-          const float lo = float(byte & 15u), hi = float(byte >> 4);
-          const int ch = w * 32 + word * 8 + 2 * b;
-#pragma unroll
-          for (int g = 0; g < GROUP; ++g) acc[g] = fmaf(q_s[g][ch], lo, fmaf(q_s[g][ch + 1], hi, acc[g]));
+        for (int g = 0; g < GROUP; ++g) {
+          const float4 qv = *reinterpret_cast<const float4*>(&q_s[g][ch]);
+          acc[g] = fmaf(qv.x, c0, fmaf(qv.y, c1, fmaf(qv.z, c2, fmaf(qv.w, c3, acc[g]))));
         }
       }
     }
@@ -105,10 +107,9 @@ struct tw_prune {
   template <int THREADS, typename Candidates>
   TW_DEVICE static void threshold(const float* __restrict__ logits, const Candidates& cands,
                                   float* __restrict__ stats, int max_cands, float p) {
-    __shared__ float mass[256];
+    typedef tw_radix<float, THREADS> radix;
+    __shared__ typename radix::storage radix_smem;
     __shared__ float scratch[THREADS / 32];
-    __shared__ unsigned chosen_prefix;
-    __shared__ float chosen_above;
     const int row_id = blockIdx.y * gridDim.x + blockIdx.x;  // request * num_qo_heads + qo head
     const float* row = logits + tw_i64(row_id) * max_cands;
     const int n = cands.count;
@@ -129,37 +130,16 @@ struct tw_prune {
     unsigned prefix = 0, mask = 0;
     float above = 0.f;  // mass of the weights beyond the current prefix's range
     for (int shift = 24; shift >= 0; shift -= 8) {
-      for (int i = threadIdx.x; i < 256; i += THREADS) mass[i] = 0.f;
+      radix::clear(radix_smem);
       __syncthreads();
       for (int i = threadIdx.x; i < n; i += THREADS) {
         const float w = exp2f(row[i] - mx);
         const unsigned key = __float_as_uint(w);
-        if ((key & mask) == prefix) atomicAdd(&mass[(key >> shift) & 255u], w);
+        if ((key & mask) == prefix) radix::add(radix_smem, (key >> shift) & 255u, w);
       }
-      __syncthreads();
-      if (threadIdx.x == 0) {
-        float cum = above;
-        int digit = -1, lowest = 0;
-        for (int d = 255; d >= 0; --d) {
-          if (mass[d] > 0.f) lowest = d;
-          if (cum + mass[d] >= target) {
-            digit = d;
-            break;
-          }
-          cum += mass[d];
-        }
-        // Rounding can leave the total a hair under p * z: then everything down to the smallest
-        // weight is needed.
-        if (digit < 0) {
-          digit = lowest;
-          cum -= mass[lowest];
-        }
-        chosen_prefix = prefix | (unsigned(digit) << shift);
-        chosen_above = cum;
-      }
-      __syncthreads();
-      prefix = chosen_prefix;
-      above = chosen_above;
+      radix::pick(radix_smem, above, target);
+      prefix |= radix_smem.digit << shift;
+      above = radix_smem.above;
       mask |= 255u << shift;
       __syncthreads();
     }

@@ -52,10 +52,9 @@ struct tw_quest {
   TW_DEVICE static void select(const float* __restrict__ scores, const int* __restrict__ kv_indptr,
                                int* __restrict__ selected, int* __restrict__ selected_count, int num_kv_heads,
                                int max_pages, int budget_pages) {
-    __shared__ unsigned hist[256];
+    typedef tw_radix<int, THREADS> radix;
+    __shared__ typename radix::storage radix_smem;
     __shared__ int scan_scratch[WARPS];
-    __shared__ unsigned chosen_prefix;
-    __shared__ int chosen_remaining;
     const int kv_head = blockIdx.x;
     const int request = blockIdx.y;
     const int head_row = request * num_kv_heads + kv_head;
@@ -73,28 +72,15 @@ struct tw_quest {
     int remaining = k;  // how many of the items matching `prefix` are still to be taken
     if (k > 0) {
       for (int shift = 24; shift >= 0; shift -= 8) {
-        for (int i = threadIdx.x; i < 256; i += THREADS) hist[i] = 0;
+        radix::clear(radix_smem);
         __syncthreads();
         for (int i = threadIdx.x; i < others; i += THREADS) {
           const unsigned key = tw_ordered_bits(row[i]);
-          if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+          if ((key & mask) == prefix) radix::add(radix_smem, (key >> shift) & 255u, 1);
         }
-        __syncthreads();
-        if (threadIdx.x == 0) {
-          int above = 0, digit = 0;
-          for (int d = 255; d >= 0; --d) {
-            if (above + int(hist[d]) >= remaining) {
-              digit = d;
-              break;
-            }
-            above += hist[d];
-          }
-          chosen_prefix = prefix | (unsigned(digit) << shift);
-          chosen_remaining = remaining - above;
-        }
-        __syncthreads();
-        prefix = chosen_prefix;
-        remaining = chosen_remaining;
+        radix::pick(radix_smem, 0, remaining);
+        prefix |= radix_smem.digit << shift;
+        remaining -= radix_smem.above;
         mask |= 255u << shift;
         __syncthreads();
       }

@@ -64,3 +64,89 @@ TW_DEVICE int tw_block_exclusive_count(bool flag, int* scratch, int& total) {
   }
   return before + before_in_warp;
 }
+
+// Radix selection over 8-bit digits, shared by the Quest selector (V = count) and the top-p
+// threshold (V = weight mass). Each warp fills its own histogram, so contention on hot buckets
+// stays within a warp; `pick` then sums them and finds, from the top digit down, the first
+// bucket where the running total (starting from `above`) reaches `target`, with a warp-wide
+// scan instead of a serial walk over 256 bins.
+template <typename V, int THREADS>
+struct tw_radix {
+  static constexpr int WARPS = THREADS / 32;
+  struct storage {
+    V hist[WARPS][256];
+    V total[256];
+    unsigned digit;
+    V above;
+  };
+
+  TW_DEVICE static void clear(storage& s) {
+    for (int i = threadIdx.x; i < WARPS * 256; i += THREADS) s.hist[i / 256][i % 256] = V(0);
+  }
+
+  TW_DEVICE static void add(storage& s, unsigned bucket, V value) { atomicAdd(&s.hist[threadIdx.x / 32][bucket], value); }
+
+  // Call from every thread after the histograms are complete (it begins with the barrier that
+  // makes them visible). Afterwards s.digit is the chosen digit and s.above the total of the
+  // buckets above it plus `above`. When even the whole total stays below `target` (float
+  // rounding of a mass), the lowest non-empty digit is chosen.
+  TW_DEVICE static void pick(storage& s, V above, V target) {
+    __syncthreads();
+    for (int d = threadIdx.x; d < 256; d += THREADS) {
+      V t = V(0);
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) t += s.hist[w][d];
+      s.total[d] = t;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      V local[8];
+      V sum = V(0);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        local[j] = s.total[255 - (lane * 8 + j)];  // lane 0 holds the top digits
+        sum += local[j];
+      }
+      V inclusive = sum;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const V y = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += y;
+      }
+      V cum = above + (inclusive - sum);
+      int found = -1, lowest = -1;
+      V found_above = V(0), lowest_above = V(0);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (found < 0 && cum + local[j] >= target) {
+          found = 255 - (lane * 8 + j);
+          found_above = cum;
+        }
+        if (local[j] > V(0)) {
+          lowest = 255 - (lane * 8 + j);
+          lowest_above = cum;
+        }
+        cum += local[j];
+      }
+      const unsigned hits = __ballot_sync(0xffffffffu, found >= 0);
+      int digit;
+      V new_above;
+      if (hits) {
+        const int leader = __ffs(hits) - 1;
+        digit = __shfl_sync(0xffffffffu, found, leader);
+        new_above = __shfl_sync(0xffffffffu, found_above, leader);
+      } else {
+        const unsigned nonempty = __ballot_sync(0xffffffffu, lowest >= 0);
+        const int leader = nonempty ? 31 - __clz(nonempty) : 0;
+        digit = nonempty ? __shfl_sync(0xffffffffu, lowest, leader) : 0;
+        new_above = nonempty ? __shfl_sync(0xffffffffu, lowest_above, leader) : above;
+      }
+      if (lane == 0) {
+        s.digit = unsigned(digit);
+        s.above = new_above;
+      }
+    }
+    __syncthreads();
+  }
+};
