@@ -6,7 +6,10 @@
 //! background. This generator builds exactly that, per (request, KV head):
 //!
 //! - a random unit direction `u` shared by the group, and per query head `h` a unit direction
-//!   `v_h` orthogonal to `u` and to the other heads' directions;
+//!   `v_h` orthogonal to `u` and to the other heads' directions, all supported on the same
+//!   `signal_channels` random channels (real keys put what q reads in a few large channels;
+//!   spread over every channel, the structure would drown in per-channel noise and no page
+//!   selector such as Quest could find the heavy pages);
 //! - `q_h = c * sqrt(d) * (rho * u + sqrt(1 - rho^2) * v_h) + c * noise`, with `c` the
 //!   `concentration` and `rho` the `group_agreement`;
 //! - `k_t = spread_t * n_t + s_t * u + sum_h s'_{t,h} * v_h` with `n_t` standard normal
@@ -152,6 +155,12 @@ pub struct GeneratorParams {
     pub group_agreement: f64,
     /// Standard deviation of the per-channel noise of q, relative to its per-channel size.
     pub query_noise: f64,
+    /// Channels that carry the attention structure (the directions `u` and `v_h` live in a
+    /// random set of this many channels per group). Real keys concentrate what q reads in a
+    /// few large channels; with the structure spread over every channel, per-channel page
+    /// bounds (Quest's) would be ruled by noise and no page selector would find the heavy
+    /// pages. Clamped to head_dim.
+    pub signal_channels: usize,
     pub seed: u64,
 }
 
@@ -174,6 +183,7 @@ impl GeneratorParams {
             special_noise: 0.25,
             group_agreement: 0.8,
             query_noise: 0.1,
+            signal_channels: 8,
             seed,
         }
     }
@@ -244,6 +254,7 @@ impl fmt::Display for GeneratorParams {
             special_noise,
             group_agreement,
             query_noise,
+            signal_channels,
             seed,
         } = self;
         if *preset == Preset::Uniform {
@@ -259,7 +270,8 @@ impl fmt::Display for GeneratorParams {
              window_decay={window_decay} hits={hits} head_hits={head_hits} \
              shares(sink/window/hits/head_hits/background)={sink_share}/{window_share}/\
              {hit_share}/{head_hit_share}/{:.4} background_spread={background_spread} \
-             special_noise={special_noise} group_agreement={group_agreement} query_noise={query_noise} seed={seed}",
+             special_noise={special_noise} group_agreement={group_agreement} query_noise={query_noise} \
+             signal_channels={signal_channels} seed={seed}",
             self.background_share()
         )
     }
@@ -415,6 +427,28 @@ fn distinct_positions(rng: &mut SplitMix64, lo: usize, hi: usize, count: usize) 
     out
 }
 
+/// `count` orthonormal unit vectors of `d` channels, all supported on the same random set of
+/// `support` channels (clamped to `count..=d`).
+fn orthonormal_on_channels(
+    rng: &mut SplitMix64,
+    d: usize,
+    count: usize,
+    support: usize,
+) -> Vec<Vec<f32>> {
+    let m = support.clamp(count, d);
+    let channels = distinct_positions(rng, 0, d, m);
+    orthonormal(rng, m, count)
+        .into_iter()
+        .map(|small| {
+            let mut full = vec![0f32; d];
+            for (&c, &x) in channels.iter().zip(&small) {
+                full[c] = x;
+            }
+            full
+        })
+        .collect()
+}
+
 /// Orthonormal directions: `count` unit vectors of `d` channels (Gram-Schmidt in f64).
 fn orthonormal(rng: &mut SplitMix64, d: usize, count: usize) -> Vec<Vec<f32>> {
     let mut basis: Vec<Vec<f64>> = Vec::with_capacity(count);
@@ -466,7 +500,7 @@ fn build_group(
         };
         return (group, q);
     }
-    let mut dirs = orthonormal(&mut rng, d, group_size + 1);
+    let mut dirs = orthonormal_on_channels(&mut rng, d, group_size + 1, params.signal_channels);
     let u = dirs.remove(0);
     let v = dirs;
     let rho = params.group_agreement;

@@ -14,6 +14,7 @@ pub mod element;
 pub mod error;
 pub mod generator;
 pub mod kv_cache;
+pub mod npy;
 pub mod page_table;
 pub mod reference;
 pub mod sparse;

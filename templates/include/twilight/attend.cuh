@@ -9,6 +9,7 @@
 // Every token of a request, in order, through the page table.
 template <int PAGE_SIZE>
 struct tw_request_tokens {
+  static constexpr bool LISTED = false;
   const int* pages;
   int len;
   TW_DEVICE tw_request_tokens(const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len, int request)
@@ -20,6 +21,7 @@ struct tw_request_tokens {
 
 // An explicit list of token slots (page * PAGE_SIZE + offset), e.g. the kept tokens of a head.
 struct tw_listed_tokens {
+  static constexpr bool LISTED = true;
   const int* slots;
   int len;
   TW_DEVICE int length() const { return len; }
@@ -36,7 +38,11 @@ struct tw_attend {
   static_assert(BLOCK_THREADS % 32 == 0 && BLOCK_THREADS % TX == 0, "block must hold whole rows and warps");
   typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM> layout;
 
+  // Listed chunks up to this long stage their slots in shared memory first.
+  static constexpr int SLOT_CACHE = 256;
+
   struct shared_state {
+    int slots[SLOT_CACHE];
     float m[ROWS][GROUP];
     float d[ROWS][GROUP];
     float o[ROWS][GROUP][HEAD_DIM];
@@ -67,6 +73,13 @@ struct tw_attend {
       return;
     }
     const int end = min(len, begin + chunk_tokens);
+    // A listed chunk's slots are read once into shared memory, so the K/V loads of each tile do
+    // not wait behind a dependent global load of their slot.
+    const bool slots_staged = Tokens::LISTED && end - begin <= SLOT_CACHE;
+    if (slots_staged) {
+      for (int i = threadIdx.x; i < end - begin; i += BLOCK_THREADS) smem.slots[i] = tokens.slot(begin + i);
+      __syncthreads();
+    }
     const int tx = threadIdx.x % TX;
     const int row = threadIdx.x / TX;
     const int num_qo_heads = num_kv_heads * GROUP;
@@ -101,7 +114,7 @@ struct tw_attend {
         const int t = base + j * ROWS + row;
         valid[j] = t < end;
         if (valid[j]) {
-          const int slot = tokens.slot(t);
+          const int slot = slots_staged ? smem.slots[t - begin] : tokens.slot(t);
           const tw_i64 at = layout::offset(slot / PAGE_SIZE, kv_head, slot % PAGE_SIZE, num_kv_heads) + tx * VEC;
           k_packet[j].load_stream(k_cache + at);
           v_packet[j].load_stream(v_cache + at);

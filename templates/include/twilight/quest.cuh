@@ -34,11 +34,15 @@ struct tw_quest {
     }
     for (int pos = blockIdx.x * WARPS + threadIdx.x / 32; pos < others; pos += gridDim.x * WARPS) {
       const tw_i64 meta = (tw_i64(kv_indices[first_page + pos]) * num_kv_heads + kv_head) * HEAD_DIM + lane * PER_LANE;
+      // PER_LANE consecutive channels per lane: one 4-, 8- or 16-byte load each of max and min.
+      float mx_f[PER_LANE], mn_f[PER_LANE];
+      tw_load_floats<T, PER_LANE>(page_max + meta, mx_f);
+      tw_load_floats<T, PER_LANE>(page_min + meta, mn_f);
       float partial = 0.f;
 #pragma unroll
       for (int j = 0; j < PER_LANE; ++j) {
-        const float mx = tw_to_float(page_max[meta + j]);
-        const float mn = tw_to_float(page_min[meta + j]);
+        const float mx = mx_f[j];
+        const float mn = mn_f[j];
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) partial += fmaxf(qf[g][j] * mx, qf[g][j] * mn);
       }

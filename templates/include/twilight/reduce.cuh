@@ -150,3 +150,29 @@ struct tw_radix {
     __syncthreads();
   }
 };
+
+// Exclusive prefix sum of one int per thread across the block, in thread order; `total`
+// receives the block's sum. `scratch` holds one int per warp. Contains barriers.
+template <int BLOCK_THREADS>
+TW_DEVICE int tw_block_exclusive_sum(int value, int* scratch, int& total) {
+  constexpr int WARPS = BLOCK_THREADS / 32;
+  const int lane = threadIdx.x % 32;
+  int inclusive = value;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const int y = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += y;
+  }
+  __syncthreads();
+  if (lane == 31) scratch[threadIdx.x / 32] = inclusive;
+  __syncthreads();
+  int before = 0;
+  total = 0;
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w) {
+    const int c = scratch[w];
+    if (w < int(threadIdx.x / 32)) before += c;
+    total += c;
+  }
+  return before + inclusive - value;
+}

@@ -1,0 +1,356 @@
+//! `twilight demo`: the main job. Generates a realistic synthetic cache (peaked attention, see
+//! [`twilight::generator`]), runs one Select-then-Prune decode step on the GPU when there is one
+//! (else on the CPU reference), and reports the kept budget per head, the time per stage, and
+//! the error against dense attention. `--dump DIR` writes every input and output as NumPy files
+//! so that any independent implementation can check the step.
+//!
+//! `--selector full --pruning none` is dense paged decode through the same structure.
+
+mod check;
+mod cpu;
+mod dump;
+mod gpu;
+mod report;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rand::SeedableRng;
+use twilight::generator::{generate, oracle_top_p_budget, GeneratorParams, Preset};
+use twilight::reference::{CacheShape, DecodeResult, HostKv};
+use twilight::synthetic::{ragged_lengths, SyntheticStep};
+use twilight::twilight_jit::open_device;
+use twilight::{
+    Dtype, HostPageTable, KvElement, KvLayout, Pruning, Selector, SparseParams, VariantSpec,
+};
+
+use super::CliResult;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Requests in the batch (lengths are ragged; one has exactly --max-len tokens).
+    #[arg(long, default_value_t = 4)]
+    batch: usize,
+    #[arg(long, default_value_t = 8192)]
+    max_len: usize,
+    #[arg(long, default_value_t = 8)]
+    kv_heads: usize,
+    #[arg(long, default_value_t = 4)]
+    group_size: u32,
+    #[arg(long, default_value_t = 128)]
+    head_dim: u32,
+    #[arg(long, default_value_t = 16)]
+    page_size: u32,
+    /// f16 or bf16.
+    #[arg(long, default_value = "f16", value_parser = parse_dtype)]
+    dtype: Dtype,
+    /// hnd or nhd.
+    #[arg(long, default_value = "hnd", value_parser = parse_layout)]
+    layout: KvLayout,
+    /// Candidate selector: quest or full (every token).
+    #[arg(long, default_value = "quest", value_parser = parse_selector)]
+    selector: Selector,
+    /// Pruning of the candidates: top_p or none. `--selector full --pruning none` is dense.
+    #[arg(long, default_value = "top_p", value_parser = parse_pruning)]
+    pruning: Pruning,
+    /// B0: the selector's token budget per (request, KV head).
+    #[arg(long, default_value_t = 2048)]
+    budget: usize,
+    /// Top-p threshold in (0, 1].
+    #[arg(long, default_value_t = 0.85)]
+    p: f32,
+    /// Attention shape of the generator: default, focused, diffuse or uniform.
+    #[arg(long, default_value = "default", value_parser = parse_preset)]
+    preset: Preset,
+    #[arg(long, default_value_t = 2026)]
+    seed: u64,
+    /// Run the CPU reference even where a GPU is present.
+    #[arg(long)]
+    cpu: bool,
+    /// Write every input and output of the step as NumPy files (and params.json) into DIR.
+    #[arg(long, value_name = "DIR")]
+    dump: Option<PathBuf>,
+}
+
+fn parse_dtype(s: &str) -> Result<Dtype, String> {
+    match s {
+        "f16" => Ok(Dtype::F16),
+        "bf16" => Ok(Dtype::Bf16),
+        _ => Err(format!("`{s}` is not f16 or bf16")),
+    }
+}
+
+fn parse_layout(s: &str) -> Result<KvLayout, String> {
+    match s {
+        "hnd" => Ok(KvLayout::Hnd),
+        "nhd" => Ok(KvLayout::Nhd),
+        _ => Err(format!("`{s}` is not hnd or nhd")),
+    }
+}
+
+fn parse_selector(s: &str) -> Result<Selector, String> {
+    match s {
+        "quest" => Ok(Selector::Quest),
+        "full" => Ok(Selector::Full),
+        _ => Err(format!(
+            "`{s}` is not a selector the demo runs: quest or full"
+        )),
+    }
+}
+
+fn parse_pruning(s: &str) -> Result<Pruning, String> {
+    match s {
+        "top_p" => Ok(Pruning::TopP),
+        "none" => Ok(Pruning::None),
+        _ => Err(format!("`{s}` is not top_p or none")),
+    }
+}
+
+fn parse_preset(s: &str) -> Result<Preset, String> {
+    s.parse().map_err(|e: twilight::Error| e.to_string())
+}
+
+/// Declaration spellings, as the CLI and params.json write them.
+pub(super) fn selector_name(s: Selector) -> String {
+    match s {
+        Selector::Full => "full".into(),
+        Selector::Quest => "quest".into(),
+        Selector::DoubleSparse { channels } => format!("double_sparse({channels})"),
+    }
+}
+pub(super) fn pruning_name(p: Pruning) -> &'static str {
+    match p {
+        Pruning::TopP => "top_p",
+        Pruning::None => "none",
+    }
+}
+pub(super) fn dtype_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::F16 => "f16",
+        Dtype::Bf16 => "bf16",
+    }
+}
+pub(super) fn layout_name(l: KvLayout) -> &'static str {
+    match l {
+        KvLayout::Hnd => "hnd",
+        KvLayout::Nhd => "nhd",
+    }
+}
+
+/// What every path runs on: the variant, the step's parameters and the generated inputs.
+pub(super) struct Inputs {
+    pub spec: VariantSpec,
+    pub budget: usize,
+    pub p: f32,
+    pub sm_scale: f32,
+    pub lens: Vec<usize>,
+    pub generator: GeneratorParams,
+    /// q and the cache as the generator built them (values exact in the dtype).
+    pub step: SyntheticStep,
+}
+
+impl Inputs {
+    pub fn is_dense(&self) -> bool {
+        self.spec.selector == Selector::Full && self.spec.pruning == Pruning::None
+    }
+    pub fn sparse_params(&self) -> SparseParams {
+        SparseParams {
+            budget: self.budget,
+            p: self.p,
+            sm_scale: Some(self.sm_scale),
+        }
+    }
+    pub fn batch(&self) -> usize {
+        self.lens.len()
+    }
+    pub fn num_kv_heads(&self) -> usize {
+        self.step.shape.num_kv_heads
+    }
+    pub fn num_qo_heads(&self) -> usize {
+        self.step.num_qo_heads
+    }
+    pub fn group(&self) -> usize {
+        self.spec.group_size as usize
+    }
+    pub fn head_dim(&self) -> usize {
+        self.spec.head_dim as usize
+    }
+}
+
+/// K, V and the page table of a cache on the host.
+pub(super) struct HostCache {
+    pub shape: CacheShape,
+    pub table: HostPageTable,
+    pub k: Vec<f32>,
+    pub v: Vec<f32>,
+}
+
+/// What a run produced, on the host.
+pub(super) struct Outcome {
+    /// `gpu: <name>` or `cpu reference`.
+    pub ran_on: String,
+    /// The cache the step read when it is not the generator's own (the GPU's, after append,
+    /// has its own page assignment).
+    pub cache: Option<HostCache>,
+    /// `[batch, num_qo_heads, head_dim]`, values of the dtype (GPU) or f32 (CPU reference).
+    pub o: Vec<f32>,
+    /// `[batch, num_qo_heads]`.
+    pub lse: Vec<f32>,
+    /// Kept token slots per (request, KV head), ascending.
+    pub kept: Vec<Vec<usize>>,
+    /// Dense attention (CPU reference, f64) on the same cache, and how long it took.
+    pub dense: DecodeResult,
+    pub dense_ms: f64,
+    /// Other outputs worth comparing with dense attention (label, o, lse).
+    pub others: Vec<(String, Vec<f32>, Vec<f32>)>,
+    /// Set when a check failed: the demo reports and dumps, then exits with this error.
+    pub failure: Option<String>,
+}
+
+impl Outcome {
+    pub fn kv<'a>(&'a self, x: &'a Inputs) -> HostKv<'a> {
+        match &self.cache {
+            Some(c) => HostKv {
+                shape: c.shape,
+                k: &c.k,
+                v: &c.v,
+            },
+            None => x.step.kv(),
+        }
+    }
+    pub fn table<'a>(&'a self, x: &'a Inputs) -> &'a HostPageTable {
+        match &self.cache {
+            Some(c) => &c.table,
+            None => &x.step.table,
+        }
+    }
+}
+
+pub fn run(args: Args) -> CliResult {
+    let inputs = prepare(&args)?;
+    let start = Instant::now();
+    let oracle = oracle_top_p_budget(&inputs.step, inputs.sm_scale, inputs.p as f64)?;
+    let oracle_ms = start.elapsed().as_secs_f64() * 1e3;
+    let stream = if args.cpu {
+        println!("  --cpu: running the CPU reference");
+        None
+    } else {
+        match open_device(0) {
+            Ok(ctx) => Some(ctx.default_stream()),
+            Err(e) => {
+                println!("  no GPU ({e})\n  running the CPU reference instead");
+                None
+            }
+        }
+    };
+    let outcome = match stream {
+        Some(stream) => match args.dtype {
+            Dtype::F16 => gpu::run::<half::f16>(&stream, &inputs)?,
+            Dtype::Bf16 => gpu::run::<half::bf16>(&stream, &inputs)?,
+        },
+        None => cpu::run(&inputs)?,
+    };
+    report::budget(&inputs, &outcome, &oracle, oracle_ms);
+    report::errors(&inputs, &outcome);
+    if let Some(dir) = &args.dump {
+        dump::write(dir, &inputs, &outcome)?;
+        println!(
+            "  dump: every input and output written to {}",
+            dir.display()
+        );
+    }
+    match outcome.failure {
+        Some(failure) => Err(failure.into()),
+        None => Ok(()),
+    }
+}
+
+/// Checks the flags, generates the inputs and prints what will run.
+fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
+    let spec = VariantSpec {
+        page_size: args.page_size,
+        head_dim: args.head_dim,
+        dtype: args.dtype,
+        group_size: args.group_size,
+        kv_layout: args.layout,
+        selector: args.selector,
+        pruning: args.pruning,
+    };
+    spec.validate()?;
+    if args.batch == 0 || args.max_len == 0 || args.kv_heads == 0 {
+        return Err("--batch, --max-len and --kv-heads must be at least 1".into());
+    }
+    let sm_scale = 1.0 / (args.head_dim as f32).sqrt();
+    SparseParams {
+        budget: args.budget,
+        p: args.p,
+        sm_scale: Some(sm_scale),
+    }
+    .validate()?;
+    if let Some(dir) = &args.dump {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create the dump directory {}: {e}", dir.display()))?;
+    }
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let lens = ragged_lengths(&mut rng, args.batch, args.max_len);
+    let generator = GeneratorParams::preset(args.preset, args.seed);
+    let what = if spec.selector == Selector::Full && spec.pruning == Pruning::None {
+        "dense paged decode".to_string()
+    } else {
+        format!(
+            "Select-then-Prune sparse decode ({} selector, {} pruning)",
+            selector_name(spec.selector),
+            pruning_name(spec.pruning)
+        )
+    };
+    println!(
+        "twilight demo: {what}, variant {spec}\n  batch {} with lengths {lens:?}, {} KV heads x group {} = {} query heads, head_dim {}, page_size {}",
+        args.batch,
+        args.kv_heads,
+        args.group_size,
+        args.kv_heads * args.group_size as usize,
+        args.head_dim,
+        args.page_size
+    );
+    println!(
+        "  B0 = {} tokens, p = {}, sm_scale = {sm_scale:.6} (1/sqrt(head_dim))",
+        args.budget, args.p
+    );
+    println!("  generator: {generator}");
+    let start = Instant::now();
+    let step = match args.dtype {
+        Dtype::F16 => gen::<half::f16>(&generator, &lens, args, spec)?,
+        Dtype::Bf16 => gen::<half::bf16>(&generator, &lens, args, spec)?,
+    };
+    println!(
+        "  synthetic cache ({} pages) generated on the host in {:.0} ms",
+        step.shape.num_pages,
+        start.elapsed().as_secs_f64() * 1e3
+    );
+    Ok(Inputs {
+        spec,
+        budget: args.budget,
+        p: args.p,
+        sm_scale,
+        lens,
+        generator,
+        step,
+    })
+}
+
+fn gen<T: KvElement>(
+    params: &GeneratorParams,
+    lens: &[usize],
+    args: &Args,
+    spec: VariantSpec,
+) -> twilight::Result<SyntheticStep> {
+    generate::<T>(
+        params,
+        lens,
+        args.kv_heads,
+        spec.group_size as usize,
+        spec.page_size as usize,
+        spec.head_dim as usize,
+        spec.kv_layout,
+    )
+}
