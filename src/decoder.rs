@@ -1,8 +1,8 @@
 //! Dense paged decode on the GPU: the `full`/`none` variant, the baseline every sparse variant
 //! is measured against.
 //!
-//! A step is at most two launches (attention, then the split-KV merge when a request is split
-//! over blocks), sized from host-side bounds only, so it can be captured in a CUDA graph.
+//! A step is one launch, sized from host-side bounds only, so it can be captured in a CUDA
+//! graph; a request split over blocks is merged by its last block in the same launch.
 
 use std::sync::Arc;
 
@@ -20,7 +20,7 @@ use crate::variant::Variant;
 pub struct SplitPlan {
     /// Tokens per block; a multiple of the kernel's tile.
     pub chunk_tokens: usize,
-    /// Blocks per (request, KV head); 1 means no merge launch.
+    /// Blocks per (request, KV head).
     pub num_chunks: usize,
 }
 
@@ -31,17 +31,57 @@ pub struct DecodeOutput<T: KvElement> {
     pub lse: CudaSlice<f32>,
 }
 
-/// Scratch space of split-KV partial results, reused across steps.
+/// Scratch space of split-KV attention, reused across steps: the partial (o, lse) of every
+/// chunk, and per (request, KV head) a count of finished chunks that the merging block resets
+/// to zero (so it is zero between steps, as a fresh allocation is).
 #[derive(Debug, Default)]
 pub struct Workspace {
     partial_o: Option<CudaSlice<f32>>,
     partial_lse: Option<CudaSlice<f32>>,
+    done: Option<CudaSlice<i32>>,
+}
+
+impl Workspace {
+    /// Grows the buffers for `heads` query heads split into `chunks`, over `rows`
+    /// (request, KV head) pairs; allocates nothing when they are large enough.
+    pub(crate) fn ensure(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        heads: usize,
+        chunks: usize,
+        head_dim: usize,
+        rows: usize,
+    ) -> Result<()> {
+        let partials = if chunks > 1 { heads * chunks } else { 1 };
+        ensure_len(
+            stream,
+            &mut self.partial_o,
+            partials * head_dim,
+            "partial o",
+        )?;
+        ensure_len(stream, &mut self.partial_lse, partials, "partial lse")?;
+        ensure_len(stream, &mut self.done, rows, "split counters")
+    }
+
+    /// The buffers, after [`Workspace::ensure`].
+    pub(crate) fn buffers(
+        &mut self,
+    ) -> (
+        &mut CudaSlice<f32>,
+        &mut CudaSlice<f32>,
+        &mut CudaSlice<i32>,
+    ) {
+        match (&mut self.partial_o, &mut self.partial_lse, &mut self.done) {
+            (Some(o), Some(lse), Some(done)) => (o, lse, done),
+            _ => unreachable!("Workspace::ensure runs before every launch"),
+        }
+    }
 }
 
 /// Blocks the split-KV plan aims for per multiprocessor: enough resident warps to keep the
 /// loads of every SM in flight.
 const TARGET_BLOCKS_PER_SM: usize = 8;
-/// Below this many tokens per block the merge costs more than the extra parallelism saves.
+/// Below this many tokens per block merging the split costs more than the parallelism saves.
 const MIN_CHUNK_TOKENS: usize = 256;
 
 /// Dense decode for one variant on one stream.
@@ -177,25 +217,14 @@ impl DenseDecoder {
         }
 
         let plan = self.plan(batch, num_kv_heads, table.max_len());
-        let partial_len = if plan.num_chunks > 1 {
-            batch * num_qo_heads * plan.num_chunks
-        } else {
-            1
-        };
-        ensure_len(
+        workspace.ensure(
             &self.stream,
-            &mut workspace.partial_o,
-            partial_len * head_dim,
-            "partial o",
+            batch * num_qo_heads,
+            plan.num_chunks,
+            head_dim,
+            batch * num_kv_heads,
         )?;
-        ensure_len(
-            &self.stream,
-            &mut workspace.partial_lse,
-            partial_len,
-            "partial lse",
-        )?;
-        let partial_o = workspace.partial_o.as_mut().expect("ensured above");
-        let partial_lse = workspace.partial_lse.as_mut().expect("ensured above");
+        let (partial_o, partial_lse, done) = workspace.buffers();
 
         let tiling = self.program.tiling;
         let decode = self.function(Stage::Attend)?;
@@ -214,8 +243,9 @@ impl DenseDecoder {
             .arg(&table.kv_last_page_len)
             .arg(&mut out.o)
             .arg(&mut out.lse)
-            .arg(&mut *partial_o)
-            .arg(&mut *partial_lse)
+            .arg(partial_o)
+            .arg(partial_lse)
+            .arg(done)
             .arg(&num_kv_heads_i)
             .arg(&chunk_i)
             .arg(&chunks_i)
@@ -225,35 +255,11 @@ impl DenseDecoder {
             block_dim: (tiling.decode_threads, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: the argument list matches the `_decode` entry of decode_dense.cu.tera; every
+        // SAFETY: the argument list matches the dense `_attend` entry of attend.cu.tera; every
         // buffer was checked above against the sizes the kernel indexes (q, o, lse by batch
-        // and heads, partials by the plan, K/V and the table by the validated page table).
-        unsafe { launch.launch(config) }.map_err(|e| Error::driver("launching decode", e))?;
-
-        if plan.num_chunks > 1 {
-            let merge = self.function(Stage::Merge)?;
-            let num_qo_i = num_qo_heads as i32;
-            let mut launch = self.stream.launch_builder(merge);
-            launch
-                .arg(&*partial_o)
-                .arg(&*partial_lse)
-                .arg(&table.kv_indptr)
-                .arg(&table.kv_last_page_len)
-                .arg(&mut out.o)
-                .arg(&mut out.lse)
-                .arg(&num_qo_i)
-                .arg(&chunk_i)
-                .arg(&chunks_i);
-            let config = LaunchConfig {
-                grid_dim: ((batch * num_qo_heads) as u32, 1, 1),
-                block_dim: (tiling.merge_threads, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            // SAFETY: matches the `_merge` entry of merge.cu.tera; partials hold
-            // batch * num_qo_heads * num_chunks entries, written by the decode launch above
-            // for every chunk the merge reads.
-            unsafe { launch.launch(config) }.map_err(|e| Error::driver("launching merge", e))?;
-        }
+        // and heads, partials and counters by the plan, K/V and the table by the validated
+        // page table).
+        unsafe { launch.launch(config) }.map_err(|e| Error::driver("launching attend", e))?;
         Ok(())
     }
 

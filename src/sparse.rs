@@ -2,7 +2,7 @@
 //! top-p pruner over a 4-bit estimate of K (or `none`), and exact attention over what is kept.
 //!
 //! Launches per step: Quest score and select (quest only), estimate and threshold (top_p only),
-//! compaction into kept lists, attention, and the split-KV merge when a list is split. Every
+//! compaction into kept lists, and attention (a split list is merged by its last block). Every
 //! grid is sized from host-side bounds (the longest request, B0), idle blocks exit early, and
 //! nothing is read back, so a step can be captured in a CUDA graph and replayed.
 
@@ -90,8 +90,7 @@ pub struct SparseWorkspace {
     selected_count: Option<CudaSlice<i32>>,
     logits: Option<CudaSlice<f32>>,
     stats: Option<CudaSlice<f32>>,
-    partial_o: Option<CudaSlice<f32>>,
-    partial_lse: Option<CudaSlice<f32>>,
+    split: crate::decoder::Workspace,
 }
 
 impl SparseWorkspace {
@@ -347,7 +346,6 @@ impl SparseDecoder {
         }
         let quest = spec.selector == Selector::Quest;
         let top_p = spec.pruning == Pruning::TopP;
-        let split = plan.num_chunks > 1;
         let s = &self.stream;
         if quest {
             ensure_len(
@@ -378,18 +376,9 @@ impl SparseDecoder {
                 "top-p thresholds",
             )?;
         }
-        let partials = if split {
-            batch * num_qo_heads * plan.num_chunks
-        } else {
-            1
-        };
-        ensure_len(
-            s,
-            &mut workspace.partial_o,
-            partials * head_dim,
-            "partial o",
-        )?;
-        ensure_len(s, &mut workspace.partial_lse, partials, "partial lse")?;
+        workspace
+            .split
+            .ensure(s, batch * num_qo_heads, plan.num_chunks, head_dim, rows)?;
 
         let tiling = self.program.tiling;
         let null: u64 = 0;
@@ -399,11 +388,7 @@ impl SparseDecoder {
             plan.budget_pages as i32,
             plan.max_cands as i32,
         );
-        let (chunk_i, chunks_i, qo_i) = (
-            plan.chunk_tokens as i32,
-            plan.num_chunks as i32,
-            num_qo_heads as i32,
-        );
+        let (chunk_i, chunks_i) = (plan.chunk_tokens as i32, plan.num_chunks as i32);
         let (b, kvh, qo) = (batch as u32, num_kv_heads as u32, num_qo_heads as u32);
         let ws = workspace;
 
@@ -472,7 +457,8 @@ impl SparseDecoder {
                 .arg(&budget_pages_i)
                 .arg(&max_cands_i)
                 .arg(&sm_scale);
-            let grid_x = (plan.max_cands as u32).div_ceil(tiling.estimate_threads);
+            let grid_x = (plan.max_cands as u32)
+                .div_ceil(tiling.estimate_threads * tiling.estimate_per_thread);
             // SAFETY: matches `_estimate` of prune.cu.tera; logits hold
             // batch * num_qo_heads * max_cands entries and no row has more candidates.
             unsafe { l.launch(cfg((grid_x, kvh, b), tiling.estimate_threads)) }
@@ -522,8 +508,7 @@ impl SparseDecoder {
             .map_err(|e| Error::driver("launching compact", e))?;
 
         before(Some(Stage::Attend))?;
-        let partial_o = ws.partial_o.as_mut().expect("ensured above");
-        let partial_lse = ws.partial_lse.as_mut().expect("ensured above");
+        let (partial_o, partial_lse, done) = ws.split.buffers();
         let mut l = s.launch_builder(self.function(Stage::Attend)?);
         l.arg(q)
             .arg(&cache.k)
@@ -532,8 +517,9 @@ impl SparseDecoder {
             .arg(&out.kept_counts)
             .arg(&mut out.o)
             .arg(&mut out.lse)
-            .arg(&mut *partial_o)
-            .arg(&mut *partial_lse)
+            .arg(partial_o)
+            .arg(partial_lse)
+            .arg(done)
             .arg(&kvh_i)
             .arg(&max_cands_i)
             .arg(&chunk_i)
@@ -541,26 +527,10 @@ impl SparseDecoder {
             .arg(&sm_scale);
         // SAFETY: matches the sparse `_attend` of attend.cu.tera; kept lists hold slots inside
         // the cache's pool (written by compact from the validated page table), partials hold
-        // batch * num_qo_heads * num_chunks rows when split.
+        // batch * num_qo_heads * num_chunks rows when split, and the counters one per row.
         unsafe { l.launch(cfg((plan.num_chunks as u32, kvh, b), tiling.decode_threads)) }
             .map_err(|e| Error::driver("launching attend", e))?;
 
-        if split {
-            before(Some(Stage::Merge))?;
-            let mut l = s.launch_builder(self.function(Stage::Merge)?);
-            l.arg(&*partial_o)
-                .arg(&*partial_lse)
-                .arg(&out.kept_counts)
-                .arg(&mut out.o)
-                .arg(&mut out.lse)
-                .arg(&qo_i)
-                .arg(&chunk_i)
-                .arg(&chunks_i);
-            // SAFETY: matches the sparse `_merge`; it reads the partials attend wrote for the
-            // chunks covering each kept list.
-            unsafe { l.launch(cfg((b * qo, 1, 1), tiling.merge_threads)) }
-                .map_err(|e| Error::driver("launching merge", e))?;
-        }
         before(None)
     }
 

@@ -32,10 +32,9 @@ pub enum Stage {
     Threshold,
     /// The kept candidates of each (request, KV head) as a list of token slots.
     Compact,
-    /// Attention: over every token (dense variants) or over the kept list (sparse ones).
+    /// Attention: over every token (dense variants) or over the kept list (sparse ones); a
+    /// list split over blocks is merged by (o, lse) in the same launch.
     Attend,
-    /// Merges split-KV partial outputs by (o, lse).
-    Merge,
 }
 
 impl Stage {
@@ -49,7 +48,6 @@ impl Stage {
             Stage::Threshold => "threshold",
             Stage::Compact => "compact",
             Stage::Attend => "attend",
-            Stage::Merge => "merge",
         }
     }
 
@@ -60,13 +58,12 @@ impl Stage {
             Stage::QuestScore | Stage::QuestSelect => "quest.cu.tera",
             Stage::Estimate | Stage::Threshold | Stage::Compact => "prune.cu.tera",
             Stage::Attend => "attend.cu.tera",
-            Stage::Merge => "merge.cu.tera",
         }
     }
 }
 
 /// Headers in dependency order, prepended to every program.
-const HEADERS: [&str; 10] = [
+const HEADERS: [&str; 9] = [
     "common.cuh",
     "dtype.cuh",
     "vec.cuh",
@@ -74,7 +71,6 @@ const HEADERS: [&str; 10] = [
     "paging.cuh",
     "append.cuh",
     "attend.cuh",
-    "merge.cuh",
     "quest.cuh",
     "prune.cuh",
 ];
@@ -87,7 +83,7 @@ macro_rules! embed {
 }
 
 /// Every template file, relative to `templates/`, with its embedded text.
-const EMBEDDED: [(&str, &str); 15] = embed![
+const EMBEDDED: [(&str, &str); 13] = embed![
     "include/twilight/common.cuh",
     "include/twilight/dtype.cuh",
     "include/twilight/vec.cuh",
@@ -95,12 +91,10 @@ const EMBEDDED: [(&str, &str); 15] = embed![
     "include/twilight/paging.cuh",
     "include/twilight/append.cuh",
     "include/twilight/attend.cuh",
-    "include/twilight/merge.cuh",
     "include/twilight/quest.cuh",
     "include/twilight/prune.cuh",
     "append.cu.tera",
     "attend.cu.tera",
-    "merge.cu.tera",
     "quest.cu.tera",
     "prune.cu.tera",
 ];
@@ -178,10 +172,11 @@ pub struct Tiling {
     pub decode_threads: u32,
     /// Tokens each row of lanes loads before it computes, to keep loads in flight.
     pub decode_unroll: u32,
-    pub merge_threads: u32,
     pub append_threads: u32,
     pub select_threads: u32,
     pub estimate_threads: u32,
+    /// Candidates each estimate thread scores (each shared-memory read of q serves them all).
+    pub estimate_per_thread: u32,
     pub threshold_threads: u32,
     pub compact_threads: u32,
 }
@@ -193,10 +188,10 @@ impl Tiling {
             // Eight query heads per KV head already hold 128 accumulators per lane; a deeper
             // unroll would spill.
             decode_unroll: if spec.group_size >= 8 { 2 } else { 4 },
-            merge_threads: spec.head_dim.min(128),
             append_threads: 128,
             select_threads: 256,
             estimate_threads: 128,
+            estimate_per_thread: 4,
             threshold_threads: 512,
             // One block walks a whole candidate list in order: make each step of it wide.
             compact_threads: 1024,
@@ -273,7 +268,7 @@ pub fn stages_of(spec: &VariantSpec) -> Result<Vec<Stage>, RenderError> {
         (_, Pruning::None) => stages.push(Compact),
         (_, Pruning::TopP) => stages.extend([Estimate, Threshold, Compact]),
     }
-    stages.extend([Attend, Merge]);
+    stages.push(Attend);
     Ok(stages)
 }
 

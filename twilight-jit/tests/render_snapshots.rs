@@ -436,12 +436,12 @@ fn template_dir_without_the_file_falls_back_to_embedded() {
         "empty override dir changed the source"
     );
     // A file for another template leaves this one embedded.
-    let dir = override_dir(&[("merge.cu.tera", "// only merge\n".to_string())]);
+    let dir = override_dir(&[("attend.cu.tera", "// only attend\n".to_string())]);
     let program = render_with(&spec, &TemplateSource::Dir(dir.path().to_path_buf())).unwrap();
     let (_, section, _) = split_section(&program.source, "append.cu.tera");
     let (_, e_section, _) = split_section(&embedded, "append.cu.tera");
     assert_eq!(section, e_section);
-    assert!(program.source.contains("// only merge"));
+    assert!(program.source.contains("// only attend"));
 }
 
 #[test]
@@ -471,10 +471,10 @@ fn unreadable_override_is_an_error_not_a_fallback() {
     let spec = variants::snapshot_variants()[0];
     let dir = tempfile::tempdir().unwrap();
     // A directory where the template file belongs cannot be read as text.
-    fs::create_dir(dir.path().join("merge.cu.tera")).unwrap();
+    fs::create_dir(dir.path().join("attend.cu.tera")).unwrap();
     match render_with(&spec, &TemplateSource::Dir(dir.path().to_path_buf())) {
         Err(RenderError::TemplateFile { path, .. }) => {
-            assert_eq!(path, dir.path().join("merge.cu.tera"));
+            assert_eq!(path, dir.path().join("attend.cu.tera"));
         }
         other => panic!("expected a template file error, got {other:?}"),
     }

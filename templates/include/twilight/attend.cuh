@@ -3,8 +3,9 @@
 // of one KV head over one chunk of the list, so each K and V row is read once for the whole
 // group. Within the block, TX lanes
 // share a token row (8 channels each, one 16-byte load), ROWS rows stream different tokens and
-// keep their own online-softmax state, merged through shared memory at the end. A request
-// longer than one chunk is split over blocks (flash-decoding) and merged by tw_merge_states.
+// keep their own online-softmax state, merged through shared memory at the end. A list longer
+// than one chunk is split over blocks (flash-decoding): each writes its normalized (o, lse), and
+// the last of them to finish merges all, so a step needs no separate merge launch.
 
 // Every token of a request, in order, through the page table.
 template <int PAGE_SIZE>
@@ -43,18 +44,22 @@ struct tw_attend {
 
   struct shared_state {
     int slots[SLOT_CACHE];
+    int ticket;
     float m[ROWS][GROUP];
     float d[ROWS][GROUP];
     float o[ROWS][GROUP][HEAD_DIM];
   };
 
-  // q: [batch, num_qo_heads, HEAD_DIM]. With num_chunks == 1 the block writes o and lse
-  // directly; otherwise it writes its normalized partial output and lse for the merge.
+  // q: [batch, num_qo_heads, HEAD_DIM]. A block whose chunk is the list's only one writes o and
+  // lse directly; otherwise it writes its normalized partial output and lse, and the last block
+  // of the list merges them. `done` counts finished blocks per (request, KV head); the merging
+  // block resets it to 0, so it is all zeros between steps (and across graph replays).
   template <typename Tokens>
   TW_DEVICE static void run(const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                             const Tokens& tokens, T* __restrict__ o, float* __restrict__ lse,
-                            float* __restrict__ partial_o, float* __restrict__ partial_lse, int num_kv_heads,
-                            int chunk_tokens, int num_chunks, float sm_scale, shared_state& smem) {
+                            float* __restrict__ partial_o, float* __restrict__ partial_lse, int* __restrict__ done,
+                            int num_kv_heads, int chunk_tokens, int num_chunks, float sm_scale,
+                            shared_state& smem) {
     const int chunk = blockIdx.x;
     const int kv_head = blockIdx.y;
     const int request = blockIdx.z;
@@ -62,7 +67,7 @@ struct tw_attend {
     const int begin = chunk * chunk_tokens;
     // Grids are sized from an upper bound of the lengths: chunks past this list's end idle.
     if (begin >= len) {
-      if (len == 0 && num_chunks == 1) {  // nothing to attend: o = 0, lse = -inf
+      if (len == 0 && chunk == 0) {  // nothing to attend: o = 0, lse = -inf
         const int num_qo_heads = num_kv_heads * GROUP;
         for (int e = threadIdx.x; e < GROUP * HEAD_DIM; e += BLOCK_THREADS) {
           const tw_i64 head = tw_i64(request) * num_qo_heads + kv_head * GROUP + e / HEAD_DIM;
@@ -174,6 +179,8 @@ struct tw_attend {
       for (int i = 0; i < VEC; ++i) smem.o[row][g][tx * VEC + i] = acc[g][i];
     }
     __syncthreads();
+    const int used = (len + chunk_tokens - 1) / chunk_tokens;  // chunks holding tokens of the list
+    const bool alone = used == 1;
     for (int e = threadIdx.x; e < GROUP * HEAD_DIM; e += BLOCK_THREADS) {
       const int g = e / HEAD_DIM;
       const int c = e % HEAD_DIM;
@@ -191,7 +198,7 @@ struct tw_attend {
       const float out = o_all / d_all;
       const float lse_nat = (m_all + log2f(d_all)) * TW_LN2;
       const tw_i64 head = tw_i64(request) * num_qo_heads + kv_head * GROUP + g;
-      if (num_chunks == 1) {
+      if (alone) {
         o[head * HEAD_DIM + c] = tw_from_float<T>(out);
         if (c == 0) lse[head] = lse_nat;
       } else {
@@ -199,5 +206,33 @@ struct tw_attend {
         if (c == 0) partial_lse[head * num_chunks + chunk] = lse_nat;
       }
     }
+    if (alone) return;
+
+    // The last block of the list to finish merges every chunk's (o, lse): the exact result is
+    // sum_c o_c * exp(lse_c - lse) with lse = log(sum_c exp(lse_c)).
+    const int head_row = request * num_kv_heads + kv_head;
+    __threadfence();  // this block's partials are visible before its ticket is
+    __syncthreads();
+    if (threadIdx.x == 0) smem.ticket = atomicAdd(done + head_row, 1);
+    __syncthreads();
+    if (smem.ticket != used - 1) return;
+    __threadfence();
+    for (int e = threadIdx.x; e < GROUP * HEAD_DIM; e += BLOCK_THREADS) {
+      const int c = e % HEAD_DIM;
+      const tw_i64 head = tw_i64(request) * num_qo_heads + kv_head * GROUP + e / HEAD_DIM;
+      const float* lse_in = partial_lse + head * num_chunks;
+      float lse_max = tw_neg_inf();
+      for (int k = 0; k < used; ++k) lse_max = fmaxf(lse_max, __ldcg(lse_in + k));
+      float total = 0.f, merged = 0.f;
+      for (int k = 0; k < used; ++k) {
+        // L2 reads (__ldcg): the partials were written by other blocks.
+        const float w = __expf(__ldcg(lse_in + k) - lse_max);
+        total += w;
+        merged = fmaf(__ldcg(partial_o + (head * num_chunks + k) * HEAD_DIM + c), w, merged);
+      }
+      o[head * HEAD_DIM + c] = tw_from_float<T>(merged / total);
+      if (c == 0) lse[head] = lse_max + logf(total);
+    }
+    if (threadIdx.x == 0) done[head_row] = 0;
   }
 };

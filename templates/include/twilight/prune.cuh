@@ -44,11 +44,14 @@ struct tw_prune {
   typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM / 2> q4_layout;
   typedef tw_paged_layout<HND, PAGE_SIZE, 2> scale_layout;
 
-  // Grid (candidate blocks, kv heads, batch), one thread per candidate: base-2 logits
+  // Grid (candidate blocks, kv heads, batch); each thread estimates PER_THREAD candidates
+  // (THREADS apart, so a warp's loads stay contiguous): base-2 logits
   // sm_scale * log2(e) * q[h] . dequant(k_q4[t]) for every query head h of the group, written to
   // logits[request, qo head, candidate]. dequant = code * scale + min, so
-  // q . dequant = scale * (q . code) + min * sum(q).
-  template <int THREADS, typename Candidates>
+  // q . dequant = scale * (q . code) + min * sum(q). q sits in shared memory, and each float4
+  // read of it serves PER_THREAD candidates: shared-memory bandwidth, not arithmetic, bounds a
+  // kernel that reads it once per candidate.
+  template <int THREADS, int PER_THREAD, typename Candidates>
   TW_DEVICE static void estimate(const T* __restrict__ q, const unsigned char* __restrict__ k_q4,
                                  const half* __restrict__ k_q4_scale_min, const Candidates& cands,
                                  float* __restrict__ logits, int num_kv_heads, int max_cands, float sm_scale) {
@@ -57,7 +60,8 @@ struct tw_prune {
     const int kv_head = blockIdx.y;
     const int request = blockIdx.z;
     const int num_qo_heads = num_kv_heads * GROUP;
-    if (blockIdx.x * THREADS >= cands.count) return;  // whole block past the candidates
+    const int base = blockIdx.x * THREADS * PER_THREAD;
+    if (base >= cands.count) return;  // whole block past the candidates
     const float q_scale = sm_scale * TW_LOG2E;
     for (int e = threadIdx.x; e < GROUP * HEAD_DIM; e += THREADS) {
       q_s[e / HEAD_DIM][e % HEAD_DIM] =
@@ -70,39 +74,64 @@ struct tw_prune {
       q_sum[threadIdx.x] = s;
     }
     __syncthreads();
-    const int c = blockIdx.x * THREADS + threadIdx.x;
-    if (c >= cands.count) return;
-    const int slot = cands.slot(c);
-    const int page = slot / PAGE_SIZE, offset = slot % PAGE_SIZE;
-    const uint4* codes = reinterpret_cast<const uint4*>(k_q4 + q4_layout::offset(page, kv_head, offset, num_kv_heads));
-    const half* sm = k_q4_scale_min + scale_layout::offset(page, kv_head, offset, num_kv_heads);
-    const float scale = __half2float(sm[0]);
-    const float minimum = __half2float(sm[1]);
-    float acc[GROUP];
+    const uint4* codes[PER_THREAD];
+    float scale[PER_THREAD], minimum[PER_THREAD];
+    bool valid[PER_THREAD];
 #pragma unroll
-    for (int g = 0; g < GROUP; ++g) acc[g] = 0.f;
+    for (int j = 0; j < PER_THREAD; ++j) {
+      const int c = base + j * THREADS + threadIdx.x;
+      valid[j] = c < cands.count;
+      const int slot = valid[j] ? cands.slot(c) : 0;
+      const int page = slot / PAGE_SIZE, offset = slot % PAGE_SIZE;
+      codes[j] = reinterpret_cast<const uint4*>(k_q4 + q4_layout::offset(page, kv_head, offset, num_kv_heads));
+      const half* sm = k_q4_scale_min + scale_layout::offset(page, kv_head, offset, num_kv_heads);
+      scale[j] = valid[j] ? __half2float(sm[0]) : 0.f;
+      minimum[j] = valid[j] ? __half2float(sm[1]) : 0.f;
+    }
+    float acc[PER_THREAD][GROUP];
+#pragma unroll
+    for (int j = 0; j < PER_THREAD; ++j) {
+#pragma unroll
+      for (int g = 0; g < GROUP; ++g) acc[j][g] = 0.f;
+    }
 #pragma unroll
     for (int w = 0; w < HEAD_DIM / 32; ++w) {
-      const uint4 packet = codes[w];
-      const unsigned words[4] = {packet.x, packet.y, packet.z, packet.w};
+      unsigned words[PER_THREAD][4];
+#pragma unroll
+      for (int j = 0; j < PER_THREAD; ++j) {
+        const uint4 packet = valid[j] ? codes[j][w] : make_uint4(0u, 0u, 0u, 0u);
+        words[j][0] = packet.x;
+        words[j][1] = packet.y;
+        words[j][2] = packet.z;
+        words[j][3] = packet.w;
+      }
 #pragma unroll
       for (int half_word = 0; half_word < 8; ++half_word) {
         // Two bytes: four channels, read from shared memory as one float4 per head.
-        const unsigned bits = (words[half_word / 2] >> (16 * (half_word % 2))) & 0xffffu;
-        const float c0 = tw_nibble_to_float(bits), c1 = tw_nibble_to_float(bits >> 4);
-        const float c2 = tw_nibble_to_float(bits >> 8), c3 = tw_nibble_to_float(bits >> 12);
         const int ch = w * 32 + half_word * 4;
 #pragma unroll
         for (int g = 0; g < GROUP; ++g) {
           const float4 qv = *reinterpret_cast<const float4*>(&q_s[g][ch]);
-          acc[g] = fmaf(qv.x, c0, fmaf(qv.y, c1, fmaf(qv.z, c2, fmaf(qv.w, c3, acc[g]))));
+#pragma unroll
+          for (int j = 0; j < PER_THREAD; ++j) {
+            const unsigned bits = words[j][half_word / 2] >> (16 * (half_word % 2));
+            acc[j][g] = fmaf(qv.x, tw_nibble_to_float(bits),
+                             fmaf(qv.y, tw_nibble_to_float(bits >> 4),
+                                  fmaf(qv.z, tw_nibble_to_float(bits >> 8),
+                                       fmaf(qv.w, tw_nibble_to_float(bits >> 12), acc[j][g]))));
+          }
         }
       }
     }
 #pragma unroll
-    for (int g = 0; g < GROUP; ++g) {
-      logits[(tw_i64(request) * num_qo_heads + kv_head * GROUP + g) * max_cands + c] =
-          fmaf(scale, acc[g], minimum * q_sum[g]);
+    for (int j = 0; j < PER_THREAD; ++j) {
+      if (!valid[j]) continue;
+      const int c = base + j * THREADS + threadIdx.x;
+#pragma unroll
+      for (int g = 0; g < GROUP; ++g) {
+        logits[(tw_i64(request) * num_qo_heads + kv_head * GROUP + g) * max_cands + c] =
+            fmaf(scale[j], acc[j][g], minimum[j] * q_sum[g]);
+      }
     }
   }
 
