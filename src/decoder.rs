@@ -113,14 +113,7 @@ impl DenseDecoder {
                 reason: "DenseDecoder runs `selector = full, pruning = none` variants".into(),
             });
         }
-        let jit = Jit::for_context(stream.context())?;
-        let program = jit.load(&spec)?;
-        let num_sms = stream
-            .context()
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .map_err(|e| Error::driver("reading the SM count", e))? as usize;
+        let (program, num_sms) = load_program(&stream, &spec)?;
         Ok(DenseDecoder {
             spec,
             stream,
@@ -286,6 +279,22 @@ impl DenseDecoder {
                 reason: format!("the program has no {stage:?} stage"),
             })
     }
+}
+
+/// A variant's program from the context's JIT, and the device's SM count (which sizes split
+/// plans): what every decoder loads once at construction.
+pub(crate) fn load_program(
+    stream: &Arc<CudaStream>,
+    spec: &VariantSpec,
+) -> Result<(Arc<LoadedProgram>, usize)> {
+    let program = Jit::for_context(stream.context())?.load(spec)?;
+    let num_sms = stream
+        .context()
+        .attribute(
+            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+        )
+        .map_err(|e| Error::driver("reading the SM count", e))? as usize;
+    Ok((program, num_sms))
 }
 
 /// Grows a reusable device buffer to at least `len` elements (allocating only when it is too

@@ -49,15 +49,13 @@ use std::str::FromStr;
 use std::sync::OnceLock;
 
 use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
 use crate::element::{round_to, KvElement};
 use crate::error::{Error, Result};
-use crate::page_table::HostPageTable;
 use crate::reference::top_p::{softmax, top_p_keep};
 use crate::reference::CacheShape;
-use crate::synthetic::SyntheticStep;
+use crate::synthetic::{shuffled_page_table, SyntheticStep};
 
 /// A named attention shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -612,19 +610,8 @@ pub fn generate<T: KvElement>(
         )));
     }
     // The page table, exactly as SyntheticStep::random builds it.
-    let mut rng = StdRng::seed_from_u64(params.seed);
-    let pages_needed: usize = lens.iter().map(|l| l.div_ceil(page_size)).sum();
-    let num_pages = pages_needed + 3;
-    let mut page_ids: Vec<i32> = (0..num_pages as i32).collect();
-    page_ids.shuffle(&mut rng);
-    let mut rows = Vec::new();
-    let mut next = 0;
-    for &len in lens {
-        let n = len.div_ceil(page_size);
-        rows.push((&page_ids[next..next + n], len));
-        next += n;
-    }
-    let table = HostPageTable::from_requests(&rows, page_size, num_pages)?;
+    let (table, num_pages) =
+        shuffled_page_table(&mut StdRng::seed_from_u64(params.seed), lens, page_size)?;
     let shape = CacheShape {
         num_pages,
         num_kv_heads,

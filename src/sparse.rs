@@ -9,9 +9,9 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use twilight_jit::{Jit, LoadedProgram, Pruning, Selector, Stage, VariantSpec};
+use twilight_jit::{LoadedProgram, Pruning, Selector, Stage, VariantSpec};
 
-use crate::decoder::{check_step_inputs, ensure_len};
+use crate::decoder::{check_step_inputs, ensure_len, load_program};
 use crate::element::KvElement;
 use crate::error::{Error, Result};
 use crate::kv_cache::{DerivedKinds, PagedKvCache, RequestId};
@@ -156,14 +156,7 @@ impl SparseDecoder {
                 reason: "`full` with `none` is dense decode: use DenseDecoder".into(),
             });
         }
-        let jit = Jit::for_context(stream.context())?;
-        let program = jit.load(&spec)?;
-        let num_sms = stream
-            .context()
-            .attribute(
-                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-            )
-            .map_err(|e| Error::driver("reading the SM count", e))? as usize;
+        let (program, num_sms) = load_program(&stream, &spec)?;
         Ok(SparseDecoder {
             spec,
             params,

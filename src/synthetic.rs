@@ -42,19 +42,7 @@ impl SyntheticStep {
         key_scale: f32,
     ) -> Result<SyntheticStep> {
         let mut rng = StdRng::seed_from_u64(seed);
-        let pages_needed: usize = lens.iter().map(|l| l.div_ceil(page_size)).sum();
-        let spare_pages = 3;
-        let num_pages = pages_needed + spare_pages;
-        let mut page_ids: Vec<i32> = (0..num_pages as i32).collect();
-        page_ids.shuffle(&mut rng);
-        let mut rows = Vec::new();
-        let mut next = 0;
-        for &len in lens {
-            let n = len.div_ceil(page_size);
-            rows.push((&page_ids[next..next + n], len));
-            next += n;
-        }
-        let table = HostPageTable::from_requests(&rows, page_size, num_pages)?;
+        let (table, num_pages) = shuffled_page_table(&mut rng, lens, page_size)?;
         let shape = CacheShape {
             num_pages,
             num_kv_heads,
@@ -110,6 +98,37 @@ impl SyntheticStep {
     pub fn to_elements<T: KvElement>(values: &[f32]) -> Vec<T> {
         values.iter().map(|&x| T::from_f32(x)).collect()
     }
+}
+
+/// Unused pages of noise added to every synthetic pool, so that wrong indexing reads wrong data.
+pub const SPARE_PAGES: usize = 3;
+
+/// A page table for requests of the given lengths over a pool of exactly enough pages plus
+/// [`SPARE_PAGES`], handed out in a random order (drawn from `rng`); returns the table and the
+/// pool's page count.
+///
+/// # Errors
+/// A zero-length request.
+pub fn shuffled_page_table(
+    rng: &mut StdRng,
+    lens: &[usize],
+    page_size: usize,
+) -> Result<(HostPageTable, usize)> {
+    let pages_needed: usize = lens.iter().map(|l| l.div_ceil(page_size)).sum();
+    let num_pages = pages_needed + SPARE_PAGES;
+    let mut page_ids: Vec<i32> = (0..num_pages as i32).collect();
+    page_ids.shuffle(rng);
+    let mut rows = Vec::new();
+    let mut next = 0;
+    for &len in lens {
+        let n = len.div_ceil(page_size);
+        rows.push((&page_ids[next..next + n], len));
+        next += n;
+    }
+    Ok((
+        HostPageTable::from_requests(&rows, page_size, num_pages)?,
+        num_pages,
+    ))
 }
 
 /// A standard normal sample (Box-Muller), so no extra distribution crate is needed.

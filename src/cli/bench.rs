@@ -20,7 +20,7 @@ use super::CliResult;
 #[derive(clap::Subcommand, Debug)]
 pub enum What {
     /// Dense paged decode (`full`/`none`) against the card's read-bandwidth floor.
-    Dense(DenseArgs),
+    Dense(ShapeArgs),
     /// The Select-then-Prune step beside Quest alone and dense decode, per stage and per step.
     Sparse(super::bench_sparse::SparseArgs),
     /// JIT costs: cold compile, warm disk-cache load and memory-cache hit, per variant.
@@ -30,35 +30,58 @@ pub enum What {
     },
 }
 
+/// The shape and the timing knobs every benchmark takes.
 #[derive(clap::Args, Debug)]
-pub struct DenseArgs {
+pub struct ShapeArgs {
     #[arg(long, default_value_t = 8)]
-    batch: usize,
+    pub(super) batch: usize,
     #[arg(long, default_value_t = 32)]
-    qo_heads: usize,
+    pub(super) qo_heads: usize,
     #[arg(long, default_value_t = 8)]
-    kv_heads: usize,
+    pub(super) kv_heads: usize,
     #[arg(long, default_value_t = 128)]
-    head_dim: u32,
+    pub(super) head_dim: u32,
     /// Tokens per request (all requests this long).
     #[arg(long, default_value_t = 32768)]
-    len: usize,
+    pub(super) len: usize,
     #[arg(long, default_value_t = 16)]
-    page_size: u32,
+    pub(super) page_size: u32,
     #[arg(long, default_value = "f16")]
-    dtype: String,
+    pub(super) dtype: String,
     #[arg(long, default_value = "hnd")]
-    layout: String,
+    pub(super) layout: String,
     #[arg(long, default_value_t = 10)]
-    warmup: usize,
+    pub(super) warmup: usize,
     #[arg(long, default_value_t = 100)]
-    iters: usize,
+    pub(super) iters: usize,
     /// Size of the read-bandwidth probe in GiB.
     #[arg(long, default_value_t = 4.0)]
-    probe_gib: f64,
+    pub(super) probe_gib: f64,
     /// Also write the result as JSON here.
     #[arg(long)]
-    json: Option<std::path::PathBuf>,
+    pub(super) json: Option<std::path::PathBuf>,
+}
+
+impl ShapeArgs {
+    /// The dense (`full`/`none`) variant of this shape.
+    pub fn dense_spec(&self) -> Result<VariantSpec, Box<dyn std::error::Error>> {
+        if self.kv_heads == 0 || self.qo_heads % self.kv_heads != 0 {
+            return Err(format!(
+                "--qo-heads {} is not a multiple of --kv-heads {}",
+                self.qo_heads, self.kv_heads
+            )
+            .into());
+        }
+        Ok(format!(
+            "page_size={},head_dim={},dtype={},group_size={},kv_layout={},selector=full,pruning=none",
+            self.page_size,
+            self.head_dim,
+            self.dtype,
+            self.qo_heads / self.kv_heads,
+            self.layout
+        )
+        .parse()?)
+    }
 }
 
 pub fn run(what: What) -> CliResult {
@@ -69,23 +92,8 @@ pub fn run(what: What) -> CliResult {
     }
 }
 
-fn dense(args: DenseArgs) -> CliResult {
-    if args.kv_heads == 0 || args.qo_heads % args.kv_heads != 0 {
-        return Err(format!(
-            "--qo-heads {} is not a multiple of --kv-heads {}",
-            args.qo_heads, args.kv_heads
-        )
-        .into());
-    }
-    let spec: VariantSpec = format!(
-        "page_size={},head_dim={},dtype={},group_size={},kv_layout={},selector=full,pruning=none",
-        args.page_size,
-        args.head_dim,
-        args.dtype,
-        args.qo_heads / args.kv_heads,
-        args.layout
-    )
-    .parse()?;
+fn dense(args: ShapeArgs) -> CliResult {
+    let spec = args.dense_spec()?;
     let stream = open_device(0)?.default_stream();
     match spec.dtype {
         Dtype::F16 => dense_typed::<half::f16>(&stream, spec, &args),
@@ -102,7 +110,7 @@ struct Instance<T: KvElement> {
 fn dense_typed<T: KvElement>(
     stream: &Arc<CudaStream>,
     spec: VariantSpec,
-    args: &DenseArgs,
+    args: &ShapeArgs,
 ) -> CliResult {
     let tools = BenchKernels::new(stream)?;
     let bandwidth = tools.read_bandwidth((args.probe_gib * (1u64 << 30) as f64) as usize)?;

@@ -14,27 +14,13 @@ use twilight::{
     Selector, SparseDecoder, SparseOutput, SparseParams, SparseWorkspace, VariantSpec, Workspace,
 };
 
+use super::bench::ShapeArgs;
 use super::CliResult;
 
 #[derive(clap::Args, Debug)]
 pub struct SparseArgs {
-    #[arg(long, default_value_t = 8)]
-    batch: usize,
-    #[arg(long, default_value_t = 32)]
-    qo_heads: usize,
-    #[arg(long, default_value_t = 8)]
-    kv_heads: usize,
-    #[arg(long, default_value_t = 128)]
-    head_dim: u32,
-    /// Tokens per request (all requests this long).
-    #[arg(long, default_value_t = 32768)]
-    len: usize,
-    #[arg(long, default_value_t = 16)]
-    page_size: u32,
-    #[arg(long, default_value = "f16")]
-    dtype: String,
-    #[arg(long, default_value = "hnd")]
-    layout: String,
+    #[command(flatten)]
+    shape: ShapeArgs,
     /// B0, the selector's token budget.
     #[arg(long, default_value_t = 8192)]
     budget: usize,
@@ -43,36 +29,13 @@ pub struct SparseArgs {
     /// Attention preset of the synthetic generator: default, focused, diffuse, uniform.
     #[arg(long, default_value = "default")]
     preset: Preset,
-    #[arg(long, default_value_t = 10)]
-    warmup: usize,
-    #[arg(long, default_value_t = 50)]
-    iters: usize,
     /// Caches rotated between steps so the L2 does not hold them.
     #[arg(long, default_value_t = 2)]
     rotation: usize,
-    #[arg(long, default_value_t = 4.0)]
-    probe_gib: f64,
-    #[arg(long)]
-    json: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: SparseArgs) -> CliResult {
-    if args.kv_heads == 0 || args.qo_heads % args.kv_heads != 0 {
-        return Err(format!(
-            "--qo-heads {} is not a multiple of --kv-heads {}",
-            args.qo_heads, args.kv_heads
-        )
-        .into());
-    }
-    let dense: VariantSpec = format!(
-        "page_size={},head_dim={},dtype={},group_size={},kv_layout={},selector=full,pruning=none",
-        args.page_size,
-        args.head_dim,
-        args.dtype,
-        args.qo_heads / args.kv_heads,
-        args.layout
-    )
-    .parse()?;
+    let dense = args.shape.dense_spec()?;
     let ctx = open_device(0)?;
     // Graph capture needs a stream of its own, and cudarc's cross-stream event tracking would
     // record events inside the capture.
@@ -105,7 +68,7 @@ fn typed<T: KvElement>(
     args: &SparseArgs,
 ) -> CliResult {
     let tools = BenchKernels::new(stream)?;
-    let bandwidth = tools.read_bandwidth((args.probe_gib * (1u64 << 30) as f64) as usize)?;
+    let bandwidth = tools.read_bandwidth((args.shape.probe_gib * (1u64 << 30) as f64) as usize)?;
     let twilight_spec = with(dense_spec, Selector::Quest, Pruning::TopP);
     let params = SparseParams {
         budget: args.budget,
@@ -120,8 +83,8 @@ fn typed<T: KvElement>(
     )?;
     let dense = DenseDecoder::new(stream.clone(), dense_spec)?;
     let generator = GeneratorParams::preset(args.preset, 2026);
-    let lens = vec![args.len; args.batch];
-    let group = args.qo_heads / args.kv_heads;
+    let lens = vec![args.shape.len; args.shape.batch];
+    let group = args.shape.qo_heads / args.shape.kv_heads;
 
     let mut instances = Vec::new();
     for i in 0..args.rotation.max(1) {
@@ -131,10 +94,10 @@ fn typed<T: KvElement>(
         let step = generate::<T>(
             &g,
             &lens,
-            args.kv_heads,
+            args.shape.kv_heads,
             group,
-            args.page_size as usize,
-            args.head_dim as usize,
+            args.shape.page_size as usize,
+            args.shape.head_dim as usize,
             dense_spec.kv_layout,
         )?;
         let shape = CacheShape {
@@ -143,11 +106,11 @@ fn typed<T: KvElement>(
         };
         let mut cache = PagedKvCache::<T>::for_variant(stream, shape, &twilight_spec)?;
         let mut ids = Vec::new();
-        for b in 0..args.batch {
+        for b in 0..args.shape.batch {
             let id = cache.add_request();
             let (k, v) = step.request_rows::<T>(b);
             let (k, v) = (stream.clone_htod(&k)?, stream.clone_htod(&v)?);
-            sparse.append(&mut cache, &[(id, args.len)], &k, &v)?;
+            sparse.append(&mut cache, &[(id, args.shape.len)], &k, &v)?;
             ids.push(id);
         }
         let table = cache.page_table(stream, &ids)?;
@@ -168,7 +131,7 @@ fn typed<T: KvElement>(
     // Outputs and workspaces, sized by one step of each decoder.
     let mut s_out: Vec<SparseOutput<T>> = instances
         .iter()
-        .map(|x| sparse.alloc_output(&x.table, args.kv_heads))
+        .map(|x| sparse.alloc_output(&x.table, args.shape.kv_heads))
         .collect::<Result<_, _>>()?;
     let mut s_ws: Vec<SparseWorkspace> = instances
         .iter()
@@ -176,21 +139,21 @@ fn typed<T: KvElement>(
         .collect();
     let mut q_out: Vec<SparseOutput<T>> = instances
         .iter()
-        .map(|x| quest.alloc_output(&x.table, args.kv_heads))
+        .map(|x| quest.alloc_output(&x.table, args.shape.kv_heads))
         .collect::<Result<_, _>>()?;
     let mut q_ws: Vec<SparseWorkspace> = instances
         .iter()
         .map(|_| SparseWorkspace::default())
         .collect();
-    let heads = args.batch * args.qo_heads;
+    let heads = args.shape.batch * args.shape.qo_heads;
     let mut d_out = DecodeOutput {
-        o: stream.alloc_zeros::<T>(heads * args.head_dim as usize)?,
+        o: stream.alloc_zeros::<T>(heads * args.shape.head_dim as usize)?,
         lse: stream.alloc_zeros::<f32>(heads)?,
     };
     let mut d_ws = Workspace::default();
 
     let n = instances.len();
-    let twilight_t = time_with_events(stream, args.warmup, args.iters, |i| {
+    let twilight_t = time_with_events(stream, args.shape.warmup, args.shape.iters, |i| {
         let x = pick(i);
         sparse.run_into(
             &x.q,
@@ -200,7 +163,7 @@ fn typed<T: KvElement>(
             &mut s_ws[i % n],
         )
     })?;
-    let quest_t = time_with_events(stream, args.warmup, args.iters, |i| {
+    let quest_t = time_with_events(stream, args.shape.warmup, args.shape.iters, |i| {
         let x = pick(i);
         quest.run_into(
             &x.q,
@@ -210,7 +173,7 @@ fn typed<T: KvElement>(
             &mut q_ws[i % n],
         )
     })?;
-    let dense_t = time_with_events(stream, args.warmup, args.iters, |i| {
+    let dense_t = time_with_events(stream, args.shape.warmup, args.shape.iters, |i| {
         let x = pick(i);
         dense.run_into(&x.q, &x.cache, &x.table, None, &mut d_out, &mut d_ws)
     })?;
@@ -231,7 +194,7 @@ fn typed<T: KvElement>(
             sparse.run_into(&x.q, &x.cache, &x.table, out, ws)
         })?);
     }
-    let graph_t = time_with_events(stream, args.warmup, args.iters, |i| {
+    let graph_t = time_with_events(stream, args.shape.warmup, args.shape.iters, |i| {
         graphs[i % n].launch().map_err(|e| twilight::Error::Driver {
             what: "graph launch".into(),
             message: e.to_string(),
@@ -245,8 +208,8 @@ fn typed<T: KvElement>(
         &instances,
         &mut s_out,
         &mut s_ws,
-        args.warmup,
-        args.iters,
+        args.shape.warmup,
+        args.shape.iters,
     )?;
 
     // Kept budgets of the last step on cache 0.
@@ -268,23 +231,24 @@ fn typed<T: KvElement>(
     let pct = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
 
     // DESIGN.md's byte model per (request, KV head), d = head_dim, 2-byte dtype.
-    let d = args.head_dim as f64;
-    let pairs = (args.batch * args.kv_heads) as f64;
-    let pages = args.len.div_ceil(args.page_size as usize) as f64;
-    let cands = (args.budget.div_ceil(args.page_size as usize) * args.page_size as usize)
-        .min(args.len) as f64;
+    let d = args.shape.head_dim as f64;
+    let pairs = (args.shape.batch * args.shape.kv_heads) as f64;
+    let pages = args.shape.len.div_ceil(args.shape.page_size as usize) as f64;
+    let cands = (args.budget.div_ceil(args.shape.page_size as usize)
+        * args.shape.page_size as usize)
+        .min(args.shape.len) as f64;
     let floor_us = |bytes: f64| bytes * pairs / bandwidth * 1e6;
     let select_floor = floor_us(pages * 4.0 * d);
     let estimate_floor = floor_us(cands * (d / 2.0 + 4.0));
     let attend_floor = floor_us(mean * 4.0 * d);
     let step_floor = select_floor + estimate_floor + attend_floor;
     let quest_floor = select_floor + floor_us(cands * 4.0 * d);
-    let dense_floor = floor_us(args.len as f64 * 4.0 * d);
+    let dense_floor = floor_us(args.shape.len as f64 * 4.0 * d);
 
-    println!("Select-then-Prune step {twilight_spec}: batch {}, {} query / {} KV heads, head_dim {}, {} tokens, B0 = {}, p = {}", args.batch, args.qo_heads, args.kv_heads, args.head_dim, args.len, args.budget, args.p);
+    println!("Select-then-Prune step {twilight_spec}: batch {}, {} query / {} KV heads, head_dim {}, {} tokens, B0 = {}, p = {}", args.shape.batch, args.shape.qo_heads, args.shape.kv_heads, args.shape.head_dim, args.shape.len, args.budget, args.p);
     println!("  generator: {generator}");
-    println!("  read bandwidth {:.0} GB/s (probe of {} GiB); medians of {} runs after {} warm-up, rotating {n} caches", bandwidth * 1e-9, args.probe_gib, args.iters, args.warmup);
-    println!("  kept budget per (request, KV head): mean {mean:.1} tokens ({:.2}% of the context), std {std:.1}, min {min}, p10 {}, median {}, p90 {}, max {max}", 100.0 * mean / args.len as f64, pct(0.1), pct(0.5), pct(0.9));
+    println!("  read bandwidth {:.0} GB/s (probe of {} GiB); medians of {} runs after {} warm-up, rotating {n} caches", bandwidth * 1e-9, args.shape.probe_gib, args.shape.iters, args.shape.warmup);
+    println!("  kept budget per (request, KV head): mean {mean:.1} tokens ({:.2}% of the context), std {std:.1}, min {min}, p10 {}, median {}, p90 {}, max {max}", 100.0 * mean / args.shape.len as f64, pct(0.1), pct(0.5), pct(0.9));
     println!();
     println!("| what | median us | floor us | ratio to floor |");
     println!("|---|---|---|---|");
@@ -316,14 +280,14 @@ fn typed<T: KvElement>(
         quest_t.median_us() / graph_t.median_us(),
         dense_t.median_us() / graph_t.median_us()
     );
-    if let Some(path) = &args.json {
+    if let Some(path) = &args.shape.json {
         let stage_json: serde_json::Map<String, serde_json::Value> = stages
             .iter()
             .map(|(s, t)| (format!("{s:?}"), t.median_us().into()))
             .collect();
         let json = serde_json::json!({
-            "variant": twilight_spec.name(), "batch": args.batch, "qo_heads": args.qo_heads, "kv_heads": args.kv_heads,
-            "head_dim": args.head_dim, "len": args.len, "page_size": args.page_size, "budget": args.budget, "p": args.p,
+            "variant": twilight_spec.name(), "batch": args.shape.batch, "qo_heads": args.shape.qo_heads, "kv_heads": args.shape.kv_heads,
+            "head_dim": args.shape.head_dim, "len": args.shape.len, "page_size": args.shape.page_size, "budget": args.budget, "p": args.p,
             "generator": generator.to_string(), "read_bandwidth_gbps": bandwidth * 1e-9,
             "kept": {"mean": mean, "std": std, "min": min, "max": max},
             "stages_us": stage_json,
