@@ -23,6 +23,8 @@ pub enum What {
     Dense(ShapeArgs),
     /// The Select-then-Prune step beside Quest alone and dense decode, per stage and per step.
     Sparse(super::bench_sparse::SparseArgs),
+    /// Every shape of bench/shapes.json: dense, Quest alone and the twilight step, as a table.
+    Grid(super::bench_grid::GridArgs),
     /// JIT costs: cold compile, warm disk-cache load and memory-cache hit, per variant.
     Jit {
         /// Variants (default: the dense Llama-3 shape in f16 and bf16).
@@ -88,6 +90,7 @@ pub fn run(what: What) -> CliResult {
     match what {
         What::Dense(args) => dense(args),
         What::Sparse(args) => super::bench_sparse::run(args),
+        What::Grid(args) => super::bench_grid::run(args),
         What::Jit { variants } => jit(variants),
     }
 }

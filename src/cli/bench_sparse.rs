@@ -1,12 +1,14 @@
 //! `twilight bench sparse`: one Select-then-Prune shape measured side by side with Quest alone
 //! and dense decode on the same caches, per stage and per step (plain launches and CUDA-graph
-//! replay), against DESIGN.md's byte floors.
+//! replay), against DESIGN.md's byte floors. [`measure`] is also what `bench grid` runs per
+//! shape.
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::{CudaGraph, CudaStream};
-use twilight::bench::{time_with_events, BenchKernels, Timing};
+use serde::{Deserialize, Serialize};
+use twilight::bench::{time_with_events, Timing};
 use twilight::generator::{generate, GeneratorParams, Preset};
 use twilight::twilight_jit::{open_device, Stage};
 use twilight::{
@@ -34,17 +36,142 @@ pub struct SparseArgs {
     rotation: usize,
 }
 
+/// One benchmark shape, as `bench/shapes.json` lists them (the PyTorch peers read the same
+/// file).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchShape {
+    pub name: String,
+    pub batch: usize,
+    pub qo_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: u32,
+    pub len: usize,
+    pub page_size: u32,
+    pub dtype: String,
+    #[serde(default = "default_layout")]
+    pub layout: String,
+    pub budget: usize,
+    pub p: f32,
+}
+
+fn default_layout() -> String {
+    "hnd".to_string()
+}
+
+impl BenchShape {
+    /// The dense (`full`/`none`) variant of the shape.
+    pub fn dense_spec(&self) -> Result<VariantSpec, Box<dyn std::error::Error>> {
+        if self.kv_heads == 0 || self.qo_heads % self.kv_heads != 0 {
+            return Err(format!(
+                "{}: {} query heads are not a multiple of {} KV heads",
+                self.name, self.qo_heads, self.kv_heads
+            )
+            .into());
+        }
+        Ok(format!(
+            "page_size={},head_dim={},dtype={},group_size={},kv_layout={},selector=full,pruning=none",
+            self.page_size,
+            self.head_dim,
+            self.dtype,
+            self.qo_heads / self.kv_heads,
+            self.layout
+        )
+        .parse()?)
+    }
+
+    /// Bytes of K and V of one cache of this shape.
+    pub fn kv_bytes(&self) -> usize {
+        2 * self.batch * self.kv_heads * self.len * self.head_dim as usize * 2
+    }
+}
+
+/// How each shape is measured.
+#[derive(Clone, Debug)]
+pub struct Method {
+    pub preset: Preset,
+    pub rotation: usize,
+    pub warmup: usize,
+    pub iters: usize,
+}
+
+/// Everything measured for one shape; times are medians in microseconds.
+#[derive(Clone, Debug, Serialize)]
+pub struct SparseReport {
+    pub shape: BenchShape,
+    pub variant: String,
+    pub generator: String,
+    pub read_bandwidth_gbps: f64,
+    pub rotation: usize,
+    pub iters: usize,
+    pub kept_mean: f64,
+    pub kept_std: f64,
+    pub kept_min: i32,
+    pub kept_max: i32,
+    pub stages_us: Vec<(String, f64, f64)>,
+    pub twilight_us: f64,
+    pub twilight_graph_us: f64,
+    pub twilight_floor_us: f64,
+    pub quest_none_us: f64,
+    pub quest_none_floor_us: f64,
+    pub dense_us: f64,
+    pub dense_floor_us: f64,
+}
+
 pub fn run(args: SparseArgs) -> CliResult {
-    let dense = args.shape.dense_spec()?;
+    let s = &args.shape;
+    let shape = BenchShape {
+        name: "cli".into(),
+        batch: s.batch,
+        qo_heads: s.qo_heads,
+        kv_heads: s.kv_heads,
+        head_dim: s.head_dim,
+        len: s.len,
+        page_size: s.page_size,
+        dtype: s.dtype.clone(),
+        layout: s.layout.clone(),
+        budget: args.budget,
+        p: args.p,
+    };
+    let method = Method {
+        preset: args.preset,
+        rotation: args.rotation,
+        warmup: s.warmup,
+        iters: s.iters,
+    };
+    let stream = graph_ready_stream()?;
+    let tools = twilight::bench::BenchKernels::new(&stream)?;
+    let bandwidth = tools.read_bandwidth((s.probe_gib * (1u64 << 30) as f64) as usize)?;
+    let report = measure(&stream, bandwidth, &shape, &method)?;
+    print_report(&report);
+    if let Some(path) = &s.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+/// A stream of its own on GPU 0 with cudarc's cross-stream event tracking off: graph capture
+/// needs both (tracking would record events inside the capture).
+pub fn graph_ready_stream() -> Result<Arc<CudaStream>, Box<dyn std::error::Error>> {
     let ctx = open_device(0)?;
-    // Graph capture needs a stream of its own, and cudarc's cross-stream event tracking would
-    // record events inside the capture.
-    // SAFETY: this command uses the one stream created here for all its work.
+    // SAFETY: the benchmarks do all their work on the one stream returned here.
     unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.new_stream()?;
+    Ok(ctx.new_stream()?)
+}
+
+/// Measures one shape (see the module documentation).
+///
+/// # Errors
+/// A bad shape, JIT, driver or generator errors.
+pub fn measure(
+    stream: &Arc<CudaStream>,
+    bandwidth: f64,
+    shape: &BenchShape,
+    method: &Method,
+) -> Result<SparseReport, Box<dyn std::error::Error>> {
+    let dense = shape.dense_spec()?;
     match dense.dtype {
-        Dtype::F16 => typed::<half::f16>(&stream, dense, &args),
-        Dtype::Bf16 => typed::<half::bf16>(&stream, dense, &args),
+        Dtype::F16 => measure_typed::<half::f16>(stream, bandwidth, dense, shape, method),
+        Dtype::Bf16 => measure_typed::<half::bf16>(stream, bandwidth, dense, shape, method),
     }
 }
 
@@ -62,17 +189,68 @@ fn with(spec: VariantSpec, selector: Selector, pruning: Pruning) -> VariantSpec 
     }
 }
 
-fn typed<T: KvElement>(
+/// Caches of realistic attention, filled through the variant's append.
+fn build_instances<T: KvElement>(
     stream: &Arc<CudaStream>,
+    decoder: &SparseDecoder,
+    generator: &GeneratorParams,
+    shape: &BenchShape,
+    rotation: usize,
+) -> Result<Vec<Instance<T>>, Box<dyn std::error::Error>> {
+    let spec = *decoder.spec();
+    let lens = vec![shape.len; shape.batch];
+    let mut instances = Vec::new();
+    for i in 0..rotation.max(1) {
+        let start = Instant::now();
+        let mut g = generator.clone();
+        g.seed = generator.seed + i as u64;
+        let step = generate::<T>(
+            &g,
+            &lens,
+            shape.kv_heads,
+            shape.qo_heads / shape.kv_heads,
+            shape.page_size as usize,
+            shape.head_dim as usize,
+            spec.kv_layout,
+        )?;
+        let cache_shape = CacheShape { ..step.shape };
+        let mut cache = PagedKvCache::<T>::for_variant(stream, cache_shape, &spec)?;
+        let mut ids = Vec::new();
+        for b in 0..shape.batch {
+            let id = cache.add_request();
+            let (k, v) = step.request_rows::<T>(b);
+            let (k, v) = (stream.clone_htod(&k)?, stream.clone_htod(&v)?);
+            decoder.append(&mut cache, &[(id, shape.len)], &k, &v)?;
+            ids.push(id);
+        }
+        let table = cache.page_table(stream, &ids)?;
+        let q = stream.clone_htod(&twilight::synthetic::SyntheticStep::to_elements::<T>(
+            &step.q,
+        ))?;
+        stream.synchronize()?;
+        eprintln!(
+            "  {}: cache {}/{} generated and appended in {:.1} s",
+            shape.name,
+            i + 1,
+            rotation,
+            start.elapsed().as_secs_f64()
+        );
+        instances.push(Instance { cache, table, q });
+    }
+    Ok(instances)
+}
+
+fn measure_typed<T: KvElement>(
+    stream: &Arc<CudaStream>,
+    bandwidth: f64,
     dense_spec: VariantSpec,
-    args: &SparseArgs,
-) -> CliResult {
-    let tools = BenchKernels::new(stream)?;
-    let bandwidth = tools.read_bandwidth((args.shape.probe_gib * (1u64 << 30) as f64) as usize)?;
+    shape: &BenchShape,
+    method: &Method,
+) -> Result<SparseReport, Box<dyn std::error::Error>> {
     let twilight_spec = with(dense_spec, Selector::Quest, Pruning::TopP);
     let params = SparseParams {
-        budget: args.budget,
-        p: args.p,
+        budget: shape.budget,
+        p: shape.p,
         sm_scale: None,
     };
     let sparse = SparseDecoder::new(stream.clone(), twilight_spec, params)?;
@@ -82,79 +260,31 @@ fn typed<T: KvElement>(
         params,
     )?;
     let dense = DenseDecoder::new(stream.clone(), dense_spec)?;
-    let generator = GeneratorParams::preset(args.preset, 2026);
-    let lens = vec![args.shape.len; args.shape.batch];
-    let group = args.shape.qo_heads / args.shape.kv_heads;
+    let generator = GeneratorParams::preset(method.preset, 2026);
+    let instances = build_instances::<T>(stream, &sparse, &generator, shape, method.rotation)?;
+    let n = instances.len();
+    let (warmup, iters) = (method.warmup, method.iters);
 
-    let mut instances = Vec::new();
-    for i in 0..args.rotation.max(1) {
-        let start = Instant::now();
-        let mut g = generator.clone();
-        g.seed = generator.seed + i as u64;
-        let step = generate::<T>(
-            &g,
-            &lens,
-            args.shape.kv_heads,
-            group,
-            args.shape.page_size as usize,
-            args.shape.head_dim as usize,
-            dense_spec.kv_layout,
-        )?;
-        let shape = CacheShape {
-            num_pages: step.shape.num_pages,
-            ..step.shape
-        };
-        let mut cache = PagedKvCache::<T>::for_variant(stream, shape, &twilight_spec)?;
-        let mut ids = Vec::new();
-        for b in 0..args.shape.batch {
-            let id = cache.add_request();
-            let (k, v) = step.request_rows::<T>(b);
-            let (k, v) = (stream.clone_htod(&k)?, stream.clone_htod(&v)?);
-            sparse.append(&mut cache, &[(id, args.shape.len)], &k, &v)?;
-            ids.push(id);
-        }
-        let table = cache.page_table(stream, &ids)?;
-        let q = stream.clone_htod(&twilight::synthetic::SyntheticStep::to_elements::<T>(
-            &step.q,
-        ))?;
-        stream.synchronize()?;
-        eprintln!(
-            "cache {}/{} generated and appended in {:.1} s",
-            i + 1,
-            args.rotation,
-            start.elapsed().as_secs_f64()
-        );
-        instances.push(Instance { cache, table, q });
-    }
-    let pick = |i: usize| &instances[i % instances.len()];
-
-    // Outputs and workspaces, sized by one step of each decoder.
-    let mut s_out: Vec<SparseOutput<T>> = instances
-        .iter()
-        .map(|x| sparse.alloc_output(&x.table, args.shape.kv_heads))
-        .collect::<Result<_, _>>()?;
-    let mut s_ws: Vec<SparseWorkspace> = instances
-        .iter()
-        .map(|_| SparseWorkspace::default())
-        .collect();
-    let mut q_out: Vec<SparseOutput<T>> = instances
-        .iter()
-        .map(|x| quest.alloc_output(&x.table, args.shape.kv_heads))
-        .collect::<Result<_, _>>()?;
-    let mut q_ws: Vec<SparseWorkspace> = instances
-        .iter()
-        .map(|_| SparseWorkspace::default())
-        .collect();
-    let heads = args.shape.batch * args.shape.qo_heads;
+    // Outputs and workspaces per cache, sized by the first step of each decoder.
+    let outputs = |d: &SparseDecoder| -> twilight::Result<Vec<SparseOutput<T>>> {
+        instances
+            .iter()
+            .map(|x| d.alloc_output(&x.table, shape.kv_heads))
+            .collect()
+    };
+    let mut s_out = outputs(&sparse)?;
+    let mut q_out = outputs(&quest)?;
+    let mut s_ws: Vec<SparseWorkspace> = (0..n).map(|_| SparseWorkspace::default()).collect();
+    let mut q_ws: Vec<SparseWorkspace> = (0..n).map(|_| SparseWorkspace::default()).collect();
+    let heads = shape.batch * shape.qo_heads;
     let mut d_out = DecodeOutput {
-        o: stream.alloc_zeros::<T>(heads * args.shape.head_dim as usize)?,
+        o: stream.alloc_zeros::<T>(heads * shape.head_dim as usize)?,
         lse: stream.alloc_zeros::<f32>(heads)?,
     };
     let mut d_ws = Workspace::default();
 
-    let n = instances.len();
-    let twilight_t = time_with_events(stream, args.shape.warmup, args.shape.iters, |i| {
-        let x = pick(i);
+    let twilight_t = time_with_events(stream, warmup, iters, |i| {
+        let x = &instances[i % n];
         sparse.run_into(
             &x.q,
             &x.cache,
@@ -163,8 +293,8 @@ fn typed<T: KvElement>(
             &mut s_ws[i % n],
         )
     })?;
-    let quest_t = time_with_events(stream, args.shape.warmup, args.shape.iters, |i| {
-        let x = pick(i);
+    let quest_t = time_with_events(stream, warmup, iters, |i| {
+        let x = &instances[i % n];
         quest.run_into(
             &x.q,
             &x.cache,
@@ -173,43 +303,27 @@ fn typed<T: KvElement>(
             &mut q_ws[i % n],
         )
     })?;
-    let dense_t = time_with_events(stream, args.shape.warmup, args.shape.iters, |i| {
-        let x = pick(i);
+    let dense_t = time_with_events(stream, warmup, iters, |i| {
+        let x = &instances[i % n];
         dense.run_into(&x.q, &x.cache, &x.table, None, &mut d_out, &mut d_ws)
     })?;
 
-    // The same steps replayed as CUDA graphs (one per cache).
-    let capture = |run: &mut dyn FnMut() -> twilight::Result<()>| -> Result<CudaGraph, Box<dyn std::error::Error>> {
-        stream.begin_capture(cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
-        let result = run();
-        let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))?;
-        result?;
-        graph.ok_or_else(|| "empty capture".into())
-    };
+    // The same twilight steps replayed as CUDA graphs (one per cache).
     let mut graphs = Vec::new();
-    for i in 0..n {
-        let x = pick(i);
+    for (i, x) in instances.iter().enumerate() {
         let (out, ws) = (&mut s_out[i], &mut s_ws[i]);
-        graphs.push(capture(&mut || {
+        graphs.push(capture(stream, &mut || {
             sparse.run_into(&x.q, &x.cache, &x.table, out, ws)
         })?);
     }
-    let graph_t = time_with_events(stream, args.shape.warmup, args.shape.iters, |i| {
+    let graph_t = time_with_events(stream, warmup, iters, |i| {
         graphs[i % n].launch().map_err(|e| twilight::Error::Driver {
             what: "graph launch".into(),
             message: e.to_string(),
         })
     })?;
-
-    // Per stage: events between the launches of one step.
     let stages = stage_times(
-        stream,
-        &sparse,
-        &instances,
-        &mut s_out,
-        &mut s_ws,
-        args.shape.warmup,
-        args.shape.iters,
+        stream, &sparse, &instances, &mut s_out, &mut s_ws, warmup, iters,
     )?;
 
     // Kept budgets of the last step on cache 0.
@@ -222,82 +336,115 @@ fn typed<T: KvElement>(
         .sum::<f64>()
         / counts.len() as f64)
         .sqrt();
-    let (min, max) = (
-        *counts.iter().min().unwrap_or(&0),
-        *counts.iter().max().unwrap_or(&0),
-    );
-    let mut sorted = counts.clone();
-    sorted.sort_unstable();
-    let pct = |q: f64| sorted[((sorted.len() - 1) as f64 * q).round() as usize];
 
     // DESIGN.md's byte model per (request, KV head), d = head_dim, 2-byte dtype.
-    let d = args.shape.head_dim as f64;
-    let pairs = (args.shape.batch * args.shape.kv_heads) as f64;
-    let pages = args.shape.len.div_ceil(args.shape.page_size as usize) as f64;
-    let cands = (args.budget.div_ceil(args.shape.page_size as usize)
-        * args.shape.page_size as usize)
-        .min(args.shape.len) as f64;
+    let d = shape.head_dim as f64;
+    let pairs = (shape.batch * shape.kv_heads) as f64;
+    let pages = shape.len.div_ceil(shape.page_size as usize) as f64;
+    let ps = shape.page_size as usize;
+    let cands = (shape.budget.div_ceil(ps) * ps).min(shape.len) as f64;
     let floor_us = |bytes: f64| bytes * pairs / bandwidth * 1e6;
     let select_floor = floor_us(pages * 4.0 * d);
     let estimate_floor = floor_us(cands * (d / 2.0 + 4.0));
     let attend_floor = floor_us(mean * 4.0 * d);
-    let step_floor = select_floor + estimate_floor + attend_floor;
-    let quest_floor = select_floor + floor_us(cands * 4.0 * d);
-    let dense_floor = floor_us(args.shape.len as f64 * 4.0 * d);
+    let stage_floor = |stage: Stage| match stage {
+        Stage::QuestScore => select_floor,
+        Stage::Estimate => estimate_floor,
+        Stage::Attend => attend_floor,
+        _ => f64::NAN,
+    };
+    Ok(SparseReport {
+        shape: shape.clone(),
+        variant: twilight_spec.name(),
+        generator: generator.to_string(),
+        read_bandwidth_gbps: bandwidth * 1e-9,
+        rotation: n,
+        iters,
+        kept_mean: mean,
+        kept_std: std,
+        kept_min: counts.iter().copied().min().unwrap_or(0),
+        kept_max: counts.iter().copied().max().unwrap_or(0),
+        stages_us: stages
+            .iter()
+            .map(|(s, t)| (format!("{s:?}"), t.median_us(), stage_floor(*s)))
+            .collect(),
+        twilight_us: twilight_t.median_us(),
+        twilight_graph_us: graph_t.median_us(),
+        twilight_floor_us: select_floor + estimate_floor + attend_floor,
+        quest_none_us: quest_t.median_us(),
+        quest_none_floor_us: select_floor + floor_us(cands * 4.0 * d),
+        dense_us: dense_t.median_us(),
+        dense_floor_us: floor_us(shape.len as f64 * 4.0 * d),
+    })
+}
 
-    println!("Select-then-Prune step {twilight_spec}: batch {}, {} query / {} KV heads, head_dim {}, {} tokens, B0 = {}, p = {}", args.shape.batch, args.shape.qo_heads, args.shape.kv_heads, args.shape.head_dim, args.shape.len, args.budget, args.p);
-    println!("  generator: {generator}");
-    println!("  read bandwidth {:.0} GB/s (probe of {} GiB); medians of {} runs after {} warm-up, rotating {n} caches", bandwidth * 1e-9, args.shape.probe_gib, args.shape.iters, args.shape.warmup);
-    println!("  kept budget per (request, KV head): mean {mean:.1} tokens ({:.2}% of the context), std {std:.1}, min {min}, p10 {}, median {}, p90 {}, max {max}", 100.0 * mean / args.shape.len as f64, pct(0.1), pct(0.5), pct(0.9));
+fn capture(
+    stream: &Arc<CudaStream>,
+    run: &mut dyn FnMut() -> twilight::Result<()>,
+) -> Result<CudaGraph, Box<dyn std::error::Error>> {
+    stream.begin_capture(
+        cudarc::driver::sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL,
+    )?;
+    let result = run();
+    let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))?;
+    result?;
+    graph.ok_or_else(|| "empty capture".into())
+}
+
+/// The report of one shape as text: its parameters, the kept budget and a table of every
+/// stage and step against its floor.
+pub fn print_report(r: &SparseReport) {
+    let s = &r.shape;
+    println!(
+        "Select-then-Prune step {}: batch {}, {} query / {} KV heads, head_dim {}, {} tokens, B0 = {}, p = {}",
+        r.variant, s.batch, s.qo_heads, s.kv_heads, s.head_dim, s.len, s.budget, s.p
+    );
+    println!("  generator: {}", r.generator);
+    println!(
+        "  read bandwidth {:.0} GB/s; medians of {} runs, rotating {} caches",
+        r.read_bandwidth_gbps, r.iters, r.rotation
+    );
+    println!(
+        "  kept budget per (request, KV head): mean {:.1} tokens ({:.2}% of the context), std {:.1}, min {}, max {}",
+        r.kept_mean,
+        100.0 * r.kept_mean / s.len as f64,
+        r.kept_std,
+        r.kept_min,
+        r.kept_max
+    );
     println!();
     println!("| what | median us | floor us | ratio to floor |");
     println!("|---|---|---|---|");
-    let row = |name: &str, t: &Timing, floor: f64| {
-        println!(
-            "| {name} | {:.1} | {floor:.1} | {:.2} |",
-            t.median_us(),
-            t.median_us() / floor
-        )
+    let row = |name: &str, t: f64, floor: f64| {
+        println!("| {name} | {t:.1} | {floor:.1} | {:.2} |", t / floor)
     };
-    for (stage, t) in &stages {
-        let floor = match stage {
-            Stage::QuestScore => select_floor,
-            Stage::Estimate => estimate_floor,
-            Stage::Attend => attend_floor,
-            _ => f64::NAN,
-        };
-        row(&format!("stage {stage:?}"), t, floor);
+    for (stage, t, floor) in &r.stages_us {
+        row(&format!("stage {stage}"), *t, *floor);
     }
-    row("twilight step (quest + top_p)", &twilight_t, step_floor);
-    row("twilight step, graph replay", &graph_t, step_floor);
-    row("quest + none, same B0", &quest_t, quest_floor);
-    row("dense decode (ours)", &dense_t, dense_floor);
+    row(
+        "twilight step (quest + top_p)",
+        r.twilight_us,
+        r.twilight_floor_us,
+    );
+    row(
+        "twilight step, graph replay",
+        r.twilight_graph_us,
+        r.twilight_floor_us,
+    );
+    row(
+        "quest + none, same B0",
+        r.quest_none_us,
+        r.quest_none_floor_us,
+    );
+    row("dense decode (ours)", r.dense_us, r.dense_floor_us);
     println!();
     println!(
         "  speedup of the twilight step: {:.2}x over Quest alone, {:.2}x over our dense decode (graph replay: {:.2}x, {:.2}x)",
-        quest_t.median_us() / twilight_t.median_us(),
-        dense_t.median_us() / twilight_t.median_us(),
-        quest_t.median_us() / graph_t.median_us(),
-        dense_t.median_us() / graph_t.median_us()
+        r.quest_none_us / r.twilight_us,
+        r.dense_us / r.twilight_us,
+        r.quest_none_us / r.twilight_graph_us,
+        r.dense_us / r.twilight_graph_us
     );
-    if let Some(path) = &args.shape.json {
-        let stage_json: serde_json::Map<String, serde_json::Value> = stages
-            .iter()
-            .map(|(s, t)| (format!("{s:?}"), t.median_us().into()))
-            .collect();
-        let json = serde_json::json!({
-            "variant": twilight_spec.name(), "batch": args.shape.batch, "qo_heads": args.shape.qo_heads, "kv_heads": args.shape.kv_heads,
-            "head_dim": args.shape.head_dim, "len": args.shape.len, "page_size": args.shape.page_size, "budget": args.budget, "p": args.p,
-            "generator": generator.to_string(), "read_bandwidth_gbps": bandwidth * 1e-9,
-            "kept": {"mean": mean, "std": std, "min": min, "max": max},
-            "stages_us": stage_json,
-            "twilight_us": twilight_t.median_us(), "twilight_graph_us": graph_t.median_us(), "twilight_floor_us": step_floor,
-            "quest_none_us": quest_t.median_us(), "quest_none_floor_us": quest_floor,
-            "dense_us": dense_t.median_us(), "dense_floor_us": dense_floor,
-        });
-        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
-    }
-    Ok(())
 }
 
 /// Median time of each stage: events recorded before every launch of a step and after its last.

@@ -1,0 +1,183 @@
+//! `twilight bench grid`: every shape of `bench/shapes.json` (the list `bench/peers.py` reads
+//! too) through [`measure`], with progress on stderr, results as JSON and as a markdown table
+//! that also carries the PyTorch peers' numbers when their JSON is given.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use serde::Deserialize;
+use twilight::bench::BenchKernels;
+use twilight::generator::Preset;
+
+use super::bench_sparse::{
+    graph_ready_stream, measure, print_report, BenchShape, Method, SparseReport,
+};
+use super::CliResult;
+
+#[derive(clap::Args, Debug)]
+pub struct GridArgs {
+    /// The shape list shared with bench/peers.py.
+    #[arg(long, default_value = "bench/shapes.json")]
+    shapes: PathBuf,
+    /// Only these shapes (names, comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Attention preset of the synthetic generator.
+    #[arg(long, default_value = "default")]
+    preset: Preset,
+    #[arg(long, default_value_t = 2)]
+    rotation: usize,
+    #[arg(long, default_value_t = 10)]
+    warmup: usize,
+    #[arg(long, default_value_t = 50)]
+    iters: usize,
+    #[arg(long, default_value_t = 4.0)]
+    probe_gib: f64,
+    /// Skip shapes whose rotated caches would take more device memory than this (GiB).
+    #[arg(long, default_value_t = 100.0)]
+    max_gib: f64,
+    /// Where bench-results.json and bench-results.md are written.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+    /// Results of bench/peers.py (its --json file) to join into the table.
+    #[arg(long)]
+    peers: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct ShapeList {
+    shapes: Vec<BenchShape>,
+}
+
+#[derive(Deserialize)]
+struct PeerRecord {
+    name: String,
+    peer: String,
+    median_us: f64,
+}
+
+pub fn run(args: GridArgs) -> CliResult {
+    let text = std::fs::read_to_string(&args.shapes)
+        .map_err(|e| format!("cannot read {}: {e}", args.shapes.display()))?;
+    let list: ShapeList = serde_json::from_str(&text)
+        .map_err(|e| format!("{} is not a shape list: {e}", args.shapes.display()))?;
+    let shapes: Vec<BenchShape> = list
+        .shapes
+        .into_iter()
+        .filter(|s| args.only.is_empty() || args.only.contains(&s.name))
+        .collect();
+    if shapes.is_empty() {
+        return Err("no shape selected".into());
+    }
+    let peers = match &args.peers {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+            serde_json::from_str::<Vec<PeerRecord>>(&text)
+                .map_err(|e| format!("{} is not a peers.py result list: {e}", path.display()))?
+        }
+        None => Vec::new(),
+    };
+    let stream = graph_ready_stream()?;
+    let bandwidth = BenchKernels::new(&stream)?
+        .read_bandwidth((args.probe_gib * (1u64 << 30) as f64) as usize)?;
+    eprintln!("read bandwidth {:.0} GB/s", bandwidth * 1e-9);
+    let method = Method {
+        preset: args.preset,
+        rotation: args.rotation,
+        warmup: args.warmup,
+        iters: args.iters,
+    };
+    let mut reports: Vec<SparseReport> = Vec::new();
+    let mut skipped: Vec<(String, String)> = Vec::new();
+    let start = Instant::now();
+    for (i, shape) in shapes.iter().enumerate() {
+        // K and V, plus Quest bounds and the 4-bit copy (about a third more), per rotated cache.
+        let gib =
+            shape.kv_bytes() as f64 * 1.35 * args.rotation.max(1) as f64 / (1u64 << 30) as f64;
+        if gib > args.max_gib {
+            let why = format!(
+                "needs {gib:.0} GiB of caches, over --max-gib {}",
+                args.max_gib
+            );
+            eprintln!(
+                "[{}/{}] {}: skipped, {why}",
+                i + 1,
+                shapes.len(),
+                shape.name
+            );
+            skipped.push((shape.name.clone(), why));
+            continue;
+        }
+        eprintln!(
+            "[{}/{}] {} ({:.0} s so far)",
+            i + 1,
+            shapes.len(),
+            shape.name,
+            start.elapsed().as_secs_f64()
+        );
+        match measure(&stream, bandwidth, shape, &method) {
+            Ok(report) => {
+                print_report(&report);
+                reports.push(report);
+            }
+            Err(e) => {
+                eprintln!("[{}/{}] {}: failed: {e}", i + 1, shapes.len(), shape.name);
+                skipped.push((shape.name.clone(), format!("failed: {e}")));
+            }
+        }
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let json = serde_json::json!({ "reports": reports, "skipped": skipped });
+    std::fs::write(
+        args.out.join("bench-results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    let table = markdown(&reports, &skipped, &peers);
+    std::fs::write(args.out.join("bench-results.md"), &table)?;
+    println!("{table}");
+    Ok(())
+}
+
+/// One row per shape: every time with its ratio to the floor, and the speedups.
+fn markdown(
+    reports: &[SparseReport],
+    skipped: &[(String, String)],
+    peers: &[PeerRecord],
+) -> String {
+    let peer: HashMap<(&str, &str), f64> = peers
+        .iter()
+        .map(|p| ((p.name.as_str(), p.peer.as_str()), p.median_us))
+        .collect();
+    let cell = |us: Option<f64>| us.map_or("-".to_string(), |u| format!("{u:.1}"));
+    let mut t = String::from(
+        "| shape | kept per (req, KV head) | dense ours us (x floor) | torch SDPA us | quest+none us (x floor) | twilight us (x floor) | twilight graph us | torch quest+top-p us | twilight vs quest | vs dense ours | vs SDPA |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in reports {
+        let name = r.shape.name.as_str();
+        let sdpa = peer.get(&(name, "torch_sdpa_dense")).copied();
+        let torch_twilight = peer.get(&(name, "torch_quest_topp")).copied();
+        t.push_str(&format!(
+            "| {name} | {:.0} ({:.2}%) | {:.1} ({:.2}) | {} | {:.1} ({:.2}) | {:.1} ({:.2}) | {:.1} | {} | {:.2}x | {:.2}x | {} |\n",
+            r.kept_mean,
+            100.0 * r.kept_mean / r.shape.len as f64,
+            r.dense_us,
+            r.dense_us / r.dense_floor_us,
+            cell(sdpa),
+            r.quest_none_us,
+            r.quest_none_us / r.quest_none_floor_us,
+            r.twilight_us,
+            r.twilight_us / r.twilight_floor_us,
+            r.twilight_graph_us,
+            cell(torch_twilight),
+            r.quest_none_us / r.twilight_us,
+            r.dense_us / r.twilight_us,
+            sdpa.map_or("-".to_string(), |s| format!("{:.2}x", s / r.twilight_us)),
+        ));
+    }
+    for (name, why) in skipped {
+        t.push_str(&format!("| {name} | not run: {why} | | | | | | | | | |\n"));
+    }
+    t
+}
