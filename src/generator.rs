@@ -53,6 +53,7 @@ use rand::SeedableRng;
 
 use crate::element::{round_to, KvElement};
 use crate::error::{Error, Result};
+use crate::page_table::HostPageTable;
 use crate::reference::top_p::{softmax, top_p_keep};
 use crate::reference::CacheShape;
 use crate::synthetic::{shuffled_page_table, SyntheticStep};
@@ -579,15 +580,32 @@ fn build_group(
     )
 }
 
-/// Generates one decode step with realistic attention (see the module documentation).
-/// Pages are handed out in the same shuffled order as [`SyntheticStep::random`] with the same
-/// seed, with 3 spare pages of noise; every value is rounded to `T`.
+/// Everything of a generated step but K and V: the page table, q, and the attention structure
+/// of every (request, KV head). K and V come from [`GeneratedPlan::request_rows`] one request at
+/// a time (so a benchmark can fill a device cache far larger than host memory would hold as a
+/// pool), or all at once from [`GeneratedPlan::into_step`]. Either way every page is drawn from
+/// its own random stream, so both give the same values.
+pub struct GeneratedPlan {
+    params: GeneratorParams,
+    pub shape: CacheShape,
+    pub num_qo_heads: usize,
+    pub table: HostPageTable,
+    /// `[batch, num_qo_heads, head_dim]`, rounded to the dtype.
+    pub q: Vec<f32>,
+    groups: Vec<Group>,
+    /// Per page id: (request, position in its page list, valid tokens), `None` for spare pages.
+    owner: Vec<Option<(usize, usize, usize)>>,
+}
+
+/// Plans one decode step with realistic attention (see the module documentation). Pages are
+/// handed out in the same shuffled order as [`SyntheticStep::random`] with the same seed, with
+/// [`crate::synthetic::SPARE_PAGES`] spare pages of noise; every value is rounded to `T`.
 ///
 /// # Errors
 /// [`Error::Parameter`] for bad parameters or a head_dim too small for the group's
 /// `group_size + 1` orthogonal directions; a page table error for a zero-length request.
 #[allow(clippy::too_many_arguments)]
-pub fn generate<T: KvElement>(
+pub fn plan<T: KvElement>(
     params: &GeneratorParams,
     lens: &[usize],
     num_kv_heads: usize,
@@ -595,7 +613,7 @@ pub fn generate<T: KvElement>(
     page_size: usize,
     head_dim: usize,
     layout: twilight_jit::KvLayout,
-) -> Result<SyntheticStep> {
+) -> Result<GeneratedPlan> {
     params.validate()?;
     if page_size == 0 || head_dim == 0 || num_kv_heads == 0 || group_size == 0 {
         return Err(Error::Parameter(format!(
@@ -635,7 +653,6 @@ pub fn generate<T: KvElement>(
             groups.push(group);
         }
     }
-    // Page owners: (request, position in its page list, valid tokens).
     let mut owner: Vec<Option<(usize, usize, usize)>> = vec![None; num_pages];
     for b in 0..lens.len() {
         let lo = table.kv_indptr[b] as usize;
@@ -649,23 +666,104 @@ pub fn generate<T: KvElement>(
             owner[table.kv_indices[lo + pos] as usize] = Some((b, pos, valid));
         }
     }
-    let spread = if params.preset == Preset::Uniform {
-        params.concentration as f32
-    } else {
-        params.background_spread as f32
-    };
+    Ok(GeneratedPlan {
+        params: params.clone(),
+        shape,
+        num_qo_heads,
+        table,
+        q,
+        groups,
+        owner,
+    })
+}
 
-    let page_elems = num_kv_heads * page_size * d;
-    let fill_page = |pid: usize, kp: &mut [f32], vp: &mut [f32]| {
+/// Generates one whole decode step: [`plan`], then every page.
+///
+/// # Errors
+/// As [`plan`].
+#[allow(clippy::too_many_arguments)]
+pub fn generate<T: KvElement>(
+    params: &GeneratorParams,
+    lens: &[usize],
+    num_kv_heads: usize,
+    group_size: usize,
+    page_size: usize,
+    head_dim: usize,
+    layout: twilight_jit::KvLayout,
+) -> Result<SyntheticStep> {
+    Ok(plan::<T>(
+        params,
+        lens,
+        num_kv_heads,
+        group_size,
+        page_size,
+        head_dim,
+        layout,
+    )?
+    .into_step::<T>())
+}
+
+/// Fills one page: `(page index, K of the page, V of the page)`.
+type PageFill<'a> = dyn Fn(usize, &mut [f32], &mut [f32]) + Sync + 'a;
+
+/// Runs `fill(page_index, k_page, v_page)` over consecutive page-sized chunks of `k` and `v`
+/// on every core.
+fn fill_pages_parallel(k: &mut [f32], v: &mut [f32], page_elems: usize, fill: &PageFill) {
+    let pages = k.len() / page_elems.max(1);
+    if pages == 0 {
+        return;
+    }
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 16)
+        .min(pages);
+    let per = pages.div_ceil(threads);
+    std::thread::scope(|sc| {
+        let work = k
+            .chunks_mut(per * page_elems)
+            .zip(v.chunks_mut(per * page_elems));
+        for (i, (kc, vc)) in work.enumerate() {
+            sc.spawn(move || {
+                let chunks = kc.chunks_mut(page_elems).zip(vc.chunks_mut(page_elems));
+                for (j, (kp, vp)) in chunks.enumerate() {
+                    fill(i * per + j, kp, vp);
+                }
+            });
+        }
+    });
+}
+
+impl GeneratedPlan {
+    fn page_elems(&self) -> usize {
+        self.shape.num_kv_heads * self.shape.page_size * self.shape.head_dim
+    }
+
+    /// Draws page `pid` (its K and V in the cache's layout, rounded to `T`) from the page's own
+    /// random stream.
+    fn fill_page<T: KvElement>(&self, pid: usize, kp: &mut [f32], vp: &mut [f32]) {
+        let params = &self.params;
+        let shape = &self.shape;
+        let d = shape.head_dim;
+        let spread = if params.preset == Preset::Uniform {
+            params.concentration as f32
+        } else {
+            params.background_spread as f32
+        };
         let mut rng = SplitMix64::new(derive_seed(params.seed, &[STREAM_PAGE, pid as u64]));
-        let base = pid * page_elems;
-        for g in 0..num_kv_heads {
-            for off in 0..page_size {
-                let at = shape.offset(pid * page_size + off, g) - base;
+        let base = pid * self.page_elems();
+        for g in 0..shape.num_kv_heads {
+            for off in 0..shape.page_size {
+                let at = shape.offset(pid * shape.page_size + off, g) - base;
                 let krow = &mut kp[at..at + d];
-                let token = owner[pid]
-                    .filter(|&(_, _, valid)| off < valid)
-                    .map(|(b, pos, _)| (&groups[b * num_kv_heads + g], pos * page_size + off));
+                let token =
+                    self.owner[pid]
+                        .filter(|&(_, _, valid)| off < valid)
+                        .map(|(b, pos, _)| {
+                            (
+                                &self.groups[b * shape.num_kv_heads + g],
+                                pos * shape.page_size + off,
+                            )
+                        });
                 match token {
                     Some((grp, t)) if !grp.special.is_empty() && grp.special[t] => {
                         rng.fill_normal(krow, spread * params.special_noise as f32)
@@ -698,36 +796,58 @@ pub fn generate<T: KvElement>(
                 }
             }
         }
-    };
-    let mut k = vec![0f32; shape.elements()];
-    let mut v = vec![0f32; shape.elements()];
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 16)
-        .min(num_pages);
-    let per = num_pages.div_ceil(threads);
-    std::thread::scope(|sc| {
-        let work = k
-            .chunks_mut(per * page_elems)
-            .zip(v.chunks_mut(per * page_elems));
-        for (i, (kc, vc)) in work.enumerate() {
-            let fill_page = &fill_page;
-            sc.spawn(move || {
-                let pages = kc.chunks_mut(page_elems).zip(vc.chunks_mut(page_elems));
-                for (j, (kp, vp)) in pages.enumerate() {
-                    fill_page(i * per + j, kp, vp);
-                }
-            });
+    }
+
+    /// The K and V rows of request `b`, `[tokens, num_kv_heads, head_dim]` in token order
+    /// (what `append` takes), drawing only that request's pages.
+    pub fn request_rows<T: KvElement>(&self, b: usize) -> (Vec<T>, Vec<T>) {
+        let shape = &self.shape;
+        let page_elems = self.page_elems();
+        let (lo, hi) = (
+            self.table.kv_indptr[b] as usize,
+            self.table.kv_indptr[b + 1] as usize,
+        );
+        let pages = &self.table.kv_indices[lo..hi];
+        let mut k = vec![0f32; pages.len() * page_elems];
+        let mut v = vec![0f32; pages.len() * page_elems];
+        fill_pages_parallel(&mut k, &mut v, page_elems, &|i, kp, vp| {
+            self.fill_page::<T>(pages[i] as usize, kp, vp)
+        });
+        // From the pages' own layout to token rows.
+        let len = self.table.len_of(b);
+        let row = shape.num_kv_heads * shape.head_dim;
+        let (mut k_rows, mut v_rows) =
+            (Vec::with_capacity(len * row), Vec::with_capacity(len * row));
+        for t in 0..len {
+            let (i, off) = (t / shape.page_size, t % shape.page_size);
+            let base = pages[i] as usize * page_elems;
+            for g in 0..shape.num_kv_heads {
+                let at = shape.offset(pages[i] as usize * shape.page_size + off, g) - base
+                    + i * page_elems;
+                k_rows.extend(k[at..at + shape.head_dim].iter().map(|&x| T::from_f32(x)));
+                v_rows.extend(v[at..at + shape.head_dim].iter().map(|&x| T::from_f32(x)));
+            }
         }
-    });
-    Ok(SyntheticStep {
-        shape,
-        num_qo_heads,
-        table,
-        q,
-        k,
-        v,
-    })
+        (k_rows, v_rows)
+    }
+
+    /// The whole step: every page of the pool drawn on every core.
+    pub fn into_step<T: KvElement>(self) -> SyntheticStep {
+        let page_elems = self.page_elems();
+        let mut k = vec![0f32; self.shape.elements()];
+        let mut v = vec![0f32; self.shape.elements()];
+        fill_pages_parallel(&mut k, &mut v, page_elems, &|pid, kp, vp| {
+            self.fill_page::<T>(pid, kp, vp)
+        });
+        SyntheticStep {
+            shape: self.shape,
+            num_qo_heads: self.num_qo_heads,
+            table: self.table,
+            q: self.q,
+            k,
+            v,
+        }
+    }
 }
 
 /// The oracle top-p budget: per (request, query head), indexed `b * num_qo_heads + h`, the
@@ -852,6 +972,28 @@ mod tests {
             ..GeneratorParams::default()
         };
         assert!(bad.validate().is_err());
+    }
+
+    /// Streaming one request at a time yields exactly the rows of the whole pool, in both
+    /// layouts and with partial last pages.
+    #[test]
+    fn streamed_request_rows_equal_the_pool() {
+        for layout in [KvLayout::Hnd, KvLayout::Nhd] {
+            for preset in [Preset::Default, Preset::Uniform] {
+                let params = GeneratorParams::preset(preset, 9);
+                let lens = [37, 16, 1, 300];
+                let planned = plan::<f16>(&params, &lens, 2, 2, 16, 64, layout).unwrap();
+                let streamed: Vec<_> = (0..lens.len())
+                    .map(|b| planned.request_rows::<f16>(b))
+                    .collect();
+                let step = planned.into_step::<f16>();
+                for (b, (k, v)) in streamed.iter().enumerate() {
+                    let (k_pool, v_pool) = step.request_rows::<f16>(b);
+                    assert_eq!(k, &k_pool, "{layout:?} {preset:?} request {b}: K");
+                    assert_eq!(v, &v_pool, "{layout:?} {preset:?} request {b}: V");
+                }
+            }
+        }
     }
 
     /// The calibration: at 32k tokens and p = 0.9, `default` needs 1-5% of the context, the

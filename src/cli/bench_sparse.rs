@@ -9,11 +9,11 @@ use std::time::Instant;
 use cudarc::driver::{CudaGraph, CudaStream};
 use serde::{Deserialize, Serialize};
 use twilight::bench::{time_with_events, Timing};
-use twilight::generator::{generate, GeneratorParams, Preset};
+use twilight::generator::{plan, GeneratorParams, Preset};
 use twilight::twilight_jit::{open_device, Stage};
 use twilight::{
-    CacheShape, DecodeOutput, DenseDecoder, Dtype, KvElement, PageTable, PagedKvCache, Pruning,
-    Selector, SparseDecoder, SparseOutput, SparseParams, SparseWorkspace, VariantSpec, Workspace,
+    DecodeOutput, DenseDecoder, Dtype, KvElement, PageTable, PagedKvCache, Pruning, Selector,
+    SparseDecoder, SparseOutput, SparseParams, SparseWorkspace, VariantSpec, Workspace,
 };
 
 use super::bench::ShapeArgs;
@@ -204,7 +204,9 @@ fn build_instances<T: KvElement>(
         let start = Instant::now();
         let mut g = generator.clone();
         g.seed = generator.seed + i as u64;
-        let step = generate::<T>(
+        // Planned, then drawn one request at a time: the host never holds a whole pool, so
+        // caches far larger than host memory can be filled.
+        let planned = plan::<T>(
             &g,
             &lens,
             shape.kv_heads,
@@ -213,19 +215,18 @@ fn build_instances<T: KvElement>(
             shape.head_dim as usize,
             spec.kv_layout,
         )?;
-        let cache_shape = CacheShape { ..step.shape };
-        let mut cache = PagedKvCache::<T>::for_variant(stream, cache_shape, &spec)?;
+        let mut cache = PagedKvCache::<T>::for_variant(stream, planned.shape, &spec)?;
         let mut ids = Vec::new();
         for b in 0..shape.batch {
             let id = cache.add_request();
-            let (k, v) = step.request_rows::<T>(b);
+            let (k, v) = planned.request_rows::<T>(b);
             let (k, v) = (stream.clone_htod(&k)?, stream.clone_htod(&v)?);
             decoder.append(&mut cache, &[(id, shape.len)], &k, &v)?;
             ids.push(id);
         }
         let table = cache.page_table(stream, &ids)?;
         let q = stream.clone_htod(&twilight::synthetic::SyntheticStep::to_elements::<T>(
-            &step.q,
+            &planned.q,
         ))?;
         stream.synchronize()?;
         eprintln!(
