@@ -57,13 +57,8 @@ pub(crate) fn append<T: KvElement>(
             format!("({}, {})", shape.page_size, shape.head_dim),
         ));
     }
+    cache.check_derived_for(&spec)?;
     let needed = DerivedKinds::for_spec(&spec);
-    let kept = cache.derived_kinds();
-    if (needed.quest && !kept.quest) || (needed.quant4 && !kept.quant4) {
-        return Err(Error::Parameter(format!(
-            "variant {spec} needs {needed:?} metadata but the cache keeps {kept:?}; create it with PagedKvCache::for_variant"
-        )));
-    }
     let tokens: usize = appends.iter().map(|a| a.1).sum();
     let row = shape.num_kv_heads * shape.head_dim;
     for (what, t) in [("k_new", k_new), ("v_new", v_new)] {

@@ -177,6 +177,21 @@ impl<T: KvElement> PagedKvCache<T> {
         &self.v
     }
 
+    /// Checks that this cache keeps every structure `spec`'s kernels read.
+    ///
+    /// # Errors
+    /// [`Error::Parameter`] naming what is missing.
+    pub fn check_derived_for(&self, spec: &twilight_jit::VariantSpec) -> Result<()> {
+        let needed = DerivedKinds::for_spec(spec);
+        let kept = self.derived_kinds();
+        if (needed.quest && !kept.quest) || (needed.quant4 && !kept.quant4) {
+            return Err(Error::Parameter(format!(
+                "variant {spec} reads {needed:?} metadata but the cache keeps {kept:?}; create it with PagedKvCache::for_variant and fill it through append"
+            )));
+        }
+        Ok(())
+    }
+
     /// The structures derived from K that this cache keeps.
     pub fn derived(&self) -> &Derived<T> {
         &self.derived

@@ -14,7 +14,7 @@ use twilight_jit::{LoadedProgram, Pruning, Selector, Stage, VariantSpec};
 use crate::decoder::{check_step_inputs, ensure_len, load_program};
 use crate::element::KvElement;
 use crate::error::{Error, Result};
-use crate::kv_cache::{DerivedKinds, PagedKvCache, RequestId};
+use crate::kv_cache::{PagedKvCache, RequestId};
 use crate::page_table::PageTable;
 
 /// The parameters of a sparse step.
@@ -310,13 +310,7 @@ impl SparseDecoder {
         let spec = &self.spec;
         let (batch, num_kv_heads, num_qo_heads, sm_scale) =
             check_step_inputs(spec, q, cache, table, self.params.sm_scale)?;
-        let needed = DerivedKinds::for_spec(spec);
-        let kept = cache.derived_kinds();
-        if (needed.quest && !kept.quest) || (needed.quant4 && !kept.quant4) {
-            return Err(Error::Parameter(format!(
-                "variant {spec} reads {needed:?} metadata but the cache keeps {kept:?}; create it with PagedKvCache::for_variant and fill it through append"
-            )));
-        }
+        cache.check_derived_for(spec)?;
         let plan = self.plan(batch, num_kv_heads, table.max_len());
         let rows = batch * num_kv_heads;
         let head_dim = spec.head_dim as usize;
