@@ -32,6 +32,10 @@ pub enum Error {
     PageTable(String),
     #[error("bad parameter: {0}")]
     Parameter(String),
+    /// Channel calibration of double sparsity: bad activations, a bad or missing channel
+    /// config, or a config file that cannot be read or written.
+    #[error("channel calibration: {0}")]
+    Calibration(String),
     #[error("variant {variant} is not supported here: {reason}")]
     Unsupported { variant: String, reason: String },
     #[error("KV cache is out of pages: request needs {needed} more, {free} free of {total}")]

@@ -9,6 +9,7 @@ extern crate self as twilight;
 
 mod append;
 pub mod bench;
+pub mod calibration;
 pub mod decoder;
 pub mod element;
 pub mod error;

@@ -306,6 +306,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         table: &built.host_table,
         quest: quest.as_ref(),
         quant: quant.as_ref(),
+        ds: None,
     };
     let want = decode_step(&spec, &step_params, &inputs).unwrap();
 
@@ -675,6 +676,7 @@ fn gpu_sparse_step_replays_as_a_cuda_graph() {
                 table: &built.host_table,
                 quest: Some(&quest),
                 quant: Some(&quant),
+                ds: None,
             },
         )
         .unwrap();

@@ -127,6 +127,7 @@ fn run(
         table: &s.table,
         quest: Some(&meta),
         quant: Some(&quant),
+        ds: None,
     };
     decode_step(&spec(c, selector, pruning), &params, &inputs).unwrap()
 }
@@ -457,6 +458,7 @@ fn reference_speed() {
         table: &s.table,
         quest: Some(&meta),
         quant: Some(&quant),
+        ds: None,
     };
     let c = Case {
         seed: 0,
@@ -488,4 +490,429 @@ fn reference_speed() {
             t.elapsed().as_secs_f64()
         );
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Double Sparsity: labels, selection, and the step composed with `none` and `top_p`.
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use twilight::reference::attend;
+use twilight::reference::double_sparse::{ds_scores, ds_select, DsLabels};
+
+/// A random problem for `double_sparse(r)`: head_dim large enough for r < head_dim, and `r`
+/// random channels per KV head.
+#[derive(Clone, Debug)]
+struct DsCase {
+    c: Case,
+    r: usize,
+    channel_seed: u64,
+}
+
+fn ds_case() -> impl Strategy<Value = DsCase> {
+    (
+        case(),
+        prop::sample::select(vec![(32usize, 16usize), (64, 16), (64, 32)]),
+        any::<u64>(),
+    )
+        .prop_map(|(mut c, (head_dim, r), channel_seed)| {
+            c.head_dim = head_dim;
+            DsCase { c, r, channel_seed }
+        })
+}
+
+/// `r` distinct channels per KV head, drawn from the seed, sorted ascending.
+fn random_channels(seed: u64, num_kv_heads: usize, head_dim: usize, r: usize) -> Vec<Vec<usize>> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..num_kv_heads)
+        .map(|_| {
+            let mut all: Vec<usize> = (0..head_dim).collect();
+            all.shuffle(&mut rng);
+            let mut chosen = all[..r].to_vec();
+            chosen.sort_unstable();
+            chosen
+        })
+        .collect()
+}
+
+fn ds_labels(dc: &DsCase, s: &SyntheticStep) -> DsLabels {
+    let channels = random_channels(dc.channel_seed, dc.c.num_kv_heads, dc.c.head_dim, dc.r);
+    DsLabels::build(&s.kv(), &s.table, channels).unwrap()
+}
+
+fn ds_selector(dc: &DsCase) -> Selector {
+    Selector::DoubleSparse {
+        channels: dc.r as u32,
+    }
+}
+
+/// Runs a `double_sparse(r)` step with the given pruning on `s`.
+fn run_ds(
+    dc: &DsCase,
+    s: &SyntheticStep,
+    labels: &DsLabels,
+    pruning: Pruning,
+    params: StepParams,
+) -> StepResult {
+    let kv = s.kv();
+    let quant = Quant4Cache::build(&kv, &s.table).unwrap();
+    let inputs = StepInputs {
+        q: &s.q,
+        num_qo_heads: s.num_qo_heads,
+        kv,
+        table: &s.table,
+        quest: None,
+        quant: Some(&quant),
+        ds: Some(labels),
+    };
+    // The cases include page sizes (2, 3, 4) and a head_dim (32) no variant has: not validated.
+    decode_step(&spec(&dc.c, ds_selector(dc), pruning), &params, &inputs).unwrap()
+}
+
+/// The positions (within request `b`) of the given slots, in the slots' order.
+fn positions_of(table: &twilight::HostPageTable, b: usize, slots: &[usize]) -> Vec<usize> {
+    slots
+        .iter()
+        .map(|&slot| {
+            (0..table.len_of(b))
+                .find(|&t| table.slot(b, t) == slot)
+                .expect("a slot of the request")
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// `double_sparse`: `min(len, B0)` tokens, the newest always among them, a budget of at
+    /// least the length selects every token, every other selected token scores at least as
+    /// high as every token left out (a tie going to the lower position), candidates are the
+    /// selected tokens' slots in request order, and `selected_pages` lists are empty.
+    #[test]
+    fn ds_selection_rules(dc in ds_case(), b0 in 1usize..=80) {
+        let c = &dc.c;
+        let s = step_of(c);
+        let labels = ds_labels(&dc, &s);
+        let r = run_ds(&dc, &s, &labels, Pruning::None, StepParams::new(b0, 0.9, sm_scale(c)));
+        let d = c.head_dim;
+        prop_assert_eq!(r.candidates.len(), s.table.batch() * c.num_kv_heads);
+        for b in 0..s.table.batch() {
+            let n = s.table.len_of(b);
+            for g in 0..c.num_kv_heads {
+                let i = b * c.num_kv_heads + g;
+                prop_assert!(r.selected_pages[i].is_empty());
+                let sel = positions_of(&s.table, b, &r.candidates[i]);
+                prop_assert!(sel.windows(2).all(|w| w[0] < w[1]), "not in request order");
+                prop_assert_eq!(sel.len(), n.min(b0));
+                prop_assert_eq!(*sel.last().unwrap(), n - 1, "the newest token is always in");
+                if b0 >= n {
+                    prop_assert_eq!(&sel, &(0..n).collect::<Vec<_>>());
+                }
+                let q_group = &s.q[(b * s.num_qo_heads + g * c.group_size) * d..][..c.group_size * d];
+                let scores = ds_scores(q_group, &labels, &s.table, b, g);
+                for &a in &sel[..sel.len() - 1] {
+                    for out in (0..n - 1).filter(|x| sel.binary_search(x).is_err()) {
+                        prop_assert!(
+                            scores[a] > scores[out] || (scores[a] == scores[out] && a < out),
+                            "selected {} ({}) vs left out {} ({})", a, scores[a], out, scores[out]
+                        );
+                    }
+                }
+                prop_assert_eq!(&sel, &ds_select(&scores, b0));
+                // `none` keeps every candidate.
+                let mut sorted = r.candidates[i].clone();
+                sorted.sort_unstable();
+                prop_assert_eq!(&r.kept[i], &sorted);
+                prop_assert_eq!(r.kept_counts[i], n.min(b0));
+            }
+        }
+    }
+
+    /// `double_sparse` + `none` is exact attention over exactly the selected tokens (bit for
+    /// bit), and with a budget of at least the longest request it is dense attention.
+    #[test]
+    fn ds_none_attends_over_exactly_the_selected_tokens(dc in ds_case(), b0 in 1usize..=80) {
+        let c = &dc.c;
+        let s = step_of(c);
+        let labels = ds_labels(&dc, &s);
+        let scale = sm_scale(c);
+        let r = run_ds(&dc, &s, &labels, Pruning::None, StepParams::new(b0, 0.9, scale));
+        let kv = s.kv();
+        let d = c.head_dim;
+        for b in 0..s.table.batch() {
+            for h in 0..s.num_qo_heads {
+                let g = h / c.group_size;
+                let q = &s.q[(b * s.num_qo_heads + h) * d..][..d];
+                let (o, lse) = attend(q, &kv, g, &r.candidates[b * c.num_kv_heads + g], scale as f64);
+                prop_assert_eq!(&r.o[(b * s.num_qo_heads + h) * d..][..d], &o[..]);
+                prop_assert_eq!(r.lse[b * s.num_qo_heads + h], lse);
+            }
+        }
+        let all = run_ds(
+            &dc, &s, &labels, Pruning::None,
+            StepParams::new(s.table.max_len() + b0 % 3, 0.9, scale),
+        );
+        let dense = dense_decode(&s.q, s.num_qo_heads, &kv, &s.table, scale);
+        prop_assert_eq!(&all.o, &dense.o);
+        prop_assert_eq!(&all.lse, &dense.lse);
+    }
+
+    /// `double_sparse` + `top_p`: each query head's kept weights (over the DS candidates) sum
+    /// to at least p, the group keeps the union, and nothing outside the candidates is kept.
+    #[test]
+    fn ds_top_p_keeps_mass_at_least_p(
+        dc in ds_case(),
+        b0 in 1usize..=80,
+        p in prop::sample::select(vec![0.05f32, 0.5, 0.8, 0.9, 0.95, 0.99, 1.0]),
+    ) {
+        let c = &dc.c;
+        let s = step_of(c);
+        let labels = ds_labels(&dc, &s);
+        let mut params = StepParams::new(b0, p, sm_scale(c));
+        params.record_weights = true;
+        let r = run_ds(&dc, &s, &labels, Pruning::TopP, params);
+        let none = run_ds(&dc, &s, &labels, Pruning::None, params);
+        prop_assert_eq!(&r.candidates, &none.candidates);
+        let p = p as f64;
+        for (i, cands) in r.candidates.iter().enumerate() {
+            let mut union = vec![false; cands.len()];
+            for h in 0..c.group_size {
+                let head = &r.heads[i * c.group_size + h];
+                let w = head.weights.as_ref().unwrap();
+                prop_assert_eq!(w.len(), cands.len());
+                let kept: Vec<usize> = (0..w.len()).filter(|&j| w[j] >= head.threshold).collect();
+                prop_assert_eq!(kept.len(), head.kept_count);
+                let mass = desc_sum(kept.iter().map(|&j| w[j]).collect());
+                if desc_sum(w.clone()) >= p {
+                    prop_assert!(mass >= p, "kept mass {} below p = {}", mass, p);
+                } else {
+                    prop_assert_eq!(kept.len(), w.len());
+                }
+                for j in kept {
+                    union[j] = true;
+                }
+            }
+            let mut want: Vec<usize> =
+                cands.iter().zip(&union).filter(|(_, &u)| u).map(|(&s, _)| s).collect();
+            want.sort_unstable();
+            prop_assert_eq!(&r.kept[i], &want);
+        }
+    }
+
+    /// Labelling tokens a few at a time, page by page, gives exactly the batch-built labels;
+    /// rows of slots no request holds stay 0.
+    #[test]
+    fn ds_labels_append_matches_build(dc in ds_case(), chunk_seed in any::<u64>()) {
+        let c = &dc.c;
+        let s = step_of(c);
+        let kv = s.kv();
+        let built = ds_labels(&dc, &s);
+        let mut labels = DsLabels::zeros(s.shape, built.channels.clone()).unwrap();
+        let mut rng = chunk_seed;
+        for b in 0..s.table.batch() {
+            let mut t = 0;
+            let len = s.table.len_of(b);
+            while t < len {
+                rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                let off = t % c.page_size;
+                let n = (1 + (rng >> 60) as usize % 5).min(c.page_size - off).min(len - t);
+                let page = s.table.slot(b, t) / c.page_size;
+                labels.append(&kv, page, off, n);
+                t += n;
+            }
+        }
+        prop_assert_eq!(&labels, &built);
+        let valid = valid_tokens_per_page(&s.table, s.shape.num_pages);
+        for g in 0..c.num_kv_heads {
+            for (page, &v) in valid.iter().enumerate() {
+                for off in 0..c.page_size {
+                    let row = labels.label_row(page * c.page_size + off, g);
+                    if off < v {
+                        let k = kv.k_row(page * c.page_size + off, g);
+                        let want: Vec<f32> = built.channels[g].iter().map(|&ch| k[ch]).collect();
+                        prop_assert_eq!(row, &want[..]);
+                    } else {
+                        prop_assert!(row.iter().all(|&x| x == 0.0));
+                    }
+                }
+            }
+        }
+    }
+
+    /// When q is zero outside each KV head's label channels (the channels cover all of q's
+    /// mass), the DS score of every token is exactly the group's q.k, so DS selects exactly
+    /// what a top-B0 by exact q.k (newest token forced in) selects.
+    #[test]
+    fn ds_matches_exact_ranking_when_channels_cover_q(dc in ds_case(), b0 in 1usize..=80) {
+        let c = &dc.c;
+        let mut s = step_of(c);
+        let labels = ds_labels(&dc, &s);
+        let d = c.head_dim;
+        for b in 0..s.table.batch() {
+            for h in 0..s.num_qo_heads {
+                let channels = &labels.channels[h / c.group_size];
+                for (ch, x) in s.q[(b * s.num_qo_heads + h) * d..][..d].iter_mut().enumerate() {
+                    if channels.binary_search(&ch).is_err() {
+                        *x = 0.0;
+                    }
+                }
+            }
+        }
+        let r = run_ds(&dc, &s, &labels, Pruning::None, StepParams::new(b0, 0.9, sm_scale(c)));
+        let kv = s.kv();
+        for b in 0..s.table.batch() {
+            let n = s.table.len_of(b);
+            for g in 0..c.num_kv_heads {
+                let q_group = &s.q[(b * s.num_qo_heads + g * c.group_size) * d..][..c.group_size * d];
+                let exact: Vec<f64> = (0..n)
+                    .map(|t| {
+                        let k = kv.k_row(s.table.slot(b, t), g);
+                        q_group
+                            .chunks_exact(d)
+                            .map(|qh| qh.iter().zip(k).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>())
+                            .sum()
+                    })
+                    .collect();
+                prop_assert_eq!(&ds_scores(q_group, &labels, &s.table, b, g), &exact);
+                let want: Vec<usize> =
+                    ds_select(&exact, b0).iter().map(|&t| s.table.slot(b, t)).collect();
+                prop_assert_eq!(&r.candidates[b * c.num_kv_heads + g], &want);
+            }
+        }
+    }
+}
+
+/// The step refuses double-sparse inputs that do not fit the variant or the cache.
+#[test]
+fn ds_step_refuses_bad_labels() {
+    let dc = DsCase {
+        c: Case {
+            seed: 3,
+            lens: vec![20, 7],
+            num_kv_heads: 2,
+            group_size: 2,
+            page_size: 4,
+            head_dim: 32,
+            layout: KvLayout::Hnd,
+            key_scale: 1.0,
+            realistic: false,
+        },
+        r: 16,
+        channel_seed: 5,
+    };
+    let s = step_of(&dc.c);
+    let kv = s.kv();
+    let good = ds_labels(&dc, &s);
+    let step = |labels: Option<&DsLabels>, r: u32| {
+        let inputs = StepInputs {
+            q: &s.q,
+            num_qo_heads: s.num_qo_heads,
+            kv,
+            table: &s.table,
+            quest: None,
+            quant: None,
+            ds: labels,
+        };
+        decode_step(
+            &spec(&dc.c, Selector::DoubleSparse { channels: r }, Pruning::None),
+            &StepParams::new(8, 0.9, 1.0),
+            &inputs,
+        )
+    };
+    assert!(step(Some(&good), 16).is_ok());
+    let mut unsorted = good.clone();
+    unsorted.channels[1].swap(0, 1);
+    let mut dup = good.clone();
+    dup.channels[0][1] = dup.channels[0][0];
+    let mut too_few_heads = good.clone();
+    too_few_heads.channels.pop();
+    let mut out_of_range = good.clone();
+    *out_of_range.channels[1].last_mut().unwrap() = 32;
+    let mut short = good.clone();
+    short.labels.pop();
+    let mut other_shape = good.clone();
+    other_shape.shape.layout = KvLayout::Nhd;
+    let cases: Vec<(Option<&DsLabels>, u32, &str)> = vec![
+        (None, 16, "no DsLabels"),
+        (Some(&good), 32, "r = 16"),
+        (Some(&unsorted), 16, "not sorted"),
+        (Some(&dup), 16, "appears twice"),
+        (Some(&too_few_heads), 16, "1 channel lists for 2 KV heads"),
+        (Some(&out_of_range), 16, "channel 32 is outside 0..32"),
+        (Some(&short), 16, "double-sparse labels"),
+        (Some(&other_shape), 16, "label geometry"),
+    ];
+    for (labels, r, needle) in cases {
+        let err = step(labels, r).unwrap_err().to_string();
+        assert!(err.contains(needle), "{needle}: {err}");
+    }
+}
+
+/// A hand-checked double-sparse step: one request, one KV head with two query heads,
+/// head_dim 64, channels 0..16, pages of one token in shuffled order; B0 = 3 of 6 tokens.
+#[test]
+fn ds_step_by_hand() {
+    let shape = CacheShape {
+        num_pages: 6,
+        num_kv_heads: 1,
+        page_size: 1,
+        head_dim: 64,
+        layout: KvLayout::Nhd,
+    };
+    // Token t of the request has k[0] = key0[t] and v[0] = t; its other channels are 0.
+    let key0 = [1.0f32, 4.0, -2.0, 3.0, 0.5, -1.0];
+    let table =
+        twilight::HostPageTable::new(vec![0, 6], vec![5, 2, 0, 1, 4, 3], vec![1], 1, 6).unwrap();
+    let mut k = vec![0f32; shape.elements()];
+    let mut v = vec![0f32; shape.elements()];
+    for (t, &x) in key0.iter().enumerate() {
+        let at = shape.offset(table.slot(0, t), 0);
+        k[at] = x;
+        v[at] = t as f32;
+    }
+    let kv = HostKv {
+        shape,
+        k: &k,
+        v: &v,
+    };
+    let labels = DsLabels::build(&kv, &table, vec![(0..16).collect()]).unwrap();
+    // Query heads (1, 0, ...) and (0.5, 0, ...): DS score = 1.5 * key0[t].
+    let mut q = vec![0f32; 128];
+    q[0] = 1.0;
+    q[64] = 0.5;
+    let spec = VariantSpec {
+        page_size: 1,
+        head_dim: 64,
+        dtype: Dtype::F16,
+        group_size: 2,
+        kv_layout: KvLayout::Nhd,
+        selector: Selector::DoubleSparse { channels: 16 },
+        pruning: Pruning::None,
+    };
+    spec.validate().unwrap();
+    let inputs = StepInputs {
+        q: &q,
+        num_qo_heads: 2,
+        kv,
+        table: &table,
+        quest: None,
+        quant: None,
+        ds: Some(&labels),
+    };
+    let r = decode_step(&spec, &StepParams::new(3, 1.0, 1.0), &inputs).unwrap();
+    // Newest (t = 5) plus the best two others: t = 1 (4.0) and t = 3 (3.0).
+    let want: Vec<usize> = [1, 3, 5].iter().map(|&t| table.slot(0, t)).collect();
+    assert_eq!(r.candidates, vec![want.clone()]);
+    assert_eq!(r.selected_pages, vec![Vec::<usize>::new()]);
+    let mut sorted = want.clone();
+    sorted.sort_unstable();
+    assert_eq!(r.kept, vec![sorted]);
+    assert_eq!(r.kept_counts, vec![3]);
+    // Head 0 attends with logits (4, 3, -1) over values (1, 3, 5) in channel 0.
+    let w: Vec<f64> = [4.0f64, 3.0, -1.0].iter().map(|x| x.exp()).collect();
+    let sum: f64 = w.iter().sum();
+    let o0 = (w[0] * 1.0 + w[1] * 3.0 + w[2] * 5.0) / sum;
+    assert!((r.o[0] as f64 - o0).abs() < 1e-6, "{} vs {o0}", r.o[0]);
+    assert!((r.lse[0] as f64 - sum.ln()).abs() < 1e-6);
 }

@@ -1,11 +1,13 @@
 //! The CPU reference: every stage in f64 on the same layouts as the GPU, written for clarity.
 //! It is the oracle of every GPU test and the CPU path of the CLI, and it never touches CUDA.
 
+pub mod double_sparse;
 pub mod quant;
 pub mod quest;
 pub mod step;
 pub mod top_p;
 
+pub use double_sparse::DsLabels;
 pub use quant::Quant4Cache;
 pub use quest::QuestMeta;
 pub use step::{decode_step, HeadDetail, StepInputs, StepParams, StepResult};

@@ -1,20 +1,27 @@
 //! The whole decode step of a variant on the CPU: select, prune, attend.
 //!
 //! Per (request b, KV head g):
-//! 1. **Select** page positions: `full` takes every page; `quest` scores pages with
-//!    [`quest_page_score`] and chooses with [`quest_select`] at `ceil(B0 / page_size)` pages.
-//!    The candidates are the valid tokens of the selected pages, as slots, in request order.
+//! 1. **Select**: `full` takes every page; `quest` scores pages with [`quest_page_score`] and
+//!    chooses with [`quest_select`] at `ceil(B0 / page_size)` pages, and the candidates are the
+//!    valid tokens of the selected pages, as slots, in request order; `double_sparse(r)` scores
+//!    tokens with [`ds_token_score`] on the label cache ([`DsLabels`]) and chooses B0 tokens
+//!    with [`ds_select`] (the newest always among them), and the candidates are the selected
+//!    tokens' slots in request order.
 //! 2. **Prune**: `top_p` runs [`top_p_keep`] for every query head of the group on the 4-bit
 //!    estimate and keeps the union; `none` keeps every candidate.
 //! 3. **Attend**: [`attend`] over the kept slots (in request order) for every query head of the
 //!    group.
 //!
 //! `full` + `none` therefore computes exactly what [`dense_decode`](super::dense_decode) does.
+//!
+//! [`quest_page_score`]: crate::reference::quest::quest_page_score
+//! [`ds_token_score`]: crate::reference::double_sparse::ds_token_score
 
 use twilight_jit::{Pruning, Selector, VariantSpec};
 
 use crate::error::{Error, Result};
 use crate::page_table::HostPageTable;
+use crate::reference::double_sparse::{check_channels, ds_scores, ds_select, DsLabels};
 use crate::reference::quant::Quant4Cache;
 use crate::reference::quest::{quest_budget_pages, quest_scores, quest_select, QuestMeta};
 use crate::reference::top_p::{check_p, dot, softmax, top_p_keep};
@@ -47,7 +54,9 @@ impl StepParams {
 }
 
 /// The inputs of a step. `q` is `[batch, num_qo_heads, head_dim]`, values exact in the
-/// variant's dtype. `quest` is needed by the quest selector, `quant` by top-p.
+/// variant's dtype. `quest` is needed by the quest selector, `ds` by `double_sparse(r)` (its
+/// `r` must be the variant's), `quant` by top-p; each is ignored by variants that do not read
+/// it.
 #[derive(Clone, Copy, Debug)]
 pub struct StepInputs<'a> {
     pub q: &'a [f32],
@@ -56,6 +65,7 @@ pub struct StepInputs<'a> {
     pub table: &'a HostPageTable,
     pub quest: Option<&'a QuestMeta>,
     pub quant: Option<&'a Quant4Cache>,
+    pub ds: Option<&'a DsLabels>,
 }
 
 /// Top-p details of one (request, query head).
@@ -83,9 +93,11 @@ pub struct StepResult {
     /// `kept[i].len()`: the adaptive budget per (request, KV head).
     pub kept_counts: Vec<usize>,
     /// Selected page positions (indices into the request's page list) per (request, KV head),
-    /// ascending.
+    /// ascending. `double_sparse` selects tokens, not pages: its lists are all empty (one per
+    /// (request, KV head), so the indexing holds), and its selection is in `candidates`.
     pub selected_pages: Vec<Vec<usize>>,
-    /// Candidate slots per (request, KV head), in request order.
+    /// Candidate slots per (request, KV head), in request order: the valid tokens of the
+    /// selected pages, or for `double_sparse` the selected tokens.
     pub candidates: Vec<Vec<usize>>,
     /// Top-p details per (request, query head); empty when the variant does not prune.
     pub heads: Vec<HeadDetail>,
@@ -182,6 +194,34 @@ fn check(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> Result<()> 
             meta.page_max.len(),
         )?;
     }
+    if let Selector::DoubleSparse { channels: r } = spec.selector {
+        let ds = x.ds.ok_or_else(|| {
+            param(format!(
+                "variant {name} selects with {} but no DsLabels was given",
+                spec.selector.declared()
+            ))
+        })?;
+        if ds.shape != s {
+            return Err(Error::shape(
+                "double-sparse label geometry",
+                format!("{s:?}"),
+                format!("{:?}", ds.shape),
+            ));
+        }
+        if ds.r != r as usize {
+            return Err(param(format!(
+                "variant {name} selects with {} but the DsLabels hold r = {} channels",
+                spec.selector.declared(),
+                ds.r
+            )));
+        }
+        check_channels(&ds.channels, s.num_kv_heads, s.head_dim, r as usize)?;
+        eq(
+            "double-sparse labels [rows of K, r]",
+            s.num_pages * s.num_kv_heads * s.page_size * ds.r,
+            ds.labels.len(),
+        )?;
+    }
     if spec.pruning == Pruning::TopP {
         let quant = x.quant.ok_or_else(|| {
             param(format!(
@@ -203,16 +243,11 @@ fn check(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> Result<()> 
 ///
 /// # Errors
 /// [`Error::Parameter`] for B0 = 0, p outside (0, 1], a non-finite or non-positive sm_scale, or
-/// missing Quest metadata / 4-bit K; [`Error::Shape`] / [`Error::Layout`] / a page table error
-/// when the inputs disagree with each other or with the variant; [`Error::Unsupported`] for a
-/// double-sparse selector (not in the CPU reference yet).
+/// missing Quest metadata / double-sparse labels / 4-bit K, and for labels whose `r` is not the
+/// variant's or whose channel lists are not one list per KV head of `r` ascending distinct ids
+/// below head_dim; [`Error::Shape`] / [`Error::Layout`] / a page table error when the inputs
+/// disagree with each other or with the variant.
 pub fn decode_step(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> Result<StepResult> {
-    if let Selector::DoubleSparse { .. } = spec.selector {
-        return Err(Error::Unsupported {
-            variant: spec.name(),
-            reason: "the CPU reference has no double-sparse selector".into(),
-        });
-    }
     check(spec, params, x)?;
     let s = x.kv.shape;
     let (d, ps) = (s.head_dim, s.page_size);
@@ -239,22 +274,38 @@ pub fn decode_step(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> R
         let q_req = &x.q[b * x.num_qo_heads * d..][..x.num_qo_heads * d];
         for g in 0..num_kv {
             let q_group = &q_req[g * group * d..][..group * d];
-            // 1. Select.
-            let selected: Vec<usize> = match spec.selector {
-                Selector::Full => (0..n_pages).collect(),
+            // 1. Select: pages (the candidates are their valid tokens), or tokens.
+            let page_tokens = |pages: &[usize]| -> Vec<usize> {
+                let mut candidates = Vec::new();
+                for &pos in pages {
+                    let page = x.table.kv_indices[lo + pos] as usize;
+                    let valid = if pos + 1 == n_pages { last_len } else { ps };
+                    candidates.extend((0..valid).map(|off| page * ps + off));
+                }
+                candidates
+            };
+            let (selected, candidates): (Vec<usize>, Vec<usize>) = match spec.selector {
+                Selector::Full => {
+                    let pages: Vec<usize> = (0..n_pages).collect();
+                    let candidates = page_tokens(&pages);
+                    (pages, candidates)
+                }
                 Selector::Quest => {
                     let meta = x.quest.expect("checked");
                     let scores = quest_scores(q_group, meta, x.table, b, g);
-                    quest_select(&scores, quest_budget_pages(params.b0, ps))
+                    let pages = quest_select(&scores, quest_budget_pages(params.b0, ps));
+                    let candidates = page_tokens(&pages);
+                    (pages, candidates)
                 }
-                Selector::DoubleSparse { .. } => unreachable!("refused above"),
+                Selector::DoubleSparse { .. } => {
+                    let ds = x.ds.expect("checked");
+                    let scores = ds_scores(q_group, ds, x.table, b, g);
+                    let tokens = ds_select(&scores, params.b0);
+                    let candidates = tokens.iter().map(|&t| x.table.slot(b, t)).collect();
+                    // Tokens, not pages: no page list.
+                    (Vec::new(), candidates)
+                }
             };
-            let mut candidates = Vec::new();
-            for &pos in &selected {
-                let page = x.table.kv_indices[lo + pos] as usize;
-                let valid = if pos + 1 == n_pages { last_len } else { ps };
-                candidates.extend((0..valid).map(|off| page * ps + off));
-            }
             // 2. Prune.
             let kept_in_order: Vec<usize> = match spec.pruning {
                 Pruning::None => candidates.clone(),
@@ -364,6 +415,7 @@ mod tests {
             table: &table,
             quest: Some(&meta),
             quant: None,
+            ds: None,
         };
         // B0 = 3 tokens -> 2 pages: the last (position 2) and the best other. Page scores:
         // position 0 (page 2): max 8; position 1 (page 0): max 1. Slot 3's 99 is past the end.
@@ -412,6 +464,7 @@ mod tests {
             table: &table,
             quest: None,
             quant: Some(&quant),
+            ds: None,
         };
         let mut params = StepParams::new(100, 0.9, 1.0);
         params.record_weights = true;
@@ -441,6 +494,7 @@ mod tests {
             table: &table,
             quest: None,
             quant: None,
+            ds: None,
         };
         let full = spec(Selector::Full, Pruning::None);
         let cases = [
@@ -463,7 +517,7 @@ mod tests {
             (
                 spec(Selector::DoubleSparse { channels: 16 }, Pruning::TopP),
                 StepParams::new(4, 0.9, 1.0),
-                "double-sparse",
+                "no DsLabels",
             ),
             (
                 VariantSpec {

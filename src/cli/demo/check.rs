@@ -134,6 +134,7 @@ pub(super) fn reference_step(
             table,
             quest: quest.as_ref(),
             quant: quant.as_ref(),
+            ds: None,
         },
     )?;
     let same = want

@@ -41,6 +41,7 @@ pub(super) fn run(x: &Inputs) -> Result<Outcome, Box<dyn Error>> {
             table,
             quest: quest.as_ref(),
             quant: quant.as_ref(),
+            ds: None,
         },
     )?;
     let step_ms = start.elapsed().as_secs_f64() * 1e3;
