@@ -129,8 +129,16 @@ fn usize_of(params: &Value, key: &str) -> usize {
         .unwrap_or_else(|| panic!("params.json: {key} is not a number: {params}")) as usize
 }
 
-/// Runs the demo with `--dump` and checks every file against params.json. Returns the stdout.
-fn run_and_check_dump(extra: &[&str], dense: bool) -> String {
+/// What a checked dump leaves for further checks.
+struct Dumped {
+    stdout: String,
+    params: Value,
+    /// `kept_counts.npy`, `[batch, num_kv_heads]`.
+    counts: Vec<i32>,
+}
+
+/// Runs the demo with `--dump` and checks every file against params.json.
+fn run_and_check_dump(extra: &[&str], dense: bool) -> Dumped {
     let dir = tempfile::tempdir().unwrap();
     let dump = dir.path().join("dump");
     let mut args: Vec<&str> = SMALL.to_vec();
@@ -276,19 +284,24 @@ fn run_and_check_dump(extra: &[&str], dense: bool) -> String {
             );
         }
     }
-    stdout
+    Dumped {
+        stdout,
+        params,
+        counts,
+    }
 }
 
 #[test]
 fn sparse_demo_on_the_cpu_dumps_every_file() {
-    let stdout = run_and_check_dump(&[], false);
+    let stdout = run_and_check_dump(&[], false).stdout;
+    assert!(stdout.contains("B0 = 256 tokens"), "{stdout}");
     assert!(stdout.contains("quest selector, top_p pruning"), "{stdout}");
     assert!(stdout.contains("oracle top-p"), "{stdout}");
 }
 
 #[test]
 fn dense_demo_on_the_cpu_keeps_every_token() {
-    let stdout = run_and_check_dump(&["--selector", "full", "--pruning", "none"], true);
+    let stdout = run_and_check_dump(&["--selector", "full", "--pruning", "none"], true).stdout;
     assert!(stdout.contains("dense paged decode"), "{stdout}");
     // The reference step of full/none is dense attention itself.
     assert!(stdout.contains("o relative L2 0.00e0"), "{stdout}");
@@ -306,7 +319,13 @@ fn bad_flags_fail_with_a_message() {
         ("--p", "0", "p must be in (0, 1]"),
         ("--budget", "0", "B0"),
         ("--preset", "peaky", "peaky"),
-        ("--selector", "double_sparse(16)", "quest or full"),
+        (
+            "--selector",
+            "lsh",
+            "`double_sparse(r)` with r in 16, 32, 64",
+        ),
+        ("--selector", "double_sparse(8)", "r in 16, 32, 64"),
+        ("--selector", "double_sparse(x)", "r in 16, 32, 64"),
         ("--pruning", "top_k", "top_p or none"),
         ("--head-dim", "96", "head_dim"),
         ("--batch", "0", "--batch"),
@@ -321,4 +340,110 @@ fn bad_flags_fail_with_a_message() {
             "{flag} {value} panicked: {stderr}"
         );
     }
+}
+
+/// `double_sparse(16)` on the CPU: channels calibrated on the generated activations, recorded in
+/// params.json, and a step whose kept lists are valid and within B0.
+#[test]
+fn double_sparse_demo_on_the_cpu_dumps_its_channels() {
+    let Dumped {
+        stdout,
+        params,
+        counts,
+    } = run_and_check_dump(&["--selector", "double_sparse(16)"], false);
+    assert!(
+        stdout.contains("double_sparse(16) selector, top_p pruning"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("_ds16_topp"), "{stdout}");
+    assert!(
+        stdout.contains("calibration: 16 channels per KV head"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("    KV head 0: ["), "{stdout}");
+    assert!(stdout.contains("double-sparse labels"), "{stdout}");
+    assert!(stdout.contains("B0 = 256 tokens"), "{stdout}");
+    assert!(stdout.contains("oracle top-p"), "{stdout}");
+    assert_eq!(params["selector"], "double_sparse(16)");
+    assert!(params["variant"].as_str().unwrap().contains("_ds16_"));
+    assert!(params.get("ds_channels_are").is_some(), "{params}");
+    let lists = params["ds_channels"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no ds_channels list in {params}"));
+    assert_eq!(lists.len(), 2, "one list per KV head");
+    for (g, list) in lists.iter().enumerate() {
+        let ids: Vec<u64> = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(ids.len(), 16, "KV head {g}: {ids:?}");
+        assert!(
+            ids.windows(2).all(|w| w[0] < w[1]),
+            "KV head {g}: sorted and distinct: {ids:?}"
+        );
+        assert!(ids.iter().all(|&c| c < 64), "KV head {g}: {ids:?}");
+    }
+    // The selector keeps at most B0 tokens, top-p prunes among them.
+    assert!(counts.iter().all(|&c| (1..=256).contains(&c)), "{counts:?}");
+}
+
+#[test]
+fn double_sparse_shorthand_is_r_16() {
+    let out = twilight(&[
+        "demo",
+        "--cpu",
+        "--batch",
+        "1",
+        "--max-len",
+        "300",
+        "--kv-heads",
+        "1",
+        "--selector",
+        "double_sparse",
+        "--pruning",
+        "none",
+        "--budget",
+        "64",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("variant ps16_hd128_f16_g4_hnd_ds16_none"),
+        "{stdout}"
+    );
+    // No pruning: exactly B0 tokens of the 300-token request.
+    assert!(stdout.contains("mean 64.0 tokens"), "{stdout}");
+}
+
+/// r must be below head_dim: a clean error, no panic, no output files.
+#[test]
+fn double_sparse_with_r_at_head_dim_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let dump = dir.path().join("dump");
+    let mut args: Vec<&str> = SMALL.to_vec();
+    args.extend_from_slice(&[
+        "0.9",
+        "--selector",
+        "double_sparse(64)",
+        "--dump",
+        dump.to_str().unwrap(),
+    ]);
+    let out = twilight(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "double_sparse(64) at head_dim 64 ran"
+    );
+    assert!(
+        stderr.contains("error: unsupported combination: double_sparse(64) needs fewer label channels than head_dim = 64"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("RUST_BACKTRACE"),
+        "{stderr}"
+    );
+    assert!(!dump.join("params.json").exists());
 }

@@ -6,7 +6,7 @@ use std::error::Error;
 use std::time::Instant;
 
 use twilight::reference::{
-    attend, decode_step, HostKv, Quant4Cache, QuestMeta, StepInputs, StepParams,
+    attend, decode_step, DsLabels, HostKv, Quant4Cache, QuestMeta, StepInputs, StepParams,
 };
 use twilight::{Dtype, HostPageTable, Pruning, Selector};
 
@@ -121,6 +121,11 @@ pub(super) fn reference_step(
 ) -> Res<(Vec<f32>, Vec<f32>)> {
     let start = Instant::now();
     let quest = (x.spec.selector == Selector::Quest).then(|| QuestMeta::build(kv, table));
+    let ds = x
+        .ds_channels
+        .clone()
+        .map(|channels| DsLabels::build(kv, table, channels))
+        .transpose()?;
     let quant = (x.spec.pruning == Pruning::TopP)
         .then(|| Quant4Cache::build(kv, table))
         .transpose()?;
@@ -134,7 +139,7 @@ pub(super) fn reference_step(
             table,
             quest: quest.as_ref(),
             quant: quant.as_ref(),
-            ds: None,
+            ds: ds.as_ref(),
         },
     )?;
     let same = want

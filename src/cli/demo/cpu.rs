@@ -4,7 +4,7 @@ use std::error::Error;
 use std::time::Instant;
 
 use twilight::reference::{
-    decode_step, dense_decode, Quant4Cache, QuestMeta, StepInputs, StepParams,
+    decode_step, dense_decode, DsLabels, Quant4Cache, QuestMeta, StepInputs, StepParams,
 };
 use twilight::{Pruning, Selector};
 
@@ -17,17 +17,29 @@ pub(super) fn run(x: &Inputs) -> Result<Outcome, Box<dyn Error>> {
 
     let start = Instant::now();
     let quest = (x.spec.selector == Selector::Quest).then(|| QuestMeta::build(&kv, table));
+    let ds = x
+        .ds_channels
+        .clone()
+        .map(|channels| DsLabels::build(&kv, table, channels))
+        .transpose()?;
     let quant = (x.spec.pruning == Pruning::TopP)
         .then(|| Quant4Cache::build(&kv, table))
         .transpose()?;
     let meta_ms = start.elapsed().as_secs_f64() * 1e3;
-    if quest.is_some() || quant.is_some() {
-        let what = match (&quest, &quant) {
-            (Some(_), Some(_)) => "Quest page bounds and 4-bit K",
-            (Some(_), None) => "Quest page bounds",
-            _ => "4-bit K",
-        };
-        println!("  metadata: {what} built from the cache in {meta_ms:.0} ms");
+    let built: Vec<String> = [
+        quest.as_ref().map(|_| "Quest page bounds".to_string()),
+        ds.as_ref()
+            .map(|l| format!("double-sparse labels ({} channels per token)", l.r)),
+        quant.as_ref().map(|_| "4-bit K".to_string()),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !built.is_empty() {
+        println!(
+            "  metadata: {} built from the cache in {meta_ms:.0} ms",
+            built.join(" and ")
+        );
     }
 
     let start = Instant::now();
@@ -41,7 +53,7 @@ pub(super) fn run(x: &Inputs) -> Result<Outcome, Box<dyn Error>> {
             table,
             quest: quest.as_ref(),
             quant: quant.as_ref(),
-            ds: None,
+            ds: ds.as_ref(),
         },
     )?;
     let step_ms = start.elapsed().as_secs_f64() * 1e3;

@@ -80,7 +80,7 @@ pub(super) fn write(dir: &Path, x: &Inputs, out: &Outcome) -> Result<(), Box<dyn
         .iter()
         .map(|(name, what)| (name.to_string(), json!(what)))
         .collect();
-    let params = json!({
+    let mut params = json!({
         "variant": x.spec.name(),
         "selector": selector_name(x.spec.selector),
         "pruning": pruning_name(x.spec.pruning),
@@ -109,6 +109,13 @@ pub(super) fn write(dir: &Path, x: &Inputs, out: &Outcome) -> Result<(), Box<dyn
         ],
         "files": files,
     });
+    if let Some(channels) = &x.ds_channels {
+        params["ds_channels"] = json!(channels);
+        params["ds_channels_are"] = json!(format!(
+            "the r calibrated channels of each KV head ([num_kv_heads][r], ascending), ranked by mean |q*k| over {} evenly spread positions of each request (the request's query at each); double_sparse(r) scores token t of KV head g as sum over the group's query heads h and i < r of q[h, c_i] * k[t, g, c_i] with c = ds_channels[g], in f64, and selects the newest token and the B0 - 1 highest-scoring others (a tie to the lower position)",
+            super::calibrate::TOKENS_PER_REQUEST
+        ));
+    }
     std::fs::write(
         path("params.json"),
         serde_json::to_string_pretty(&params)? + "\n",

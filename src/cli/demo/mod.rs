@@ -5,7 +5,12 @@
 //! so that any independent implementation can check the step.
 //!
 //! `--selector full --pruning none` is dense paged decode through the same structure.
+//!
+//! `--selector double_sparse(r)` calibrates its `r` channels per KV head on the generated
+//! activations first (see [`calibrate`]). Its GPU kernels do not exist yet: it runs on the CPU
+//! reference, with a GPU or without.
 
+mod calibrate;
 mod check;
 mod cpu;
 mod dump;
@@ -20,6 +25,7 @@ use twilight::generator::{generate, oracle_top_p_budget, GeneratorParams, Preset
 use twilight::reference::{CacheShape, DecodeResult, HostKv};
 use twilight::synthetic::{ragged_lengths, SyntheticStep};
 use twilight::twilight_jit::open_device;
+use twilight::twilight_jit::spec::{parse_value, FieldValue, SpecField};
 use twilight::{
     Dtype, HostPageTable, KvElement, KvLayout, Pruning, Selector, SparseParams, VariantSpec,
 };
@@ -47,7 +53,9 @@ pub struct Args {
     /// hnd or nhd.
     #[arg(long, default_value = "hnd", value_parser = parse_layout)]
     layout: KvLayout,
-    /// Candidate selector: quest or full (every token).
+    /// Candidate selector: quest, full (every token) or double_sparse(r) (r label channels per
+    /// token, r in 16, 32, 64 and below head_dim; `double_sparse` alone is r = 16; channels
+    /// calibrated on the generated activations; CPU reference only for now).
     #[arg(long, default_value = "quest", value_parser = parse_selector)]
     selector: Selector,
     /// Pruning of the candidates: top_p or none. `--selector full --pruning none` is dense.
@@ -88,13 +96,17 @@ fn parse_layout(s: &str) -> Result<KvLayout, String> {
     }
 }
 
+/// The declaration spelling, read by twilight_jit's own parser so that the demo accepts what a
+/// declaration does; `double_sparse` alone means `double_sparse(16)`. Whether r is one of 16,
+/// 32, 64 and below head_dim is checked with the whole variant ([`VariantSpec::validate`]).
 fn parse_selector(s: &str) -> Result<Selector, String> {
-    match s {
-        "quest" => Ok(Selector::Quest),
-        "full" => Ok(Selector::Full),
-        _ => Err(format!(
-            "`{s}` is not a selector the demo runs: quest or full"
-        )),
+    let text = match s.trim() {
+        "double_sparse" => "double_sparse(16)",
+        other => other,
+    };
+    match parse_value(SpecField::Selector, text).map_err(|e| e.to_string())? {
+        FieldValue::Selector(selector) => Ok(selector),
+        other => Err(format!("`{s}` parsed as {other:?}, not a selector")),
     }
 }
 
@@ -147,6 +159,8 @@ pub(super) struct Inputs {
     pub generator: GeneratorParams,
     /// q and the cache as the generator built them (values exact in the dtype).
     pub step: SyntheticStep,
+    /// `double_sparse(r)` only: the calibrated channels, `[num_kv_heads][r]`, each ascending.
+    pub ds_channels: Option<Vec<Vec<usize>>>,
 }
 
 impl Inputs {
@@ -244,6 +258,12 @@ pub fn run(args: Args) -> CliResult {
         }
     };
     let outcome = match stream {
+        Some(_) if matches!(inputs.spec.selector, Selector::DoubleSparse { .. }) => {
+            println!(
+                "  GPU kernels for double_sparse do not exist yet: running the CPU reference instead"
+            );
+            cpu::run(&inputs)?
+        }
         Some(stream) => match args.dtype {
             Dtype::F16 => gpu::run::<half::f16>(&stream, &inputs)?,
             Dtype::Bf16 => gpu::run::<half::bf16>(&stream, &inputs)?,
@@ -327,6 +347,10 @@ fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
         step.shape.num_pages,
         start.elapsed().as_secs_f64() * 1e3
     );
+    let ds_channels = match spec.selector {
+        Selector::DoubleSparse { channels } => Some(calibrate_channels(&step, channels as usize)?),
+        _ => None,
+    };
     Ok(Inputs {
         spec,
         budget: args.budget,
@@ -335,7 +359,31 @@ fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
         lens,
         generator,
         step,
+        ds_channels,
     })
+}
+
+/// Calibrates the channels of `double_sparse(r)` on the step and prints what came out.
+fn calibrate_channels(
+    step: &SyntheticStep,
+    r: usize,
+) -> Result<Vec<Vec<usize>>, Box<dyn std::error::Error>> {
+    let c = calibrate::calibrate(step, r)?;
+    println!(
+        "  calibration: {r} channels per KV head ranked by mean |q*k| (mode qk) over {} tokens (up to {} evenly spread positions per request, the request's query at each) in {:.1} ms",
+        c.tokens,
+        calibrate::TOKENS_PER_REQUEST,
+        c.ms
+    );
+    let (mean, min, _) = report::stats(c.captured.iter().copied());
+    let first: Vec<String> = c.channels[0].iter().map(usize::to_string).collect();
+    println!(
+        "    KV head 0: [{}]; the channels hold {:.1}% of each request's own |q*k| mass (mean over (request, KV head); min {:.1}%)",
+        first.join(", "),
+        mean * 100.0,
+        min * 100.0
+    );
+    Ok(c.channels)
 }
 
 fn gen<T: KvElement>(

@@ -94,7 +94,7 @@ pub(super) fn budget(x: &Inputs, out: &Outcome, oracle: &[f64], oracle_ms: f64) 
     let share = |b: usize, g: usize| count(b, g) / x.lens[b] as f64;
     let (mean, min, max) = stats(rows().map(|(b, g)| count(b, g)));
     let (smean, smin, smax) = stats(rows().map(|(b, g)| share(b, g)));
-    let limit = if x.spec.selector == twilight::Selector::Quest {
+    let limit = if x.spec.selector != twilight::Selector::Full {
         format!("B0 = {} tokens", x.budget)
     } else {
         "every token a candidate".to_string()
