@@ -24,6 +24,25 @@ pub struct SplitPlan {
     pub num_chunks: usize,
 }
 
+impl SplitPlan {
+    /// The split for `rows` (request, KV head) pairs of at most `max_len` tokens, with tiles of
+    /// `tile` tokens on `num_sms` multiprocessors: enough blocks to fill the GPU, chunks never
+    /// below [`MIN_CHUNK_TOKENS`].
+    pub fn new(tile: usize, num_sms: usize, rows: usize, max_len: usize) -> SplitPlan {
+        let wanted_chunks = (num_sms * TARGET_BLOCKS_PER_SM)
+            .div_ceil(rows.max(1))
+            .max(1);
+        let chunk = max_len
+            .div_ceil(wanted_chunks)
+            .max(MIN_CHUNK_TOKENS)
+            .next_multiple_of(tile.max(1));
+        SplitPlan {
+            chunk_tokens: chunk,
+            num_chunks: max_len.div_ceil(chunk).max(1),
+        }
+    }
+}
+
 /// The outputs of a step: `o [batch, num_qo_heads, head_dim]` and `lse [batch, num_qo_heads]`.
 #[derive(Debug)]
 pub struct DecodeOutput<T: KvElement> {
@@ -144,17 +163,12 @@ impl DenseDecoder {
 
     /// The split of a step over `batch` requests of at most `max_len` tokens.
     pub fn plan(&self, batch: usize, num_kv_heads: usize, max_len: usize) -> SplitPlan {
-        let tile = self.program.tiling.decode_tile_tokens(self.spec.head_dim) as usize;
-        let pairs = (batch * num_kv_heads).max(1);
-        let wanted_chunks = (self.num_sms * TARGET_BLOCKS_PER_SM).div_ceil(pairs).max(1);
-        let chunk = max_len
-            .div_ceil(wanted_chunks)
-            .max(MIN_CHUNK_TOKENS)
-            .next_multiple_of(tile);
-        SplitPlan {
-            chunk_tokens: chunk,
-            num_chunks: max_len.div_ceil(chunk).max(1),
-        }
+        SplitPlan::new(
+            self.program.tiling.decode_tile_tokens(self.spec.head_dim) as usize,
+            self.num_sms,
+            batch * num_kv_heads,
+            max_len,
+        )
     }
 
     /// One decode step: allocates the outputs, then [`DenseDecoder::run_into`].
@@ -388,4 +402,34 @@ pub(crate) fn check_step_inputs<T: KvElement>(
         )));
     }
     Ok((batch, num_kv_heads, num_qo_heads, sm_scale))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_plans_cover_the_longest_request_in_whole_tiles() {
+        for max_len in [1, 255, 256, 257, 20_000, 32768, 131072] {
+            for rows in [1, 8, 64, 2048] {
+                let plan = SplitPlan::new(32, 132, rows, max_len);
+                let at = format!("len {max_len} rows {rows}: {plan:?}");
+                assert_eq!(plan.chunk_tokens % 32, 0, "{at}");
+                assert!(plan.chunk_tokens >= MIN_CHUNK_TOKENS, "{at}");
+                assert!(plan.num_chunks * plan.chunk_tokens >= max_len, "{at}");
+                assert!(
+                    (plan.num_chunks - 1) * plan.chunk_tokens < max_len.max(1),
+                    "{at}"
+                );
+            }
+        }
+        // The headline shape fills the GPU: 64 rows of 32k tokens in 17 chunks of 1952.
+        assert_eq!(
+            SplitPlan::new(32, 132, 64, 32768),
+            SplitPlan {
+                chunk_tokens: 1952,
+                num_chunks: 17
+            }
+        );
+    }
 }

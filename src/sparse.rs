@@ -69,6 +69,41 @@ pub struct SparsePlan {
     pub num_chunks: usize,
 }
 
+impl SparsePlan {
+    /// The bounds for `rows` (request, KV head) pairs of at most `max_len` tokens, with
+    /// attention tiles of `tile` tokens on `num_sms` multiprocessors.
+    pub fn new(
+        spec: &VariantSpec,
+        budget: usize,
+        tile: usize,
+        num_sms: usize,
+        rows: usize,
+        max_len: usize,
+    ) -> SparsePlan {
+        let page_size = spec.page_size as usize;
+        let max_pages = max_len.div_ceil(page_size).max(1);
+        let budget_pages = budget.div_ceil(page_size).max(1);
+        let max_cands = match spec.selector {
+            Selector::Quest => budget_pages.min(max_pages) * page_size,
+            _ => max_pages * page_size,
+        };
+        let wanted = (num_sms * TARGET_BLOCKS_PER_SM)
+            .div_ceil(rows.max(1))
+            .max(1);
+        let chunk_tokens = max_cands
+            .div_ceil(wanted)
+            .min(MAX_CHUNK_TOKENS)
+            .next_multiple_of(tile.max(1));
+        SparsePlan {
+            max_pages,
+            budget_pages,
+            max_cands,
+            chunk_tokens,
+            num_chunks: max_cands.div_ceil(chunk_tokens).max(1),
+        }
+    }
+}
+
 /// What a step returns: `o [batch, num_qo_heads, head_dim]`, `lse [batch, num_qo_heads]`, the
 /// kept count per (request, KV head) (the adaptive budget) and the kept token slots
 /// `[batch, num_kv_heads, max_cands]` (the first `kept_counts` of each row are valid).
@@ -204,27 +239,14 @@ impl SparseDecoder {
 
     /// The bounds of a step over `batch` requests of at most `max_len` tokens.
     pub fn plan(&self, batch: usize, num_kv_heads: usize, max_len: usize) -> SparsePlan {
-        let page_size = self.spec.page_size as usize;
-        let max_pages = max_len.div_ceil(page_size).max(1);
-        let budget_pages = self.params.budget.div_ceil(page_size);
-        let max_cands = match self.spec.selector {
-            Selector::Quest => budget_pages.min(max_pages) * page_size,
-            _ => max_pages * page_size,
-        };
-        let tile = self.program.tiling.decode_tile_tokens(self.spec.head_dim) as usize;
-        let pairs = (batch * num_kv_heads).max(1);
-        let wanted = (self.num_sms * TARGET_BLOCKS_PER_SM).div_ceil(pairs).max(1);
-        let chunk_tokens = max_cands
-            .div_ceil(wanted)
-            .min(MAX_CHUNK_TOKENS)
-            .next_multiple_of(tile);
-        SparsePlan {
-            max_pages,
-            budget_pages,
-            max_cands,
-            chunk_tokens,
-            num_chunks: max_cands.div_ceil(chunk_tokens).max(1),
-        }
+        SparsePlan::new(
+            &self.spec,
+            self.params.budget,
+            self.program.tiling.decode_tile_tokens(self.spec.head_dim) as usize,
+            self.num_sms,
+            batch * num_kv_heads,
+            max_len,
+        )
     }
 
     /// Allocates outputs for a step over `table`.
@@ -555,4 +577,52 @@ fn push_candidates<'a>(
         (Some(sel), Some(count)) => l.arg(sel).arg(count),
         _ => l.arg(null).arg(null),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twilight_jit::{Dtype, KvLayout};
+
+    /// Every candidate list fits its row, every kept token is covered by a chunk, and chunks
+    /// are whole tiles, over many shapes.
+    #[test]
+    fn plans_bound_every_list() {
+        for selector in [Selector::Quest, Selector::Full] {
+            for page_size in [1u32, 16, 64] {
+                let spec = VariantSpec {
+                    selector,
+                    pruning: Pruning::TopP,
+                    ..VariantSpec::dense(page_size, 128, Dtype::F16, 4, KvLayout::Hnd)
+                };
+                for max_len in [1, 15, 16, 17, 1000, 32768, 131072] {
+                    for budget in [1, 64, 8192, 1 << 20] {
+                        for rows in [1, 64, 4096] {
+                            let plan = SparsePlan::new(&spec, budget, 32, 132, rows, max_len);
+                            let ps = page_size as usize;
+                            let pages = max_len.div_ceil(ps);
+                            // The longest request's candidates: its selected pages, full.
+                            let cands = match selector {
+                                Selector::Quest => pages.min(budget.div_ceil(ps)) * ps,
+                                _ => pages * ps,
+                            };
+                            let at =
+                                format!("{spec} len {max_len} B0 {budget} rows {rows}: {plan:?}");
+                            assert!(plan.max_cands >= cands.min(max_len), "{at}");
+                            assert!(plan.max_pages >= pages && plan.budget_pages >= 1, "{at}");
+                            assert_eq!(plan.chunk_tokens % 32, 0, "{at}");
+                            assert!(
+                                plan.chunk_tokens <= MAX_CHUNK_TOKENS.next_multiple_of(32),
+                                "{at}"
+                            );
+                            assert!(
+                                plan.num_chunks * plan.chunk_tokens >= plan.max_cands,
+                                "{at}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
