@@ -13,12 +13,6 @@ use twilight::{
     DecodeOutput, DenseDecoder, Dtype, KvElement, KvLayout, PagedKvCache, VariantSpec, Workspace,
 };
 
-fn fresh_seed() -> u64 {
-    let seed = rand::rng().random();
-    eprintln!("seed {seed}");
-    seed
-}
-
 /// (atol, rtol) of the output for a dtype: f32 accumulation, then one rounding to the dtype.
 fn tolerance(dtype: Dtype) -> (f32, f32) {
     match dtype {
@@ -144,7 +138,7 @@ fn gpu_dense_decode_matches_reference_over_the_variant_matrix() {
     let Some(stream) = common::gpu_stream() else {
         return;
     };
-    let seed = fresh_seed();
+    let seed = common::fresh_seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut cases = Vec::new();
     let head_dims = [64, 128, 256];
@@ -183,7 +177,7 @@ fn gpu_dense_decode_long_ragged_batch_splits_and_merges() {
     let Some(stream) = common::gpu_stream() else {
         return;
     };
-    let seed = fresh_seed();
+    let seed = common::fresh_seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     for (dtype, layout) in [(Dtype::F16, KvLayout::Hnd), (Dtype::Bf16, KvLayout::Nhd)] {
         let case = Case {
@@ -210,7 +204,7 @@ fn gpu_append_then_decode_matches_reference() {
     let Some(stream) = common::gpu_stream() else {
         return;
     };
-    let seed = fresh_seed();
+    let seed = common::fresh_seed();
     let spec = VariantSpec::dense(16, 128, Dtype::F16, 2, KvLayout::Nhd);
     let (kv_heads, d) = (2usize, 128usize);
     let decoder = DenseDecoder::new(stream.clone(), spec).unwrap();

@@ -469,12 +469,6 @@ fn run(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     }
 }
 
-fn fresh_seed() -> u64 {
-    let seed = rand::rng().random();
-    eprintln!("seed {seed}");
-    seed
-}
-
 fn spec(
     page_size: u32,
     head_dim: u32,
@@ -501,7 +495,7 @@ fn gpu_sparse_step_matches_reference_over_the_variant_matrix() {
     let Some(stream) = common::gpu_stream() else {
         return;
     };
-    let seed = fresh_seed();
+    let seed = common::fresh_seed();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let ps = [0.5f32, 0.85, 0.95, 0.99, 1.0];
     let mut cases = Vec::new();
@@ -551,7 +545,7 @@ fn gpu_sparse_step_every_p_on_one_long_batch() {
     let Some(stream) = common::gpu_stream() else {
         return;
     };
-    let seed = fresh_seed();
+    let seed = common::fresh_seed();
     for (n, p) in [0.5f32, 0.85, 0.95, 0.99, 1.0].into_iter().enumerate() {
         let case = Case {
             spec: spec(
@@ -586,7 +580,7 @@ fn gpu_sparse_step_replays_as_a_cuda_graph() {
     // SAFETY: everything below runs on the one stream created here.
     unsafe { ctx.disable_event_tracking() };
     let stream = ctx.new_stream().unwrap();
-    let seed = fresh_seed();
+    let seed = common::fresh_seed();
     let case = Case {
         spec: spec(
             16,

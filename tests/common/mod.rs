@@ -18,6 +18,14 @@ pub fn gpu_stream() -> Option<Arc<CudaStream>> {
     }
 }
 
+/// A new random seed for each run (inputs are fresh every time), printed so that a failure
+/// can be replayed.
+pub fn fresh_seed() -> u64 {
+    let seed = rand::Rng::random(&mut rand::rng());
+    eprintln!("seed {seed}");
+    seed
+}
+
 /// Element-wise comparison with an absolute plus relative tolerance; on failure reports the
 /// worst element with its index, both values and the tolerance. NaN never passes.
 pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32) {
