@@ -181,3 +181,90 @@ fn markdown(
     }
     t
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(name: &str) -> SparseReport {
+        SparseReport {
+            shape: BenchShape {
+                name: name.into(),
+                batch: 8,
+                qo_heads: 32,
+                kv_heads: 8,
+                head_dim: 128,
+                len: 32768,
+                page_size: 16,
+                dtype: "f16".into(),
+                layout: "hnd".into(),
+                budget: 8192,
+                p: 0.85,
+            },
+            variant: "ps16_hd128_f16_g4_hnd_quest_topp".into(),
+            generator: "attention=default".into(),
+            read_bandwidth_gbps: 4484.0,
+            rotation: 2,
+            iters: 50,
+            kept_mean: 98.0,
+            kept_std: 33.0,
+            kept_min: 36,
+            kept_max: 180,
+            stages_us: vec![("Estimate".into(), 37.2, 8.0)],
+            twilight_us: 124.6,
+            twilight_graph_us: 116.0,
+            twilight_floor_us: 23.6,
+            quest_none_us: 185.2,
+            quest_none_floor_us: 74.8,
+            dense_us: 380.5,
+            dense_floor_us: 239.4,
+        }
+    }
+
+    #[test]
+    fn the_table_joins_peers_by_shape_and_lists_skipped_shapes() {
+        let peers = vec![
+            PeerRecord {
+                name: "a".into(),
+                peer: "torch_sdpa_dense".into(),
+                median_us: 247.2,
+            },
+            PeerRecord {
+                name: "a".into(),
+                peer: "torch_quest_topp".into(),
+                median_us: 1125.8,
+            },
+            PeerRecord {
+                name: "b".into(),
+                peer: "torch_sdpa_dense".into(),
+                median_us: 1.0,
+            },
+        ];
+        let skipped = vec![("c".to_string(), "needs 900 GiB".to_string())];
+        let table = markdown(&[report("a"), report("z")], &skipped, &peers);
+        let rows: Vec<&str> = table.lines().collect();
+        assert_eq!(rows.len(), 2 + 3, "{table}");
+        // Shape a has both peers, and its speedup over SDPA is 247.2 / 124.6.
+        assert!(
+            rows[2].starts_with("| a | 98 (0.30%) | 380.5 (1.59) | 247.2 |"),
+            "{}",
+            rows[2]
+        );
+        assert!(
+            rows[2].contains("| 1125.8 |") && rows[2].ends_with("| 1.98x |"),
+            "{}",
+            rows[2]
+        );
+        // Shape z has no peer numbers; shape b's numbers do not leak into it.
+        assert!(
+            rows[3].starts_with("| z |") && rows[3].ends_with("| - |"),
+            "{}",
+            rows[3]
+        );
+        assert!(
+            rows[4].starts_with("| c | not run: needs 900 GiB"),
+            "{}",
+            rows[4]
+        );
+    }
+}
