@@ -78,6 +78,11 @@ impl HostPageTable {
         (pages - 1) * self.page_size + self.kv_last_page_len[b] as usize
     }
 
+    /// Every valid token slot of every request, in request then token order.
+    pub fn valid_slots(&self) -> impl Iterator<Item = usize> + '_ {
+        (0..self.batch()).flat_map(move |b| (0..self.len_of(b)).map(move |t| self.slot(b, t)))
+    }
+
     pub fn max_len(&self) -> usize {
         (0..self.batch()).map(|b| self.len_of(b)).max().unwrap_or(0)
     }

@@ -111,12 +111,9 @@ impl DsLabels {
         channels: Vec<Vec<usize>>,
     ) -> Result<DsLabels> {
         let mut labels = DsLabels::zeros(kv.shape, channels)?;
-        for b in 0..table.batch() {
-            for t in 0..table.len_of(b) {
-                let slot = table.slot(b, t);
-                for g in 0..kv.shape.num_kv_heads {
-                    labels.update(kv, slot, g);
-                }
+        for slot in table.valid_slots() {
+            for g in 0..kv.shape.num_kv_heads {
+                labels.update(kv, slot, g);
             }
         }
         Ok(labels)
@@ -124,7 +121,7 @@ impl DsLabels {
 
     /// Row index of (slot, kv_head): K's row addressing.
     pub fn row(&self, slot: usize, kv_head: usize) -> usize {
-        self.shape.offset(slot, kv_head) / self.shape.head_dim
+        self.shape.row(slot, kv_head)
     }
 
     /// The `r` label values of (slot, kv_head).

@@ -33,6 +33,11 @@ impl CacheShape {
         self.num_pages * self.num_kv_heads * self.page_size * self.head_dim
     }
 
+    /// Row index of (slot, kv_head): the addressing every per-token buffer shares with K.
+    pub fn row(&self, slot: usize, kv_head: usize) -> usize {
+        self.offset(slot, kv_head) / self.head_dim
+    }
+
     /// Element offset of (slot, kv_head, channel 0), slot = page * page_size + offset.
     pub fn offset(&self, slot: usize, kv_head: usize) -> usize {
         let (page, off) = (slot / self.page_size, slot % self.page_size);

@@ -108,12 +108,9 @@ impl Quant4Cache {
     /// As [`Quant4Cache::zeros`].
     pub fn build(kv: &HostKv, table: &HostPageTable) -> Result<Quant4Cache> {
         let mut cache = Quant4Cache::zeros(kv.shape)?;
-        for b in 0..table.batch() {
-            for t in 0..table.len_of(b) {
-                let slot = table.slot(b, t);
-                for g in 0..kv.shape.num_kv_heads {
-                    cache.update(kv, slot, g);
-                }
+        for slot in table.valid_slots() {
+            for g in 0..kv.shape.num_kv_heads {
+                cache.update(kv, slot, g);
             }
         }
         Ok(cache)
@@ -121,7 +118,7 @@ impl Quant4Cache {
 
     /// Row index of (slot, kv_head): K's row addressing.
     pub fn row(&self, slot: usize, kv_head: usize) -> usize {
-        self.shape.offset(slot, kv_head) / self.shape.head_dim
+        self.shape.row(slot, kv_head)
     }
 
     /// The packed codes of (slot, kv_head).
