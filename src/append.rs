@@ -105,6 +105,10 @@ pub(crate) fn append<T: KvElement>(
         (Some(codes), Some(scales)) if needed.quant4 => launch.arg(codes).arg(scales),
         _ => launch.arg(&null).arg(&null),
     };
+    match (&mut derived.k_label, &derived.ds_channels) {
+        (Some(labels), Some(channels)) if needed.labels > 0 => launch.arg(labels).arg(channels),
+        _ => launch.arg(&null).arg(&null),
+    };
     launch.arg(&num_jobs).arg(&heads_i);
     let config = LaunchConfig {
         grid_dim: (num_jobs as u32, 1, 1),

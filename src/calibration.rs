@@ -180,6 +180,115 @@ impl LayerSample<'_> {
     }
 }
 
+/// A calibration sample assembled from decode steps rather than a prefill: each request adds
+/// `per_request` evenly spread positions (every position of a shorter request), and its one
+/// query stands for the query at each of them. The same number of positions per request weighs
+/// the requests equally, and evenly spread positions cover a request's sinks, window and
+/// background in proportion.
+#[derive(Clone, Debug)]
+pub struct DecodeSample {
+    q: Vec<f32>,
+    k: Vec<f32>,
+    tokens: usize,
+    num_qo_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    per_request: usize,
+}
+
+impl DecodeSample {
+    pub fn new(
+        num_qo_heads: usize,
+        num_kv_heads: usize,
+        head_dim: usize,
+        per_request: usize,
+    ) -> Self {
+        DecodeSample {
+            q: Vec::new(),
+            k: Vec::new(),
+            tokens: 0,
+            num_qo_heads,
+            num_kv_heads,
+            head_dim,
+            per_request: per_request.max(1),
+        }
+    }
+
+    /// The positions of a request of `len` tokens that go into the sample: every one up to
+    /// `per_request`, else evenly spread, ascending and distinct.
+    pub fn positions(&self, len: usize) -> Vec<usize> {
+        let n = len.min(self.per_request);
+        (0..n).map(|i| i * len / n).collect()
+    }
+
+    /// Adds one request of `len` tokens: `q_request` is its query `[num_qo_heads, head_dim]`,
+    /// and `key(t)` returns its key at position t, `[num_kv_heads, head_dim]`. Returns the
+    /// request's range of sample tokens.
+    ///
+    /// # Errors
+    /// [`Error::Calibration`] when `q_request` or a key has the wrong length.
+    pub fn add_request<'k>(
+        &mut self,
+        q_request: &[f32],
+        len: usize,
+        mut key: impl FnMut(usize) -> std::borrow::Cow<'k, [f32]>,
+    ) -> Result<std::ops::Range<usize>> {
+        let (q_len, k_len) = (
+            self.num_qo_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        if q_request.len() != q_len {
+            return Err(calib(format!(
+                "a request's query has {} values, expected {q_len} ([num_qo_heads, head_dim])",
+                q_request.len()
+            )));
+        }
+        let start = self.tokens;
+        for t in self.positions(len) {
+            let k = key(t);
+            if k.len() != k_len {
+                return Err(calib(format!(
+                    "the key at position {t} has {} values, expected {k_len} ([num_kv_heads, head_dim])",
+                    k.len()
+                )));
+            }
+            self.q.extend_from_slice(q_request);
+            self.k.extend_from_slice(&k);
+            self.tokens += 1;
+        }
+        Ok(start..self.tokens)
+    }
+
+    /// Sample tokens so far.
+    pub fn tokens(&self) -> usize {
+        self.tokens
+    }
+
+    /// The sample tokens in `range` as a [`LayerSample`].
+    ///
+    /// # Panics
+    /// When the range reaches past [`DecodeSample::tokens`].
+    pub fn view(&self, range: std::ops::Range<usize>) -> LayerSample<'_> {
+        let (q_row, k_row) = (
+            self.num_qo_heads * self.head_dim,
+            self.num_kv_heads * self.head_dim,
+        );
+        LayerSample {
+            q: &self.q[range.start * q_row..range.end * q_row],
+            k: &self.k[range.start * k_row..range.end * k_row],
+            tokens: range.len(),
+            num_qo_heads: self.num_qo_heads,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+        }
+    }
+
+    /// The whole sample.
+    pub fn all(&self) -> LayerSample<'_> {
+        self.view(0..self.tokens)
+    }
+}
+
 /// The statistic of `mode` for every channel of every KV head: `[num_kv_heads][head_dim]`,
 /// the mean over tokens (and over the group's query heads when q is read), in f64.
 ///
@@ -562,6 +671,33 @@ fn describe_layers<'a>(layers: impl Iterator<Item = &'a usize>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decode_samples_take_evenly_spread_positions_of_each_request() {
+        let mut sample = DecodeSample::new(2, 1, 2, 4);
+        assert_eq!(sample.positions(3), vec![0, 1, 2]);
+        for len in [1, 3, 4, 5, 700, 8192] {
+            let p = sample.positions(len);
+            assert_eq!(p.len(), len.min(4));
+            assert!(p.windows(2).all(|w| w[0] < w[1]), "{len}");
+            assert!(*p.last().unwrap() < len);
+        }
+        // Key at position t: (t, -t); q of request 0 is [1, 2, 3, 4].
+        let key = |t: usize| std::borrow::Cow::Owned(vec![t as f32, -(t as f32)]);
+        assert_eq!(
+            sample.add_request(&[1.0, 2.0, 3.0, 4.0], 8, key).unwrap(),
+            0..4
+        );
+        assert_eq!(sample.add_request(&[5.0; 4], 2, key).unwrap(), 4..6);
+        let all = sample.all();
+        assert_eq!(all.tokens, 6);
+        assert_eq!(&all.k[..8], &[0.0, 0.0, 2.0, -2.0, 4.0, -4.0, 6.0, -6.0]);
+        assert_eq!(&sample.view(4..6).q, &[5.0; 8]);
+        assert!(sample.add_request(&[1.0; 3], 8, key).is_err());
+        assert!(sample
+            .add_request(&[1.0; 4], 8, |_| std::borrow::Cow::Owned(vec![0.0]))
+            .is_err());
+    }
 
     #[test]
     fn modes_parse_and_print() {

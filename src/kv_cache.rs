@@ -24,6 +24,13 @@ pub struct Derived<T: KvElement> {
     pub k_q4: Option<CudaSlice<u8>>,
     /// Top-p: `(scale, min)` per (token, head) in the K layout.
     pub k_q4_scale_min: Option<CudaSlice<half::f16>>,
+    /// Double Sparsity: the label of every (token, head), its key's values at the head's `r`
+    /// calibrated channels, in the K layout with `r` values per row.
+    pub k_label: Option<CudaSlice<T>>,
+    /// Double Sparsity: `[num_kv_heads, r]` channel ids, each row ascending.
+    pub ds_channels: Option<CudaSlice<i32>>,
+    /// The same channels on the host, one list per KV head (empty without labels).
+    pub label_channels: Vec<Vec<usize>>,
 }
 
 /// Which derived structures a cache keeps.
@@ -31,6 +38,8 @@ pub struct Derived<T: KvElement> {
 pub struct DerivedKinds {
     pub quest: bool,
     pub quant4: bool,
+    /// Label channels per token (Double Sparsity's r); 0 keeps no labels.
+    pub labels: usize,
 }
 
 impl DerivedKinds {
@@ -39,6 +48,10 @@ impl DerivedKinds {
         DerivedKinds {
             quest: spec.selector == twilight_jit::Selector::Quest,
             quant4: spec.pruning == twilight_jit::Pruning::TopP,
+            labels: match spec.selector {
+                twilight_jit::Selector::DoubleSparse { channels } => channels as usize,
+                _ => 0,
+            },
         }
     }
 }
@@ -82,9 +95,11 @@ impl<T: KvElement> PagedKvCache<T> {
     }
 
     /// A cache for a variant: K, V and every structure the variant derives from K.
+    /// `double_sparse(r)` variants also need their channels: see
+    /// [`PagedKvCache::for_double_sparse`].
     ///
     /// # Errors
-    /// As [`PagedKvCache::new`].
+    /// As [`PagedKvCache::new`], or a `double_sparse` variant.
     pub fn for_variant(
         stream: &Arc<CudaStream>,
         shape: CacheShape,
@@ -93,14 +108,59 @@ impl<T: KvElement> PagedKvCache<T> {
         Self::with_derived(stream, shape, DerivedKinds::for_spec(spec))
     }
 
-    /// A cache with the given derived structures.
+    /// A cache for a `double_sparse(r)` variant, whose labels hold each key's values at the
+    /// calibrated `channels` of its KV head (one ascending list of `r` ids per KV head, e.g.
+    /// from [`crate::calibration::ChannelConfig::kv_head_channels`]). The channels are fixed
+    /// for the cache's life: every label is written by `append` with them.
     ///
     /// # Errors
-    /// As [`PagedKvCache::new`].
+    /// As [`PagedKvCache::new`]; a variant that is not `double_sparse`; channel lists that are
+    /// not one list of `r` ascending, distinct ids below head_dim per KV head.
+    pub fn for_double_sparse(
+        stream: &Arc<CudaStream>,
+        shape: CacheShape,
+        spec: &twilight_jit::VariantSpec,
+        channels: &[Vec<usize>],
+    ) -> Result<Self> {
+        let kinds = DerivedKinds::for_spec(spec);
+        if kinds.labels == 0 {
+            return Err(Error::Parameter(format!(
+                "variant {spec} does not select with double_sparse: use PagedKvCache::for_variant"
+            )));
+        }
+        crate::reference::double_sparse::check_channels(
+            channels,
+            shape.num_kv_heads,
+            shape.head_dim,
+            kinds.labels,
+        )?;
+        Self::build(stream, shape, kinds, channels)
+    }
+
+    /// A cache with the given derived structures (labels need channels: see
+    /// [`PagedKvCache::for_double_sparse`]).
+    ///
+    /// # Errors
+    /// As [`PagedKvCache::new`], or `kinds.labels > 0`.
     pub fn with_derived(
         stream: &Arc<CudaStream>,
         shape: CacheShape,
         kinds: DerivedKinds,
+    ) -> Result<Self> {
+        if kinds.labels > 0 {
+            return Err(Error::Parameter(format!(
+                "a cache with double_sparse({}) labels needs its calibrated channels: create it with PagedKvCache::for_double_sparse",
+                kinds.labels
+            )));
+        }
+        Self::build(stream, shape, kinds, &[])
+    }
+
+    fn build(
+        stream: &Arc<CudaStream>,
+        shape: CacheShape,
+        kinds: DerivedKinds,
+        channels: &[Vec<usize>],
     ) -> Result<Self> {
         if shape.num_pages == 0 || shape.num_kv_heads == 0 || shape.page_size == 0 {
             return Err(Error::Parameter(format!(
@@ -153,6 +213,17 @@ impl<T: KvElement> PagedKvCache<T> {
                 .then(|| stream.alloc_zeros::<half::f16>(rows * 2))
                 .transpose()
                 .map_err(|e| Error::driver("allocating 4-bit K scales", e))?,
+            k_label: (kinds.labels > 0)
+                .then(|| zeros("Double Sparsity labels", rows * kinds.labels))
+                .transpose()?,
+            ds_channels: (kinds.labels > 0)
+                .then(|| {
+                    let ids: Vec<i32> = channels.iter().flatten().map(|&c| c as i32).collect();
+                    stream.clone_htod(&ids)
+                })
+                .transpose()
+                .map_err(|e| Error::driver("uploading Double Sparsity channels", e))?,
+            label_channels: channels.to_vec(),
         };
         Ok(PagedKvCache {
             shape,
@@ -184,9 +255,12 @@ impl<T: KvElement> PagedKvCache<T> {
     pub fn check_derived_for(&self, spec: &twilight_jit::VariantSpec) -> Result<()> {
         let needed = DerivedKinds::for_spec(spec);
         let kept = self.derived_kinds();
-        if (needed.quest && !kept.quest) || (needed.quant4 && !kept.quant4) {
+        if (needed.quest && !kept.quest)
+            || (needed.quant4 && !kept.quant4)
+            || (needed.labels > 0 && kept.labels != needed.labels)
+        {
             return Err(Error::Parameter(format!(
-                "variant {spec} reads {needed:?} metadata but the cache keeps {kept:?}; create it with PagedKvCache::for_variant and fill it through append"
+                "variant {spec} reads {needed:?} metadata but the cache keeps {kept:?}; create it with PagedKvCache::for_variant (for_double_sparse) and fill it through append"
             )));
         }
         Ok(())
@@ -201,6 +275,7 @@ impl<T: KvElement> PagedKvCache<T> {
         DerivedKinds {
             quest: self.derived.page_max.is_some(),
             quant4: self.derived.k_q4.is_some(),
+            labels: self.derived.label_channels.first().map_or(0, Vec::len),
         }
     }
 
@@ -321,7 +396,8 @@ impl<T: KvElement> PagedKvCache<T> {
     pub fn upload(&mut self, stream: &Arc<CudaStream>, k: &[T], v: &[T]) -> Result<()> {
         if self.derived_kinds() != DerivedKinds::default() {
             return Err(Error::Parameter(
-                "upload would leave the cache's Quest or 4-bit metadata stale; use append".into(),
+                "upload would leave the cache's Quest, 4-bit or label metadata stale; use append"
+                    .into(),
             ));
         }
         for (what, data) in [("K", k), ("V", v)] {

@@ -1,7 +1,9 @@
-//! The Select-then-Prune decode step on the GPU: a base selector (`quest`, or `full`), the
-//! top-p pruner over a 4-bit estimate of K (or `none`), and exact attention over what is kept.
+//! The Select-then-Prune decode step on the GPU: a base selector (`quest`, `double_sparse(r)`
+//! or `full`), the top-p pruner over a 4-bit estimate of K (or `none`), and exact attention over
+//! what is kept.
 //!
-//! Launches per step: Quest score and select (quest only), estimate and threshold (top_p only),
+//! Launches per step: the selector's score and select (none for `full`), estimate and threshold
+//! (top_p only),
 //! compaction into kept lists, and attention (a split list is merged by its last block). Every
 //! grid is sized from host-side bounds (the longest request, B0), idle blocks exit early, and
 //! nothing is read back, so a step can be captured in a CUDA graph and replayed.
@@ -60,11 +62,17 @@ impl SparseParams {
 pub struct SparsePlan {
     /// Pages of the longest request.
     pub max_pages: usize,
+    /// Token rows of per-token buffers: max_pages * page_size.
+    pub max_tokens: usize,
     /// ceil(B0 / page_size): pages the Quest selector keeps (the last page included).
     pub budget_pages: usize,
+    /// Row length of the selector's output: `budget_pages` page positions (quest), `max_cands`
+    /// token positions (double_sparse), 0 for `full`.
+    pub selected_stride: usize,
     /// Upper bound of candidates (and so of kept tokens) per (request, KV head).
     pub max_cands: usize,
-    /// Tokens per attention block, and blocks per (request, KV head).
+    /// The smallest chunk of a kept list one attention block takes (one tile), and the blocks
+    /// per (request, KV head) a list is spread over.
     pub chunk_tokens: usize,
     pub num_chunks: usize,
 }
@@ -83,23 +91,32 @@ impl SparsePlan {
         let page_size = spec.page_size as usize;
         let max_pages = max_len.div_ceil(page_size).max(1);
         let budget_pages = budget.div_ceil(page_size).max(1);
-        let max_cands = match spec.selector {
-            Selector::Quest => budget_pages.min(max_pages) * page_size,
-            _ => max_pages * page_size,
+        let max_tokens = max_pages * page_size;
+        let (max_cands, selected_stride) = match spec.selector {
+            Selector::Quest => (budget_pages.min(max_pages) * page_size, budget_pages),
+            Selector::DoubleSparse { .. } => {
+                let cands = budget.min(max_len).max(1);
+                (cands, cands)
+            }
+            Selector::Full => (max_tokens, 0),
         };
         let wanted = (num_sms * TARGET_BLOCKS_PER_SM)
             .div_ceil(rows.max(1))
             .max(1);
-        let chunk_tokens = max_cands
-            .div_ceil(wanted)
-            .min(MAX_CHUNK_TOKENS)
-            .next_multiple_of(tile.max(1));
+        let tile = tile.max(1);
+        // Kept lists are of unknown length here: the kernel spreads each over num_chunks blocks
+        // in chunks of at least one tile, so a short list takes one or two blocks and the rest
+        // of its blocks exit at once.
+        let num_chunks = wanted.min(max_cands.div_ceil(tile)).max(1);
+        let chunk_tokens = tile;
         SparsePlan {
             max_pages,
+            max_tokens,
             budget_pages,
+            selected_stride,
             max_cands,
             chunk_tokens,
-            num_chunks: max_cands.div_ceil(chunk_tokens).max(1),
+            num_chunks,
         }
     }
 }
@@ -129,13 +146,14 @@ pub struct SparseWorkspace {
 }
 
 impl SparseWorkspace {
-    /// The Quest selection of the last step, copied to the host: the selected page positions
-    /// (rows of `budget_pages`, ascending) and their count per (request, KV head). `None` for
-    /// variants without a page selector. For tests and diagnostics; it synchronizes.
+    /// The selector's choice in the last step, copied to the host: positions, ascending, in
+    /// rows of [`SparsePlan::selected_stride`] (page positions for `quest`, token positions for
+    /// `double_sparse`), and their count per (request, KV head). `None` for `full`. For tests
+    /// and diagnostics; it synchronizes.
     ///
     /// # Errors
     /// A failed copy.
-    pub fn selected_pages(&self, stream: &Arc<CudaStream>) -> Result<Option<(Vec<i32>, Vec<i32>)>> {
+    pub fn selection(&self, stream: &Arc<CudaStream>) -> Result<Option<(Vec<i32>, Vec<i32>)>> {
         match (&self.selected, &self.selected_count) {
             (Some(sel), Some(count)) => Ok(Some((
                 stream
@@ -152,9 +170,6 @@ impl SparseWorkspace {
 
 /// Blocks per SM the attention split aims for (as in dense decode).
 const TARGET_BLOCKS_PER_SM: usize = 8;
-/// Kept lists are short and of unknown length when the grid is sized: small chunks keep many
-/// blocks busy on a short list, and the blocks past a list's end exit at once.
-const MAX_CHUNK_TOKENS: usize = 128;
 /// Pages each warp of the Quest scoring kernel walks.
 const PAGES_PER_WARP: u32 = 16;
 
@@ -177,8 +192,8 @@ impl std::fmt::Debug for SparseDecoder {
 }
 
 impl SparseDecoder {
-    /// Loads the kernels of a sparse variant (`quest` or `full` selector, `top_p` or `none`
-    /// pruning, not both `full` and `none`: that is [`crate::DenseDecoder`]).
+    /// Loads the kernels of a sparse variant (any selector with `top_p` or `none` pruning, but
+    /// not both `full` and `none`: that is [`crate::DenseDecoder`]).
     ///
     /// # Errors
     /// Bad parameters, an unsupported variant, JIT or driver errors.
@@ -354,20 +369,26 @@ impl SparseDecoder {
             ));
         }
         let quest = spec.selector == Selector::Quest;
+        let double_sparse = matches!(spec.selector, Selector::DoubleSparse { .. });
         let top_p = spec.pruning == Pruning::TopP;
         let s = &self.stream;
-        if quest {
+        if quest || double_sparse {
+            let score_rows = if quest {
+                plan.max_pages
+            } else {
+                plan.max_tokens
+            };
             ensure_len(
                 s,
                 &mut workspace.scores,
-                rows * plan.max_pages,
-                "Quest scores",
+                rows * score_rows,
+                "selector scores",
             )?;
             ensure_len(
                 s,
                 &mut workspace.selected,
-                rows * plan.budget_pages,
-                "selected pages",
+                rows * plan.selected_stride,
+                "selected positions",
             )?;
             ensure_len(s, &mut workspace.selected_count, rows, "selected counts")?;
         }
@@ -397,6 +418,9 @@ impl SparseDecoder {
             plan.budget_pages as i32,
             plan.max_cands as i32,
         );
+        let (max_tokens_i, stride_i) = (plan.max_tokens as i32, plan.selected_stride as i32);
+        // B0 beyond the longest request selects everything either way.
+        let budget_tokens_i = self.params.budget.min(plan.max_tokens) as i32;
         let (chunk_i, chunks_i) = (plan.chunk_tokens as i32, plan.num_chunks as i32);
         let (b, kvh, qo) = (batch as u32, num_kv_heads as u32, num_qo_heads as u32);
         let ws = workspace;
@@ -445,6 +469,52 @@ impl SparseDecoder {
                 .map_err(|e| Error::driver("launching quest_select", e))?;
         }
 
+        if double_sparse {
+            let derived = cache.derived();
+            let (Some(labels), Some(channels)) = (&derived.k_label, &derived.ds_channels) else {
+                unreachable!("checked above: the cache keeps Double Sparsity labels");
+            };
+            let scores = ws.scores.as_mut().expect("ensured above");
+            before(Some(Stage::DsScore))?;
+            let mut l = s.launch_builder(self.function(Stage::DsScore)?);
+            l.arg(q)
+                .arg(labels)
+                .arg(channels)
+                .arg(&table.kv_indptr)
+                .arg(&table.kv_indices)
+                .arg(&table.kv_last_page_len)
+                .arg(&mut *scores)
+                .arg(&kvh_i)
+                .arg(&max_tokens_i)
+                .arg(&budget_tokens_i);
+            let grid_x = (plan.max_tokens as u32)
+                .div_ceil(tiling.ds_score_tokens)
+                .max(1);
+            // SAFETY: matches `_ds_score` of ds.cu.tera; scores hold rows * max_tokens entries
+            // and no request has more tokens; labels and channels were sized for this cache's
+            // r, which check_derived_for matched to the variant's.
+            unsafe { l.launch(cfg((grid_x, kvh, b), tiling.select_threads)) }
+                .map_err(|e| Error::driver("launching ds_score", e))?;
+
+            before(Some(Stage::DsSelect))?;
+            let selected = ws.selected.as_mut().expect("ensured above");
+            let selected_count = ws.selected_count.as_mut().expect("ensured above");
+            let mut l = s.launch_builder(self.function(Stage::DsSelect)?);
+            l.arg(&*scores)
+                .arg(&table.kv_indptr)
+                .arg(&table.kv_last_page_len)
+                .arg(&mut *selected)
+                .arg(&mut *selected_count)
+                .arg(&kvh_i)
+                .arg(&max_tokens_i)
+                .arg(&budget_tokens_i)
+                .arg(&stride_i);
+            // SAFETY: matches `_ds_select`; selected holds rows * selected_stride entries and a
+            // row gets at most min(B0, its length) <= selected_stride positions.
+            unsafe { l.launch(cfg((kvh, b, 1), tiling.ds_select_threads)) }
+                .map_err(|e| Error::driver("launching ds_select", e))?;
+        }
+
         if top_p {
             let derived = cache.derived();
             let (Some(codes), Some(scales)) = (&derived.k_q4, &derived.k_q4_scale_min) else {
@@ -463,7 +533,7 @@ impl SparseDecoder {
             );
             l.arg(&mut *logits)
                 .arg(&kvh_i)
-                .arg(&budget_pages_i)
+                .arg(&stride_i)
                 .arg(&max_cands_i)
                 .arg(&sm_scale);
             let grid_x = (plan.max_cands as u32)
@@ -486,7 +556,7 @@ impl SparseDecoder {
             );
             l.arg(&mut *stats)
                 .arg(&kvh_i)
-                .arg(&budget_pages_i)
+                .arg(&stride_i)
                 .arg(&max_cands_i)
                 .arg(&self.params.p);
             // SAFETY: matches `_threshold`; stats hold 2 floats per (request, qo head).
@@ -510,7 +580,7 @@ impl SparseDecoder {
         l.arg(&mut out.kept)
             .arg(&mut out.kept_counts)
             .arg(&kvh_i)
-            .arg(&budget_pages_i)
+            .arg(&stride_i)
             .arg(&max_cands_i);
         // SAFETY: matches `_compact`; kept holds rows * max_cands entries (checked above).
         unsafe { l.launch(cfg((kvh, b, 1), tiling.compact_threads)) }
@@ -562,7 +632,7 @@ fn cfg(grid: (u32, u32, u32), threads: u32) -> LaunchConfig {
 }
 
 /// The candidate arguments shared by estimate, threshold and compact: the page table and the
-/// selector's pages (null for `full`).
+/// selector's positions (null for `full`).
 fn push_candidates<'a>(
     l: &mut cudarc::driver::LaunchArgs<'a>,
     table: &'a PageTable,
@@ -588,7 +658,11 @@ mod tests {
     /// are whole tiles, over many shapes.
     #[test]
     fn plans_bound_every_list() {
-        for selector in [Selector::Quest, Selector::Full] {
+        for selector in [
+            Selector::Quest,
+            Selector::Full,
+            Selector::DoubleSparse { channels: 32 },
+        ] {
             for page_size in [1u32, 16, 64] {
                 let spec = VariantSpec {
                     selector,
@@ -604,19 +678,30 @@ mod tests {
                             // The longest request's candidates: its selected pages, full.
                             let cands = match selector {
                                 Selector::Quest => pages.min(budget.div_ceil(ps)) * ps,
-                                _ => pages * ps,
+                                Selector::DoubleSparse { .. } => budget.min(max_len),
+                                Selector::Full => pages * ps,
                             };
                             let at =
                                 format!("{spec} len {max_len} B0 {budget} rows {rows}: {plan:?}");
                             assert!(plan.max_cands >= cands.min(max_len), "{at}");
                             assert!(plan.max_pages >= pages && plan.budget_pages >= 1, "{at}");
+                            assert!(plan.max_tokens >= max_len, "{at}");
+                            // The selector's rows hold its whole choice.
+                            match selector {
+                                Selector::Quest => assert!(
+                                    plan.selected_stride >= budget.div_ceil(ps).min(pages),
+                                    "{at}"
+                                ),
+                                Selector::DoubleSparse { .. } => {
+                                    assert!(plan.selected_stride >= budget.min(max_len), "{at}")
+                                }
+                                Selector::Full => {}
+                            }
                             assert_eq!(plan.chunk_tokens % 32, 0, "{at}");
+                            assert!(plan.num_chunks >= 1, "{at}");
+                            // No more blocks than tiles of the longest possible list.
                             assert!(
-                                plan.chunk_tokens <= MAX_CHUNK_TOKENS.next_multiple_of(32),
-                                "{at}"
-                            );
-                            assert!(
-                                plan.num_chunks * plan.chunk_tokens >= plan.max_cands,
+                                plan.num_chunks <= plan.max_cands.div_ceil(32).max(1),
                                 "{at}"
                             );
                         }

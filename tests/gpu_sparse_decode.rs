@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use cudarc::driver::CudaStream;
 use rand::{Rng, SeedableRng};
+use twilight::reference::double_sparse::{ds_scores, DsLabels};
 use twilight::reference::quant::Quant4Cache;
-use twilight::reference::quest::{quest_budget_pages, quest_scores, QuestMeta};
+use twilight::reference::quest::{quest_scores, QuestMeta};
 use twilight::reference::step::{decode_step, StepInputs, StepParams};
 use twilight::reference::{attend, HostKv};
 use twilight::synthetic::{ragged_lengths, SyntheticStep};
@@ -47,6 +48,25 @@ struct Built<T: KvElement> {
     host_table: twilight::HostPageTable,
     k: Vec<f32>,
     v: Vec<f32>,
+    /// Double Sparsity's channels per KV head (empty for other selectors).
+    channels: Vec<Vec<usize>>,
+}
+
+/// `r` distinct random channels below head_dim per KV head, ascending.
+fn random_channels(seed: u64, num_kv_heads: usize, head_dim: usize, r: usize) -> Vec<Vec<usize>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0xc4a7);
+    (0..num_kv_heads)
+        .map(|_| {
+            let mut all: Vec<usize> = (0..head_dim).collect();
+            for i in 0..r {
+                let j = rng.random_range(i..head_dim);
+                all.swap(i, j);
+            }
+            let mut picked = all[..r].to_vec();
+            picked.sort_unstable();
+            picked
+        })
+        .collect()
 }
 
 fn build<T: KvElement>(
@@ -67,7 +87,19 @@ fn build<T: KvElement>(
         case.key_scale,
     )
     .unwrap();
-    let mut cache = PagedKvCache::<T>::for_variant(stream, step.shape, &spec).unwrap();
+    let (mut cache, channels) = match spec.selector {
+        Selector::DoubleSparse { channels: r } => {
+            let channels =
+                random_channels(seed, case.num_kv_heads, spec.head_dim as usize, r as usize);
+            let cache =
+                PagedKvCache::<T>::for_double_sparse(stream, step.shape, &spec, &channels).unwrap();
+            (cache, channels)
+        }
+        _ => (
+            PagedKvCache::<T>::for_variant(stream, step.shape, &spec).unwrap(),
+            Vec::new(),
+        ),
+    };
     let mut ids = Vec::new();
     for b in 0..case.lens.len() {
         let id = cache.add_request();
@@ -98,6 +130,7 @@ fn build<T: KvElement>(
         host_table,
         k: to_f32(k),
         v: to_f32(v),
+        channels,
     }
 }
 
@@ -130,8 +163,29 @@ fn check_metadata<T: KvElement>(
     built: &Built<T>,
     kv: &HostKv,
     what: &str,
-) -> (Option<QuestMeta>, Option<Quant4Cache>) {
+) -> (Option<QuestMeta>, Option<Quant4Cache>, Option<DsLabels>) {
     let d = built.cache.derived();
+    let labels = d.k_label.as_ref().map(|labels_dev| {
+        let want = DsLabels::build(kv, &built.host_table, built.channels.clone()).unwrap();
+        let got: Vec<f32> = stream
+            .clone_dtoh(labels_dev)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        assert_eq!(got.len(), want.labels.len(), "{what}: label cache size");
+        for slot in built.host_table.valid_slots() {
+            for g in 0..kv.shape.num_kv_heads {
+                let at = want.row(slot, g) * want.r;
+                assert_eq!(
+                    &got[at..at + want.r],
+                    want.label_row(slot, g),
+                    "{what}: labels of slot {slot} head {g}"
+                );
+            }
+        }
+        want
+    });
     let quest = d.page_max.as_ref().map(|max_dev| {
         let want = QuestMeta::build(kv, &built.host_table);
         let max: Vec<f32> = stream
@@ -191,62 +245,52 @@ fn check_metadata<T: KvElement>(
         }
         want
     });
-    (quest, quant)
+    (quest, quant, labels)
 }
 
-/// Every position where the GPU's Quest choice differs from the reference's is a near-tie with
-/// the boundary score. Returns whether the choices are identical.
+/// Every position where the GPU selector's choice differs from the reference's is a near-tie
+/// with the boundary score; `scores(row)` gives the reference's scores of a row's items (pages
+/// or tokens) and `want` its choice as positions. Returns whether the choices are identical.
 fn check_selection(
-    case: &Case,
-    built: &Built<impl KvElement>,
-    meta: &QuestMeta,
     gpu: &(Vec<i32>, Vec<i32>),
+    stride: usize,
     want: &[Vec<usize>],
+    scores: &dyn Fn(usize) -> Vec<f64>,
     what: &str,
 ) -> bool {
-    let spec = case.spec;
-    let g_size = spec.group_size as usize;
-    let kvh = case.num_kv_heads;
-    let d = spec.head_dim as usize;
-    let budget_pages = quest_budget_pages(case.budget, spec.page_size as usize);
     let mut identical = true;
-    for b in 0..case.lens.len() {
-        for g in 0..kvh {
-            let row = b * kvh + g;
-            let count = gpu.1[row] as usize;
-            let got: Vec<usize> = gpu.0[row * budget_pages..row * budget_pages + count]
-                .iter()
-                .map(|&x| x as usize)
-                .collect();
-            if got == want[row] {
-                continue;
-            }
-            identical = false;
-            let qo = kvh * g_size;
-            let q_group = &built.step.q[(b * qo + g * g_size) * d..][..g_size * d];
-            let scores = quest_scores(q_group, meta, &built.host_table, b, g);
-            assert_eq!(
-                got.len(),
-                want[row].len(),
-                "{what}: selection size of row {row}"
-            );
-            assert_eq!(
-                got.last(),
-                want[row].last(),
-                "{what}: the last page is always selected"
-            );
-            let boundary = want[row][..want[row].len() - 1]
-                .iter()
-                .map(|&p| scores[p])
-                .fold(f64::INFINITY, f64::min);
-            let scale: f64 = scores.iter().map(|s| s.abs()).fold(0.0, f64::max).max(1.0);
-            for p in got
-                .iter()
-                .filter(|p| !want[row].contains(p))
-                .chain(want[row].iter().filter(|p| !got.contains(p)))
-            {
-                assert!((scores[*p] - boundary).abs() <= NEAR_TIE * scale, "{what}: page {p} of row {row} differs but its score {} is not near the boundary {boundary}", scores[*p]);
-            }
+    for (row, want_row) in want.iter().enumerate() {
+        let count = gpu.1[row] as usize;
+        let got: Vec<usize> = gpu.0[row * stride..row * stride + count]
+            .iter()
+            .map(|&x| x as usize)
+            .collect();
+        if &got == want_row {
+            continue;
+        }
+        identical = false;
+        let scores = scores(row);
+        assert_eq!(
+            got.len(),
+            want_row.len(),
+            "{what}: selection size of row {row}"
+        );
+        assert_eq!(
+            got.last(),
+            want_row.last(),
+            "{what}: the last page (newest token) is always selected"
+        );
+        let boundary = want_row[..want_row.len() - 1]
+            .iter()
+            .map(|&p| scores[p])
+            .fold(f64::INFINITY, f64::min);
+        let scale: f64 = scores.iter().map(|s| s.abs()).fold(0.0, f64::max).max(1.0);
+        for p in got
+            .iter()
+            .filter(|p| !want_row.contains(p))
+            .chain(want_row.iter().filter(|p| !got.contains(p)))
+        {
+            assert!((scores[*p] - boundary).abs() <= NEAR_TIE * scale, "{what}: item {p} of row {row} differs but its score {} is not near the boundary {boundary}", scores[*p]);
         }
     }
     identical
@@ -274,7 +318,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         k: &built.k,
         v: &built.v,
     };
-    let (quest, quant) = check_metadata(stream, &built, &kv, &what);
+    let (quest, quant, labels) = check_metadata(stream, &built, &kv, &what);
 
     let mut out = poisoned_output(stream, &decoder, &built);
     let mut ws = SparseWorkspace::default();
@@ -306,21 +350,59 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         table: &built.host_table,
         quest: quest.as_ref(),
         quant: quant.as_ref(),
-        ds: None,
+        ds: labels.as_ref(),
     };
     let want = decode_step(&spec, &step_params, &inputs).unwrap();
-
-    let selection_identical = match (&quest, ws.selected_pages(stream).unwrap()) {
-        (Some(meta), Some(gpu)) => {
-            check_selection(case, &built, meta, &gpu, &want.selected_pages, &what)
-        }
-        _ => true,
-    };
 
     let kvh = case.num_kv_heads;
     let g_size = spec.group_size as usize;
     let qo = kvh * g_size;
     let d = spec.head_dim as usize;
+    let q_group = |row: usize| {
+        let (b, g) = (row / kvh, row % kvh);
+        &built.step.q[(b * qo + g * g_size) * d..][..g_size * d]
+    };
+    let stride = decoder
+        .plan(case.lens.len(), kvh, built.table.max_len())
+        .selected_stride;
+    let gpu_selection = ws.selection(stream).unwrap();
+    let selection_identical = match (&quest, &labels, &gpu_selection) {
+        (Some(meta), _, Some(gpu)) => check_selection(
+            gpu,
+            stride,
+            &want.selected_pages,
+            &|row| quest_scores(q_group(row), meta, &built.host_table, row / kvh, row % kvh),
+            &what,
+        ),
+        (_, Some(ds), Some(gpu)) => {
+            // The reference's token choice as positions (its candidates, in position order).
+            let want_positions: Vec<Vec<usize>> = want
+                .candidates
+                .iter()
+                .enumerate()
+                .map(|(row, slots)| {
+                    let b = row / kvh;
+                    slots
+                        .iter()
+                        .map(|&s| {
+                            (0..built.host_table.len_of(b))
+                                .find(|&t| built.host_table.slot(b, t) == s)
+                                .expect("a candidate is a token of its request")
+                        })
+                        .collect()
+                })
+                .collect();
+            check_selection(
+                gpu,
+                stride,
+                &want_positions,
+                &|row| ds_scores(q_group(row), ds, &built.host_table, row / kvh, row % kvh),
+                &what,
+            )
+        }
+        (None, None, None) => true,
+        _ => panic!("{what}: the GPU selection does not match the variant's selector"),
+    };
     let (atol, rtol) = match spec.dtype {
         Dtype::F16 => (2e-3, 8e-3),
         Dtype::Bf16 => (8e-3, 2e-2),
@@ -504,12 +586,21 @@ fn gpu_sparse_step_matches_reference_over_the_variant_matrix() {
         (Selector::Quest, Pruning::TopP),
         (Selector::Quest, Pruning::None),
         (Selector::Full, Pruning::TopP),
+        (Selector::DoubleSparse { channels: 0 }, Pruning::TopP),
+        (Selector::DoubleSparse { channels: 0 }, Pruning::None),
     ] {
         for dtype in [Dtype::F16, Dtype::Bf16] {
             for layout in [KvLayout::Nhd, KvLayout::Hnd] {
                 for group_size in [1, 2, 4, 8] {
                     let page_size = [1, 16, 64][i % 3];
                     let head_dim = [64, 128, 256][(i / 3) % 3];
+                    // r cycles over 16, 32, 64, below head_dim.
+                    let selector = match selector {
+                        Selector::DoubleSparse { .. } => Selector::DoubleSparse {
+                            channels: [16, 32, 64][i % if head_dim == 64 { 2 } else { 3 }],
+                        },
+                        other => other,
+                    };
                     i += 1;
                     let batch = rng.random_range(1..=6);
                     let max_len = rng.random_range(1..=if page_size == 1 { 1500 } else { 5000 });
@@ -561,6 +652,43 @@ fn gpu_sparse_step_every_p_on_one_long_batch() {
             num_kv_heads: 2,
             budget: 2048,
             p,
+            key_scale: 2.0,
+        };
+        run(&stream, &case, seed.wrapping_add(n as u64));
+    }
+}
+
+/// Double Sparsity over long requests (scores over many token blocks, multi-pass selection),
+/// with and without pruning, for each r.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_double_sparse_on_one_long_batch() {
+    let Some(stream) = common::gpu_stream() else {
+        return;
+    };
+    let seed = common::fresh_seed();
+    for (n, (r, pruning, dtype)) in [
+        (16, Pruning::TopP, Dtype::F16),
+        (32, Pruning::None, Dtype::Bf16),
+        (64, Pruning::TopP, Dtype::Bf16),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let case = Case {
+            spec: spec(
+                16,
+                128,
+                dtype,
+                4,
+                KvLayout::Hnd,
+                Selector::DoubleSparse { channels: r },
+                pruning,
+            ),
+            lens: vec![20_000, 333, 4097, 20],
+            num_kv_heads: 2,
+            budget: 2048,
+            p: 0.9,
             key_scale: 2.0,
         };
         run(&stream, &case, seed.wrapping_add(n as u64));
@@ -775,7 +903,7 @@ fn gpu_sparse_bad_parameters_are_errors() {
     let q = stream.alloc_zeros::<half::f16>(2 * 64).unwrap();
     assert!(decoder.run(&q, &plain, &table).is_err());
     assert!(decoder.run(&q, &full, &table).is_ok());
-    // The dense variant belongs to DenseDecoder; double sparsity has no kernel yet.
+    // The dense variant belongs to DenseDecoder.
     assert!(SparseDecoder::new(
         stream.clone(),
         VariantSpec {
@@ -786,14 +914,59 @@ fn gpu_sparse_bad_parameters_are_errors() {
         ok
     )
     .is_err());
-    assert!(SparseDecoder::new(
-        stream.clone(),
-        VariantSpec {
-            selector: Selector::DoubleSparse { channels: 16 },
-            head_dim: 128,
-            ..quest
-        },
-        ok
+    // Double Sparsity needs its channels, valid ones, and a cache labelled with the same r.
+    let ds = VariantSpec {
+        selector: Selector::DoubleSparse { channels: 16 },
+        ..quest
+    };
+    let ds_decoder = SparseDecoder::new(stream.clone(), ds, ok).unwrap();
+    let message = PagedKvCache::<half::f16>::for_variant(&stream, step.shape, &ds)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("for_double_sparse"), "{message}");
+    let good: Vec<usize> = (0..16).map(|i| i * 4).collect();
+    for bad in [
+        vec![(0..15).collect::<Vec<usize>>()],
+        vec![(1..17).map(|i| i * 4).collect()],
+        vec![[vec![3, 3], (2..16).collect()].concat()],
+        vec![good.clone(), good.clone()],
+    ] {
+        assert!(matches!(
+            PagedKvCache::<half::f16>::for_double_sparse(&stream, step.shape, &ds, &bad),
+            Err(twilight::Error::Parameter(_))
+        ));
+    }
+    assert!(PagedKvCache::<half::f16>::for_double_sparse(
+        &stream,
+        step.shape,
+        &quest,
+        std::slice::from_ref(&good)
     )
     .is_err());
+    let r32 = VariantSpec {
+        selector: Selector::DoubleSparse { channels: 32 },
+        ..quest
+    };
+    let mut labelled32 = PagedKvCache::<half::f16>::for_double_sparse(
+        &stream,
+        step.shape,
+        &r32,
+        &[(0..32).collect()],
+    )
+    .unwrap();
+    let id32 = labelled32.add_request();
+    let message = ds_decoder
+        .append(&mut labelled32, &[(id32, 40)], &k, &v)
+        .unwrap_err()
+        .to_string();
+    assert!(message.contains("metadata"), "{message}");
+    assert!(ds_decoder.run(&q, &full, &table).is_err());
+    let mut labelled =
+        PagedKvCache::<half::f16>::for_double_sparse(&stream, step.shape, &ds, &[good]).unwrap();
+    let id = labelled.add_request();
+    ds_decoder
+        .append(&mut labelled, &[(id, 40)], &k, &v)
+        .unwrap();
+    let table = labelled.page_table(&stream, &[id]).unwrap();
+    assert!(ds_decoder.run(&q, &labelled, &table).is_ok());
 }

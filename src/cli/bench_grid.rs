@@ -9,6 +9,7 @@ use std::time::Instant;
 use serde::Deserialize;
 use twilight::bench::BenchKernels;
 use twilight::generator::Preset;
+use twilight::Selector;
 
 use super::bench_sparse::{
     graph_ready_stream, measure, print_report, BenchShape, Method, SparseReport,
@@ -43,6 +44,9 @@ pub struct GridArgs {
     /// Results of bench/peers.py (its --json file) to join into the table.
     #[arg(long)]
     peers: Option<PathBuf>,
+    /// Base selectors measured on every shape (comma-separated), each with top_p and with none.
+    #[arg(long, value_delimiter = ',', default_value = "quest,double_sparse(32)", value_parser = super::demo::parse_selector)]
+    selectors: Vec<Selector>,
 }
 
 #[derive(Deserialize)]
@@ -117,14 +121,17 @@ pub fn run(args: GridArgs) -> CliResult {
             shape.name,
             start.elapsed().as_secs_f64()
         );
-        match measure(&stream, bandwidth, shape, &method) {
-            Ok(report) => {
-                print_report(&report);
-                reports.push(report);
-            }
-            Err(e) => {
-                eprintln!("[{}/{}] {}: failed: {e}", i + 1, shapes.len(), shape.name);
-                skipped.push((shape.name.clone(), format!("failed: {e}")));
+        for &selector in &args.selectors {
+            match measure(&stream, bandwidth, shape, &method, selector) {
+                Ok(report) => {
+                    print_report(&report);
+                    reports.push(report);
+                }
+                Err(e) => {
+                    let what = format!("{} with {}", shape.name, selector.declared());
+                    eprintln!("[{}/{}] {what}: failed: {e}", i + 1, shapes.len());
+                    skipped.push((what, format!("failed: {e}")));
+                }
             }
         }
     }
@@ -140,7 +147,8 @@ pub fn run(args: GridArgs) -> CliResult {
     Ok(())
 }
 
-/// One row per shape: every time with its ratio to the floor, and the speedups.
+/// One row per shape and selector: every time with its ratio to the floor, and the speedups.
+/// The PyTorch Quest + top-p peer joins the `quest` rows only.
 fn markdown(
     reports: &[SparseReport],
     skipped: &[(String, String)],
@@ -152,32 +160,37 @@ fn markdown(
         .collect();
     let cell = |us: Option<f64>| us.map_or("-".to_string(), |u| format!("{u:.1}"));
     let mut t = String::from(
-        "| shape | kept per (req, KV head) | dense ours us (x floor) | torch SDPA us | quest+none us (x floor) | twilight us (x floor) | twilight graph us | torch quest+top-p us | twilight vs quest | vs dense ours | vs SDPA |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| shape | selector | kept per (req, KV head) | dense ours us (x floor) | torch SDPA us | selector+none us (x floor) | twilight us (x floor) | twilight graph us | torch quest+top-p us | twilight vs selector+none | vs dense ours | vs SDPA |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in reports {
         let name = r.shape.name.as_str();
         let sdpa = peer.get(&(name, "torch_sdpa_dense")).copied();
-        let torch_twilight = peer.get(&(name, "torch_quest_topp")).copied();
+        let torch_twilight = (r.selector == "quest")
+            .then(|| peer.get(&(name, "torch_quest_topp")).copied())
+            .flatten();
         t.push_str(&format!(
-            "| {name} | {:.0} ({:.2}%) | {:.1} ({:.2}) | {} | {:.1} ({:.2}) | {:.1} ({:.2}) | {:.1} | {} | {:.2}x | {:.2}x | {} |\n",
+            "| {name} | {} | {:.0} ({:.2}%) | {:.1} ({:.2}) | {} | {:.1} ({:.2}) | {:.1} ({:.2}) | {:.1} | {} | {:.2}x | {:.2}x | {} |\n",
+            r.selector,
             r.kept_mean,
             100.0 * r.kept_mean / r.shape.len as f64,
             r.dense_us,
             r.dense_us / r.dense_floor_us,
             cell(sdpa),
-            r.quest_none_us,
-            r.quest_none_us / r.quest_none_floor_us,
+            r.base_none_us,
+            r.base_none_us / r.base_none_floor_us,
             r.twilight_us,
             r.twilight_us / r.twilight_floor_us,
             r.twilight_graph_us,
             cell(torch_twilight),
-            r.quest_none_us / r.twilight_us,
+            r.base_none_us / r.twilight_us,
             r.dense_us / r.twilight_us,
             sdpa.map_or("-".to_string(), |s| format!("{:.2}x", s / r.twilight_us)),
         ));
     }
     for (name, why) in skipped {
-        t.push_str(&format!("| {name} | not run: {why} | | | | | | | | | |\n"));
+        t.push_str(&format!(
+            "| {name} | not run: {why} | | | | | | | | | | |\n"
+        ));
     }
     t
 }
@@ -186,8 +199,9 @@ fn markdown(
 mod tests {
     use super::*;
 
-    fn report(name: &str) -> SparseReport {
+    fn report(name: &str, selector: &str) -> SparseReport {
         SparseReport {
+            selector: selector.into(),
             shape: BenchShape {
                 name: name.into(),
                 batch: 8,
@@ -214,8 +228,8 @@ mod tests {
             twilight_us: 124.6,
             twilight_graph_us: 116.0,
             twilight_floor_us: 23.6,
-            quest_none_us: 185.2,
-            quest_none_floor_us: 74.8,
+            base_none_us: 185.2,
+            base_none_floor_us: 74.8,
             dense_us: 380.5,
             dense_floor_us: 239.4,
         }
@@ -241,12 +255,20 @@ mod tests {
             },
         ];
         let skipped = vec![("c".to_string(), "needs 900 GiB".to_string())];
-        let table = markdown(&[report("a"), report("z")], &skipped, &peers);
+        let table = markdown(
+            &[
+                report("a", "quest"),
+                report("a", "double_sparse(32)"),
+                report("z", "quest"),
+            ],
+            &skipped,
+            &peers,
+        );
         let rows: Vec<&str> = table.lines().collect();
-        assert_eq!(rows.len(), 2 + 3, "{table}");
+        assert_eq!(rows.len(), 2 + 4, "{table}");
         // Shape a has both peers, and its speedup over SDPA is 247.2 / 124.6.
         assert!(
-            rows[2].starts_with("| a | 98 (0.30%) | 380.5 (1.59) | 247.2 |"),
+            rows[2].starts_with("| a | quest | 98 (0.30%) | 380.5 (1.59) | 247.2 |"),
             "{}",
             rows[2]
         );
@@ -255,16 +277,24 @@ mod tests {
             "{}",
             rows[2]
         );
-        // Shape z has no peer numbers; shape b's numbers do not leak into it.
+        // The PyTorch Quest step is not a peer of the double_sparse row; SDPA is.
         assert!(
-            rows[3].starts_with("| z |") && rows[3].ends_with("| - |"),
+            rows[3].starts_with("| a | double_sparse(32) |")
+                && !rows[3].contains("1125.8")
+                && rows[3].ends_with("| 1.98x |"),
             "{}",
             rows[3]
         );
+        // Shape z has no peer numbers; shape b's numbers do not leak into it.
         assert!(
-            rows[4].starts_with("| c | not run: needs 900 GiB"),
+            rows[4].starts_with("| z |") && rows[4].ends_with("| - |"),
             "{}",
             rows[4]
+        );
+        assert!(
+            rows[5].starts_with("| c | not run: needs 900 GiB"),
+            "{}",
+            rows[5]
         );
     }
 }

@@ -1,5 +1,5 @@
-//! `twilight bench sparse`: one Select-then-Prune shape measured side by side with Quest alone
-//! and dense decode on the same caches, per stage and per step (plain launches and CUDA-graph
+//! `twilight bench sparse`: one Select-then-Prune shape measured side by side with its base
+//! selector alone (`quest` or `double_sparse(r)` with `none`) and dense decode on the same caches, per stage and per step (plain launches and CUDA-graph
 //! replay), against DESIGN.md's byte floors. [`measure`] is also what `bench grid` runs per
 //! shape.
 
@@ -34,6 +34,10 @@ pub struct SparseArgs {
     /// Caches rotated between steps so the L2 does not hold them.
     #[arg(long, default_value_t = 2)]
     rotation: usize,
+    /// Base selector: quest or double_sparse(r) (channels calibrated on the generator's own
+    /// activations).
+    #[arg(long, default_value = "quest", value_parser = super::demo::parse_selector)]
+    selector: Selector,
 }
 
 /// One benchmark shape, as `bench/shapes.json` lists them (the PyTorch peers read the same
@@ -98,6 +102,8 @@ pub struct Method {
 #[derive(Clone, Debug, Serialize)]
 pub struct SparseReport {
     pub shape: BenchShape,
+    /// The base selector, as declared (`quest`, `double_sparse(32)`).
+    pub selector: String,
     pub variant: String,
     pub generator: String,
     pub read_bandwidth_gbps: f64,
@@ -111,8 +117,9 @@ pub struct SparseReport {
     pub twilight_us: f64,
     pub twilight_graph_us: f64,
     pub twilight_floor_us: f64,
-    pub quest_none_us: f64,
-    pub quest_none_floor_us: f64,
+    /// The base selector alone (`none` pruning) at the same B0.
+    pub base_none_us: f64,
+    pub base_none_floor_us: f64,
     pub dense_us: f64,
     pub dense_floor_us: f64,
 }
@@ -141,7 +148,7 @@ pub fn run(args: SparseArgs) -> CliResult {
     let stream = graph_ready_stream()?;
     let tools = twilight::bench::BenchKernels::new(&stream)?;
     let bandwidth = tools.read_bandwidth((s.probe_gib * (1u64 << 30) as f64) as usize)?;
-    let report = measure(&stream, bandwidth, &shape, &method)?;
+    let report = measure(&stream, bandwidth, &shape, &method, args.selector)?;
     print_report(&report);
     if let Some(path) = &s.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
@@ -167,13 +174,23 @@ pub fn measure(
     bandwidth: f64,
     shape: &BenchShape,
     method: &Method,
+    selector: Selector,
 ) -> Result<SparseReport, Box<dyn std::error::Error>> {
     let dense = shape.dense_spec()?;
+    if selector == Selector::Full {
+        return Err("the base selector must be quest or double_sparse(r)".into());
+    }
+    let twilight = with(dense, selector, Pruning::TopP);
+    twilight.validate()?;
     match dense.dtype {
-        Dtype::F16 => measure_typed::<half::f16>(stream, bandwidth, dense, shape, method),
-        Dtype::Bf16 => measure_typed::<half::bf16>(stream, bandwidth, dense, shape, method),
+        Dtype::F16 => measure_typed::<half::f16>(stream, bandwidth, twilight, shape, method),
+        Dtype::Bf16 => measure_typed::<half::bf16>(stream, bandwidth, twilight, shape, method),
     }
 }
+
+/// Requests whose keys make the calibration sample of `double_sparse`, and positions per request.
+const CALIBRATION_REQUESTS: usize = 4;
+const CALIBRATION_POSITIONS: usize = 256;
 
 struct Instance<T: KvElement> {
     cache: PagedKvCache<T>,
@@ -200,6 +217,9 @@ fn build_instances<T: KvElement>(
     let spec = *decoder.spec();
     let lens = vec![shape.len; shape.batch];
     let mut instances = Vec::new();
+    // double_sparse: channels calibrated once, on the first cache's activations, and kept for
+    // every cache, as a model's calibration serves every request.
+    let mut channels: Option<Vec<Vec<usize>>> = None;
     for i in 0..rotation.max(1) {
         let start = Instant::now();
         let mut g = generator.clone();
@@ -215,7 +235,16 @@ fn build_instances<T: KvElement>(
             shape.head_dim as usize,
             spec.kv_layout,
         )?;
-        let mut cache = PagedKvCache::<T>::for_variant(stream, planned.shape, &spec)?;
+        let mut cache = match spec.selector {
+            Selector::DoubleSparse { channels: r } => {
+                if channels.is_none() {
+                    channels = Some(calibrate::<T>(&planned, shape, r as usize)?);
+                }
+                let channels = channels.as_ref().expect("calibrated above");
+                PagedKvCache::<T>::for_double_sparse(stream, planned.shape, &spec, channels)?
+            }
+            _ => PagedKvCache::<T>::for_variant(stream, planned.shape, &spec)?,
+        };
         let mut ids = Vec::new();
         for b in 0..shape.batch {
             let id = cache.add_request();
@@ -241,23 +270,54 @@ fn build_instances<T: KvElement>(
     Ok(instances)
 }
 
+/// `r` channels per KV head ranked by mean |q * k| (mode qk) over evenly spread positions of the
+/// first requests of a planned cache, each request's query standing for the query at every
+/// position (as `twilight demo` does).
+fn calibrate<T: KvElement>(
+    planned: &twilight::generator::GeneratedPlan,
+    shape: &BenchShape,
+    r: usize,
+) -> Result<Vec<Vec<usize>>, Box<dyn std::error::Error>> {
+    use twilight::calibration::{rank_channels, CalibrationMode, DecodeSample};
+    let start = Instant::now();
+    let (qo, kvh, d) = (shape.qo_heads, shape.kv_heads, shape.head_dim as usize);
+    let mut sample = DecodeSample::new(qo, kvh, d, CALIBRATION_POSITIONS);
+    for b in 0..shape.batch.min(CALIBRATION_REQUESTS) {
+        let (k, _) = planned.request_rows::<T>(b);
+        let row = kvh * d;
+        sample.add_request(&planned.q[b * qo * d..][..qo * d], shape.len, |t| {
+            std::borrow::Cow::Owned(k[t * row..][..row].iter().map(|x| x.to_f32()).collect())
+        })?;
+    }
+    let channels = rank_channels(&sample.all(), CalibrationMode::Qk, r)?;
+    eprintln!(
+        "  {}: {r} channels per KV head calibrated (mode qk) on {} tokens of {} requests in {:.1} s",
+        shape.name,
+        sample.tokens(),
+        shape.batch.min(CALIBRATION_REQUESTS),
+        start.elapsed().as_secs_f64()
+    );
+    Ok(channels)
+}
+
 fn measure_typed<T: KvElement>(
     stream: &Arc<CudaStream>,
     bandwidth: f64,
-    dense_spec: VariantSpec,
+    twilight_spec: VariantSpec,
     shape: &BenchShape,
     method: &Method,
 ) -> Result<SparseReport, Box<dyn std::error::Error>> {
-    let twilight_spec = with(dense_spec, Selector::Quest, Pruning::TopP);
+    let dense_spec = with(twilight_spec, Selector::Full, Pruning::None);
+    let selector = twilight_spec.selector;
     let params = SparseParams {
         budget: shape.budget,
         p: shape.p,
         sm_scale: None,
     };
     let sparse = SparseDecoder::new(stream.clone(), twilight_spec, params)?;
-    let quest = SparseDecoder::new(
+    let base = SparseDecoder::new(
         stream.clone(),
-        with(dense_spec, Selector::Quest, Pruning::None),
+        with(dense_spec, selector, Pruning::None),
         params,
     )?;
     let dense = DenseDecoder::new(stream.clone(), dense_spec)?;
@@ -274,7 +334,7 @@ fn measure_typed<T: KvElement>(
             .collect()
     };
     let mut s_out = outputs(&sparse)?;
-    let mut q_out = outputs(&quest)?;
+    let mut q_out = outputs(&base)?;
     let mut s_ws: Vec<SparseWorkspace> = (0..n).map(|_| SparseWorkspace::default()).collect();
     let mut q_ws: Vec<SparseWorkspace> = (0..n).map(|_| SparseWorkspace::default()).collect();
     let heads = shape.batch * shape.qo_heads;
@@ -294,9 +354,9 @@ fn measure_typed<T: KvElement>(
             &mut s_ws[i % n],
         )
     })?;
-    let quest_t = time_with_events(stream, warmup, iters, |i| {
+    let base_t = time_with_events(stream, warmup, iters, |i| {
         let x = &instances[i % n];
-        quest.run_into(
+        base.run_into(
             &x.q,
             &x.cache,
             &x.table,
@@ -343,19 +403,29 @@ fn measure_typed<T: KvElement>(
     let pairs = (shape.batch * shape.kv_heads) as f64;
     let pages = shape.len.div_ceil(shape.page_size as usize) as f64;
     let ps = shape.page_size as usize;
-    let cands = (shape.budget.div_ceil(ps) * ps).min(shape.len) as f64;
     let floor_us = |bytes: f64| bytes * pairs / bandwidth * 1e6;
-    let select_floor = floor_us(pages * 4.0 * d);
+    // Quest reads each page's bounds (max and min rows); Double Sparsity each token's label.
+    let (cands, select_floor) = match selector {
+        Selector::DoubleSparse { channels } => (
+            shape.budget.min(shape.len) as f64,
+            floor_us(shape.len as f64 * channels as f64 * 2.0),
+        ),
+        _ => (
+            (shape.budget.div_ceil(ps) * ps).min(shape.len) as f64,
+            floor_us(pages * 4.0 * d),
+        ),
+    };
     let estimate_floor = floor_us(cands * (d / 2.0 + 4.0));
     let attend_floor = floor_us(mean * 4.0 * d);
     let stage_floor = |stage: Stage| match stage {
-        Stage::QuestScore => select_floor,
+        Stage::QuestScore | Stage::DsScore => select_floor,
         Stage::Estimate => estimate_floor,
         Stage::Attend => attend_floor,
         _ => f64::NAN,
     };
     Ok(SparseReport {
         shape: shape.clone(),
+        selector: selector.declared(),
         variant: twilight_spec.name(),
         generator: generator.to_string(),
         read_bandwidth_gbps: bandwidth * 1e-9,
@@ -372,8 +442,8 @@ fn measure_typed<T: KvElement>(
         twilight_us: twilight_t.median_us(),
         twilight_graph_us: graph_t.median_us(),
         twilight_floor_us: select_floor + estimate_floor + attend_floor,
-        quest_none_us: quest_t.median_us(),
-        quest_none_floor_us: select_floor + floor_us(cands * 4.0 * d),
+        base_none_us: base_t.median_us(),
+        base_none_floor_us: select_floor + floor_us(cands * 4.0 * d),
         dense_us: dense_t.median_us(),
         dense_floor_us: floor_us(shape.len as f64 * 4.0 * d),
     })
@@ -423,7 +493,7 @@ pub fn print_report(r: &SparseReport) {
         row(&format!("stage {stage}"), *t, *floor);
     }
     row(
-        "twilight step (quest + top_p)",
+        &format!("twilight step ({} + top_p)", r.selector),
         r.twilight_us,
         r.twilight_floor_us,
     );
@@ -433,17 +503,18 @@ pub fn print_report(r: &SparseReport) {
         r.twilight_floor_us,
     );
     row(
-        "quest + none, same B0",
-        r.quest_none_us,
-        r.quest_none_floor_us,
+        &format!("{} + none, same B0", r.selector),
+        r.base_none_us,
+        r.base_none_floor_us,
     );
     row("dense decode (ours)", r.dense_us, r.dense_floor_us);
     println!();
     println!(
-        "  speedup of the twilight step: {:.2}x over Quest alone, {:.2}x over our dense decode (graph replay: {:.2}x, {:.2}x)",
-        r.quest_none_us / r.twilight_us,
+        "  speedup of the twilight step: {:.2}x over {} alone, {:.2}x over our dense decode (graph replay: {:.2}x, {:.2}x)",
+        r.base_none_us / r.twilight_us,
+        r.selector,
         r.dense_us / r.twilight_us,
-        r.quest_none_us / r.twilight_graph_us,
+        r.base_none_us / r.twilight_graph_us,
         r.dense_us / r.twilight_graph_us
     );
 }

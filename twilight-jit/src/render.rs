@@ -26,6 +26,10 @@ pub enum Stage {
     QuestScore,
     /// Quest: the budget's best pages, plus the last page.
     QuestSelect,
+    /// Double Sparsity: q.k over the calibrated channels per token, from the label cache.
+    DsScore,
+    /// Double Sparsity: the budget's best tokens, plus the newest.
+    DsSelect,
     /// Top-p: estimated logits of the candidates from the 4-bit K.
     Estimate,
     /// Top-p: the exact threshold weight per query head.
@@ -44,6 +48,8 @@ impl Stage {
             Stage::Append => "append",
             Stage::QuestScore => "quest_score",
             Stage::QuestSelect => "quest_select",
+            Stage::DsScore => "ds_score",
+            Stage::DsSelect => "ds_select",
             Stage::Estimate => "estimate",
             Stage::Threshold => "threshold",
             Stage::Compact => "compact",
@@ -56,6 +62,7 @@ impl Stage {
         match self {
             Stage::Append => "append.cu.tera",
             Stage::QuestScore | Stage::QuestSelect => "quest.cu.tera",
+            Stage::DsScore | Stage::DsSelect => "ds.cu.tera",
             Stage::Estimate | Stage::Threshold | Stage::Compact => "prune.cu.tera",
             Stage::Attend => "attend.cu.tera",
         }
@@ -63,7 +70,7 @@ impl Stage {
 }
 
 /// Headers in dependency order, prepended to every program.
-const HEADERS: [&str; 9] = [
+const HEADERS: [&str; 11] = [
     "common.cuh",
     "dtype.cuh",
     "vec.cuh",
@@ -71,7 +78,9 @@ const HEADERS: [&str; 9] = [
     "paging.cuh",
     "append.cuh",
     "attend.cuh",
+    "select.cuh",
     "quest.cuh",
+    "ds.cuh",
     "prune.cuh",
 ];
 
@@ -83,7 +92,7 @@ macro_rules! embed {
 }
 
 /// Every template file, relative to `templates/`, with its embedded text.
-const EMBEDDED: [(&str, &str); 13] = embed![
+const EMBEDDED: [(&str, &str); 16] = embed![
     "include/twilight/common.cuh",
     "include/twilight/dtype.cuh",
     "include/twilight/vec.cuh",
@@ -91,11 +100,14 @@ const EMBEDDED: [(&str, &str); 13] = embed![
     "include/twilight/paging.cuh",
     "include/twilight/append.cuh",
     "include/twilight/attend.cuh",
+    "include/twilight/select.cuh",
     "include/twilight/quest.cuh",
+    "include/twilight/ds.cuh",
     "include/twilight/prune.cuh",
     "append.cu.tera",
     "attend.cu.tera",
     "quest.cu.tera",
+    "ds.cu.tera",
     "prune.cu.tera",
 ];
 
@@ -150,8 +162,6 @@ impl TemplateSource {
 /// Why a program could not be rendered.
 #[derive(Debug, thiserror::Error)]
 pub enum RenderError {
-    #[error("variant {variant}: {what} has no kernel yet")]
-    Unsupported { variant: String, what: String },
     #[error("template {template} failed to render for variant {variant}: {message}")]
     Template {
         template: String,
@@ -174,6 +184,11 @@ pub struct Tiling {
     pub decode_unroll: u32,
     pub append_threads: u32,
     pub select_threads: u32,
+    /// Tokens each block of the Double Sparsity scoring walks.
+    pub ds_score_tokens: u32,
+    /// The token selection's block: a 32k-token row takes five passes over its scores, so
+    /// it is wide.
+    pub ds_select_threads: u32,
     pub estimate_threads: u32,
     /// Candidates each estimate thread scores (each shared-memory read of q serves them all).
     /// Measured on the H200 at the headline shape: 4 per thread took 41.7 us against 36.3 us for
@@ -193,6 +208,8 @@ impl Tiling {
             decode_unroll: if spec.group_size >= 8 { 2 } else { 4 },
             append_threads: 128,
             select_threads: 256,
+            ds_score_tokens: 1024,
+            ds_select_threads: 1024,
             estimate_threads: 128,
             estimate_per_thread: 1,
             threshold_threads: 512,
@@ -224,8 +241,10 @@ struct KernelContext<'a> {
     /// The append maintains the 4-bit K (the top-p pruner reads it).
     quant4: bool,
     top_p: bool,
-    /// Candidates come from a selector's page list rather than every page.
-    selected: bool,
+    /// Label channels per token kept by the append (Double Sparsity's r), 0 for none.
+    labels: u32,
+    /// The C++ type mapping a candidate to its token slot.
+    candidates: String,
     #[serde(flatten)]
     tiling: Tiling,
 }
@@ -246,25 +265,13 @@ impl RenderedProgram {
     }
 }
 
-/// The stages a variant's program holds.
-///
-/// # Errors
-/// [`RenderError::Unsupported`] for selectors and pruners whose kernels do not exist yet.
-pub fn stages_of(spec: &VariantSpec) -> Result<Vec<Stage>, RenderError> {
-    let unsupported = |what: String| RenderError::Unsupported {
-        variant: spec.name(),
-        what,
-    };
+/// The stages a variant's program holds, in launch order.
+pub fn stages_of(spec: &VariantSpec) -> Vec<Stage> {
     use Stage::*;
     let mut stages = match spec.selector {
         Selector::Full => vec![Append],
         Selector::Quest => vec![Append, QuestScore, QuestSelect],
-        Selector::DoubleSparse { .. } => {
-            return Err(unsupported(format!(
-                "selector `{}`",
-                spec.selector.declared()
-            )))
-        }
+        Selector::DoubleSparse { .. } => vec![Append, DsScore, DsSelect],
     };
     match (spec.selector, spec.pruning) {
         (Selector::Full, Pruning::None) => {}
@@ -272,7 +279,7 @@ pub fn stages_of(spec: &VariantSpec) -> Result<Vec<Stage>, RenderError> {
         (_, Pruning::TopP) => stages.extend([Estimate, Threshold, Compact]),
     }
     stages.push(Attend);
-    Ok(stages)
+    stages
 }
 
 /// Renders a variant with the templates of [`TemplateSource::from_env`].
@@ -287,12 +294,12 @@ pub fn render(spec: &VariantSpec) -> Result<RenderedProgram, RenderError> {
 /// glue of each stage.
 ///
 /// # Errors
-/// An unsupported variant, an override file that cannot be read, or a template error.
+/// An override file that cannot be read, or a template error.
 pub fn render_with(
     spec: &VariantSpec,
     templates: &TemplateSource,
 ) -> Result<RenderedProgram, RenderError> {
-    let stages = stages_of(spec)?;
+    let stages = stages_of(spec);
     let name = spec.name();
     let tiling = Tiling::for_spec(spec);
     let context = KernelContext {
@@ -309,7 +316,15 @@ pub fn render_with(
         quest: spec.selector == Selector::Quest,
         quant4: spec.pruning == Pruning::TopP,
         top_p: spec.pruning == Pruning::TopP,
-        selected: spec.selector == Selector::Quest,
+        labels: match spec.selector {
+            Selector::DoubleSparse { channels } => channels,
+            _ => 0,
+        },
+        candidates: match spec.selector {
+            Selector::Quest => format!("tw_page_candidates<{}, true>", spec.page_size),
+            Selector::Full => format!("tw_page_candidates<{}, false>", spec.page_size),
+            Selector::DoubleSparse { .. } => format!("tw_token_candidates<{}>", spec.page_size),
+        },
         tiling,
     };
     let template_error = |template: &str, message: String| RenderError::Template {

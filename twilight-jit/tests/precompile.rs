@@ -13,7 +13,7 @@ use twilight_jit::disk_cache::DiskCache;
 use twilight_jit::error::CompileFailure;
 use twilight_jit::nvrtc::{compile, identity_options};
 use twilight_jit::render::{render_with, TemplateSource};
-use twilight_jit::{Dtype, JitError, KvLayout, Origin, Pruning, Selector, Target, VariantSpec};
+use twilight_jit::{Dtype, JitError, KvLayout, Origin, Target, VariantSpec};
 
 /// The cheapest dense variant to compile.
 fn spec() -> VariantSpec {
@@ -221,23 +221,6 @@ fn prepare_refuses_invalid_and_unsupported_specs() {
             assert_eq!(e.field(), Some(twilight_jit::SpecField::PageSize))
         }
         other => panic!("expected a spec error, got {other:?}"),
-    }
-    // Double Sparsity validates but has no kernels yet.
-    let sparse = VariantSpec {
-        selector: Selector::DoubleSparse { channels: 32 },
-        pruning: Pruning::TopP,
-        ..spec()
-    };
-    match prepare(&sparse, &sm90(), &disk, false) {
-        Err(JitError::Render(error)) => {
-            let message = error.to_string();
-            assert!(
-                matches!(*error, twilight_jit::RenderError::Unsupported { .. }),
-                "{message}"
-            );
-            assert!(message.contains(&sparse.name()), "{message}")
-        }
-        other => panic!("expected a render error, got {other:?}"),
     }
     assert_eq!(files_under(dir.path()), Vec::<PathBuf>::new());
 }

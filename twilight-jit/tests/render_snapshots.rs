@@ -15,23 +15,6 @@ use std::path::{Path, PathBuf};
 use twilight_jit::render::{embedded_template_names, render_with, TemplateSource};
 use twilight_jit::{Dtype, KvLayout, Pruning, RenderError, RenderedProgram, Selector, VariantSpec};
 
-/// Selector and pruning pairs that have no kernel yet, with the word their error must name.
-///
-/// When a kernel lands: delete its row, add a variant that uses it to `variants/mod.rs`, and
-/// accept the new snapshot. `snapshot_variants_cover_the_variant_space` fails until both are done.
-const NOT_YET_RENDERED: &[(Selector, Pruning, &str)] = &[
-    (
-        Selector::DoubleSparse { channels: 32 },
-        Pruning::None,
-        "double_sparse",
-    ),
-    (
-        Selector::DoubleSparse { channels: 16 },
-        Pruning::TopP,
-        "double_sparse",
-    ),
-];
-
 fn render(spec: &VariantSpec) -> RenderedProgram {
     render_with(spec, &TemplateSource::Embedded)
         .unwrap_or_else(|e| panic!("{spec} does not render: {e}"))
@@ -171,7 +154,7 @@ fn snapshot_variants_cover_the_variant_space() {
     for layout in [KvLayout::Nhd, KvLayout::Hnd] {
         covers(&format!("kv_layout {layout:?}"), &|s| s.kv_layout == layout);
     }
-    // Every selector and every pruning mode is either snapshotted or listed as not rendered yet.
+    // Every selector with every pruning mode is snapshotted.
     for selector in [
         Selector::Full,
         Selector::Quest,
@@ -180,14 +163,11 @@ fn snapshot_variants_cover_the_variant_space() {
         for pruning in [Pruning::None, Pruning::TopP] {
             let same_kind =
                 |s: Selector| std::mem::discriminant(&s) == std::mem::discriminant(&selector);
-            let pending = NOT_YET_RENDERED
-                .iter()
-                .any(|(s, p, _)| same_kind(*s) && *p == pruning);
             let snapshotted = specs
                 .iter()
                 .any(|s| same_kind(s.selector) && s.pruning == pruning);
             assert!(
-                pending || snapshotted,
+                snapshotted,
                 "selector {} with pruning {} renders but no snapshot variant uses it",
                 selector.declared(),
                 pruning.declared()
@@ -336,37 +316,6 @@ fn no_template_syntax_survives() {
                 panic!("{spec}: `{token}` left in the rendered source at line {line}");
             }
         }
-    }
-}
-
-/// Double Sparsity has no kernels yet. This pins that every other combination is refused
-/// with an error naming the variant; update `NOT_YET_RENDERED` as kernels land.
-#[test]
-fn variants_without_kernels_are_unsupported() {
-    let base = VariantSpec::dense(16, 128, Dtype::F16, 4, KvLayout::Hnd);
-    for &(selector, pruning, what) in NOT_YET_RENDERED {
-        let spec = VariantSpec {
-            selector,
-            pruning,
-            ..base
-        };
-        spec.validate().unwrap();
-        match render_with(&spec, &TemplateSource::Embedded) {
-            Err(RenderError::Unsupported { variant, what: got }) => {
-                assert_eq!(variant, spec.name());
-                assert!(got.contains(what), "{spec}: `{got}` does not name {what}");
-            }
-            Err(other) => panic!("{spec}: expected Unsupported, got {other}"),
-            Ok(_) => panic!(
-                "{spec} renders now: remove it from NOT_YET_RENDERED and add a snapshot variant"
-            ),
-        }
-        let err = render_with(&spec, &TemplateSource::Embedded).unwrap_err();
-        assert!(err.to_string().contains(&spec.name()), "{err}");
-        assert!(
-            twilight_jit::render::stages_of(&spec).is_err(),
-            "{spec}: stages_of"
-        );
     }
 }
 

@@ -22,7 +22,9 @@
 use std::error::Error;
 use std::time::Instant;
 
-use twilight::calibration::{channel_scores, rank_channels, CalibrationMode, LayerSample};
+use std::borrow::Cow;
+
+use twilight::calibration::{channel_scores, rank_channels, CalibrationMode, DecodeSample};
 use twilight::synthetic::SyntheticStep;
 
 /// Sampled positions of each request.
@@ -41,13 +43,6 @@ pub(super) struct Calibration {
     pub captured: Vec<f64>,
 }
 
-/// Positions `0..len` to sample: every one up to `TOKENS_PER_REQUEST`, else evenly spread
-/// (the first is 0; all distinct because `len > TOKENS_PER_REQUEST`).
-fn positions(len: usize) -> Vec<usize> {
-    let n = len.min(TOKENS_PER_REQUEST);
-    (0..n).map(|i| i * len / n).collect()
-}
-
 /// Calibrates `r` channels per KV head with [`CalibrationMode::Qk`] on the step's activations.
 pub(super) fn calibrate(step: &SyntheticStep, r: usize) -> Result<Calibration, Box<dyn Error>> {
     let kv = step.kv();
@@ -57,38 +52,28 @@ pub(super) fn calibrate(step: &SyntheticStep, r: usize) -> Result<Calibration, B
         step.shape.head_dim,
     );
     let batch = step.table.batch();
-    // The sample, request after request: `spans[b]` is request b's range of sample tokens.
-    let (mut q, mut k, mut spans) = (Vec::new(), Vec::new(), Vec::with_capacity(batch));
-    let mut tokens = 0;
+    let mut sample = DecodeSample::new(qo, kvh, d, TOKENS_PER_REQUEST);
+    let mut spans = Vec::with_capacity(batch);
     for b in 0..batch {
         let q_req = &step.q[b * qo * d..][..qo * d];
-        let picks = positions(step.table.len_of(b));
-        for &t in &picks {
-            q.extend_from_slice(q_req);
-            let slot = step.table.slot(b, t);
-            for g in 0..kvh {
-                k.extend_from_slice(kv.k_row(slot, g));
-            }
-        }
-        spans.push(tokens..tokens + picks.len());
-        tokens += picks.len();
+        let slot = |t| step.table.slot(b, t);
+        spans.push(sample.add_request(q_req, step.table.len_of(b), |t| {
+            Cow::Owned(
+                (0..kvh)
+                    .flat_map(|g| kv.k_row(slot(t), g).to_vec())
+                    .collect(),
+            )
+        })?);
     }
-    let sample = |range: std::ops::Range<usize>| LayerSample {
-        q: &q[range.start * qo * d..range.end * qo * d],
-        k: &k[range.start * kvh * d..range.end * kvh * d],
-        tokens: range.len(),
-        num_qo_heads: qo,
-        num_kv_heads: kvh,
-        head_dim: d,
-    };
+    let tokens = sample.tokens();
 
     let start = Instant::now();
-    let channels = rank_channels(&sample(0..tokens), CalibrationMode::Qk, r)?;
+    let channels = rank_channels(&sample.all(), CalibrationMode::Qk, r)?;
     let ms = start.elapsed().as_secs_f64() * 1e3;
 
     let mut captured = Vec::with_capacity(batch * kvh);
     for span in spans {
-        let scores = channel_scores(&sample(span), CalibrationMode::Qk)?;
+        let scores = channel_scores(&sample.view(span), CalibrationMode::Qk)?;
         for (list, s) in channels.iter().zip(&scores) {
             let total: f64 = s.iter().sum();
             let held: f64 = list.iter().map(|&c| s[c]).sum();
@@ -101,20 +86,4 @@ pub(super) fn calibrate(step: &SyntheticStep, r: usize) -> Result<Calibration, B
         ms,
         captured,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn positions_are_distinct_ascending_and_in_range() {
-        assert_eq!(positions(3), vec![0, 1, 2]);
-        for len in [1, 255, 256, 257, 700, 8192] {
-            let p = positions(len);
-            assert_eq!(p.len(), len.min(TOKENS_PER_REQUEST));
-            assert!(p.windows(2).all(|w| w[0] < w[1]), "{len}");
-            assert!(*p.last().unwrap() < len);
-        }
-    }
 }

@@ -82,7 +82,7 @@ pub(super) fn run<T: KvElement>(stream: &Arc<CudaStream>, x: &Inputs) -> Res<Out
     if let Some(decoder) = &sparse {
         let plan = decoder.plan(x.batch(), x.num_kv_heads(), table.max_len());
         println!(
-            "  sparse plan: longest request {} pages; at most {} candidates per (request, KV head); attention in {} chunk(s) of {} tokens",
+            "  sparse plan: longest request {} pages; at most {} candidates per (request, KV head); attention spread over at most {} block(s) per list, in chunks of at least {} tokens",
             plan.max_pages, plan.max_cands, plan.num_chunks, plan.chunk_tokens
         );
     }
@@ -193,7 +193,10 @@ fn fill_cache<T: KvElement>(
     dense: &DenseDecoder,
 ) -> Res<(PagedKvCache<T>, Vec<RequestId>)> {
     let shape = x.step.shape;
-    let mut cache = PagedKvCache::<T>::for_variant(stream, shape, &x.spec)?;
+    let mut cache = match &x.ds_channels {
+        Some(channels) => PagedKvCache::<T>::for_double_sparse(stream, shape, &x.spec, channels)?,
+        None => PagedKvCache::<T>::for_variant(stream, shape, &x.spec)?,
+    };
     let mut ids = Vec::with_capacity(x.batch());
     let start = Instant::now();
     for b in 0..x.batch() {
@@ -210,11 +213,20 @@ fn fill_cache<T: KvElement>(
     }
     stream.synchronize()?;
     let kinds = cache.derived_kinds();
-    let derived = match (kinds.quest, kinds.quant4) {
-        (true, true) => ", with Quest page bounds and 4-bit K",
-        (true, false) => ", with Quest page bounds",
-        (false, true) => ", with 4-bit K",
-        (false, false) => "",
+    let mut kept = Vec::new();
+    if kinds.quest {
+        kept.push("Quest page bounds".to_string());
+    }
+    if kinds.labels > 0 {
+        kept.push(format!("{}-channel labels", kinds.labels));
+    }
+    if kinds.quant4 {
+        kept.push("4-bit K".to_string());
+    }
+    let derived = if kept.is_empty() {
+        String::new()
+    } else {
+        format!(", with {}", kept.join(" and "))
     };
     println!(
         "  append: {} tokens into {} pages{derived} in {:.1} ms (host copies included)",

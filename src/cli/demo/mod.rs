@@ -99,7 +99,7 @@ fn parse_layout(s: &str) -> Result<KvLayout, String> {
 /// The declaration spelling, read by twilight_jit's own parser so that the demo accepts what a
 /// declaration does; `double_sparse` alone means `double_sparse(16)`. Whether r is one of 16,
 /// 32, 64 and below head_dim is checked with the whole variant ([`VariantSpec::validate`]).
-fn parse_selector(s: &str) -> Result<Selector, String> {
+pub(crate) fn parse_selector(s: &str) -> Result<Selector, String> {
     let text = match s.trim() {
         "double_sparse" => "double_sparse(16)",
         other => other,
@@ -258,12 +258,6 @@ pub fn run(args: Args) -> CliResult {
         }
     };
     let outcome = match stream {
-        Some(_) if matches!(inputs.spec.selector, Selector::DoubleSparse { .. }) => {
-            println!(
-                "  GPU kernels for double_sparse do not exist yet: running the CPU reference instead"
-            );
-            cpu::run(&inputs)?
-        }
         Some(stream) => match args.dtype {
             Dtype::F16 => gpu::run::<half::f16>(&stream, &inputs)?,
             Dtype::Bf16 => gpu::run::<half::bf16>(&stream, &inputs)?,

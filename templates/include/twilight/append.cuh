@@ -3,8 +3,10 @@
 // {page, first_offset, count, src_row}: the `count` tokens starting at row `src_row` of k_new/v_new
 // land at offsets first_offset.. of `page`. One block owns one page, so the page's Quest min/max
 // can be updated without atomics, from its old value when the page already held tokens.
+// LABELS > 0 also writes Double Sparsity's label of each new key: its values at the KV head's
+// LABELS calibrated channels `ds_channels[head]`.
 
-template <typename T, int HEAD_DIM, int PAGE_SIZE, bool HND, bool QUEST, bool QUANT4, int THREADS>
+template <typename T, int HEAD_DIM, int PAGE_SIZE, bool HND, bool QUEST, bool QUANT4, int LABELS, int THREADS>
 struct tw_append {
   static constexpr int TX = HEAD_DIM / 8;
   static constexpr int WARPS = THREADS / 32;
@@ -12,11 +14,13 @@ struct tw_append {
   typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM> kv_layout;
   typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM / 2> q4_layout;  // bytes: two codes each
   typedef tw_paged_layout<HND, PAGE_SIZE, 2> scale_layout;           // (scale, min) pairs
+  typedef tw_paged_layout<HND, PAGE_SIZE, (LABELS > 0 ? LABELS : 1)> label_layout;
 
   TW_DEVICE static void run(const T* __restrict__ k_new, const T* __restrict__ v_new, const int* __restrict__ jobs,
                             T* __restrict__ k_cache, T* __restrict__ v_cache, T* __restrict__ page_max,
                             T* __restrict__ page_min, unsigned char* __restrict__ k_q4,
-                            half* __restrict__ k_q4_scale_min, int num_jobs, int num_kv_heads) {
+                            half* __restrict__ k_q4_scale_min, T* __restrict__ k_label,
+                            const int* __restrict__ ds_channels, int num_jobs, int num_kv_heads) {
     const int job_id = blockIdx.x;
     if (job_id >= num_jobs) return;
     const int page = jobs[4 * job_id];
@@ -35,6 +39,17 @@ struct tw_append {
       packet.store(k_cache + dst);
       packet.load(v_new + src);
       packet.store(v_cache + dst);
+    }
+
+    if (LABELS > 0) {
+      for (int e = threadIdx.x; e < count * num_kv_heads * LABELS; e += THREADS) {
+        const int i = e / (num_kv_heads * LABELS);
+        const int head = e / LABELS % num_kv_heads;
+        const int j = e % LABELS;
+        const int channel = ds_channels[head * LABELS + j];
+        k_label[label_layout::offset(page, head, first + i, num_kv_heads) + j] =
+            k_new[(tw_i64(src_row + i) * num_kv_heads + head) * HEAD_DIM + channel];
+      }
     }
 
     if (QUANT4) {

@@ -40,7 +40,7 @@ struct tw_attend {
   typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM> layout;
 
   // Listed chunks up to this long stage their slots in shared memory first.
-  static constexpr int SLOT_CACHE = 256;
+  static constexpr int SLOT_CACHE = 512;
 
   struct shared_state {
     int slots[SLOT_CACHE];
@@ -58,12 +58,17 @@ struct tw_attend {
   TW_DEVICE static void run(const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                             const Tokens& tokens, T* __restrict__ o, float* __restrict__ lse,
                             float* __restrict__ partial_o, float* __restrict__ partial_lse, int* __restrict__ done,
-                            int num_kv_heads, int chunk_tokens, int num_chunks, float sm_scale,
+                            int num_kv_heads, int min_chunk_tokens, int num_chunks, float sm_scale,
                             shared_state& smem) {
     const int chunk = blockIdx.x;
     const int kv_head = blockIdx.y;
     const int request = blockIdx.z;
     const int len = tokens.length();
+    // The list is spread over the grid's num_chunks blocks in whole tiles of at least
+    // min_chunk_tokens: a kept list's length is only known here, so a short one takes few
+    // blocks (the rest exit at once) and a long one all of them.
+    const int spread = (len + num_chunks - 1) / num_chunks;
+    const int chunk_tokens = max(min_chunk_tokens, (spread + TILE - 1) / TILE * TILE);
     const int begin = chunk * chunk_tokens;
     // Grids are sized from an upper bound of the lengths: chunks past this list's end idle.
     if (begin >= len) {

@@ -1,32 +1,74 @@
 // Candidates and the Twilight pruner. The candidates of (request, KV head) are the valid tokens
-// of its selected pages (every page for the `full` selector), numbered in page-list order. The
+// of its selected pages (every page for the `full` selector), numbered in page-list order, or
+// the tokens a token selector chose, in position order. The
 // pruner estimates each candidate's attention logit from the 4-bit copy of K, finds for every
 // query head the exact top-p threshold weight w* (the smallest set of largest softmax weights
 // whose sum reaches p, ties at w* all kept), and compacts the union over the group into a list
 // of kept token slots.
 
-// The low nibble of `bits` as a float, exactly: 2^23 + c has c in its mantissa, so one OR and
-// one subtraction replace an integer-to-float conversion, which runs at a quarter of the FMA
-// rate and dominated the estimate.
-TW_DEVICE float tw_nibble_to_float(unsigned bits) {
-  return __uint_as_float(0x4b000000u | (bits & 15u)) - 8388608.f;
+// Operands of the estimate's tensor-core dot products (tw_prune::estimate). A 4-bit code c
+// written into the top four mantissa bits of 1.0 reads as exactly 1 + c/16, so one shift and
+// one LOP3 turn two codes into a register of two 16-bit operands, with no integer-to-float
+// conversion (a quarter-rate instruction) and no denormals. The top bits rather than the low
+// ones because the estimate recovers q.c as 16 * (q.(1 + c/16) - sum(q)): the subtraction
+// magnifies the accumulation error by the 16 of c/16, where low bits would make it 1024 (half)
+// or 128 (bf16).
+template <typename T>
+struct tw_q4_operand;
+template <>
+struct tw_q4_operand<half> {
+  static constexpr int NIBBLE_AT = 6;          // top four of half's 10 mantissa bits
+  static constexpr tw_u32 ONES = 0x3c003c00u;  // 1.0 in both halves
+};
+template <>
+struct tw_q4_operand<__nv_bfloat16> {
+  static constexpr int NIBBLE_AT = 3;  // top four of bf16's 7 mantissa bits
+  static constexpr tw_u32 ONES = 0x3f803f80u;
+};
+
+// Nibbles kk (low half) and kk + 4 (high half) of `word`, counted from bit 0, as 1 + c/16 each.
+// kk is a constant once the caller's loops unroll, and so is the shift.
+template <typename T>
+TW_DEVICE tw_u32 tw_q4_pair(tw_u32 word, int kk) {
+  constexpr int AT = tw_q4_operand<T>::NIBBLE_AT;
+  const int shift = AT - 4 * kk;
+  const tw_u32 moved = shift >= 0 ? word << shift : word >> -shift;
+  return (moved & (0x000f000fu << AT)) | tw_q4_operand<T>::ONES;
 }
 
-// Candidate c -> token slot. With SELECTED the selector's page positions are used (the request's
-// last page is always the last of them), otherwise every page of the request.
+// d += a * b for one m16n8k16 tile (A 16x16 row-major, B 16x8 column-major, f32 accumulators);
+// the tag picks the f16 or the bf16 instruction.
+TW_DEVICE void tw_mma_m16n8k16(float (&d)[4], const tw_u32 (&a)[4], uint2 b, half) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+      "{ %0, %1, %2, %3 }, { %4, %5, %6, %7 }, { %8, %9 }, { %0, %1, %2, %3 };\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+}
+TW_DEVICE void tw_mma_m16n8k16(float (&d)[4], const tw_u32 (&a)[4], uint2 b, __nv_bfloat16) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+      "{ %0, %1, %2, %3 }, { %4, %5, %6, %7 }, { %8, %9 }, { %0, %1, %2, %3 };\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+}
+
+// Candidate c -> token slot, from a page selector's choice: with SELECTED the selector's page
+// positions (rows of `stride`; the request's last page is always the last of them), otherwise
+// every page of the request.
 template <int PAGE_SIZE, bool SELECTED>
-struct tw_candidates {
+struct tw_page_candidates {
   const int* pages;
   const int* positions;
   int count;
 
-  TW_DEVICE tw_candidates(const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len,
-                          const int* selected, const int* selected_count, int request, int head_row,
-                          int budget_pages) {
+  TW_DEVICE tw_page_candidates(const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len,
+                               const int* selected, const int* selected_count, int request, int head_row,
+                               int stride) {
     pages = kv_indices + kv_indptr[request];
     const int last = kv_last_page_len[request];
     if (SELECTED) {
-      positions = selected + tw_i64(head_row) * budget_pages;
+      positions = selected + tw_i64(head_row) * stride;
       count = (selected_count[head_row] - 1) * PAGE_SIZE + last;
     } else {
       positions = nullptr;
@@ -39,98 +81,184 @@ struct tw_candidates {
   }
 };
 
+// Candidate c -> token slot, from a token selector's choice: token positions in rows of
+// `stride`, ascending.
+template <int PAGE_SIZE>
+struct tw_token_candidates {
+  const int* pages;
+  const int* positions;
+  int count;
+
+  TW_DEVICE tw_token_candidates(const int* kv_indptr, const int* kv_indices, const int*, const int* selected,
+                                const int* selected_count, int request, int head_row, int stride)
+      : pages(kv_indices + kv_indptr[request]),
+        positions(selected + tw_i64(head_row) * stride),
+        count(selected_count[head_row]) {}
+  TW_DEVICE int slot(int c) const {
+    const int pos = positions[c];
+    return pages[pos / PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE;
+  }
+};
+
 template <typename T, int HEAD_DIM, int PAGE_SIZE, int GROUP, bool HND>
 struct tw_prune {
   typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM / 2> q4_layout;
   typedef tw_paged_layout<HND, PAGE_SIZE, 2> scale_layout;
 
-  // Grid (candidate blocks, kv heads, batch); each thread estimates PER_THREAD candidates
-  // (THREADS apart, so a warp's loads stay contiguous): base-2 logits
-  // sm_scale * log2(e) * q[h] . dequant(k_q4[t]) for every query head h of the group, written to
-  // logits[request, qo head, candidate]. dequant = code * scale + min, so
-  // q . dequant = scale * (q . code) + min * sum(q). q sits in shared memory, and each float4
-  // read of it serves PER_THREAD candidates: shared-memory bandwidth, not arithmetic, bounds a
-  // kernel that reads it once per candidate.
+  // Grid (candidate blocks, kv heads, batch), THREADS * PER_THREAD candidates per block: base-2
+  // logits sm_scale * log2(e) * q[h] . dequant(k_q4[c]) for every query head h of the group,
+  // written to logits[request, qo head, candidate]. dequant = code * scale + min, so
+  // q . dequant = scale * (q . code) + min * sum(q).
+  //
+  // The dot products run on the tensor cores. Each warp takes 32 * PER_THREAD consecutive
+  // candidates in tiles of 16 and multiplies A (16 candidates x HEAD_DIM channels, the codes
+  // as 1 + c/16, see tw_q4_operand) by B (HEAD_DIM channels x 8 columns: the group's query heads
+  // in their storage type, zero columns past GROUP); acc = q.(1 + c/16) = sum(q) + q.c / 16. The
+  // same B times an all-ones A yields sum(q) already in the accumulator layout. Products of
+  // 16-bit operands are exact in f32; scale, min and sm_scale apply afterwards in f32.
+  //
+  // Fragments of mma.m16n8k16 (PTX ISA), lane = 4 * g + t: A a0 = row g, columns (2t, 2t+1),
+  // a1 = row g+8, same columns, a2 / a3 = rows g / g+8, columns (2t+8, 2t+9); B b0 = rows
+  // (2t, 2t+1), b1 = rows (2t+8, 2t+9), column g; C c0, c1 = row g, columns (2t, 2t+1), c2, c3 =
+  // row g+8. The lower column (A) or row (B) sits in a register's low half. The k order is free
+  // as long as A and B share it, so lane t owns one contiguous quarter of every candidate's
+  // codes (a single 16-byte load for head_dim 128; the 4 lanes of a row read it whole): its
+  // register r = 2s (a0, a1, b0 of k-step s) and r = 2s + 1 (a2, a3, b1) hold nibbles kk = r % 4
+  // and kk + 4 of its code word w = r / 4, channels channel(t, w) + kk and + kk + 4. That
+  // depends on t alone, so every lane's A columns meet the matching B rows.
+  static constexpr int LANE_BYTES = HEAD_DIM / 8;                   // a lane's quarter of a row
+  static constexpr int CHUNK = LANE_BYTES < 16 ? LANE_BYTES : 16;   // bytes per code load
+  static constexpr int CHUNK_WORDS = CHUNK / 4;
+  static constexpr int WORDS = LANE_BYTES / 4;                      // code words per row and lane
+
+  // First channel of code word w of lane t: chunk u = w / CHUNK_WORDS lies at byte
+  // u * 4 * CHUNK + t * CHUNK of the row (each load instruction of a row's 4 lanes reads one
+  // contiguous 4 * CHUNK bytes), two channels per byte.
+  TW_DEVICE static int code_channel(int t, int w) {
+    return 2 * (w / CHUNK_WORDS * 4 * CHUNK + t * CHUNK + w % CHUNK_WORDS * 4);
+  }
+
   template <int THREADS, int PER_THREAD, typename Candidates>
   TW_DEVICE static void estimate(const T* __restrict__ q, const unsigned char* __restrict__ k_q4,
                                  const half* __restrict__ k_q4_scale_min, const Candidates& cands,
                                  float* __restrict__ logits, int num_kv_heads, int max_cands, float sm_scale) {
-    __shared__ __align__(16) float q_s[GROUP][HEAD_DIM];
-    __shared__ float q_sum[GROUP];
+    static_assert(THREADS % 32 == 0, "whole warps");
+    static_assert(GROUP <= 8, "the group's query heads are the 8 columns of B");
+    constexpr int STEPS = HEAD_DIM / 16;  // k-steps
+    constexpr int TILES = 2 * PER_THREAD;  // 16-candidate tiles per warp
+    __shared__ uint2 b_frag[STEPS][32];   // (b0, b1) of k-step s for each lane
     const int kv_head = blockIdx.y;
     const int request = blockIdx.z;
     const int num_qo_heads = num_kv_heads * GROUP;
     const int base = blockIdx.x * THREADS * PER_THREAD;
     if (base >= cands.count) return;  // whole block past the candidates
-    const float q_scale = sm_scale * TW_LOG2E;
-    for (int e = threadIdx.x; e < GROUP * HEAD_DIM; e += THREADS) {
-      q_s[e / HEAD_DIM][e % HEAD_DIM] =
-          q_scale * tw_to_float(q[(tw_i64(request) * num_qo_heads + kv_head * GROUP) * HEAD_DIM + e]);
-    }
-    __syncthreads();
-    if (threadIdx.x < GROUP) {
-      float s = 0.f;
-      for (int d = 0; d < HEAD_DIM; ++d) s += q_s[threadIdx.x][d];
-      q_sum[threadIdx.x] = s;
-    }
-    __syncthreads();
-    const uint4* codes[PER_THREAD];
-    float scale[PER_THREAD], minimum[PER_THREAD];
-    bool valid[PER_THREAD];
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int first = base + int(threadIdx.x / 32) * 32 * PER_THREAD;  // the warp's first candidate
+
+    // Candidates first + 32j + lane: slot and packed (scale, min), one lookup per candidate;
+    // shuffles hand them to the lanes whose fragment rows hold them.
+    int slot[PER_THREAD];
+    tw_u32 scale_min[PER_THREAD];
 #pragma unroll
     for (int j = 0; j < PER_THREAD; ++j) {
-      const int c = base + j * THREADS + threadIdx.x;
-      valid[j] = c < cands.count;
-      const int slot = valid[j] ? cands.slot(c) : 0;
-      const int page = slot / PAGE_SIZE, offset = slot % PAGE_SIZE;
-      codes[j] = reinterpret_cast<const uint4*>(k_q4 + q4_layout::offset(page, kv_head, offset, num_kv_heads));
-      const half* sm = k_q4_scale_min + scale_layout::offset(page, kv_head, offset, num_kv_heads);
-      scale[j] = valid[j] ? __half2float(sm[0]) : 0.f;
-      minimum[j] = valid[j] ? __half2float(sm[1]) : 0.f;
+      const int c = first + 32 * j + lane;
+      const bool valid = c < cands.count;
+      slot[j] = valid ? cands.slot(c) : 0;
+      const tw_i64 at = scale_layout::offset(slot[j] / PAGE_SIZE, kv_head, slot[j] % PAGE_SIZE, num_kv_heads);
+      scale_min[j] = valid ? *reinterpret_cast<const tw_u32*>(k_q4_scale_min + at) : 0u;
     }
-    float acc[PER_THREAD][GROUP];
+    // This lane's A rows: candidates first + 16i + g (h = 0) and + 8 (h = 1) of tile i. Every
+    // load is issued here, before q and the math; past the end they read nothing (zeros).
+    tw_u32 codes[TILES][2][WORDS];
+    tw_u32 row_scale_min[TILES][2];
 #pragma unroll
-    for (int j = 0; j < PER_THREAD; ++j) {
+    for (int i = 0; i < TILES; ++i) {
 #pragma unroll
-      for (int g = 0; g < GROUP; ++g) acc[j][g] = 0.f;
-    }
+      for (int h = 0; h < 2; ++h) {
+        const int owner = 16 * (i % 2) + g + 8 * h;  // resolved it as j = i / 2
+        const int s = __shfl_sync(0xffffffffu, slot[i / 2], owner);
+        row_scale_min[i][h] = __shfl_sync(0xffffffffu, scale_min[i / 2], owner);
+        const bool valid = first + 16 * i + g + 8 * h < cands.count;
+        const unsigned char* row =
+            k_q4 + q4_layout::offset(s / PAGE_SIZE, kv_head, s % PAGE_SIZE, num_kv_heads) + t * CHUNK;
 #pragma unroll
-    for (int w = 0; w < HEAD_DIM / 32; ++w) {
-      unsigned words[PER_THREAD][4];
-#pragma unroll
-      for (int j = 0; j < PER_THREAD; ++j) {
-        const uint4 packet = valid[j] ? codes[j][w] : make_uint4(0u, 0u, 0u, 0u);
-        words[j][0] = packet.x;
-        words[j][1] = packet.y;
-        words[j][2] = packet.z;
-        words[j][3] = packet.w;
-      }
-#pragma unroll
-      for (int half_word = 0; half_word < 8; ++half_word) {
-        // Two bytes: four channels, read from shared memory as one float4 per head.
-        const int ch = w * 32 + half_word * 4;
-#pragma unroll
-        for (int g = 0; g < GROUP; ++g) {
-          const float4 qv = *reinterpret_cast<const float4*>(&q_s[g][ch]);
-#pragma unroll
-          for (int j = 0; j < PER_THREAD; ++j) {
-            const unsigned bits = words[j][half_word / 2] >> (16 * (half_word % 2));
-            acc[j][g] = fmaf(qv.x, tw_nibble_to_float(bits),
-                             fmaf(qv.y, tw_nibble_to_float(bits >> 4),
-                                  fmaf(qv.z, tw_nibble_to_float(bits >> 8),
-                                       fmaf(qv.w, tw_nibble_to_float(bits >> 12), acc[j][g]))));
+        for (int u = 0; u < WORDS / CHUNK_WORDS; ++u) {
+          tw_u32* out = &codes[i][h][u * CHUNK_WORDS];
+          if constexpr (CHUNK == 16) {
+            const uint4 v = valid ? *reinterpret_cast<const uint4*>(row + u * 4 * CHUNK) : make_uint4(0u, 0u, 0u, 0u);
+            out[0] = v.x;
+            out[1] = v.y;
+            out[2] = v.z;
+            out[3] = v.w;
+          } else {
+            const uint2 v = valid ? *reinterpret_cast<const uint2*>(row + u * 4 * CHUNK) : make_uint2(0u, 0u);
+            out[0] = v.x;
+            out[1] = v.y;
           }
         }
       }
     }
+
+    // B, shared by the block's warps: entry (s, lane 4n + t) = registers 2s and 2s + 1 of lane
+    // t for head n. Word w's registers 4w..4w+3 pair its channels (0, 4), (1, 5), (2, 6), (3, 7),
+    // which one 16-byte load of q brings; steps 2w and 2w + 1 take them.
+    const T* q_heads = q + (tw_i64(request) * num_qo_heads + kv_head * GROUP) * HEAD_DIM;
 #pragma unroll
-    for (int j = 0; j < PER_THREAD; ++j) {
-      if (!valid[j]) continue;
-      const int c = base + j * THREADS + threadIdx.x;
+    for (int k = 0; k < tw_ceil_div<32 * WORDS, THREADS>::value; ++k) {
+      const int e = k * THREADS + threadIdx.x;
+      if (e >= 32 * WORDS) break;
+      const int w = e / 32, n = e % 32 / 4, lane_t = e % 4;
+      uint4 x = make_uint4(0u, 0u, 0u, 0u);
+      if (n < GROUP) x = *reinterpret_cast<const uint4*>(q_heads + n * HEAD_DIM + code_channel(lane_t, w));
+      b_frag[2 * w][e % 32] = make_uint2(__byte_perm(x.x, x.z, 0x5410), __byte_perm(x.x, x.z, 0x7632));
+      b_frag[2 * w + 1][e % 32] = make_uint2(__byte_perm(x.y, x.w, 0x5410), __byte_perm(x.y, x.w, 0x7632));
+    }
+    __syncthreads();
+    if (first >= cands.count) return;  // a warp past the end (no barrier follows)
+
+    float acc[TILES][4];
+    float q_sum[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-      for (int g = 0; g < GROUP; ++g) {
-        logits[(tw_i64(request) * num_qo_heads + kv_head * GROUP + g) * max_cands + c] =
-            fmaf(scale[j], acc[j][g], minimum[j] * q_sum[g]);
+    for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+      for (int k = 0; k < 4; ++k) acc[i][k] = 0.f;
+    }
+    const tw_u32 ones[4] = {tw_q4_operand<T>::ONES, tw_q4_operand<T>::ONES, tw_q4_operand<T>::ONES,
+                            tw_q4_operand<T>::ONES};
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s) {
+      const uint2 b = b_frag[s][lane];
+      tw_mma_m16n8k16(q_sum, ones, b, T());
+      const int kk = 2 * (s % 2);
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+        const tw_u32 lo = codes[i][0][s / 2], hi = codes[i][1][s / 2];
+        const tw_u32 a[4] = {tw_q4_pair<T>(lo, kk), tw_q4_pair<T>(hi, kk), tw_q4_pair<T>(lo, kk + 1),
+                             tw_q4_pair<T>(hi, kk + 1)};
+        tw_mma_m16n8k16(acc[i], a, b, T());
+      }
+    }
+
+    // acc[i][2h + e] is candidate first + 16i + g + 8h against head 2t + e, and q_sum[e] (any
+    // row) that head's sum(q): q . code = 16 * (acc - sum(q)).
+    const float q_scale = sm_scale * TW_LOG2E;
+    float* out = logits + (tw_i64(request) * num_qo_heads + kv_head * GROUP) * max_cands;
+#pragma unroll
+    for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int c = first + 16 * i + g + 8 * h;
+        if (c >= cands.count) continue;
+        const float2 sm = tw_pair_to_float2(row_scale_min[i][h], half());  // (scale, min)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int head = 2 * t + e;
+          if (head < GROUP) {
+            out[tw_i64(head) * max_cands + c] =
+                q_scale * fmaf(16.f * sm.x, acc[i][2 * h + e] - q_sum[e], sm.y * q_sum[e]);
+          }
+        }
       }
     }
   }
@@ -138,7 +266,8 @@ struct tw_prune {
   // One block per (request, qo head): the row's max logit and the exact top-p threshold weight
   // w* (weights w = exp2(logit - max), unnormalized). A radix descent over the weights' bits
   // (positive floats order like their bits) sums the weight mass per digit bucket and follows
-  // the bucket where the mass from the top first reaches p * sum(w). stats[row] = (max, w*);
+  // the bucket where the mass from the top first reaches p * sum(w); the kept set is every
+  // weight >= w*. stats[row] = (max, w*);
   // p >= 1 keeps everything (w* = 0).
   template <int THREADS, typename Candidates>
   TW_DEVICE static void threshold(const float* __restrict__ logits, const Candidates& cands,
@@ -185,30 +314,41 @@ struct tw_prune {
       return;
     }
     const float target = p * z;
-    unsigned prefix = 0, mask = 0;
+    // Weights lie in (0, 1], so a key's top three bits are 001 from 2^-63 up: the digits start
+    // below them. The first digit is then 6 exponent bits and 2 mantissa bits (quarter-octave
+    // buckets) rather than the top 8 bits (two-octave buckets, where most of a peaked row's
+    // weights would meet in a few bins and their shared-memory atomics serialize). Weights
+    // below 2^-63 are binned as 2^-63: their mass cannot reach 1 - p of the row's.
+    constexpr unsigned FLOOR_KEY = 0x20000000u;  // 2^-63
+    constexpr int SHIFTS[4] = {21, 13, 5, 0};
+    constexpr unsigned WIDTHS[4] = {255u, 255u, 255u, 31u};
+    unsigned prefix = FLOOR_KEY, mask = 0xE0000000u;
     float above = 0.f;  // mass of the weights beyond the current prefix's range
-    for (int shift = 24; shift >= 0; shift -= 8) {
+#pragma unroll
+    for (int pass = 0; pass < 4; ++pass) {
+      const int shift = SHIFTS[pass];
+      const unsigned width = WIDTHS[pass];
       radix::clear(radix_smem);
       __syncthreads();
       if (cached) {
 #pragma unroll
         for (int j = 0; j < CACHED; ++j) {
-          const unsigned key = __float_as_uint(w[j]);
+          const unsigned key = max(__float_as_uint(w[j]), FLOOR_KEY);
           if (j * THREADS + int(threadIdx.x) < n && (key & mask) == prefix) {
-            radix::add(radix_smem, (key >> shift) & 255u, w[j]);
+            radix::add(radix_smem, (key >> shift) & width, w[j]);
           }
         }
       } else {
         for (int i = threadIdx.x; i < n; i += THREADS) {
           const float wi = exp2f(row[i] - mx);
-          const unsigned key = __float_as_uint(wi);
-          if ((key & mask) == prefix) radix::add(radix_smem, (key >> shift) & 255u, wi);
+          const unsigned key = max(__float_as_uint(wi), FLOOR_KEY);
+          if ((key & mask) == prefix) radix::add(radix_smem, (key >> shift) & width, wi);
         }
       }
       radix::pick(radix_smem, above, target);
       prefix |= radix_smem.digit << shift;
       above = radix_smem.above;
-      mask |= 255u << shift;
+      mask |= width << shift;
       __syncthreads();
     }
     if (threadIdx.x == 0) {

@@ -37,5 +37,20 @@ pub fn snapshot_variants() -> Vec<VariantSpec> {
             Selector::Full,
             Pruning::TopP,
         ),
+        sparse(
+            VariantSpec::dense(16, 128, Bf16, 4, Nhd),
+            Selector::DoubleSparse { channels: 32 },
+            Pruning::TopP,
+        ),
+        sparse(
+            VariantSpec::dense(8, 64, F16, 2, Hnd),
+            Selector::DoubleSparse { channels: 16 },
+            Pruning::None,
+        ),
+        sparse(
+            VariantSpec::dense(32, 256, F16, 8, Hnd),
+            Selector::DoubleSparse { channels: 64 },
+            Pruning::TopP,
+        ),
     ]
 }
