@@ -658,34 +658,46 @@ fn gpu_sparse_step_every_p_on_one_long_batch() {
     }
 }
 
-/// Double Sparsity over long requests (scores over many token blocks, multi-pass selection),
-/// with and without pruning, for each r.
+/// Selections over long requests: Double Sparsity for each r (scores over many token blocks;
+/// rows past 32768 tokens, which the selection re-reads from global memory instead of keeping
+/// in registers), and Quest on pages of one token past the 16384 pages it keeps in registers.
 #[test]
 #[ignore = "needs a CUDA GPU"]
-fn gpu_double_sparse_on_one_long_batch() {
+fn gpu_selection_over_long_requests() {
     let Some(stream) = common::gpu_stream() else {
         return;
     };
     let seed = common::fresh_seed();
-    for (n, (r, pruning, dtype)) in [
-        (16, Pruning::TopP, Dtype::F16),
-        (32, Pruning::None, Dtype::Bf16),
-        (64, Pruning::TopP, Dtype::Bf16),
+    for (n, (selector, page_size, pruning, dtype, longest)) in [
+        (
+            Selector::DoubleSparse { channels: 16 },
+            16,
+            Pruning::TopP,
+            Dtype::F16,
+            20_000,
+        ),
+        (
+            Selector::DoubleSparse { channels: 32 },
+            16,
+            Pruning::None,
+            Dtype::Bf16,
+            40_000,
+        ),
+        (
+            Selector::DoubleSparse { channels: 64 },
+            8,
+            Pruning::TopP,
+            Dtype::Bf16,
+            33_000,
+        ),
+        (Selector::Quest, 1, Pruning::TopP, Dtype::F16, 20_000),
     ]
     .into_iter()
     .enumerate()
     {
         let case = Case {
-            spec: spec(
-                16,
-                128,
-                dtype,
-                4,
-                KvLayout::Hnd,
-                Selector::DoubleSparse { channels: r },
-                pruning,
-            ),
-            lens: vec![20_000, 333, 4097, 20],
+            spec: spec(page_size, 128, dtype, 4, KvLayout::Hnd, selector, pruning),
+            lens: vec![longest, 333, 4097, 20],
             num_kv_heads: 2,
             budget: 2048,
             p: 0.9,

@@ -25,6 +25,8 @@ pub enum What {
     Sparse(super::bench_sparse::SparseArgs),
     /// Every shape of bench/shapes.json: dense, Quest alone and the twilight step, as a table.
     Grid(super::bench_grid::GridArgs),
+    /// The table of earlier `bench grid` results (several runs merged), with no GPU.
+    Table(super::bench_grid::TableArgs),
     /// JIT costs: cold compile, warm disk-cache load and memory-cache hit, per variant.
     Jit {
         /// Variants (default: the dense Llama-3 shape in f16 and bf16).
@@ -91,6 +93,7 @@ pub fn run(what: What) -> CliResult {
         What::Dense(args) => dense(args),
         What::Sparse(args) => super::bench_sparse::run(args),
         What::Grid(args) => super::bench_grid::run(args),
+        What::Table(args) => super::bench_grid::table(args),
         What::Jit { variants } => jit(variants),
     }
 }

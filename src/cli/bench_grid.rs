@@ -49,6 +49,65 @@ pub struct GridArgs {
     selectors: Vec<Selector>,
 }
 
+#[derive(clap::Args, Debug)]
+pub struct TableArgs {
+    /// bench-results.json files of `bench grid` runs; a (shape, selector) measured in several
+    /// takes the last file's figures.
+    #[arg(long, value_delimiter = ',', required = true)]
+    results: Vec<PathBuf>,
+    /// Results of bench/peers.py to join into the table.
+    #[arg(long)]
+    peers: Option<PathBuf>,
+    /// Where the merged bench-results.json and bench-results.md are written.
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+}
+
+#[derive(Deserialize)]
+struct GridResults {
+    reports: Vec<SparseReport>,
+    skipped: Vec<(String, String)>,
+}
+
+/// Merges grid results and writes their table (see [`TableArgs`]).
+pub fn table(args: TableArgs) -> CliResult {
+    let mut reports: Vec<SparseReport> = Vec::new();
+    let mut skipped: Vec<(String, String)> = Vec::new();
+    for path in &args.results {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        let run: GridResults = serde_json::from_str(&text)
+            .map_err(|e| format!("{} is not a bench grid result: {e}", path.display()))?;
+        for r in run.reports {
+            reports.retain(|x| !(x.shape.name == r.shape.name && x.selector == r.selector));
+            reports.push(r);
+        }
+        skipped.extend(run.skipped);
+    }
+    // A shape skipped in one run but measured in another is not listed as skipped.
+    skipped.retain(|(what, _)| {
+        !reports.iter().any(|r| {
+            *what == r.shape.name || *what == format!("{} with {}", r.shape.name, r.selector)
+        })
+    });
+    let peers = read_peers(args.peers.as_deref())?;
+    let table = write_results(&args.out, &reports, &skipped, &peers)?;
+    println!("{table}");
+    Ok(())
+}
+
+fn read_peers(
+    path: Option<&std::path::Path>,
+) -> Result<Vec<PeerRecord>, Box<dyn std::error::Error>> {
+    let Some(path) = path else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    Ok(serde_json::from_str::<Vec<PeerRecord>>(&text)
+        .map_err(|e| format!("{} is not a peers.py result list: {e}", path.display()))?)
+}
+
 #[derive(Deserialize)]
 struct ShapeList {
     shapes: Vec<BenchShape>,
@@ -74,15 +133,7 @@ pub fn run(args: GridArgs) -> CliResult {
     if shapes.is_empty() {
         return Err("no shape selected".into());
     }
-    let peers = match &args.peers {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-            serde_json::from_str::<Vec<PeerRecord>>(&text)
-                .map_err(|e| format!("{} is not a peers.py result list: {e}", path.display()))?
-        }
-        None => Vec::new(),
-    };
+    let peers = read_peers(args.peers.as_deref())?;
     let stream = graph_ready_stream()?;
     let bandwidth = BenchKernels::new(&stream)?
         .read_bandwidth((args.probe_gib * (1u64 << 30) as f64) as usize)?;
@@ -134,17 +185,30 @@ pub fn run(args: GridArgs) -> CliResult {
                 }
             }
         }
+        // Written after every shape, so a run cut short keeps what it measured.
+        write_results(&args.out, &reports, &skipped, &peers)?;
     }
-    std::fs::create_dir_all(&args.out)?;
-    let json = serde_json::json!({ "reports": reports, "skipped": skipped });
-    std::fs::write(
-        args.out.join("bench-results.json"),
-        serde_json::to_string_pretty(&json)?,
-    )?;
-    let table = markdown(&reports, &skipped, &peers);
-    std::fs::write(args.out.join("bench-results.md"), &table)?;
+    let table = write_results(&args.out, &reports, &skipped, &peers)?;
     println!("{table}");
     Ok(())
+}
+
+/// Writes bench-results.json and bench-results.md under `out`; returns the markdown.
+fn write_results(
+    out: &std::path::Path,
+    reports: &[SparseReport],
+    skipped: &[(String, String)],
+    peers: &[PeerRecord],
+) -> Result<String, Box<dyn std::error::Error>> {
+    std::fs::create_dir_all(out)?;
+    let json = serde_json::json!({ "reports": reports, "skipped": skipped });
+    std::fs::write(
+        out.join("bench-results.json"),
+        serde_json::to_string_pretty(&json)?,
+    )?;
+    let table = markdown(reports, skipped, peers);
+    std::fs::write(out.join("bench-results.md"), &table)?;
+    Ok(table)
 }
 
 /// One row per shape and selector: every time with its ratio to the floor, and the speedups.
@@ -224,7 +288,7 @@ mod tests {
             kept_std: 33.0,
             kept_min: 36,
             kept_max: 180,
-            stages_us: vec![("Estimate".into(), 37.2, 8.0)],
+            stages_us: vec![("Estimate".into(), 37.2, Some(8.0))],
             twilight_us: 124.6,
             twilight_graph_us: 116.0,
             twilight_floor_us: 23.6,

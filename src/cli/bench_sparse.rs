@@ -99,7 +99,7 @@ pub struct Method {
 }
 
 /// Everything measured for one shape; times are medians in microseconds.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SparseReport {
     pub shape: BenchShape,
     /// The base selector, as declared (`quest`, `double_sparse(32)`).
@@ -113,7 +113,9 @@ pub struct SparseReport {
     pub kept_std: f64,
     pub kept_min: i32,
     pub kept_max: i32,
-    pub stages_us: Vec<(String, f64, f64)>,
+    /// (stage, median us, floor us); the floor is `None` for stages the byte model does not
+    /// cover (selection, threshold and compaction work on data already on chip or in L2).
+    pub stages_us: Vec<(String, f64, Option<f64>)>,
     pub twilight_us: f64,
     pub twilight_graph_us: f64,
     pub twilight_floor_us: f64,
@@ -224,8 +226,8 @@ fn build_instances<T: KvElement>(
         let start = Instant::now();
         let mut g = generator.clone();
         g.seed = generator.seed + i as u64;
-        // Planned, then drawn one request at a time: the host never holds a whole pool, so
-        // caches far larger than host memory can be filled.
+        // Planned, then drawn request by request: the host never holds a whole pool, so caches
+        // far larger than host memory can be filled.
         let planned = plan::<T>(
             &g,
             &lens,
@@ -235,24 +237,50 @@ fn build_instances<T: KvElement>(
             shape.head_dim as usize,
             spec.kv_layout,
         )?;
-        let mut cache = match spec.selector {
-            Selector::DoubleSparse { channels: r } => {
-                if channels.is_none() {
-                    channels = Some(calibrate::<T>(&planned, shape, r as usize)?);
-                }
-                let channels = channels.as_ref().expect("calibrated above");
-                PagedKvCache::<T>::for_double_sparse(stream, planned.shape, &spec, channels)?
-            }
-            _ => PagedKvCache::<T>::for_variant(stream, planned.shape, &spec)?,
-        };
+        // Requests are drawn in parallel groups (the draw is the slow part of a large cache)
+        // and appended group by group, so the host holds one group's rows at a time.
+        let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
+        let mut cache: Option<PagedKvCache<T>> = None;
         let mut ids = Vec::new();
-        for b in 0..shape.batch {
-            let id = cache.add_request();
-            let (k, v) = planned.request_rows::<T>(b);
-            let (k, v) = (stream.clone_htod(&k)?, stream.clone_htod(&v)?);
-            decoder.append(&mut cache, &[(id, shape.len)], &k, &v)?;
-            ids.push(id);
+        let requests: Vec<usize> = (0..shape.batch).collect();
+        for group in requests.chunks(threads) {
+            let rows: Vec<(Vec<T>, Vec<T>)> = std::thread::scope(|scope| {
+                let planned = &planned;
+                let handles: Vec<_> = group
+                    .iter()
+                    .map(|&b| scope.spawn(move || planned.request_rows::<T>(b)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().expect("drawing a request's rows does not panic"))
+                    .collect()
+            });
+            let cache = match &mut cache {
+                Some(cache) => cache,
+                None => cache.insert(match spec.selector {
+                    Selector::DoubleSparse { channels: r } => {
+                        if channels.is_none() {
+                            channels = Some(calibrate(&planned.q, &rows, shape, r as usize)?);
+                        }
+                        let channels = channels.as_ref().expect("calibrated above");
+                        PagedKvCache::<T>::for_double_sparse(
+                            stream,
+                            planned.shape,
+                            &spec,
+                            channels,
+                        )?
+                    }
+                    _ => PagedKvCache::<T>::for_variant(stream, planned.shape, &spec)?,
+                }),
+            };
+            for (k, v) in rows {
+                let id = cache.add_request();
+                let (k, v) = (stream.clone_htod(&k)?, stream.clone_htod(&v)?);
+                decoder.append(cache, &[(id, shape.len)], &k, &v)?;
+                ids.push(id);
+            }
         }
+        let cache = cache.ok_or("a benchmark shape has at least one request")?;
         let table = cache.page_table(stream, &ids)?;
         let q = stream.clone_htod(&twilight::synthetic::SyntheticStep::to_elements::<T>(
             &planned.q,
@@ -270,11 +298,12 @@ fn build_instances<T: KvElement>(
     Ok(instances)
 }
 
-/// `r` channels per KV head ranked by mean |q * k| (mode qk) over evenly spread positions of the
-/// first requests of a planned cache, each request's query standing for the query at every
-/// position (as `twilight demo` does).
+/// `r` channels per KV head ranked by mean |q * k| (mode qk) over evenly spread positions of
+/// the first drawn requests (`rows`: their K and V, `[len, kv_heads, head_dim]`), each request's
+/// query standing for the query at every position (as `twilight demo` does).
 fn calibrate<T: KvElement>(
-    planned: &twilight::generator::GeneratedPlan,
+    q: &[f32],
+    rows: &[(Vec<T>, Vec<T>)],
     shape: &BenchShape,
     r: usize,
 ) -> Result<Vec<Vec<usize>>, Box<dyn std::error::Error>> {
@@ -282,10 +311,10 @@ fn calibrate<T: KvElement>(
     let start = Instant::now();
     let (qo, kvh, d) = (shape.qo_heads, shape.kv_heads, shape.head_dim as usize);
     let mut sample = DecodeSample::new(qo, kvh, d, CALIBRATION_POSITIONS);
-    for b in 0..shape.batch.min(CALIBRATION_REQUESTS) {
-        let (k, _) = planned.request_rows::<T>(b);
+    let requests = rows.len().min(CALIBRATION_REQUESTS);
+    for (b, (k, _)) in rows.iter().take(requests).enumerate() {
         let row = kvh * d;
-        sample.add_request(&planned.q[b * qo * d..][..qo * d], shape.len, |t| {
+        sample.add_request(&q[b * qo * d..][..qo * d], shape.len, |t| {
             std::borrow::Cow::Owned(k[t * row..][..row].iter().map(|x| x.to_f32()).collect())
         })?;
     }
@@ -294,7 +323,7 @@ fn calibrate<T: KvElement>(
         "  {}: {r} channels per KV head calibrated (mode qk) on {} tokens of {} requests in {:.1} s",
         shape.name,
         sample.tokens(),
-        shape.batch.min(CALIBRATION_REQUESTS),
+        requests,
         start.elapsed().as_secs_f64()
     );
     Ok(channels)
@@ -418,10 +447,10 @@ fn measure_typed<T: KvElement>(
     let estimate_floor = floor_us(cands * (d / 2.0 + 4.0));
     let attend_floor = floor_us(mean * 4.0 * d);
     let stage_floor = |stage: Stage| match stage {
-        Stage::QuestScore | Stage::DsScore => select_floor,
-        Stage::Estimate => estimate_floor,
-        Stage::Attend => attend_floor,
-        _ => f64::NAN,
+        Stage::QuestScore | Stage::DsScore => Some(select_floor),
+        Stage::Estimate => Some(estimate_floor),
+        Stage::Attend => Some(attend_floor),
+        _ => None,
     };
     Ok(SparseReport {
         shape: shape.clone(),
@@ -490,7 +519,10 @@ pub fn print_report(r: &SparseReport) {
         println!("| {name} | {t:.1} | {floor:.1} | {:.2} |", t / floor)
     };
     for (stage, t, floor) in &r.stages_us {
-        row(&format!("stage {stage}"), *t, *floor);
+        match floor {
+            Some(floor) => row(&format!("stage {stage}"), *t, *floor),
+            None => println!("| stage {stage} | {t:.1} | - | - |"),
+        }
     }
     row(
         &format!("twilight step ({} + top_p)", r.selector),

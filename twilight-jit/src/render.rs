@@ -186,8 +186,8 @@ pub struct Tiling {
     pub select_threads: u32,
     /// Tokens each block of the Double Sparsity scoring walks.
     pub ds_score_tokens: u32,
-    /// The token selection's block: a 32k-token row takes five passes over its scores, so
-    /// it is wide.
+    /// The token selection's block: it keeps up to 64 scores per thread in registers, so 512
+    /// threads hold a 32k-token row (longer rows are re-read from global memory each pass).
     pub ds_select_threads: u32,
     pub estimate_threads: u32,
     /// Candidates each estimate thread scores (each shared-memory read of q serves them all).
@@ -209,7 +209,7 @@ impl Tiling {
             append_threads: 128,
             select_threads: 256,
             ds_score_tokens: 1024,
-            ds_select_threads: 1024,
+            ds_select_threads: 512,
             estimate_threads: 128,
             estimate_per_thread: 1,
             threshold_threads: 512,

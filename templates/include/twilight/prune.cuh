@@ -126,27 +126,25 @@ struct tw_prune {
   // register r = 2s (a0, a1, b0 of k-step s) and r = 2s + 1 (a2, a3, b1) hold nibbles kk = r % 4
   // and kk + 4 of its code word w = r / 4, channels channel(t, w) + kk and + kk + 4. That
   // depends on t alone, so every lane's A columns meet the matching B rows.
-  static constexpr int LANE_BYTES = HEAD_DIM / 8;                   // a lane's quarter of a row
-  static constexpr int CHUNK = LANE_BYTES < 16 ? LANE_BYTES : 16;   // bytes per code load
-  static constexpr int CHUNK_WORDS = CHUNK / 4;
-  static constexpr int WORDS = LANE_BYTES / 4;                      // code words per row and lane
-
-  // First channel of code word w of lane t: chunk u = w / CHUNK_WORDS lies at byte
-  // u * 4 * CHUNK + t * CHUNK of the row (each load instruction of a row's 4 lanes reads one
-  // contiguous 4 * CHUNK bytes), two channels per byte.
-  TW_DEVICE static int code_channel(int t, int w) {
-    return 2 * (w / CHUNK_WORDS * 4 * CHUNK + t * CHUNK + w % CHUNK_WORDS * 4);
-  }
-
   template <int THREADS, int PER_THREAD, typename Candidates>
   TW_DEVICE static void estimate(const T* __restrict__ q, const unsigned char* __restrict__ k_q4,
                                  const half* __restrict__ k_q4_scale_min, const Candidates& cands,
                                  float* __restrict__ logits, int num_kv_heads, int max_cands, float sm_scale) {
     static_assert(THREADS % 32 == 0, "whole warps");
     static_assert(GROUP <= 8, "the group's query heads are the 8 columns of B");
-    constexpr int STEPS = HEAD_DIM / 16;  // k-steps
-    constexpr int TILES = 2 * PER_THREAD;  // 16-candidate tiles per warp
-    __shared__ uint2 b_frag[STEPS][32];   // (b0, b1) of k-step s for each lane
+    constexpr int STEPS = HEAD_DIM / 16;                             // k-steps
+    constexpr int TILES = 2 * PER_THREAD;                            // 16-candidate tiles per warp
+    constexpr int LANE_BYTES = HEAD_DIM / 8;                         // a lane's quarter of a row
+    constexpr int CHUNK = LANE_BYTES < 16 ? LANE_BYTES : 16;         // bytes per code load
+    constexpr int CHUNK_WORDS = CHUNK / 4;
+    constexpr int WORDS = LANE_BYTES / 4;                            // code words per row and lane
+    // First channel of code word w of lane t: its chunk u = w / CHUNK_WORDS lies at byte
+    // u * 4 * CHUNK + t * CHUNK of the row (so each load instruction of a row's 4 lanes reads
+    // 4 * CHUNK contiguous bytes), two channels per byte.
+    const auto code_channel = [](int lane_t, int w) {
+      return 2 * (w / CHUNK_WORDS * 4 * CHUNK + lane_t * CHUNK + w % CHUNK_WORDS * 4);
+    };
+    __shared__ uint2 b_frag[STEPS][32];  // (b0, b1) of k-step s for each lane
     const int kv_head = blockIdx.y;
     const int request = blockIdx.z;
     const int num_qo_heads = num_kv_heads * GROUP;
@@ -177,24 +175,24 @@ struct tw_prune {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int owner = 16 * (i % 2) + g + 8 * h;  // resolved it as j = i / 2
-        const int s = __shfl_sync(0xffffffffu, slot[i / 2], owner);
+        const int row_slot = __shfl_sync(0xffffffffu, slot[i / 2], owner);
         row_scale_min[i][h] = __shfl_sync(0xffffffffu, scale_min[i / 2], owner);
         const bool valid = first + 16 * i + g + 8 * h < cands.count;
         const unsigned char* row =
-            k_q4 + q4_layout::offset(s / PAGE_SIZE, kv_head, s % PAGE_SIZE, num_kv_heads) + t * CHUNK;
+            k_q4 + q4_layout::offset(row_slot / PAGE_SIZE, kv_head, row_slot % PAGE_SIZE, num_kv_heads) + t * CHUNK;
 #pragma unroll
         for (int u = 0; u < WORDS / CHUNK_WORDS; ++u) {
-          tw_u32* out = &codes[i][h][u * CHUNK_WORDS];
+          tw_u32* dst = &codes[i][h][u * CHUNK_WORDS];
           if constexpr (CHUNK == 16) {
             const uint4 v = valid ? *reinterpret_cast<const uint4*>(row + u * 4 * CHUNK) : make_uint4(0u, 0u, 0u, 0u);
-            out[0] = v.x;
-            out[1] = v.y;
-            out[2] = v.z;
-            out[3] = v.w;
+            dst[0] = v.x;
+            dst[1] = v.y;
+            dst[2] = v.z;
+            dst[3] = v.w;
           } else {
             const uint2 v = valid ? *reinterpret_cast<const uint2*>(row + u * 4 * CHUNK) : make_uint2(0u, 0u);
-            out[0] = v.x;
-            out[1] = v.y;
+            dst[0] = v.x;
+            dst[1] = v.y;
           }
         }
       }
@@ -204,10 +202,7 @@ struct tw_prune {
     // t for head n. Word w's registers 4w..4w+3 pair its channels (0, 4), (1, 5), (2, 6), (3, 7),
     // which one 16-byte load of q brings; steps 2w and 2w + 1 take them.
     const T* q_heads = q + (tw_i64(request) * num_qo_heads + kv_head * GROUP) * HEAD_DIM;
-#pragma unroll
-    for (int k = 0; k < tw_ceil_div<32 * WORDS, THREADS>::value; ++k) {
-      const int e = k * THREADS + threadIdx.x;
-      if (e >= 32 * WORDS) break;
+    for (int e = threadIdx.x; e < 32 * WORDS; e += THREADS) {
       const int w = e / 32, n = e % 32 / 4, lane_t = e % 4;
       uint4 x = make_uint4(0u, 0u, 0u, 0u);
       if (n < GROUP) x = *reinterpret_cast<const uint4*>(q_heads + n * HEAD_DIM + code_channel(lane_t, w));

@@ -17,12 +17,21 @@ struct tw_quest {
     const int first_page = kv_indptr[request];
     const int others = kv_indptr[request + 1] - first_page - 1;  // the last page needs no score
     const int num_qo_heads = num_kv_heads * GROUP;
-    float qf[GROUP][PER_LANE];
+    // max(q * mx, q * mn) is q * mx for q > 0 and q * mn otherwise (mx >= mn), so the sum over
+    // the group is mx * (sum of its positive q) + mn * (sum of its negative q): two FMAs per
+    // channel for any group size.
+    float q_pos[PER_LANE], q_neg[PER_LANE];
+#pragma unroll
+    for (int j = 0; j < PER_LANE; ++j) q_pos[j] = q_neg[j] = 0.f;
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
+      float qf[PER_LANE];
+      tw_load_floats<T, PER_LANE>(q + (tw_i64(request) * num_qo_heads + kv_head * GROUP + g) * HEAD_DIM + lane * PER_LANE,
+                                  qf);
 #pragma unroll
       for (int j = 0; j < PER_LANE; ++j) {
-        qf[g][j] = tw_to_float(q[(tw_i64(request) * num_qo_heads + kv_head * GROUP + g) * HEAD_DIM + lane * PER_LANE + j]);
+        q_pos[j] += fmaxf(qf[j], 0.f);
+        q_neg[j] += fminf(qf[j], 0.f);
       }
     }
     // Each warp has BATCH pages' bounds in flight before it reduces any: one page's 2 x 16
@@ -46,10 +55,7 @@ struct tw_quest {
       for (int b = 0; b < BATCH; ++b) {
         float partial = 0.f;
 #pragma unroll
-        for (int j = 0; j < PER_LANE; ++j) {
-#pragma unroll
-          for (int g = 0; g < GROUP; ++g) partial += fmaxf(qf[g][j] * mx_f[b][j], qf[g][j] * mn_f[b][j]);
-        }
+        for (int j = 0; j < PER_LANE; ++j) partial = fmaf(q_pos[j], mx_f[b][j], fmaf(q_neg[j], mn_f[b][j], partial));
         const float total = tw_group_sum<32>(partial);
         const int pos = first + b * stride;
         if (lane == 0 && pos < others) row_scores[pos] = total;

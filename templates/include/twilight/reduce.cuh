@@ -43,28 +43,6 @@ TW_DEVICE float tw_block_max(float x, float* scratch) {
   return m;
 }
 
-// Exclusive prefix count of a per-thread flag across the block, in thread order; `total`
-// receives the block's count. `scratch` holds one int per warp. Contains barriers.
-template <int BLOCK_THREADS>
-TW_DEVICE int tw_block_exclusive_count(bool flag, int* scratch, int& total) {
-  constexpr int WARPS = BLOCK_THREADS / 32;
-  const unsigned lane = threadIdx.x % 32;
-  const unsigned ballot = __ballot_sync(0xffffffffu, flag);
-  const int before_in_warp = __popc(ballot & ((1u << lane) - 1u));
-  __syncthreads();
-  if (lane == 0) scratch[threadIdx.x / 32] = __popc(ballot);
-  __syncthreads();
-  int before = 0;
-  total = 0;
-#pragma unroll
-  for (int w = 0; w < WARPS; ++w) {
-    const int c = scratch[w];
-    if (w < int(threadIdx.x / 32)) before += c;
-    total += c;
-  }
-  return before + before_in_warp;
-}
-
 // Radix selection over 8-bit digits, shared by the Quest selector (V = count) and the top-p
 // threshold (V = weight mass). Each warp fills its own histogram, so contention on hot buckets
 // stays within a warp; `pick` then sums them and finds, from the top digit down, the first
@@ -85,6 +63,16 @@ struct tw_radix {
   }
 
   TW_DEVICE static void add(storage& s, unsigned bucket, V value) { atomicAdd(&s.hist[threadIdx.x / 32][bucket], value); }
+
+  // add(s, bucket, 1) where `flag` holds, for counting histograms, with the lanes of a warp
+  // that share a bucket combined first: similar scores put most of a warp into one bucket, and
+  // same-address shared-memory atomics serialize. Call from all 32 lanes of the warp.
+  TW_DEVICE static void count_if(storage& s, bool flag, unsigned bucket) {
+    const unsigned peers = __match_any_sync(0xffffffffu, flag ? bucket : 0xffffffffu);
+    if (flag && threadIdx.x % 32 == unsigned(__ffs(peers) - 1)) {
+      atomicAdd(&s.hist[threadIdx.x / 32][bucket], V(__popc(peers)));
+    }
+  }
 
   // Call from every thread after the histograms are complete (it begins with the barrier that
   // makes them visible). Afterwards s.digit is the chosen digit and s.above the total of the

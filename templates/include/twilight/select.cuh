@@ -12,6 +12,8 @@ TW_DEVICE unsigned tw_ordered_bits(float f) {
 template <int THREADS>
 struct tw_top_k {
   static constexpr int WARPS = THREADS / 32;
+  static constexpr int CACHED = 64;  // keys per thread kept in registers
+  static constexpr int BATCH = 8;    // keys per thread in flight otherwise
   typedef tw_radix<int, THREADS> radix;
   struct storage {
     typename radix::storage radix_smem;
@@ -32,13 +34,46 @@ struct tw_top_k {
     const int k = budget - 1;  // best items to take besides the last one
     unsigned prefix = 0, mask = 0;
     int remaining = k;  // how many of the items matching `prefix` are still to be taken
+    // Rows of up to THREADS * CACHED items keep their keys in registers, loaded once with every
+    // load in flight: a pass that loads as it counts waits out one load latency per item.
+    const int rounds = (others + THREADS - 1) / THREADS;
+    const bool cached = rounds <= CACHED;
+    unsigned keys[CACHED];
+    if (cached) {
+#pragma unroll
+      for (int j = 0; j < CACHED; ++j) {
+        const int i = j * THREADS + int(threadIdx.x);
+        keys[j] = j < rounds && i < others ? tw_ordered_bits(row[i]) : 0u;
+      }
+    }
     if (k > 0) {
       for (int shift = 24; shift >= 0; shift -= 8) {
         radix::clear(smem.radix_smem);
         __syncthreads();
-        for (int i = threadIdx.x; i < others; i += THREADS) {
-          const unsigned key = tw_ordered_bits(row[i]);
-          if ((key & mask) == prefix) radix::add(smem.radix_smem, (key >> shift) & 255u, 1);
+        // Whole warps run every iteration (count_if's shuffle needs them): the bounds are the
+        // block's, not the thread's.
+        if (cached) {
+#pragma unroll
+          for (int j = 0; j < CACHED; ++j) {
+            const int i = j * THREADS + int(threadIdx.x);
+            if (j < rounds) {
+              radix::count_if(smem.radix_smem, i < others && (keys[j] & mask) == prefix, (keys[j] >> shift) & 255u);
+            }
+          }
+        } else {
+          for (int base = 0; base < others; base += THREADS * BATCH) {
+            unsigned batch[BATCH];
+#pragma unroll
+            for (int j = 0; j < BATCH; ++j) {
+              const int i = base + j * THREADS + int(threadIdx.x);
+              batch[j] = i < others ? tw_ordered_bits(row[i]) : 0u;
+            }
+#pragma unroll
+            for (int j = 0; j < BATCH; ++j) {
+              const int i = base + j * THREADS + int(threadIdx.x);
+              radix::count_if(smem.radix_smem, i < others && (batch[j] & mask) == prefix, (batch[j] >> shift) & 255u);
+            }
+          }
         }
         radix::pick(smem.radix_smem, 0, remaining);
         prefix |= smem.radix_smem.digit << shift;
@@ -48,19 +83,38 @@ struct tw_top_k {
       }
     }
     // prefix is now the k-th largest key; take every larger key and the first `remaining`
-    // equal ones in position order, writing positions ascending.
+    // equal ones in position order, writing positions ascending. Each thread owns ITEMS
+    // consecutive positions, so one pair of block scans serves THREADS * ITEMS positions.
+    constexpr int ITEMS = 8;
     int written = 0, equal_seen = 0;
-    for (int base = 0; base < others; base += THREADS) {
-      const int i = base + threadIdx.x;
-      const unsigned key = i < others ? tw_ordered_bits(row[i]) : 0u;
-      const bool larger = k > 0 && i < others && key > prefix;
-      const bool equal = k > 0 && i < others && key == prefix;
+    for (int base = 0; base < others; base += THREADS * ITEMS) {
+      const int mine = base + int(threadIdx.x) * ITEMS;
+      unsigned larger = 0, equal = 0;  // bit j: position mine + j
+#pragma unroll
+      for (int j = 0; j < ITEMS; ++j) {
+        const int i = mine + j;
+        if (k > 0 && i < others) {
+          const unsigned key = tw_ordered_bits(row[i]);
+          larger |= unsigned(key > prefix) << j;
+          equal |= unsigned(key == prefix) << j;
+        }
+      }
       int equal_total = 0;
-      const int equal_rank = equal_seen + tw_block_exclusive_count<THREADS>(equal, smem.scan_scratch, equal_total);
-      const bool take = larger || (equal && equal_rank < remaining);
+      int equal_rank = equal_seen + tw_block_exclusive_sum<THREADS>(__popc(equal), smem.scan_scratch, equal_total);
+      unsigned take = larger;
+#pragma unroll
+      for (int j = 0; j < ITEMS; ++j) {
+        if ((equal >> j) & 1u) {
+          if (equal_rank < remaining) take |= 1u << j;
+          ++equal_rank;
+        }
+      }
       int taken = 0;
-      const int at = written + tw_block_exclusive_count<THREADS>(take, smem.scan_scratch, taken);
-      if (take) out[at] = i;
+      int at = written + tw_block_exclusive_sum<THREADS>(__popc(take), smem.scan_scratch, taken);
+#pragma unroll
+      for (int j = 0; j < ITEMS; ++j) {
+        if ((take >> j) & 1u) out[at++] = mine + j;
+      }
       written += taken;
       equal_seen += equal_total;
     }
