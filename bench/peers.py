@@ -522,12 +522,18 @@ def main(argv=None):
                   flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            # After every result, so a run cut short keeps what it measured.
+            write_json(a.json, results)
     print()
     print(markdown_table(results))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(results, f, indent=2)
+    write_json(a.json, results)
     return results
+
+
+def write_json(path, results):
+    if path:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
 
 
 if __name__ == "__main__":
