@@ -67,10 +67,10 @@ struct tw_double_sparse {
                                const int* __restrict__ kv_last_page_len, int* __restrict__ selected,
                                int* __restrict__ selected_count, int num_kv_heads, int max_tokens, int budget,
                                int stride) {
-    __shared__ typename tw_top_k<THREADS>::storage smem;
+    __shared__ typename tw_top_k<THREADS, true>::storage smem;
     const int head_row = blockIdx.y * num_kv_heads + blockIdx.x;
     const int len = tw_request_len(kv_indptr, kv_last_page_len, blockIdx.y, PAGE_SIZE);
-    tw_top_k<THREADS>::run(scores + tw_i64(head_row) * max_tokens, len, budget, selected + tw_i64(head_row) * stride,
+    tw_top_k<THREADS, true>::run(scores + tw_i64(head_row) * max_tokens, len, budget, selected + tw_i64(head_row) * stride,
                            selected_count + head_row, smem);
   }
 };

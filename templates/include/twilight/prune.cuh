@@ -27,13 +27,18 @@ struct tw_q4_operand<__nv_bfloat16> {
 };
 
 // Nibbles kk (low half) and kk + 4 (high half) of `word`, counted from bit 0, as 1 + c/16 each.
-// kk is a constant once the caller's loops unroll, and so is the shift.
+// kk is a constant once the caller's loops unroll, and so is the shift. The mask-and-or is one
+// LOP3 written out in PTX: left to itself the compiler splits it into two, one per immediate.
 template <typename T>
 TW_DEVICE tw_u32 tw_q4_pair(tw_u32 word, int kk) {
   constexpr int AT = tw_q4_operand<T>::NIBBLE_AT;
   const int shift = AT - 4 * kk;
   const tw_u32 moved = shift >= 0 ? word << shift : word >> -shift;
-  return (moved & (0x000f000fu << AT)) | tw_q4_operand<T>::ONES;
+  tw_u32 pair;
+  asm("lop3.b32 %0, %1, %2, %3, 0xea;"  // (a & b) | c
+      : "=r"(pair)
+      : "r"(moved), "n"(0x000f000fu << AT), "r"(tw_q4_operand<T>::ONES));
+  return pair;
 }
 
 // d += a * b for one m16n8k16 tile (A 16x16 row-major, B 16x8 column-major, f32 accumulators);
@@ -154,17 +159,19 @@ struct tw_prune {
     const int g = lane / 4, t = lane % 4;
     const int first = base + int(threadIdx.x / 32) * 32 * PER_THREAD;  // the warp's first candidate
 
-    // Candidates first + 32j + lane: slot and packed (scale, min), one lookup per candidate;
-    // shuffles hand them to the lanes whose fragment rows hold them.
-    int slot[PER_THREAD];
+    // Candidates first + 32j + lane: where their codes start and their packed (scale, min), one
+    // lookup per candidate; shuffles hand them to the lanes whose fragment rows hold them.
+    tw_i64 codes_at[PER_THREAD];
     tw_u32 scale_min[PER_THREAD];
 #pragma unroll
     for (int j = 0; j < PER_THREAD; ++j) {
       const int c = first + 32 * j + lane;
       const bool valid = c < cands.count;
-      slot[j] = valid ? cands.slot(c) : 0;
-      const tw_i64 at = scale_layout::offset(slot[j] / PAGE_SIZE, kv_head, slot[j] % PAGE_SIZE, num_kv_heads);
-      scale_min[j] = valid ? *reinterpret_cast<const tw_u32*>(k_q4_scale_min + at) : 0u;
+      const unsigned slot = valid ? cands.slot(c) : 0;
+      const int page = slot / PAGE_SIZE, offset = slot % PAGE_SIZE;
+      codes_at[j] = q4_layout::offset(page, kv_head, offset, num_kv_heads);
+      const half* sm = k_q4_scale_min + scale_layout::offset(page, kv_head, offset, num_kv_heads);
+      scale_min[j] = valid ? *reinterpret_cast<const tw_u32*>(sm) : 0u;
     }
     // This lane's A rows: candidates first + 16i + g (h = 0) and + 8 (h = 1) of tile i. Every
     // load is issued here, before q and the math; past the end they read nothing (zeros).
@@ -175,11 +182,9 @@ struct tw_prune {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int owner = 16 * (i % 2) + g + 8 * h;  // resolved it as j = i / 2
-        const int row_slot = __shfl_sync(0xffffffffu, slot[i / 2], owner);
+        const unsigned char* row = k_q4 + __shfl_sync(0xffffffffu, codes_at[i / 2], owner) + t * CHUNK;
         row_scale_min[i][h] = __shfl_sync(0xffffffffu, scale_min[i / 2], owner);
         const bool valid = first + 16 * i + g + 8 * h < cands.count;
-        const unsigned char* row =
-            k_q4 + q4_layout::offset(row_slot / PAGE_SIZE, kv_head, row_slot % PAGE_SIZE, num_kv_heads) + t * CHUNK;
 #pragma unroll
         for (int u = 0; u < WORDS / CHUNK_WORDS; ++u) {
           tw_u32* dst = &codes[i][h][u * CHUNK_WORDS];

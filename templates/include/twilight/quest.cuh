@@ -68,10 +68,10 @@ struct tw_quest {
   TW_DEVICE static void select(const float* __restrict__ scores, const int* __restrict__ kv_indptr,
                                int* __restrict__ selected, int* __restrict__ selected_count, int num_kv_heads,
                                int max_pages, int budget_pages) {
-    __shared__ typename tw_top_k<THREADS>::storage smem;
+    __shared__ typename tw_top_k<THREADS, false>::storage smem;
     const int head_row = blockIdx.y * num_kv_heads + blockIdx.x;
     const int pages = kv_indptr[blockIdx.y + 1] - kv_indptr[blockIdx.y];
-    tw_top_k<THREADS>::run(scores + tw_i64(head_row) * max_pages, pages, budget_pages,
+    tw_top_k<THREADS, false>::run(scores + tw_i64(head_row) * max_pages, pages, budget_pages,
                            selected + tw_i64(head_row) * budget_pages, selected_count + head_row, smem);
   }
 };

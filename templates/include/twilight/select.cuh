@@ -9,16 +9,30 @@ TW_DEVICE unsigned tw_ordered_bits(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-template <int THREADS>
+// TOKEN_ROWS tunes the passes for rows of token scores (Double Sparsity: tens of thousands of
+// items, crowded into few radix buckets): keys stay in registers between passes and a warp's
+// lanes that share a bucket count it with one atomic. Measured on the H200 (bench/PERF-NOTES.md),
+// both helped the token rows (89.8 -> 59.0 us) and slowed the page rows of Quest (13.6 ->
+// 18.2 us), whose scores spread over many buckets, so page rows count with plain atomics.
+template <int THREADS, bool TOKEN_ROWS>
 struct tw_top_k {
   static constexpr int WARPS = THREADS / 32;
-  static constexpr int CACHED = 64;  // keys per thread kept in registers
+  static constexpr int CACHED = TOKEN_ROWS ? 64 : 1;  // keys per thread kept in registers
   static constexpr int BATCH = 8;    // keys per thread in flight otherwise
   typedef tw_radix<int, THREADS> radix;
   struct storage {
     typename radix::storage radix_smem;
     int scan_scratch[WARPS];
   };
+
+  // One item into the radix histogram when `flag` holds; call from all 32 lanes of a warp.
+  TW_DEVICE static void tally(storage& smem, bool flag, unsigned bucket) {
+    if (TOKEN_ROWS) {
+      radix::count_if(smem.radix_smem, flag, bucket);
+    } else if (flag) {
+      radix::add(smem.radix_smem, bucket, 1);
+    }
+  }
 
   // Call from every thread of the block. With items <= budget every item is chosen; otherwise
   // the budget - 1 best of the first items - 1 (scored in `row`) and the last item. Writes the
@@ -37,7 +51,7 @@ struct tw_top_k {
     // Rows of up to THREADS * CACHED items keep their keys in registers, loaded once with every
     // load in flight: a pass that loads as it counts waits out one load latency per item.
     const int rounds = (others + THREADS - 1) / THREADS;
-    const bool cached = rounds <= CACHED;
+    const bool cached = TOKEN_ROWS && rounds <= CACHED;
     unsigned keys[CACHED];
     if (cached) {
 #pragma unroll
@@ -57,7 +71,7 @@ struct tw_top_k {
           for (int j = 0; j < CACHED; ++j) {
             const int i = j * THREADS + int(threadIdx.x);
             if (j < rounds) {
-              radix::count_if(smem.radix_smem, i < others && (keys[j] & mask) == prefix, (keys[j] >> shift) & 255u);
+              tally(smem, i < others && (keys[j] & mask) == prefix, (keys[j] >> shift) & 255u);
             }
           }
         } else {
@@ -71,7 +85,7 @@ struct tw_top_k {
 #pragma unroll
             for (int j = 0; j < BATCH; ++j) {
               const int i = base + j * THREADS + int(threadIdx.x);
-              radix::count_if(smem.radix_smem, i < others && (batch[j] & mask) == prefix, (batch[j] >> shift) & 255u);
+              tally(smem, i < others && (batch[j] & mask) == prefix, (batch[j] >> shift) & 255u);
             }
           }
         }
