@@ -190,10 +190,9 @@ pub struct Tiling {
     /// threads hold a 32k-token row (longer rows are re-read from global memory each pass).
     pub ds_select_threads: u32,
     pub estimate_threads: u32,
-    /// Candidates each estimate thread scores (each shared-memory read of q serves them all).
-    /// Measured on the H200 at the headline shape: 4 per thread took 41.7 us against 36.3 us for
-    /// 1, so the stage waits on its chain of dependent loads (selected page, page id, codes),
-    /// which more threads in flight hide better, rather than on shared memory.
+    /// Candidates per estimate thread: each warp takes 32 x this many, as 16-candidate tensor-
+    /// core tiles. 1 is measured (20.0 us at the headline shape); 2 compiles without spills
+    /// (82 registers at head_dim 128) and is not measured yet.
     pub estimate_per_thread: u32,
     pub threshold_threads: u32,
     pub compact_threads: u32,
