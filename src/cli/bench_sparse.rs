@@ -31,7 +31,8 @@ pub struct SparseArgs {
     /// Attention preset of the synthetic generator: default, focused, diffuse, uniform.
     #[arg(long, default_value = "default")]
     preset: Preset,
-    /// Caches rotated between steps so the L2 does not hold them.
+    /// Caches rotated between steps so the L2 does not hold them (1 where one step's reads
+    /// alone exceed four times the L2).
     #[arg(long, default_value_t = 2)]
     rotation: usize,
     /// Base selector: quest or double_sparse(r) (channels calibrated on the generator's own
@@ -298,6 +299,40 @@ fn build_instances<T: KvElement>(
     Ok(instances)
 }
 
+/// Caches to rotate: `wanted`, or 1 when one sparse step's own reads (the selector's metadata
+/// and the 4-bit estimate) exceed four times the L2, so that nothing a step leaves there can
+/// serve the next one. Drawing the caches is most of a large shape's time.
+fn rotation_for(
+    stream: &Arc<CudaStream>,
+    shape: &BenchShape,
+    selector: Selector,
+    wanted: usize,
+) -> usize {
+    let l2 = stream
+        .context()
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .unwrap_or(0) as f64;
+    let d = shape.head_dim as f64;
+    let pages = shape.len.div_ceil(shape.page_size as usize) as f64;
+    let select = match selector {
+        Selector::DoubleSparse { channels } => shape.len as f64 * channels as f64 * 2.0,
+        _ => pages * 4.0 * d,
+    };
+    let estimate = shape.budget.min(shape.len) as f64 * (d / 2.0 + 4.0);
+    let step = (select + estimate) * (shape.batch * shape.kv_heads) as f64;
+    if l2 > 0.0 && step > 4.0 * l2 && wanted > 1 {
+        eprintln!(
+            "  {}: one step reads {:.0} MiB, over 4x the {:.0} MiB L2: one cache, no rotation",
+            shape.name,
+            step / (1u64 << 20) as f64,
+            l2 / (1u64 << 20) as f64
+        );
+        1
+    } else {
+        wanted
+    }
+}
+
 /// `r` channels per KV head ranked by mean |q * k| (mode qk) over evenly spread positions of
 /// the first drawn requests (`rows`: their K and V, `[len, kv_heads, head_dim]`), each request's
 /// query standing for the query at every position (as `twilight demo` does).
@@ -351,7 +386,8 @@ fn measure_typed<T: KvElement>(
     )?;
     let dense = DenseDecoder::new(stream.clone(), dense_spec)?;
     let generator = GeneratorParams::preset(method.preset, 2026);
-    let instances = build_instances::<T>(stream, &sparse, &generator, shape, method.rotation)?;
+    let rotation = rotation_for(stream, shape, selector, method.rotation);
+    let instances = build_instances::<T>(stream, &sparse, &generator, shape, rotation)?;
     let n = instances.len();
     let (warmup, iters) = (method.warmup, method.iters);
 
