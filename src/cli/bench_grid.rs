@@ -27,8 +27,8 @@ pub struct GridArgs {
     /// Attention preset of the synthetic generator.
     #[arg(long, default_value = "default")]
     preset: Preset,
-    /// Caches rotated between steps so the L2 does not hold them (1 where one step's reads
-    /// alone exceed four times the L2).
+    /// Caches rotated between steps so the L2 does not hold them (1 where the selector's
+    /// metadata alone, read first in every step, exceeds four times the L2).
     #[arg(long, default_value_t = 2)]
     rotation: usize,
     #[arg(long, default_value_t = 10)]

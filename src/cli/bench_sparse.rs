@@ -31,8 +31,8 @@ pub struct SparseArgs {
     /// Attention preset of the synthetic generator: default, focused, diffuse, uniform.
     #[arg(long, default_value = "default")]
     preset: Preset,
-    /// Caches rotated between steps so the L2 does not hold them (1 where one step's reads
-    /// alone exceed four times the L2).
+    /// Caches rotated between steps so the L2 does not hold them (1 where the selector's
+    /// metadata alone, read first in every step, exceeds four times the L2).
     #[arg(long, default_value_t = 2)]
     rotation: usize,
     /// Base selector: quest or double_sparse(r) (channels calibrated on the generator's own
@@ -299,9 +299,10 @@ fn build_instances<T: KvElement>(
     Ok(instances)
 }
 
-/// Caches to rotate: `wanted`, or 1 when one sparse step's own reads (the selector's metadata
-/// and the 4-bit estimate) exceed four times the L2, so that nothing a step leaves there can
-/// serve the next one. Drawing the caches is most of a large shape's time.
+/// Caches to rotate: `wanted`, or 1 when the selector's metadata alone (read at the start of
+/// every step, before the estimate, compaction and attention touch anything else) exceeds four
+/// times the L2, so that nothing a step leaves there survives into the next. Drawing the caches
+/// is most of a large shape's time.
 fn rotation_for(
     stream: &Arc<CudaStream>,
     shape: &BenchShape,
@@ -312,19 +313,17 @@ fn rotation_for(
         .context()
         .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
         .unwrap_or(0) as f64;
-    let d = shape.head_dim as f64;
     let pages = shape.len.div_ceil(shape.page_size as usize) as f64;
-    let select = match selector {
+    let per_pair = match selector {
         Selector::DoubleSparse { channels } => shape.len as f64 * channels as f64 * 2.0,
-        _ => pages * 4.0 * d,
+        _ => pages * 4.0 * shape.head_dim as f64,
     };
-    let estimate = shape.budget.min(shape.len) as f64 * (d / 2.0 + 4.0);
-    let step = (select + estimate) * (shape.batch * shape.kv_heads) as f64;
-    if l2 > 0.0 && step > 4.0 * l2 && wanted > 1 {
+    let select = per_pair * (shape.batch * shape.kv_heads) as f64;
+    if l2 > 0.0 && select > 4.0 * l2 && wanted > 1 {
         eprintln!(
-            "  {}: one step reads {:.0} MiB, over 4x the {:.0} MiB L2: one cache, no rotation",
+            "  {}: the selector reads {:.0} MiB per step, over 4x the {:.0} MiB L2: one cache, no rotation",
             shape.name,
-            step / (1u64 << 20) as f64,
+            select / (1u64 << 20) as f64,
             l2 / (1u64 << 20) as f64
         );
         1
