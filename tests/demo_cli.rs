@@ -447,3 +447,56 @@ fn double_sparse_with_r_at_head_dim_fails_cleanly() {
     );
     assert!(!dump.join("params.json").exists());
 }
+
+/// `--channels`: a config in the Double Sparsity tooling's format (one list per query head)
+/// is merged per KV head and used instead of calibration; a config that fits no head count of
+/// the shape is refused with a message.
+#[test]
+fn double_sparse_demo_reads_a_channel_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("channels.json");
+    let lists = |first: usize| -> Vec<Vec<usize>> {
+        (0..4)
+            .map(|h| {
+                let base = if h < 2 { first } else { first + 20 };
+                (base..base + 16).collect()
+            })
+            .collect()
+    };
+    let json = serde_json::json!({
+        "model.layers.0.self_attn.qk_proj": lists(1),
+        "model.layers.1.self_attn.qk_proj": lists(0),
+    });
+    std::fs::write(&config, json.to_string()).unwrap();
+    let flags = [
+        "--selector",
+        "double_sparse(16)",
+        "--channels",
+        config.to_str().unwrap(),
+        "--num-layers",
+        "2",
+        "--channel-layer",
+        "1",
+    ];
+    let Dumped { stdout, params, .. } = run_and_check_dump(&flags, false);
+    assert!(
+        stdout.contains("channels: 16 per KV head from") && !stdout.contains("calibration:"),
+        "{stdout}"
+    );
+    let want: Vec<Vec<usize>> = vec![(0..16).collect(), (20..36).collect()];
+    assert_eq!(params["ds_channels"], serde_json::json!(want), "{params}");
+    assert!(params["ds_channels_are"]
+        .as_str()
+        .unwrap()
+        .contains("channels.json"));
+
+    let bad = serde_json::json!({ "model.layers.0.self_attn.qk_proj": [[0, 1], [2, 3], [4, 5]] });
+    std::fs::write(&config, bad.to_string()).unwrap();
+    let mut args: Vec<&str> = SMALL.to_vec();
+    args.extend_from_slice(&["0.9", "--num-layers", "1"]);
+    args.extend_from_slice(&flags[..4]);
+    let out = twilight(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("has 3 channel lists"), "{stderr}");
+}

@@ -111,9 +111,15 @@ pub(super) fn write(dir: &Path, x: &Inputs, out: &Outcome) -> Result<(), Box<dyn
     });
     if let Some(channels) = &x.ds_channels {
         params["ds_channels"] = json!(channels);
+        let source = match &x.ds_channels_file {
+            Some(file) => format!("read from the channel config {}", file.display()),
+            None => format!(
+                "ranked by mean |q*k| over {} evenly spread positions of each request (the request's query at each)",
+                super::calibrate::TOKENS_PER_REQUEST
+            ),
+        };
         params["ds_channels_are"] = json!(format!(
-            "the r calibrated channels of each KV head ([num_kv_heads][r], ascending), ranked by mean |q*k| over {} evenly spread positions of each request (the request's query at each); double_sparse(r) scores token t of KV head g as sum over the group's query heads h and i < r of q[h, c_i] * k[t, g, c_i] with c = ds_channels[g], in f64, and selects the newest token and the B0 - 1 highest-scoring others (a tie to the lower position)",
-            super::calibrate::TOKENS_PER_REQUEST
+            "the r calibrated channels of each KV head ([num_kv_heads][r], ascending), {source}; double_sparse(r) scores token t of KV head g as sum over the group's query heads h and i < r of q[h, c_i] * k[t, g, c_i] with c = ds_channels[g], in f64, and selects the newest token and the B0 - 1 highest-scoring others (a tie to the lower position)"
         ));
     }
     std::fs::write(

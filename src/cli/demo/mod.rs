@@ -21,6 +21,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use rand::SeedableRng;
+use twilight::calibration::{CalibrationMode, ChannelConfig};
 use twilight::generator::{generate, oracle_top_p_budget, GeneratorParams, Preset};
 use twilight::reference::{CacheShape, DecodeResult, HostKv};
 use twilight::synthetic::{ragged_lengths, SyntheticStep};
@@ -55,7 +56,7 @@ pub struct Args {
     layout: KvLayout,
     /// Candidate selector: quest, full (every token) or double_sparse(r) (r label channels per
     /// token, r in 16, 32, 64 and below head_dim; `double_sparse` alone is r = 16; channels
-    /// calibrated on the generated activations; CPU reference only for now).
+    /// calibrated on the generated activations unless --channels gives a config).
     #[arg(long, default_value = "quest", value_parser = parse_selector)]
     selector: Selector,
     /// Pruning of the candidates: top_p or none. `--selector full --pruning none` is dense.
@@ -72,6 +73,18 @@ pub struct Args {
     preset: Preset,
     #[arg(long, default_value_t = 2026)]
     seed: u64,
+    /// double_sparse: take the channels from this config (the Double Sparsity tooling's JSON,
+    /// or one saved by twilight::calibration) instead of calibrating on the generated step.
+    #[arg(long, value_name = "FILE")]
+    channels: Option<PathBuf>,
+    /// With --channels: the layer whose channels to use, and the mode whose keys to read.
+    #[arg(long, default_value_t = 0)]
+    channel_layer: usize,
+    #[arg(long, default_value = "qk", value_parser = parse_mode)]
+    channel_mode: CalibrationMode,
+    /// With --channels: the model's layer count (every layer must be in the file).
+    #[arg(long, default_value_t = 32)]
+    num_layers: usize,
     /// Run the CPU reference even where a GPU is present.
     #[arg(long)]
     cpu: bool,
@@ -108,6 +121,10 @@ pub(crate) fn parse_selector(s: &str) -> Result<Selector, String> {
         FieldValue::Selector(selector) => Ok(selector),
         other => Err(format!("`{s}` parsed as {other:?}, not a selector")),
     }
+}
+
+fn parse_mode(s: &str) -> Result<CalibrationMode, String> {
+    s.parse().map_err(|e: twilight::Error| e.to_string())
 }
 
 fn parse_pruning(s: &str) -> Result<Pruning, String> {
@@ -161,6 +178,8 @@ pub(super) struct Inputs {
     pub step: SyntheticStep,
     /// `double_sparse(r)` only: the calibrated channels, `[num_kv_heads][r]`, each ascending.
     pub ds_channels: Option<Vec<Vec<usize>>>,
+    /// Where the channels came from: a config file, or `None` when calibrated on the step.
+    pub ds_channels_file: Option<PathBuf>,
 }
 
 impl Inputs {
@@ -341,8 +360,17 @@ fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
         step.shape.num_pages,
         start.elapsed().as_secs_f64() * 1e3
     );
-    let ds_channels = match spec.selector {
-        Selector::DoubleSparse { channels } => Some(calibrate_channels(&step, channels as usize)?),
+    let ds_channels = match (spec.selector, &args.channels) {
+        (Selector::DoubleSparse { channels: r }, Some(path)) => Some(load_channels(
+            args,
+            path,
+            r as usize,
+            spec.group_size as usize,
+        )?),
+        (Selector::DoubleSparse { channels: r }, None) => {
+            Some(calibrate_channels(&step, r as usize)?)
+        }
+        (_, Some(_)) => return Err("--channels needs --selector double_sparse(r)".into()),
         _ => None,
     };
     Ok(Inputs {
@@ -354,7 +382,56 @@ fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
         generator,
         step,
         ds_channels,
+        ds_channels_file: args.channels.clone(),
     })
+}
+
+/// The channels of `double_sparse(r)` from a config file: the lists of one layer, one per query
+/// head (the Double Sparsity tooling's `q`/`qk` configs) or per KV head, merged per KV head.
+fn load_channels(
+    args: &Args,
+    path: &std::path::Path,
+    r: usize,
+    group_size: usize,
+) -> Result<Vec<Vec<usize>>, Box<dyn std::error::Error>> {
+    // The file says whether its lists are per query head or per KV head.
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read channel config {}: {e}", path.display()))?;
+    let key = args.channel_mode.json_key(args.channel_layer);
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("{}: not JSON: {e}", path.display()))?;
+    let lists = value
+        .get(&key)
+        .and_then(|v| v.as_array())
+        .map(Vec::len)
+        .ok_or_else(|| format!("{}: no channel lists under `{key}`", path.display()))?;
+    let (qo, kv) = (args.kv_heads * group_size, args.kv_heads);
+    if lists != qo && lists != kv {
+        return Err(format!(
+            "{}: `{key}` has {lists} channel lists; this shape has {qo} query and {kv} KV heads",
+            path.display()
+        )
+        .into());
+    }
+    let config = ChannelConfig::from_json(
+        &text,
+        args.channel_mode,
+        args.num_layers,
+        lists,
+        args.head_dim as usize,
+        r,
+    )
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    let channels = config.kv_head_channels(args.channel_layer, kv)?;
+    let first: Vec<String> = channels[0].iter().map(usize::to_string).collect();
+    println!(
+        "  channels: {r} per KV head from {} (layer {}, mode {}, {lists} lists); KV head 0: [{}]",
+        path.display(),
+        args.channel_layer,
+        args.channel_mode,
+        first.join(", ")
+    );
+    Ok(channels)
 }
 
 /// Calibrates the channels of `double_sparse(r)` on the step and prints what came out.
