@@ -1,7 +1,7 @@
 //! The rendered CUDA of every snapshot variant, pinned with insta, plus the invariants of a
 //! rendered program that a snapshot cannot state: determinism, one entry per stage, headers
-//! behind `#line` markers, no Tera syntax left, the banner, template overrides, and which
-//! variants have no kernel yet.
+//! behind `#line` markers, no Tera syntax left, the banner, template overrides, and that every
+//! selector with every pruning mode is snapshotted.
 //!
 //! Rendering always uses [`TemplateSource::Embedded`] (or an explicit directory), so
 //! `TWILIGHT_TEMPLATE_DIR` cannot change what these tests see. Accept changed snapshots with

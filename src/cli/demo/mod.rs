@@ -7,8 +7,7 @@
 //! `--selector full --pruning none` is dense paged decode through the same structure.
 //!
 //! `--selector double_sparse(r)` calibrates its `r` channels per KV head on the generated
-//! activations first (see [`calibrate`]). Its GPU kernels do not exist yet: it runs on the CPU
-//! reference, with a GPU or without.
+//! activations first (see [`calibrate`]), or reads them from a channel config (`--channels`).
 
 mod calibrate;
 mod check;
