@@ -365,6 +365,14 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     let stride = decoder
         .plan(case.lens.len(), kvh, built.table.max_len())
         .selected_stride;
+    // Slot -> position within its request, one map per request.
+    let positions_of: Vec<std::collections::HashMap<usize, usize>> = (0..case.lens.len())
+        .map(|b| {
+            (0..built.host_table.len_of(b))
+                .map(|t| (built.host_table.slot(b, t), t))
+                .collect()
+        })
+        .collect();
     let gpu_selection = ws.selection(stream).unwrap();
     let selection_identical = match (&quest, &labels, &gpu_selection) {
         (Some(meta), _, Some(gpu)) => check_selection(
@@ -381,15 +389,8 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
                 .iter()
                 .enumerate()
                 .map(|(row, slots)| {
-                    let b = row / kvh;
-                    slots
-                        .iter()
-                        .map(|&s| {
-                            (0..built.host_table.len_of(b))
-                                .find(|&t| built.host_table.slot(b, t) == s)
-                                .expect("a candidate is a token of its request")
-                        })
-                        .collect()
+                    let position = &positions_of[row / kvh];
+                    slots.iter().map(|s| position[s]).collect()
                 })
                 .collect();
             check_selection(
@@ -408,7 +409,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         Dtype::Bf16 => (8e-3, 2e-2),
     };
     let mut differing_rows = 0;
-    for b in 0..case.lens.len() {
+    for (b, position) in positions_of.iter().enumerate() {
         for g in 0..kvh {
             let row = b * kvh + g;
             let count = counts[row];
@@ -421,9 +422,6 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
                 .map(|&s| s as usize)
                 .collect();
             // Kept slots are candidates of this request, in candidate order, each once.
-            let position: std::collections::HashMap<usize, usize> = (0..built.host_table.len_of(b))
-                .map(|t| (built.host_table.slot(b, t), t))
-                .collect();
             let positions: Vec<usize> = got
                 .iter()
                 .map(|s| {

@@ -69,23 +69,40 @@ pub struct ShapeArgs {
 impl ShapeArgs {
     /// The dense (`full`/`none`) variant of this shape.
     pub fn dense_spec(&self) -> Result<VariantSpec, Box<dyn std::error::Error>> {
-        if self.kv_heads == 0 || self.qo_heads % self.kv_heads != 0 {
-            return Err(format!(
-                "--qo-heads {} is not a multiple of --kv-heads {}",
-                self.qo_heads, self.kv_heads
-            )
-            .into());
-        }
-        Ok(format!(
-            "page_size={},head_dim={},dtype={},group_size={},kv_layout={},selector=full,pruning=none",
+        dense_spec(
+            self.qo_heads,
+            self.kv_heads,
             self.page_size,
             self.head_dim,
-            self.dtype,
-            self.qo_heads / self.kv_heads,
-            self.layout
+            &self.dtype,
+            &self.layout,
         )
-        .parse()?)
     }
+}
+
+/// The dense (`full`/`none`) variant of a benchmark shape, whose flags and shape-list entries
+/// spell dtype and layout as text.
+///
+/// # Errors
+/// Query heads that are not a multiple of the KV heads, or a spec that does not validate.
+pub fn dense_spec(
+    qo_heads: usize,
+    kv_heads: usize,
+    page_size: u32,
+    head_dim: u32,
+    dtype: &str,
+    layout: &str,
+) -> Result<VariantSpec, Box<dyn std::error::Error>> {
+    if kv_heads == 0 || qo_heads % kv_heads != 0 {
+        return Err(
+            format!("{qo_heads} query heads are not a multiple of {kv_heads} KV heads").into(),
+        );
+    }
+    Ok(format!(
+        "page_size={page_size},head_dim={head_dim},dtype={dtype},group_size={},kv_layout={layout},selector=full,pruning=none",
+        qo_heads / kv_heads
+    )
+    .parse()?)
 }
 
 pub fn run(what: What) -> CliResult {

@@ -66,22 +66,15 @@ fn default_layout() -> String {
 impl BenchShape {
     /// The dense (`full`/`none`) variant of the shape.
     pub fn dense_spec(&self) -> Result<VariantSpec, Box<dyn std::error::Error>> {
-        if self.kv_heads == 0 || self.qo_heads % self.kv_heads != 0 {
-            return Err(format!(
-                "{}: {} query heads are not a multiple of {} KV heads",
-                self.name, self.qo_heads, self.kv_heads
-            )
-            .into());
-        }
-        Ok(format!(
-            "page_size={},head_dim={},dtype={},group_size={},kv_layout={},selector=full,pruning=none",
+        super::bench::dense_spec(
+            self.qo_heads,
+            self.kv_heads,
             self.page_size,
             self.head_dim,
-            self.dtype,
-            self.qo_heads / self.kv_heads,
-            self.layout
+            &self.dtype,
+            &self.layout,
         )
-        .parse()?)
+        .map_err(|e| format!("{}: {e}", self.name).into())
     }
 
     /// Bytes of K and V of one cache of this shape.
@@ -299,6 +292,23 @@ fn build_instances<T: KvElement>(
     Ok(instances)
 }
 
+/// DESIGN.md's byte model of the selection per (request, KV head), 2-byte elements: the
+/// candidates it hands on, and the bytes it reads (Quest each page's max and min rows, Double
+/// Sparsity each token's label).
+fn selection_bytes(shape: &BenchShape, selector: Selector) -> (f64, f64) {
+    let (len, ps) = (shape.len, shape.page_size as usize);
+    match selector {
+        Selector::DoubleSparse { channels } => (
+            shape.budget.min(len) as f64,
+            len as f64 * channels as f64 * 2.0,
+        ),
+        _ => (
+            (shape.budget.div_ceil(ps) * ps).min(len) as f64,
+            len.div_ceil(ps) as f64 * 4.0 * shape.head_dim as f64,
+        ),
+    }
+}
+
 /// Caches to rotate: `wanted`, or 1 when the selector's metadata alone (read at the start of
 /// every step, before the estimate, compaction and attention touch anything else) exceeds four
 /// times the L2, so that nothing a step leaves there survives into the next. Drawing the caches
@@ -313,12 +323,7 @@ fn rotation_for(
         .context()
         .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
         .unwrap_or(0) as f64;
-    let pages = shape.len.div_ceil(shape.page_size as usize) as f64;
-    let per_pair = match selector {
-        Selector::DoubleSparse { channels } => shape.len as f64 * channels as f64 * 2.0,
-        _ => pages * 4.0 * shape.head_dim as f64,
-    };
-    let select = per_pair * (shape.batch * shape.kv_heads) as f64;
+    let select = selection_bytes(shape, selector).1 * (shape.batch * shape.kv_heads) as f64;
     if l2 > 0.0 && select > 4.0 * l2 && wanted > 1 {
         eprintln!(
             "  {}: the selector reads {:.0} MiB per step, over 4x the {:.0} MiB L2: one cache, no rotation",
@@ -465,20 +470,9 @@ fn measure_typed<T: KvElement>(
     // DESIGN.md's byte model per (request, KV head), d = head_dim, 2-byte dtype.
     let d = shape.head_dim as f64;
     let pairs = (shape.batch * shape.kv_heads) as f64;
-    let pages = shape.len.div_ceil(shape.page_size as usize) as f64;
-    let ps = shape.page_size as usize;
     let floor_us = |bytes: f64| bytes * pairs / bandwidth * 1e6;
-    // Quest reads each page's bounds (max and min rows); Double Sparsity each token's label.
-    let (cands, select_floor) = match selector {
-        Selector::DoubleSparse { channels } => (
-            shape.budget.min(shape.len) as f64,
-            floor_us(shape.len as f64 * channels as f64 * 2.0),
-        ),
-        _ => (
-            (shape.budget.div_ceil(ps) * ps).min(shape.len) as f64,
-            floor_us(pages * 4.0 * d),
-        ),
-    };
+    let (cands, select_bytes) = selection_bytes(shape, selector);
+    let select_floor = floor_us(select_bytes);
     let estimate_floor = floor_us(cands * (d / 2.0 + 4.0));
     let attend_floor = floor_us(mean * 4.0 * d);
     let stage_floor = |stage: Stage| match stage {
