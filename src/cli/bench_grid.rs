@@ -12,7 +12,8 @@ use twilight::generator::Preset;
 use twilight::Selector;
 
 use super::bench_sparse::{
-    graph_ready_stream, measure, print_report, BenchShape, Method, SparseReport,
+    graph_ready_stream, l2_bytes, measure, print_report, rotation_for, BenchShape, Method,
+    SparseReport,
 };
 use super::CliResult;
 
@@ -149,10 +150,16 @@ pub fn run(args: GridArgs) -> CliResult {
     let mut reports: Vec<SparseReport> = Vec::new();
     let mut skipped: Vec<(String, String)> = Vec::new();
     let start = Instant::now();
+    let l2 = l2_bytes(&stream);
     for (i, shape) in shapes.iter().enumerate() {
-        // K and V, plus Quest bounds and the 4-bit copy (about a third more), per rotated cache.
-        let gib =
-            shape.kv_bytes() as f64 * 1.35 * args.rotation.max(1) as f64 / (1u64 << 30) as f64;
+        // K and V, plus the derived data (Quest bounds or Double Sparsity labels, and the 4-bit
+        // copy: at most a third more), per cache each selector rotates over.
+        let caches: usize = args
+            .selectors
+            .iter()
+            .map(|&s| rotation_for(l2, shape, s, args.rotation.max(1)))
+            .sum();
+        let gib = shape.kv_bytes() as f64 * 1.35 * caches as f64 / (1u64 << 30) as f64;
         if gib > args.max_gib {
             let why = format!(
                 "needs {gib:.0} GiB of caches, over --max-gib {}",
@@ -174,15 +181,17 @@ pub fn run(args: GridArgs) -> CliResult {
             shape.name,
             start.elapsed().as_secs_f64()
         );
-        for &selector in &args.selectors {
-            match measure(&stream, bandwidth, shape, &method, selector) {
-                Ok(report) => {
+        match measure(&stream, bandwidth, shape, &method, &args.selectors) {
+            Ok(measured) => {
+                for report in measured {
                     print_report(&report);
                     reports.push(report);
                 }
-                Err(e) => {
+            }
+            Err(e) => {
+                eprintln!("[{}/{}] {}: failed: {e}", i + 1, shapes.len(), shape.name);
+                for selector in &args.selectors {
                     let what = format!("{} with {}", shape.name, selector.declared());
-                    eprintln!("[{}/{}] {what}: failed: {e}", i + 1, shapes.len());
                     skipped.push((what, format!("failed: {e}")));
                 }
             }

@@ -144,7 +144,9 @@ pub fn run(args: SparseArgs) -> CliResult {
     let stream = graph_ready_stream()?;
     let tools = twilight::bench::BenchKernels::new(&stream)?;
     let bandwidth = tools.read_bandwidth((s.probe_gib * (1u64 << 30) as f64) as usize)?;
-    let report = measure(&stream, bandwidth, &shape, &method, args.selector)?;
+    let report = measure(&stream, bandwidth, &shape, &method, &[args.selector])?
+        .pop()
+        .ok_or("one selector gives one report")?;
     print_report(&report);
     if let Some(path) = &s.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
@@ -161,7 +163,9 @@ pub fn graph_ready_stream() -> Result<Arc<CudaStream>, Box<dyn std::error::Error
     Ok(ctx.new_stream()?)
 }
 
-/// Measures one shape (see the module documentation).
+/// Measures one shape with each of `selectors` as the base (see the module documentation):
+/// one report per selector. The caches are drawn once and appended into every selector's
+/// caches, and dense decode is timed once, so several selectors cost little more than one.
 ///
 /// # Errors
 /// A bad shape, JIT, driver or generator errors.
@@ -170,18 +174,32 @@ pub fn measure(
     bandwidth: f64,
     shape: &BenchShape,
     method: &Method,
-    selector: Selector,
-) -> Result<SparseReport, Box<dyn std::error::Error>> {
+    selectors: &[Selector],
+) -> Result<Vec<SparseReport>, Box<dyn std::error::Error>> {
     let dense = shape.dense_spec()?;
-    if selector == Selector::Full {
-        return Err("the base selector must be quest or double_sparse(r)".into());
+    if selectors.is_empty() || selectors.contains(&Selector::Full) {
+        return Err("the base selectors must be quest or double_sparse(r), at least one".into());
     }
-    let twilight = with(dense, selector, Pruning::TopP);
-    twilight.validate()?;
+    let specs: Vec<VariantSpec> = selectors
+        .iter()
+        .map(|&selector| with(dense, selector, Pruning::TopP))
+        .collect();
+    for spec in &specs {
+        spec.validate()?;
+    }
+    let l2 = l2_bytes(stream);
     match dense.dtype {
-        Dtype::F16 => measure_typed::<half::f16>(stream, bandwidth, twilight, shape, method),
-        Dtype::Bf16 => measure_typed::<half::bf16>(stream, bandwidth, twilight, shape, method),
+        Dtype::F16 => measure_typed::<half::f16>(stream, bandwidth, l2, &specs, shape, method),
+        Dtype::Bf16 => measure_typed::<half::bf16>(stream, bandwidth, l2, &specs, shape, method),
     }
+}
+
+/// The device's L2 size in bytes (0 when the driver does not say).
+pub fn l2_bytes(stream: &Arc<CudaStream>) -> f64 {
+    stream
+        .context()
+        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
+        .unwrap_or(0) as f64
 }
 
 /// Requests whose keys make the calibration sample of `double_sparse`, and positions per request.
@@ -202,21 +220,28 @@ fn with(spec: VariantSpec, selector: Selector, pruning: Pruning) -> VariantSpec 
     }
 }
 
-/// Caches of realistic attention, filled through the variant's append.
+/// Caches of realistic attention: `rotations[s]` caches for decoder `s`, filled through its
+/// variant's append. Every decoder's cache `i` holds the same drawn K and V, so each draw is
+/// paid once however many selectors share it.
 fn build_instances<T: KvElement>(
     stream: &Arc<CudaStream>,
-    decoder: &SparseDecoder,
+    decoders: &[SparseDecoder],
+    rotations: &[usize],
     generator: &GeneratorParams,
     shape: &BenchShape,
-    rotation: usize,
-) -> Result<Vec<Instance<T>>, Box<dyn std::error::Error>> {
-    let spec = *decoder.spec();
+) -> Result<Vec<Vec<Instance<T>>>, Box<dyn std::error::Error>> {
     let lens = vec![shape.len; shape.batch];
-    let mut instances = Vec::new();
+    let layout = decoders
+        .first()
+        .ok_or("at least one decoder")?
+        .spec()
+        .kv_layout;
+    let mut instances: Vec<Vec<Instance<T>>> = decoders.iter().map(|_| Vec::new()).collect();
     // double_sparse: channels calibrated once, on the first cache's activations, and kept for
     // every cache, as a model's calibration serves every request.
-    let mut channels: Option<Vec<Vec<usize>>> = None;
-    for i in 0..rotation.max(1) {
+    let mut channels: Vec<Option<Vec<Vec<usize>>>> = vec![None; decoders.len()];
+    let draws = rotations.iter().copied().max().unwrap_or(1).max(1);
+    for i in 0..draws {
         let start = Instant::now();
         let mut g = generator.clone();
         g.seed = generator.seed + i as u64;
@@ -229,13 +254,15 @@ fn build_instances<T: KvElement>(
             shape.qo_heads / shape.kv_heads,
             shape.page_size as usize,
             shape.head_dim as usize,
-            spec.kv_layout,
+            layout,
         )?;
+        // The decoders that rotate over at least i + 1 caches get this draw.
+        let users: Vec<usize> = (0..decoders.len()).filter(|&s| rotations[s] > i).collect();
+        let mut caches: Vec<Option<PagedKvCache<T>>> = users.iter().map(|_| None).collect();
+        let mut ids: Vec<Vec<twilight::RequestId>> = users.iter().map(|_| Vec::new()).collect();
         // Requests are drawn in parallel groups (the draw is the slow part of a large cache)
         // and appended group by group, so the host holds one group's rows at a time.
         let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
-        let mut cache: Option<PagedKvCache<T>> = None;
-        let mut ids = Vec::new();
         let requests: Vec<usize> = (0..shape.batch).collect();
         for group in requests.chunks(threads) {
             let rows: Vec<(Vec<T>, Vec<T>)> = std::thread::scope(|scope| {
@@ -249,45 +276,48 @@ fn build_instances<T: KvElement>(
                     .map(|h| h.join().expect("drawing a request's rows does not panic"))
                     .collect()
             });
-            let cache = match &mut cache {
-                Some(cache) => cache,
-                None => cache.insert(match spec.selector {
+            for (slot, &s) in users.iter().enumerate() {
+                if caches[slot].is_some() {
+                    continue;
+                }
+                let spec = decoders[s].spec();
+                caches[slot] = Some(match spec.selector {
                     Selector::DoubleSparse { channels: r } => {
-                        if channels.is_none() {
-                            channels = Some(calibrate(&planned.q, &rows, shape, r as usize)?);
+                        if channels[s].is_none() {
+                            channels[s] = Some(calibrate(&planned.q, &rows, shape, r as usize)?);
                         }
-                        let channels = channels.as_ref().expect("calibrated above");
-                        PagedKvCache::<T>::for_double_sparse(
-                            stream,
-                            planned.shape,
-                            &spec,
-                            channels,
-                        )?
+                        let channels = channels[s].as_ref().expect("calibrated above");
+                        PagedKvCache::<T>::for_double_sparse(stream, planned.shape, spec, channels)?
                     }
-                    _ => PagedKvCache::<T>::for_variant(stream, planned.shape, &spec)?,
-                }),
-            };
+                    _ => PagedKvCache::<T>::for_variant(stream, planned.shape, spec)?,
+                });
+            }
             for (k, v) in rows {
-                let id = cache.add_request();
+                // Uploaded once, appended into every decoder's cache.
                 let (k, v) = (stream.clone_htod(&k)?, stream.clone_htod(&v)?);
-                decoder.append(cache, &[(id, shape.len)], &k, &v)?;
-                ids.push(id);
+                for (slot, &s) in users.iter().enumerate() {
+                    let cache = caches[slot].as_mut().expect("created above");
+                    let id = cache.add_request();
+                    decoders[s].append(cache, &[(id, shape.len)], &k, &v)?;
+                    ids[slot].push(id);
+                }
             }
         }
-        let cache = cache.ok_or("a benchmark shape has at least one request")?;
-        let table = cache.page_table(stream, &ids)?;
-        let q = stream.clone_htod(&twilight::synthetic::SyntheticStep::to_elements::<T>(
-            &planned.q,
-        ))?;
+        let q = twilight::synthetic::SyntheticStep::to_elements::<T>(&planned.q);
+        for ((slot, &s), cache) in users.iter().enumerate().zip(caches) {
+            let cache = cache.ok_or("a benchmark shape has at least one request")?;
+            let table = cache.page_table(stream, &ids[slot])?;
+            let q = stream.clone_htod(&q)?;
+            instances[s].push(Instance { cache, table, q });
+        }
         stream.synchronize()?;
         eprintln!(
-            "  {}: cache {}/{} generated and appended in {:.1} s",
+            "  {}: cache {}/{draws} generated and appended for {} selector(s) in {:.1} s",
             shape.name,
             i + 1,
-            rotation,
+            users.len(),
             start.elapsed().as_secs_f64()
         );
-        instances.push(Instance { cache, table, q });
     }
     Ok(instances)
 }
@@ -311,26 +341,11 @@ fn selection_bytes(shape: &BenchShape, selector: Selector) -> (f64, f64) {
 
 /// Caches to rotate: `wanted`, or 1 when the selector's metadata alone (read at the start of
 /// every step, before the estimate, compaction and attention touch anything else) exceeds four
-/// times the L2, so that nothing a step leaves there survives into the next. Drawing the caches
-/// is most of a large shape's time.
-fn rotation_for(
-    stream: &Arc<CudaStream>,
-    shape: &BenchShape,
-    selector: Selector,
-    wanted: usize,
-) -> usize {
-    let l2 = stream
-        .context()
-        .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)
-        .unwrap_or(0) as f64;
+/// times the L2 (`l2` bytes), so that nothing a step leaves there survives into the next.
+/// Drawing the caches is most of a large shape's time.
+pub fn rotation_for(l2: f64, shape: &BenchShape, selector: Selector, wanted: usize) -> usize {
     let select = selection_bytes(shape, selector).1 * (shape.batch * shape.kv_heads) as f64;
     if l2 > 0.0 && select > 4.0 * l2 && wanted > 1 {
-        eprintln!(
-            "  {}: the selector reads {:.0} MiB per step, over 4x the {:.0} MiB L2: one cache, no rotation",
-            shape.name,
-            select / (1u64 << 20) as f64,
-            l2 / (1u64 << 20) as f64
-        );
         1
     } else {
         wanted
@@ -371,27 +386,104 @@ fn calibrate<T: KvElement>(
 fn measure_typed<T: KvElement>(
     stream: &Arc<CudaStream>,
     bandwidth: f64,
-    twilight_spec: VariantSpec,
+    l2: f64,
+    specs: &[VariantSpec],
     shape: &BenchShape,
     method: &Method,
-) -> Result<SparseReport, Box<dyn std::error::Error>> {
-    let dense_spec = with(twilight_spec, Selector::Full, Pruning::None);
-    let selector = twilight_spec.selector;
+) -> Result<Vec<SparseReport>, Box<dyn std::error::Error>> {
     let params = SparseParams {
         budget: shape.budget,
         p: shape.p,
         sm_scale: None,
     };
-    let sparse = SparseDecoder::new(stream.clone(), twilight_spec, params)?;
-    let base = SparseDecoder::new(
-        stream.clone(),
-        with(dense_spec, selector, Pruning::None),
-        params,
-    )?;
-    let dense = DenseDecoder::new(stream.clone(), dense_spec)?;
+    let decoders = specs
+        .iter()
+        .map(|&spec| SparseDecoder::new(stream.clone(), spec, params))
+        .collect::<twilight::Result<Vec<_>>>()?;
     let generator = GeneratorParams::preset(method.preset, 2026);
-    let rotation = rotation_for(stream, shape, selector, method.rotation);
-    let instances = build_instances::<T>(stream, &sparse, &generator, shape, rotation)?;
+    let rotations: Vec<usize> = specs
+        .iter()
+        .map(|spec| {
+            let n = rotation_for(l2, shape, spec.selector, method.rotation);
+            if n < method.rotation {
+                eprintln!(
+                    "  {}: {} reads {:.0} MiB per step, over 4x the {:.0} MiB L2: one cache, no rotation",
+                    shape.name,
+                    spec.selector.declared(),
+                    selection_bytes(shape, spec.selector).1 * (shape.batch * shape.kv_heads) as f64
+                        / (1u64 << 20) as f64,
+                    l2 / (1u64 << 20) as f64
+                );
+            }
+            n
+        })
+        .collect();
+    let instances = build_instances::<T>(stream, &decoders, &rotations, &generator, shape)?;
+
+    // Dense decode reads K and V only, which every decoder's caches share: timed once, on the
+    // caches of the selector that rotates over the most.
+    let widest = (0..specs.len())
+        .max_by_key(|&s| rotations[s])
+        .ok_or("at least one selector")?;
+    let dense_t = time_dense(stream, specs[widest], &instances[widest], shape, method)?;
+
+    let mut reports = Vec::new();
+    for ((sparse, instances), spec) in decoders.iter().zip(&instances).zip(specs) {
+        let base = SparseDecoder::new(
+            stream.clone(),
+            with(*spec, spec.selector, Pruning::None),
+            params,
+        )?;
+        reports.push(measure_selector(
+            stream, bandwidth, sparse, &base, instances, &generator, &dense_t, shape, method,
+        )?);
+    }
+    Ok(reports)
+}
+
+/// Dense decode (`full` + `none`) over the caches' K and V.
+fn time_dense<T: KvElement>(
+    stream: &Arc<CudaStream>,
+    spec: VariantSpec,
+    instances: &[Instance<T>],
+    shape: &BenchShape,
+    method: &Method,
+) -> Result<Timing, Box<dyn std::error::Error>> {
+    let dense = DenseDecoder::new(stream.clone(), with(spec, Selector::Full, Pruning::None))?;
+    let heads = shape.batch * shape.qo_heads;
+    let mut out = DecodeOutput {
+        o: stream.alloc_zeros::<T>(heads * shape.head_dim as usize)?,
+        lse: stream.alloc_zeros::<f32>(heads)?,
+    };
+    let mut ws = Workspace::default();
+    let n = instances.len();
+    Ok(time_with_events(
+        stream,
+        method.warmup,
+        method.iters,
+        |i| {
+            let x = &instances[i % n];
+            dense.run_into(&x.q, &x.cache, &x.table, None, &mut out, &mut ws)
+        },
+    )?)
+}
+
+/// The twilight step of `sparse` and its base selector alone (`base`, pruning `none`) over
+/// `instances`, per stage and per step, as one report.
+#[allow(clippy::too_many_arguments)]
+fn measure_selector<T: KvElement>(
+    stream: &Arc<CudaStream>,
+    bandwidth: f64,
+    sparse: &SparseDecoder,
+    base: &SparseDecoder,
+    instances: &[Instance<T>],
+    generator: &GeneratorParams,
+    dense_t: &Timing,
+    shape: &BenchShape,
+    method: &Method,
+) -> Result<SparseReport, Box<dyn std::error::Error>> {
+    let twilight_spec = *sparse.spec();
+    let selector = twilight_spec.selector;
     let n = instances.len();
     let (warmup, iters) = (method.warmup, method.iters);
 
@@ -402,16 +494,10 @@ fn measure_typed<T: KvElement>(
             .map(|x| d.alloc_output(&x.table, shape.kv_heads))
             .collect()
     };
-    let mut s_out = outputs(&sparse)?;
-    let mut q_out = outputs(&base)?;
+    let mut s_out = outputs(sparse)?;
+    let mut q_out = outputs(base)?;
     let mut s_ws: Vec<SparseWorkspace> = (0..n).map(|_| SparseWorkspace::default()).collect();
     let mut q_ws: Vec<SparseWorkspace> = (0..n).map(|_| SparseWorkspace::default()).collect();
-    let heads = shape.batch * shape.qo_heads;
-    let mut d_out = DecodeOutput {
-        o: stream.alloc_zeros::<T>(heads * shape.head_dim as usize)?,
-        lse: stream.alloc_zeros::<f32>(heads)?,
-    };
-    let mut d_ws = Workspace::default();
 
     let twilight_t = time_with_events(stream, warmup, iters, |i| {
         let x = &instances[i % n];
@@ -433,10 +519,6 @@ fn measure_typed<T: KvElement>(
             &mut q_ws[i % n],
         )
     })?;
-    let dense_t = time_with_events(stream, warmup, iters, |i| {
-        let x = &instances[i % n];
-        dense.run_into(&x.q, &x.cache, &x.table, None, &mut d_out, &mut d_ws)
-    })?;
 
     // The same twilight steps replayed as CUDA graphs (one per cache).
     let mut graphs = Vec::new();
@@ -453,7 +535,7 @@ fn measure_typed<T: KvElement>(
         })
     })?;
     let stages = stage_times(
-        stream, &sparse, &instances, &mut s_out, &mut s_ws, warmup, iters,
+        stream, sparse, instances, &mut s_out, &mut s_ws, warmup, iters,
     )?;
 
     // Kept budgets of the last step on cache 0.
