@@ -11,9 +11,9 @@ use twilight::bench::BenchKernels;
 use twilight::generator::Preset;
 use twilight::Selector;
 
+use super::bench_caches::rotation_for;
 use super::bench_sparse::{
-    graph_ready_stream, l2_bytes, measure, print_report, rotation_for, BenchShape, Method,
-    SparseReport,
+    graph_ready_stream, l2_bytes, measure, print_report, BenchShape, Method, SparseReport,
 };
 use super::CliResult;
 

@@ -1,22 +1,23 @@
 //! `twilight bench sparse`: one Select-then-Prune shape measured side by side with its base
-//! selector alone (`quest` or `double_sparse(r)` with `none`) and dense decode on the same caches, per stage and per step (plain launches and CUDA-graph
-//! replay), against DESIGN.md's byte floors. [`measure`] is also what `bench grid` runs per
-//! shape.
+//! selector alone (`quest` or `double_sparse(r)` with `none`) and dense decode on the same
+//! caches, per stage and per step (plain launches and CUDA-graph replay), against DESIGN.md's
+//! byte floors. [`measure`] is also what `bench grid` runs per shape; the caches come from
+//! `bench_caches`.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use cudarc::driver::{CudaGraph, CudaStream};
 use serde::{Deserialize, Serialize};
 use twilight::bench::{time_with_events, Timing};
-use twilight::generator::{plan, GeneratorParams, Preset};
+use twilight::generator::{GeneratorParams, Preset};
 use twilight::twilight_jit::{open_device, Stage};
 use twilight::{
-    DecodeOutput, DenseDecoder, Dtype, KvElement, PageTable, PagedKvCache, Pruning, Selector,
-    SparseDecoder, SparseOutput, SparseParams, SparseWorkspace, VariantSpec, Workspace,
+    DecodeOutput, DenseDecoder, Dtype, KvElement, Pruning, Selector, SparseDecoder, SparseOutput,
+    SparseParams, SparseWorkspace, VariantSpec, Workspace,
 };
 
 use super::bench::ShapeArgs;
+use super::bench_caches::{build_instances, rotation_for, Instance};
 use super::CliResult;
 
 #[derive(clap::Args, Debug)]
@@ -202,16 +203,6 @@ pub fn l2_bytes(stream: &Arc<CudaStream>) -> f64 {
         .unwrap_or(0) as f64
 }
 
-/// Requests whose keys make the calibration sample of `double_sparse`, and positions per request.
-const CALIBRATION_REQUESTS: usize = 4;
-const CALIBRATION_POSITIONS: usize = 256;
-
-struct Instance<T: KvElement> {
-    cache: PagedKvCache<T>,
-    table: PageTable,
-    q: cudarc::driver::CudaSlice<T>,
-}
-
 fn with(spec: VariantSpec, selector: Selector, pruning: Pruning) -> VariantSpec {
     VariantSpec {
         selector,
@@ -220,112 +211,10 @@ fn with(spec: VariantSpec, selector: Selector, pruning: Pruning) -> VariantSpec 
     }
 }
 
-/// Caches of realistic attention: `rotations[s]` caches for decoder `s`, filled through its
-/// variant's append. Every decoder's cache `i` holds the same drawn K and V, so each draw is
-/// paid once however many selectors share it.
-fn build_instances<T: KvElement>(
-    stream: &Arc<CudaStream>,
-    decoders: &[SparseDecoder],
-    rotations: &[usize],
-    generator: &GeneratorParams,
-    shape: &BenchShape,
-) -> Result<Vec<Vec<Instance<T>>>, Box<dyn std::error::Error>> {
-    let lens = vec![shape.len; shape.batch];
-    let layout = decoders
-        .first()
-        .ok_or("at least one decoder")?
-        .spec()
-        .kv_layout;
-    let mut instances: Vec<Vec<Instance<T>>> = decoders.iter().map(|_| Vec::new()).collect();
-    // double_sparse: channels calibrated once, on the first cache's activations, and kept for
-    // every cache, as a model's calibration serves every request.
-    let mut channels: Vec<Option<Vec<Vec<usize>>>> = vec![None; decoders.len()];
-    let draws = rotations.iter().copied().max().unwrap_or(1).max(1);
-    for i in 0..draws {
-        let start = Instant::now();
-        let mut g = generator.clone();
-        g.seed = generator.seed + i as u64;
-        // Planned, then drawn request by request: the host never holds a whole pool, so caches
-        // far larger than host memory can be filled.
-        let planned = plan::<T>(
-            &g,
-            &lens,
-            shape.kv_heads,
-            shape.qo_heads / shape.kv_heads,
-            shape.page_size as usize,
-            shape.head_dim as usize,
-            layout,
-        )?;
-        // The decoders that rotate over at least i + 1 caches get this draw.
-        let users: Vec<usize> = (0..decoders.len()).filter(|&s| rotations[s] > i).collect();
-        let mut caches: Vec<Option<PagedKvCache<T>>> = users.iter().map(|_| None).collect();
-        let mut ids: Vec<Vec<twilight::RequestId>> = users.iter().map(|_| Vec::new()).collect();
-        // Requests are drawn in parallel groups (the draw is the slow part of a large cache)
-        // and appended group by group, so the host holds one group's rows at a time.
-        let threads = std::thread::available_parallelism().map_or(4, |n| n.get());
-        let requests: Vec<usize> = (0..shape.batch).collect();
-        for group in requests.chunks(threads) {
-            let rows: Vec<(Vec<T>, Vec<T>)> = std::thread::scope(|scope| {
-                let planned = &planned;
-                let handles: Vec<_> = group
-                    .iter()
-                    .map(|&b| scope.spawn(move || planned.request_rows::<T>(b)))
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().expect("drawing a request's rows does not panic"))
-                    .collect()
-            });
-            for (slot, &s) in users.iter().enumerate() {
-                if caches[slot].is_some() {
-                    continue;
-                }
-                let spec = decoders[s].spec();
-                caches[slot] = Some(match spec.selector {
-                    Selector::DoubleSparse { channels: r } => {
-                        if channels[s].is_none() {
-                            channels[s] = Some(calibrate(&planned.q, &rows, shape, r as usize)?);
-                        }
-                        let channels = channels[s].as_ref().expect("calibrated above");
-                        PagedKvCache::<T>::for_double_sparse(stream, planned.shape, spec, channels)?
-                    }
-                    _ => PagedKvCache::<T>::for_variant(stream, planned.shape, spec)?,
-                });
-            }
-            for (k, v) in rows {
-                // Uploaded once, appended into every decoder's cache.
-                let (k, v) = (stream.clone_htod(&k)?, stream.clone_htod(&v)?);
-                for (slot, &s) in users.iter().enumerate() {
-                    let cache = caches[slot].as_mut().expect("created above");
-                    let id = cache.add_request();
-                    decoders[s].append(cache, &[(id, shape.len)], &k, &v)?;
-                    ids[slot].push(id);
-                }
-            }
-        }
-        let q = twilight::synthetic::SyntheticStep::to_elements::<T>(&planned.q);
-        for ((slot, &s), cache) in users.iter().enumerate().zip(caches) {
-            let cache = cache.ok_or("a benchmark shape has at least one request")?;
-            let table = cache.page_table(stream, &ids[slot])?;
-            let q = stream.clone_htod(&q)?;
-            instances[s].push(Instance { cache, table, q });
-        }
-        stream.synchronize()?;
-        eprintln!(
-            "  {}: cache {}/{draws} generated and appended for {} selector(s) in {:.1} s",
-            shape.name,
-            i + 1,
-            users.len(),
-            start.elapsed().as_secs_f64()
-        );
-    }
-    Ok(instances)
-}
-
 /// DESIGN.md's byte model of the selection per (request, KV head), 2-byte elements: the
 /// candidates it hands on, and the bytes it reads (Quest each page's max and min rows, Double
 /// Sparsity each token's label).
-fn selection_bytes(shape: &BenchShape, selector: Selector) -> (f64, f64) {
+pub fn selection_bytes(shape: &BenchShape, selector: Selector) -> (f64, f64) {
     let (len, ps) = (shape.len, shape.page_size as usize);
     match selector {
         Selector::DoubleSparse { channels } => (
@@ -337,50 +226,6 @@ fn selection_bytes(shape: &BenchShape, selector: Selector) -> (f64, f64) {
             len.div_ceil(ps) as f64 * 4.0 * shape.head_dim as f64,
         ),
     }
-}
-
-/// Caches to rotate: `wanted`, or 1 when the selector's metadata alone (read at the start of
-/// every step, before the estimate, compaction and attention touch anything else) exceeds four
-/// times the L2 (`l2` bytes), so that nothing a step leaves there survives into the next.
-/// Drawing the caches is most of a large shape's time.
-pub fn rotation_for(l2: f64, shape: &BenchShape, selector: Selector, wanted: usize) -> usize {
-    let select = selection_bytes(shape, selector).1 * (shape.batch * shape.kv_heads) as f64;
-    if l2 > 0.0 && select > 4.0 * l2 && wanted > 1 {
-        1
-    } else {
-        wanted
-    }
-}
-
-/// `r` channels per KV head ranked by mean |q * k| (mode qk) over evenly spread positions of
-/// the first drawn requests (`rows`: their K and V, `[len, kv_heads, head_dim]`), each request's
-/// query standing for the query at every position (as `twilight demo` does).
-fn calibrate<T: KvElement>(
-    q: &[f32],
-    rows: &[(Vec<T>, Vec<T>)],
-    shape: &BenchShape,
-    r: usize,
-) -> Result<Vec<Vec<usize>>, Box<dyn std::error::Error>> {
-    use twilight::calibration::{rank_channels, CalibrationMode, DecodeSample};
-    let start = Instant::now();
-    let (qo, kvh, d) = (shape.qo_heads, shape.kv_heads, shape.head_dim as usize);
-    let mut sample = DecodeSample::new(qo, kvh, d, CALIBRATION_POSITIONS);
-    let requests = rows.len().min(CALIBRATION_REQUESTS);
-    for (b, (k, _)) in rows.iter().take(requests).enumerate() {
-        let row = kvh * d;
-        sample.add_request(&q[b * qo * d..][..qo * d], shape.len, |t| {
-            std::borrow::Cow::Owned(k[t * row..][..row].iter().map(|x| x.to_f32()).collect())
-        })?;
-    }
-    let channels = rank_channels(&sample.all(), CalibrationMode::Qk, r)?;
-    eprintln!(
-        "  {}: {r} channels per KV head calibrated (mode qk) on {} tokens of {} requests in {:.1} s",
-        shape.name,
-        sample.tokens(),
-        requests,
-        start.elapsed().as_secs_f64()
-    );
-    Ok(channels)
 }
 
 fn measure_typed<T: KvElement>(

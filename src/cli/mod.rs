@@ -1,6 +1,7 @@
 //! Command-line parsing and dispatch; each subcommand lives in its own module.
 
 mod bench;
+mod bench_caches;
 mod bench_grid;
 mod bench_sparse;
 mod cache;
