@@ -167,3 +167,57 @@ fn calibrate<T: KvElement>(
     );
     Ok(channels)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape(batch: usize, kv_heads: usize, len: usize) -> BenchShape {
+        BenchShape {
+            name: format!("b{batch}_{len}_kv{kv_heads}"),
+            batch,
+            qo_heads: 32,
+            kv_heads,
+            head_dim: 128,
+            len,
+            page_size: 16,
+            dtype: "f16".into(),
+            layout: "hnd".into(),
+            budget: 8192,
+            p: 0.85,
+        }
+    }
+
+    /// The H200's L2 as its driver reports it.
+    const L2: f64 = 60.0 * (1 << 20) as f64;
+
+    #[test]
+    fn rotation_drops_to_one_cache_only_where_the_selection_alone_floods_the_l2() {
+        let ds = Selector::DoubleSparse { channels: 32 };
+        // Headline: Quest reads 64 MiB of bounds and Double Sparsity 128 MiB of labels per
+        // step, both under 4 x 60 MiB.
+        let headline = shape(8, 8, 32768);
+        assert_eq!(
+            selection_bytes(&headline, Selector::Quest).1 * 64.0,
+            64.0 * (1 << 20) as f64
+        );
+        assert_eq!(rotation_for(L2, &headline, Selector::Quest, 2), 2);
+        assert_eq!(rotation_for(L2, &headline, ds, 2), 2);
+        // 32 KV heads at 32k: Quest 256 MiB, over 240 MiB.
+        assert_eq!(
+            rotation_for(L2, &shape(8, 32, 32768), Selector::Quest, 2),
+            1
+        );
+        // b64 at 128k: gigabytes of metadata for either selector.
+        let large = shape(64, 8, 131072);
+        assert_eq!(rotation_for(L2, &large, Selector::Quest, 2), 1);
+        assert_eq!(rotation_for(L2, &large, ds, 3), 1);
+        // Where the selections differ: Double Sparsity's labels are twice Quest's bounds here.
+        let between = shape(32, 8, 16384);
+        assert_eq!(rotation_for(L2, &between, Selector::Quest, 2), 2);
+        assert_eq!(rotation_for(L2, &between, ds, 2), 1);
+        // An unknown L2 (0) or a single cache asked for: unchanged.
+        assert_eq!(rotation_for(0.0, &large, Selector::Quest, 2), 2);
+        assert_eq!(rotation_for(L2, &large, Selector::Quest, 1), 1);
+    }
+}
