@@ -137,6 +137,17 @@ pub fn rotation_for(l2: f64, shape: &BenchShape, selector: Selector, wanted: usi
     }
 }
 
+/// Device memory (GiB) the caches of `shape` take when each of `selectors` rotates over its
+/// caches: K and V, plus the derived data (Quest bounds or Double Sparsity labels, and the
+/// 4-bit copy: at most a third more) per cache.
+pub fn caches_gib(l2: f64, shape: &BenchShape, selectors: &[Selector], wanted: usize) -> f64 {
+    let caches: usize = selectors
+        .iter()
+        .map(|&s| rotation_for(l2, shape, s, wanted.max(1)))
+        .sum();
+    shape.kv_bytes() as f64 * 1.35 * caches as f64 / (1u64 << 30) as f64
+}
+
 /// `r` channels per KV head ranked by mean |q * k| (mode qk) over evenly spread positions of
 /// the first drawn requests (`rows`: their K and V, `[len, kv_heads, head_dim]`), each request's
 /// query standing for the query at every position (as `twilight demo` does).
@@ -219,5 +230,26 @@ mod tests {
         // An unknown L2 (0) or a single cache asked for: unchanged.
         assert_eq!(rotation_for(0.0, &large, Selector::Quest, 2), 2);
         assert_eq!(rotation_for(L2, &large, Selector::Quest, 1), 1);
+    }
+
+    /// The whole shape list, measured with both default selectors and 2 rotated caches, fits
+    /// `bench grid`'s default --max-gib (100) on the H200: no shape is skipped.
+    #[test]
+    fn every_listed_shape_fits_the_default_device_budget() {
+        #[derive(serde::Deserialize)]
+        struct List {
+            shapes: Vec<BenchShape>,
+        }
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/shapes.json");
+        let list: List = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(list.shapes.len(), 44, "the grid BENCHMARKS.md reports");
+        let selectors = [Selector::Quest, Selector::DoubleSparse { channels: 32 }];
+        for shape in &list.shapes {
+            let gib = caches_gib(L2, shape, &selectors, 2);
+            assert!(gib <= 100.0, "{}: {gib:.1} GiB", shape.name);
+        }
+        // The largest, b64 x 128k x 8 KV heads: one 32 GiB cache per selector.
+        let large = shape(64, 8, 131072);
+        assert!((caches_gib(L2, &large, &selectors, 2) - 2.0 * 32.0 * 1.35).abs() < 1e-9);
     }
 }

@@ -11,7 +11,7 @@ use twilight::bench::BenchKernels;
 use twilight::generator::Preset;
 use twilight::Selector;
 
-use super::bench_caches::rotation_for;
+use super::bench_caches::caches_gib;
 use super::bench_sparse::{
     graph_ready_stream, l2_bytes, measure, print_report, BenchShape, Method, SparseReport,
 };
@@ -152,14 +152,7 @@ pub fn run(args: GridArgs) -> CliResult {
     let start = Instant::now();
     let l2 = l2_bytes(&stream);
     for (i, shape) in shapes.iter().enumerate() {
-        // K and V, plus the derived data (Quest bounds or Double Sparsity labels, and the 4-bit
-        // copy: at most a third more), per cache each selector rotates over.
-        let caches: usize = args
-            .selectors
-            .iter()
-            .map(|&s| rotation_for(l2, shape, s, args.rotation.max(1)))
-            .sum();
-        let gib = shape.kv_bytes() as f64 * 1.35 * caches as f64 / (1u64 << 30) as f64;
+        let gib = caches_gib(l2, shape, &args.selectors, args.rotation);
         if gib > args.max_gib {
             let why = format!(
                 "needs {gib:.0} GiB of caches, over --max-gib {}",
