@@ -549,27 +549,6 @@ fn run(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     }
 }
 
-/// Runs `cases` (case n with seed `seed + n`) on worker threads, each on a stream of its own,
-/// so that one case's CPU reference and JIT compile overlap the others' (they, not the GPU,
-/// are most of a case's time). A failing case panics its worker, which fails the test once
-/// every worker has stopped; the case's own message names it.
-fn run_cases(stream: &Arc<CudaStream>, cases: &[Case], seed: u64) {
-    let workers = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 8)
-        .min(cases.len());
-    std::thread::scope(|scope| {
-        for worker in 0..workers {
-            let stream = stream.context().new_stream().expect("a stream per worker");
-            scope.spawn(move || {
-                for (n, case) in cases.iter().enumerate().skip(worker).step_by(workers) {
-                    run(&stream, case, seed.wrapping_add(n as u64));
-                }
-            });
-        }
-    });
-}
-
 fn spec(
     page_size: u32,
     head_dim: u32,
@@ -644,7 +623,9 @@ fn gpu_sparse_step_matches_reference_over_the_variant_matrix() {
             }
         }
     }
-    run_cases(&stream, &cases, seed);
+    for (n, case) in cases.iter().enumerate() {
+        run(&stream, case, seed.wrapping_add(n as u64));
+    }
 }
 
 #[test]
@@ -654,9 +635,8 @@ fn gpu_sparse_step_every_p_on_one_long_batch() {
         return;
     };
     let seed = common::fresh_seed();
-    let cases: Vec<Case> = [0.5f32, 0.85, 0.95, 0.99, 1.0]
-        .into_iter()
-        .map(|p| Case {
+    for (n, p) in [0.5f32, 0.85, 0.95, 0.99, 1.0].into_iter().enumerate() {
+        let case = Case {
             spec: spec(
                 16,
                 128,
@@ -671,9 +651,9 @@ fn gpu_sparse_step_every_p_on_one_long_batch() {
             budget: 2048,
             p,
             key_scale: 2.0,
-        })
-        .collect();
-    run_cases(&stream, &cases, seed);
+        };
+        run(&stream, &case, seed.wrapping_add(n as u64));
+    }
 }
 
 /// Selections over long requests: Double Sparsity for each r (scores over many token blocks;
@@ -686,7 +666,7 @@ fn gpu_selection_over_long_requests() {
         return;
     };
     let seed = common::fresh_seed();
-    let cases: Vec<Case> = [
+    for (n, (selector, page_size, pruning, dtype, longest)) in [
         (
             Selector::DoubleSparse { channels: 16 },
             16,
@@ -711,16 +691,18 @@ fn gpu_selection_over_long_requests() {
         (Selector::Quest, 1, Pruning::TopP, Dtype::F16, 20_000),
     ]
     .into_iter()
-    .map(|(selector, page_size, pruning, dtype, longest)| Case {
-        spec: spec(page_size, 128, dtype, 4, KvLayout::Hnd, selector, pruning),
-        lens: vec![longest, 333, 4097, 20],
-        num_kv_heads: 2,
-        budget: 2048,
-        p: 0.9,
-        key_scale: 2.0,
-    })
-    .collect();
-    run_cases(&stream, &cases, seed);
+    .enumerate()
+    {
+        let case = Case {
+            spec: spec(page_size, 128, dtype, 4, KvLayout::Hnd, selector, pruning),
+            lens: vec![longest, 333, 4097, 20],
+            num_kv_heads: 2,
+            budget: 2048,
+            p: 0.9,
+            key_scale: 2.0,
+        };
+        run(&stream, &case, seed.wrapping_add(n as u64));
+    }
 }
 
 /// A whole step captured in a CUDA graph and replayed with new queries.
