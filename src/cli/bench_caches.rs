@@ -129,12 +129,16 @@ pub fn build_instances<T: KvElement>(
 /// times the L2 (`l2` bytes), so that nothing a step leaves there survives into the next.
 /// Drawing the caches is most of a large shape's time.
 pub fn rotation_for(l2: f64, shape: &BenchShape, selector: Selector, wanted: usize) -> usize {
-    let select = selection_bytes(shape, selector).1 * (shape.batch * shape.kv_heads) as f64;
-    if l2 > 0.0 && select > 4.0 * l2 && wanted > 1 {
+    if l2 > 0.0 && selection_step_bytes(shape, selector) > 4.0 * l2 && wanted > 1 {
         1
     } else {
         wanted
     }
+}
+
+/// Bytes the selector reads in one step, over every (request, KV head).
+pub fn selection_step_bytes(shape: &BenchShape, selector: Selector) -> f64 {
+    selection_bytes(shape, selector).1 * (shape.batch * shape.kv_heads) as f64
 }
 
 /// Device memory (GiB) the caches of `shape` take when each of `selectors` rotates over its
@@ -209,7 +213,7 @@ mod tests {
         // step, both under 4 x 60 MiB.
         let headline = shape(8, 8, 32768);
         assert_eq!(
-            selection_bytes(&headline, Selector::Quest).1 * 64.0,
+            selection_step_bytes(&headline, Selector::Quest),
             64.0 * (1 << 20) as f64
         );
         assert_eq!(rotation_for(L2, &headline, Selector::Quest, 2), 2);

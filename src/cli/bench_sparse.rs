@@ -17,7 +17,7 @@ use twilight::{
 };
 
 use super::bench::ShapeArgs;
-use super::bench_caches::{build_instances, rotation_for, Instance};
+use super::bench_caches::{build_instances, rotation_for, selection_step_bytes, Instance};
 use super::CliResult;
 
 #[derive(clap::Args, Debug)]
@@ -255,8 +255,7 @@ fn measure_typed<T: KvElement>(
                     "  {}: {} reads {:.0} MiB per step, over 4x the {:.0} MiB L2: one cache, no rotation",
                     shape.name,
                     spec.selector.declared(),
-                    selection_bytes(shape, spec.selector).1 * (shape.batch * shape.kv_heads) as f64
-                        / (1u64 << 20) as f64,
+                    selection_step_bytes(shape, spec.selector) / (1u64 << 20) as f64,
                     l2 / (1u64 << 20) as f64
                 );
             }
