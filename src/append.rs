@@ -3,12 +3,16 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream};
+use twilight_jit::params::{AppendParams, ConstPtr, MutPtr};
 use twilight_jit::{LoadedProgram, Stage};
 
+use crate::decoder::check_pool_for;
 use crate::element::KvElement;
 use crate::error::{Error, Result};
-use crate::kv_cache::{DerivedKinds, PagedKvCache, RequestId};
+use crate::kv_cache::{PagedKvCache, RequestId};
+use crate::launch::{Grid, Launcher};
+use crate::pool::{KvPoolMut, SidecarViewMut};
 
 /// Groups the reserved slots (in token order) into one job per touched page:
 /// `[page, first_offset, count, src_row]`. A page's new tokens are consecutive in the append, so
@@ -36,41 +40,18 @@ pub(crate) fn append<T: KvElement>(
 ) -> Result<()> {
     let spec = program.spec;
     let shape = cache.shape();
-    if T::DTYPE != spec.dtype {
-        return Err(Error::Dtype {
-            variant: spec.name(),
-            expected: spec.dtype,
-            got: T::DTYPE,
-        });
-    }
-    if shape.layout != spec.kv_layout {
-        return Err(Error::Layout {
-            variant: spec.name(),
-            expected: spec.kv_layout,
-            got: shape.layout,
-        });
-    }
-    if shape.page_size != spec.page_size as usize || shape.head_dim != spec.head_dim as usize {
-        return Err(Error::shape(
-            format!("cache (page_size, head_dim) for {spec}"),
-            format!("({}, {})", spec.page_size, spec.head_dim),
-            format!("({}, {})", shape.page_size, shape.head_dim),
-        ));
-    }
+    check_pool_for(&spec, shape, T::DTYPE)?;
     cache.check_derived_for(&spec)?;
-    let needed = DerivedKinds::for_spec(&spec);
-    let tokens: usize = appends.iter().map(|a| a.1).sum();
+    let tokens = appends
+        .iter()
+        .try_fold(0usize, |n, a| n.checked_add(a.1))
+        .ok_or_else(|| Error::Parameter("the appended token counts overflow".into()))?;
     let row = shape.num_kv_heads * shape.head_dim;
     for (what, t) in [("k_new", k_new), ("v_new", v_new)] {
-        if t.len() != tokens * row {
+        if tokens.checked_mul(row) != Some(t.len()) {
             return Err(Error::shape(
                 format!("{what} [tokens, num_kv_heads, head_dim]"),
-                format!(
-                    "{tokens} x {} x {} = {}",
-                    shape.num_kv_heads,
-                    shape.head_dim,
-                    tokens * row
-                ),
+                format!("{tokens} x {} x {}", shape.num_kv_heads, shape.head_dim),
                 t.len(),
             ));
         }
@@ -79,47 +60,63 @@ pub(crate) fn append<T: KvElement>(
         return Ok(());
     }
     let slots = cache.reserve(appends)?;
-    let jobs = page_jobs(&slots, shape.page_size);
-    let num_jobs = (jobs.len() / 4) as i32;
+    write_slots(stream, program, cache.pool_mut(), &slots, k_new, v_new)
+}
+
+/// Writes the rows of `k_new`/`v_new` into `slots` (one per row, in order) of a pool, with
+/// every structure of its sidecar, in one launch.
+fn write_slots<T: KvElement>(
+    stream: &Arc<CudaStream>,
+    program: &LoadedProgram,
+    pool: KvPoolMut<'_, T>,
+    slots: &[i32],
+    k_new: &CudaSlice<T>,
+    v_new: &CudaSlice<T>,
+) -> Result<()> {
+    let jobs = page_jobs(slots, pool.shape.page_size);
+    let num_jobs = jobs.len() / 4;
     let jobs = stream
         .clone_htod(&jobs)
         .map_err(|e| Error::driver("uploading append jobs", e))?;
-    let heads_i = shape.num_kv_heads as i32;
-    let function = program
-        .function(Stage::Append)
-        .ok_or_else(|| Error::Unsupported {
-            variant: spec.name(),
-            reason: "the program has no append stage".into(),
-        })?;
-    // Kernels take a null pointer for structures this variant does not keep.
-    let null: u64 = 0;
-    let mut launch = stream.launch_builder(function);
-    launch.arg(k_new).arg(v_new).arg(&jobs);
-    launch.arg(&mut cache.k).arg(&mut cache.v);
-    let derived = &mut cache.derived;
-    match (&mut derived.page_max, &mut derived.page_min) {
-        (Some(max), Some(min)) if needed.quest => launch.arg(max).arg(min),
-        _ => launch.arg(&null).arg(&null),
+    let function = crate::stages::function(program, &program.spec, Stage::Append)?;
+    let KvPoolMut {
+        shape,
+        mut k,
+        mut v,
+        sidecar,
+    } = pool;
+    let SidecarViewMut {
+        mut page_max,
+        mut page_min,
+        mut k_q4,
+        mut k_q4_scale_min,
+        mut k_label,
+        ds_channels,
+        ..
+    } = sidecar;
+    let mut l = Launcher::new(stream);
+    // The kernel skips every structure whose pointer is null: those the variant does not keep.
+    let params = AppendParams {
+        k_new: l.read_elem(k_new),
+        v_new: l.read_elem(v_new),
+        jobs: l.read(&jobs),
+        k_cache: l.write_elem(&mut k),
+        v_cache: l.write_elem(&mut v),
+        page_max: page_max.as_mut().map_or(MutPtr::NULL, |b| l.write_elem(b)),
+        page_min: page_min.as_mut().map_or(MutPtr::NULL, |b| l.write_elem(b)),
+        k_q4: k_q4.as_mut().map_or(MutPtr::NULL, |b| l.write(b)),
+        k_q4_scale_min: k_q4_scale_min.as_mut().map_or(MutPtr::NULL, |b| l.write(b)),
+        k_label: k_label.as_mut().map_or(MutPtr::NULL, |b| l.write_elem(b)),
+        ds_channels: ds_channels.as_ref().map_or(ConstPtr::NULL, |b| l.read(b)),
+        num_jobs: num_jobs as i32,
+        num_kv_heads: shape.num_kv_heads as i32,
     };
-    match (&mut derived.k_q4, &mut derived.k_q4_scale_min) {
-        (Some(codes), Some(scales)) if needed.quant4 => launch.arg(codes).arg(scales),
-        _ => launch.arg(&null).arg(&null),
-    };
-    match (&mut derived.k_label, &derived.ds_channels) {
-        (Some(labels), Some(channels)) if needed.labels > 0 => launch.arg(labels).arg(channels),
-        _ => launch.arg(&null).arg(&null),
-    };
-    launch.arg(&num_jobs).arg(&heads_i);
-    let config = LaunchConfig {
-        grid_dim: (num_jobs as u32, 1, 1),
-        block_dim: (program.tiling.append_threads, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    // SAFETY: the arguments match the `_append` entry of append.cu.tera; k_new/v_new hold
-    // `tokens` rows (checked), every job's page was reserved inside the pool, and the metadata
-    // pointers are null exactly when the variant's kernel does not touch them.
-    unsafe { launch.launch(config) }.map_err(|e| Error::driver("launching append", e))?;
-    Ok(())
+    let grid = Grid::jobs(num_jobs, program.tiling.append_threads);
+    // SAFETY: `function` is `_append`; k_new/v_new hold one row per slot (checked by the
+    // caller), every job's page lies inside the pool (the slots were reserved in it), and the
+    // sidecar pointers are null exactly for the structures the pool does not keep, which the
+    // caller matched to the variant.
+    unsafe { l.launch(function, grid, params, "append") }
 }
 
 #[cfg(test)]

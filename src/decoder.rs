@@ -1,152 +1,129 @@
-//! Dense paged decode on the GPU: the `full`/`none` variant, the baseline every sparse variant
-//! is measured against.
+//! The decoder: one pipeline of stages (`stages_of(spec)`) runs every variant, dense decode
+//! (`full`/`none`, attention alone) being the shortest. [`DenseDecoder`] and
+//! [`crate::SparseDecoder`] are thin names over it for the two common uses.
 //!
-//! A step is one launch, sized from host-side bounds only, so it can be captured in a CUDA
-//! graph; a request split over blocks is merged by its last block in the same launch.
+//! A step is sized from host-side bounds only (the longest request, B0), idle blocks exit
+//! early and nothing is read back, so a step can be captured in a CUDA graph and replayed.
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
-use twilight_jit::{Jit, LoadedProgram, Pruning, Selector, Stage, VariantSpec};
+use cudarc::driver::{CudaSlice, CudaStream};
+use twilight_jit::{stages_of, Jit, LoadedProgram, Stage, VariantSpec};
 
 use crate::element::KvElement;
 use crate::error::{Error, Result};
 use crate::kv_cache::{PagedKvCache, RequestId};
 use crate::page_table::PageTable;
+use crate::plan::{SplitPlan, StepPlan};
+use crate::pool::KvPool;
+use crate::stages::{self, Step, StepOutputs};
 use crate::variant::Variant;
+use crate::workspace::Workspace;
 
-/// How a step splits each request's tokens over blocks.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct SplitPlan {
-    /// Tokens per block; a multiple of the kernel's tile.
-    pub chunk_tokens: usize,
-    /// Blocks per (request, KV head).
-    pub num_chunks: usize,
+/// What a step takes besides its tensors. Dense variants read `sm_scale` only.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StepParams {
+    /// B0: the selector's token budget per (request, KV head).
+    pub budget: usize,
+    /// Top-p threshold in (0, 1]: the share of the candidates' estimated mass to keep.
+    pub p: f32,
+    /// Softmax scale; `None` means `1 / sqrt(head_dim)`.
+    pub sm_scale: Option<f32>,
 }
 
-impl SplitPlan {
-    /// The split for `rows` (request, KV head) pairs of at most `max_len` tokens, with tiles of
-    /// `tile` tokens on `num_sms` multiprocessors: enough blocks to fill the GPU, chunks never
-    /// below [`MIN_CHUNK_TOKENS`].
-    pub fn new(tile: usize, num_sms: usize, rows: usize, max_len: usize) -> SplitPlan {
-        let wanted_chunks = (num_sms * TARGET_BLOCKS_PER_SM)
-            .div_ceil(rows.max(1))
-            .max(1);
-        let chunk = max_len
-            .div_ceil(wanted_chunks)
-            .max(MIN_CHUNK_TOKENS)
-            .next_multiple_of(tile.max(1));
-        SplitPlan {
-            chunk_tokens: chunk,
-            num_chunks: max_len.div_ceil(chunk).max(1),
+impl StepParams {
+    /// The parameters of a dense step.
+    pub fn dense(sm_scale: Option<f32>) -> StepParams {
+        StepParams {
+            budget: usize::MAX,
+            p: 1.0,
+            sm_scale,
         }
+    }
+
+    /// # Errors
+    /// [`Error::Parameter`] for B0 = 0, p outside (0, 1], or a non-finite or non-positive
+    /// sm_scale.
+    pub fn validate(&self) -> Result<()> {
+        if self.budget == 0 {
+            return Err(Error::Parameter(
+                "the token budget B0 must be at least 1".into(),
+            ));
+        }
+        if !(self.p > 0.0 && self.p <= 1.0) {
+            return Err(Error::Parameter(format!(
+                "p must be in (0, 1], got {}",
+                self.p
+            )));
+        }
+        if let Some(s) = self.sm_scale {
+            check_sm_scale(s)?;
+        }
+        Ok(())
     }
 }
 
-/// The outputs of a step: `o [batch, num_qo_heads, head_dim]` and `lse [batch, num_qo_heads]`.
+fn check_sm_scale(s: f32) -> Result<()> {
+    if !s.is_finite() || s <= 0.0 {
+        return Err(Error::Parameter(format!(
+            "sm_scale must be finite and positive, got {s}"
+        )));
+    }
+    Ok(())
+}
+
+/// The outputs of a dense step: `o [batch, num_qo_heads, head_dim]` and `lse [batch,
+/// num_qo_heads]`.
 #[derive(Debug)]
 pub struct DecodeOutput<T: KvElement> {
     pub o: CudaSlice<T>,
     pub lse: CudaSlice<f32>,
 }
 
-/// Scratch space of split-KV attention, reused across steps: the partial (o, lse) of every
-/// chunk, and per (request, KV head) a count of finished chunks that the merging block resets
-/// to zero (so it is zero between steps, as a fresh allocation is).
-#[derive(Debug, Default)]
-pub struct Workspace {
-    partial_o: Option<CudaSlice<f32>>,
-    partial_lse: Option<CudaSlice<f32>>,
-    done: Option<CudaSlice<i32>>,
-}
-
-impl Workspace {
-    /// Grows the buffers for `heads` query heads split into `chunks`, over `rows`
-    /// (request, KV head) pairs; allocates nothing when they are large enough.
-    pub(crate) fn ensure(
-        &mut self,
-        stream: &Arc<CudaStream>,
-        heads: usize,
-        chunks: usize,
-        head_dim: usize,
-        rows: usize,
-    ) -> Result<()> {
-        let partials = if chunks > 1 { heads * chunks } else { 1 };
-        ensure_len(
-            stream,
-            &mut self.partial_o,
-            partials * head_dim,
-            "partial o",
-        )?;
-        ensure_len(stream, &mut self.partial_lse, partials, "partial lse")?;
-        ensure_len(stream, &mut self.done, rows, "split counters")
-    }
-
-    /// The buffers, after [`Workspace::ensure`].
-    pub(crate) fn buffers(
-        &mut self,
-    ) -> (
-        &mut CudaSlice<f32>,
-        &mut CudaSlice<f32>,
-        &mut CudaSlice<i32>,
-    ) {
-        match (&mut self.partial_o, &mut self.partial_lse, &mut self.done) {
-            (Some(o), Some(lse), Some(done)) => (o, lse, done),
-            _ => unreachable!("Workspace::ensure runs before every launch"),
-        }
-    }
-}
-
-/// Blocks the split-KV plan aims for per multiprocessor: enough resident warps to keep the
-/// loads of every SM in flight.
-const TARGET_BLOCKS_PER_SM: usize = 8;
-/// Below this many tokens per block merging the split costs more than the parallelism saves.
-const MIN_CHUNK_TOKENS: usize = 256;
-
-/// Dense decode for one variant on one stream.
-pub struct DenseDecoder {
+/// Any variant's pipeline, loaded once, on one stream.
+pub struct Decoder {
     spec: VariantSpec,
     stream: Arc<CudaStream>,
     program: Arc<LoadedProgram>,
+    /// The step's stages in launch order (the append is not one).
+    stages: Vec<Stage>,
     num_sms: usize,
 }
 
-impl std::fmt::Debug for DenseDecoder {
+impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DenseDecoder")
+        f.debug_struct("Decoder")
             .field("spec", &self.spec.name())
+            .field("stages", &self.stages)
             .finish()
     }
 }
 
-impl DenseDecoder {
-    /// Loads (from memory, disk or NVRTC) the kernels of a dense variant.
+impl Decoder {
+    /// Loads (from memory, disk or NVRTC) the kernels of any variant.
     ///
     /// # Errors
-    /// An invalid spec, a variant that is not `full`/`none`, a JIT or driver error.
+    /// An invalid spec, a JIT or driver error.
     pub fn new(stream: Arc<CudaStream>, spec: VariantSpec) -> Result<Self> {
         spec.validate()?;
-        if spec.selector != Selector::Full || spec.pruning != Pruning::None {
-            return Err(Error::Unsupported {
-                variant: spec.name(),
-                reason: "DenseDecoder runs `selector = full, pruning = none` variants".into(),
-            });
-        }
-        let (program, num_sms) = load_program(&stream, &spec)?;
-        Ok(DenseDecoder {
+        let program = Jit::for_context(stream.context())?.load(&spec)?;
+        let num_sms = stream
+            .context()
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| Error::driver("reading the SM count", e))? as usize;
+        let stages = stages_of(&spec)
+            .into_iter()
+            .filter(|s| *s != Stage::Append)
+            .collect();
+        Ok(Decoder {
             spec,
             stream,
             program,
+            stages,
             num_sms,
         })
-    }
-
-    /// [`DenseDecoder::new`] for a variant declared with `#[twilight_kernel]`.
-    ///
-    /// # Errors
-    /// As [`DenseDecoder::new`].
-    pub fn for_variant<V: Variant>(stream: Arc<CudaStream>) -> Result<Self> {
-        DenseDecoder::new(stream, V::SPEC)
     }
 
     pub fn spec(&self) -> &VariantSpec {
@@ -161,14 +138,194 @@ impl DenseDecoder {
         &self.stream
     }
 
-    /// The split of a step over `batch` requests of at most `max_len` tokens.
-    pub fn plan(&self, batch: usize, num_kv_heads: usize, max_len: usize) -> SplitPlan {
-        SplitPlan::new(
+    /// The stages a step launches, in order.
+    pub fn stages(&self) -> &[Stage] {
+        &self.stages
+    }
+
+    /// The bounds of a step over `batch` requests of at most `max_len` tokens with budget B0.
+    pub fn plan(
+        &self,
+        batch: usize,
+        num_kv_heads: usize,
+        max_len: usize,
+        budget: usize,
+    ) -> StepPlan {
+        StepPlan::new(
+            &self.spec,
+            budget,
             self.program.tiling.decode_tile_tokens(self.spec.head_dim) as usize,
             self.num_sms,
-            batch * num_kv_heads,
+            batch.saturating_mul(num_kv_heads),
             max_len,
         )
+    }
+
+    /// Appends tokens: `k_new` and `v_new` are `[tokens, num_kv_heads, head_dim]`, the tokens
+    /// of `appends[0]` first, in order. One launch writes K, V and every structure the variant
+    /// derives from K, for decode and prefill alike.
+    ///
+    /// # Errors
+    /// Shape, dtype or layout mismatches, a cache without the variant's metadata, unknown
+    /// requests, a full cache, driver errors.
+    pub fn append<T: KvElement>(
+        &self,
+        cache: &mut PagedKvCache<T>,
+        appends: &[(RequestId, usize)],
+        k_new: &CudaSlice<T>,
+        v_new: &CudaSlice<T>,
+    ) -> Result<()> {
+        crate::append::append(&self.stream, &self.program, cache, appends, k_new, v_new)
+    }
+
+    /// One step of the pipeline into `out`, calling `before` with each stage just before its
+    /// launch and with `None` after the last (to record CUDA events between stages, say).
+    /// With a workspace already sized (after one step of the same shape) it allocates and
+    /// synchronizes nothing: it can be captured in a CUDA graph.
+    ///
+    /// # Errors
+    /// Mismatches between the variant, q, the pool (and its sidecar), the table and the
+    /// outputs; bad parameters; driver errors; what `before` returns.
+    #[allow(clippy::too_many_arguments)]
+    pub fn run_into<T: KvElement>(
+        &self,
+        q: &CudaSlice<T>,
+        pool: &KvPool<'_, T>,
+        table: &PageTable,
+        params: &StepParams,
+        mut out: StepOutputs<'_, T>,
+        workspace: &mut Workspace,
+        before: &mut dyn FnMut(Option<Stage>) -> Result<()>,
+    ) -> Result<()> {
+        let spec = &self.spec;
+        params.validate()?;
+        let (batch, num_kv_heads, num_qo_heads, sm_scale) =
+            check_step_inputs(spec, q, pool, table, params.sm_scale)?;
+        pool.check_sidecar_for(spec)?;
+        let plan = self.plan(batch, num_kv_heads, table.max_len(), params.budget);
+        let rows = batch * num_kv_heads;
+        if out.o.len() != q.len() || out.lse.len() != batch * num_qo_heads {
+            return Err(Error::shape(
+                "o and lse",
+                format!("{} and {}", q.len(), batch * num_qo_heads),
+                format!("{} and {}", out.o.len(), out.lse.len()),
+            ));
+        }
+        match (&out.kept, spec.is_dense()) {
+            (None, true) => {}
+            (Some((counts, slots)), false) => {
+                if counts.len() != rows || slots.len() != rows * plan.max_cands {
+                    return Err(Error::shape(
+                        "kept lists (allocate outputs with SparseDecoder::alloc_output for this table)",
+                        format!("{rows} counts and {rows} rows of {}", plan.max_cands),
+                        format!("{} counts and {} slots", counts.len(), slots.len()),
+                    ));
+                }
+            }
+            (None, false) => {
+                return Err(Error::Parameter(format!(
+                    "variant {spec} keeps a list per (request, KV head): pass kept outputs"
+                )))
+            }
+            (Some(_), true) => {
+                return Err(Error::Parameter(format!(
+                    "variant {spec} is dense decode and keeps no lists: pass no kept outputs"
+                )))
+            }
+        }
+        workspace.ensure(&self.stream, spec, &plan, batch, num_kv_heads)?;
+        let step = Step {
+            spec,
+            tiling: self.program.tiling,
+            plan,
+            stream: &self.stream,
+            q,
+            pool,
+            table,
+            batch,
+            num_kv_heads,
+            sm_scale,
+            budget_tokens: params.budget.min(plan.max_tokens),
+            p: params.p,
+        };
+        for &stage in &self.stages {
+            before(Some(stage))?;
+            let f = stages::function(&self.program, spec, stage)?;
+            match stage {
+                Stage::QuestScore => stages::quest_score(&step, f, workspace)?,
+                Stage::QuestSelect => stages::quest_select(&step, f, workspace)?,
+                Stage::DsScore => stages::ds_score(&step, f, workspace)?,
+                Stage::DsSelect => stages::ds_select(&step, f, workspace)?,
+                Stage::Estimate => stages::estimate(&step, f, workspace)?,
+                Stage::Threshold => stages::threshold(&step, f, workspace)?,
+                Stage::Compact => {
+                    let Some((counts, slots)) = out.kept.as_mut() else {
+                        unreachable!("checked above: sparse variants have kept outputs");
+                    };
+                    stages::compact(&step, f, workspace, counts, slots)?
+                }
+                Stage::Attend => stages::attend(&step, f, workspace, &mut out)?,
+                Stage::Append => unreachable!("the append is not a step stage"),
+            }
+        }
+        before(None)
+    }
+}
+
+/// Dense decode (`selector = full, pruning = none`): the baseline every sparse variant is
+/// measured against, and what layers 0 and 1 of a model run.
+#[derive(Debug)]
+pub struct DenseDecoder {
+    decoder: Decoder,
+}
+
+impl DenseDecoder {
+    /// Loads (from memory, disk or NVRTC) the kernels of a dense variant.
+    ///
+    /// # Errors
+    /// An invalid spec, a variant that is not `full`/`none` (those take a budget: use
+    /// [`crate::SparseDecoder`] or [`Decoder`]), a JIT or driver error.
+    pub fn new(stream: Arc<CudaStream>, spec: VariantSpec) -> Result<Self> {
+        spec.validate()?;
+        if !spec.is_dense() {
+            return Err(Error::Unsupported {
+                variant: spec.name(),
+                reason: "DenseDecoder runs `selector = full, pruning = none` variants".into(),
+            });
+        }
+        Ok(DenseDecoder {
+            decoder: Decoder::new(stream, spec)?,
+        })
+    }
+
+    /// [`DenseDecoder::new`] for a variant declared with `#[twilight_kernel]`.
+    ///
+    /// # Errors
+    /// As [`DenseDecoder::new`].
+    pub fn for_variant<V: Variant>(stream: Arc<CudaStream>) -> Result<Self> {
+        DenseDecoder::new(stream, V::SPEC)
+    }
+
+    /// The pipeline underneath.
+    pub fn decoder(&self) -> &Decoder {
+        &self.decoder
+    }
+
+    pub fn spec(&self) -> &VariantSpec {
+        self.decoder.spec()
+    }
+
+    pub fn program(&self) -> &Arc<LoadedProgram> {
+        self.decoder.program()
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        self.decoder.stream()
+    }
+
+    /// The split of a step over `batch` requests of at most `max_len` tokens.
+    pub fn plan(&self, batch: usize, num_kv_heads: usize, max_len: usize) -> SplitPlan {
+        self.decoder.plan(batch, num_kv_heads, max_len, 0).split()
     }
 
     /// One decode step: allocates the outputs, then [`DenseDecoder::run_into`].
@@ -182,19 +339,25 @@ impl DenseDecoder {
         table: &PageTable,
         sm_scale: Option<f32>,
     ) -> Result<DecodeOutput<T>> {
-        let heads = table.batch() * cache.shape().num_kv_heads * self.spec.group_size as usize;
+        let alloc = |what: &str, e| Error::driver(format!("allocating {what}"), e);
         let mut out = DecodeOutput {
             o: self
-                .stream
-                .alloc_zeros::<T>(heads * self.spec.head_dim as usize)
-                .map_err(|e| Error::driver("allocating o", e))?,
+                .stream()
+                .alloc_zeros::<T>(q.len())
+                .map_err(|e| alloc("o", e))?,
             lse: self
-                .stream
-                .alloc_zeros::<f32>(heads)
-                .map_err(|e| Error::driver("allocating lse", e))?,
+                .stream()
+                .alloc_zeros::<f32>(q.len() / self.spec().head_dim as usize)
+                .map_err(|e| alloc("lse", e))?,
         };
-        let mut workspace = Workspace::default();
-        self.run_into(q, cache, table, sm_scale, &mut out, &mut workspace)?;
+        self.run_into(
+            q,
+            cache,
+            table,
+            sm_scale,
+            &mut out,
+            &mut Workspace::default(),
+        )?;
         Ok(out)
     }
 
@@ -213,68 +376,26 @@ impl DenseDecoder {
         out: &mut DecodeOutput<T>,
         workspace: &mut Workspace,
     ) -> Result<()> {
-        let (batch, num_kv_heads, num_qo_heads, sm_scale) =
-            check_step_inputs(&self.spec, q, cache, table, sm_scale)?;
-        let head_dim = self.spec.head_dim as usize;
-        if out.o.len() != q.len() {
-            return Err(Error::shape("o", q.len(), out.o.len()));
-        }
-        if out.lse.len() != batch * num_qo_heads {
-            return Err(Error::shape("lse", batch * num_qo_heads, out.lse.len()));
-        }
-
-        let plan = self.plan(batch, num_kv_heads, table.max_len());
-        workspace.ensure(
-            &self.stream,
-            batch * num_qo_heads,
-            plan.num_chunks,
-            head_dim,
-            batch * num_kv_heads,
-        )?;
-        let (partial_o, partial_lse, done) = workspace.buffers();
-
-        let tiling = self.program.tiling;
-        let decode = self.function(Stage::Attend)?;
-        let (num_kv_heads_i, chunk_i, chunks_i) = (
-            num_kv_heads as i32,
-            plan.chunk_tokens as i32,
-            plan.num_chunks as i32,
-        );
-        let mut launch = self.stream.launch_builder(decode);
-        launch
-            .arg(q)
-            .arg(&cache.k)
-            .arg(&cache.v)
-            .arg(&table.kv_indptr)
-            .arg(&table.kv_indices)
-            .arg(&table.kv_last_page_len)
-            .arg(&mut out.o)
-            .arg(&mut out.lse)
-            .arg(partial_o)
-            .arg(partial_lse)
-            .arg(done)
-            .arg(&num_kv_heads_i)
-            .arg(&chunk_i)
-            .arg(&chunks_i)
-            .arg(&sm_scale);
-        let config = LaunchConfig {
-            grid_dim: (plan.num_chunks as u32, num_kv_heads as u32, batch as u32),
-            block_dim: (tiling.decode_threads, 1, 1),
-            shared_mem_bytes: 0,
+        let outputs = StepOutputs {
+            o: &mut out.o,
+            lse: &mut out.lse,
+            kept: None,
         };
-        // SAFETY: the argument list matches the dense `_attend` entry of attend.cu.tera; every
-        // buffer was checked above against the sizes the kernel indexes (q, o, lse by batch
-        // and heads, partials and counters by the plan, K/V and the table by the validated
-        // page table).
-        unsafe { launch.launch(config) }.map_err(|e| Error::driver("launching attend", e))?;
-        Ok(())
+        self.decoder.run_into(
+            q,
+            &cache.pool(),
+            table,
+            &StepParams::dense(sm_scale),
+            outputs,
+            workspace,
+            &mut |_| Ok(()),
+        )
     }
 
-    /// Appends new tokens: `k_new` and `v_new` are `[tokens, num_kv_heads, head_dim]`, the
-    /// tokens of `appends[0]` first, in order. One launch for decode and prefill alike.
+    /// Appends new tokens (see [`Decoder::append`]).
     ///
     /// # Errors
-    /// Shape or dtype mismatches, unknown requests, a full cache, driver errors.
+    /// As [`Decoder::append`].
     pub fn append<T: KvElement>(
         &self,
         cache: &mut PagedKvCache<T>,
@@ -282,96 +403,25 @@ impl DenseDecoder {
         k_new: &CudaSlice<T>,
         v_new: &CudaSlice<T>,
     ) -> Result<()> {
-        crate::append::append(&self.stream, &self.program, cache, appends, k_new, v_new)
-    }
-
-    fn function(&self, stage: Stage) -> Result<&cudarc::driver::CudaFunction> {
-        self.program
-            .function(stage)
-            .ok_or_else(|| Error::Unsupported {
-                variant: self.spec.name(),
-                reason: format!("the program has no {stage:?} stage"),
-            })
+        self.decoder.append(cache, appends, k_new, v_new)
     }
 }
 
-/// A variant's program from the context's JIT, and the device's SM count (which sizes split
-/// plans): what every decoder loads once at construction.
-pub(crate) fn load_program(
-    stream: &Arc<CudaStream>,
-    spec: &VariantSpec,
-) -> Result<(Arc<LoadedProgram>, usize)> {
-    let program = Jit::for_context(stream.context())?.load(spec)?;
-    let num_sms = stream
-        .context()
-        .attribute(
-            cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
-        )
-        .map_err(|e| Error::driver("reading the SM count", e))? as usize;
-    Ok((program, num_sms))
-}
-
-/// Grows a reusable device buffer to at least `len` elements (allocating only when it is too
-/// small, so steps of a shape seen before allocate nothing).
-pub(crate) fn ensure_len<E: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
-    stream: &Arc<CudaStream>,
-    slot: &mut Option<CudaSlice<E>>,
-    len: usize,
-    what: &str,
-) -> Result<()> {
-    if slot.as_ref().is_none_or(|s| s.len() < len) {
-        *slot = Some(
-            stream
-                .alloc_zeros::<E>(len.max(1))
-                .map_err(|e| Error::driver(format!("allocating {what}"), e))?,
-        );
-    }
-    Ok(())
-}
-
-/// The checks every decode step makes before launching: the variant, q, the cache and the table
-/// agree on dtype, layout, page size, head_dim, page pool and head counts. Returns
-/// `(batch, num_kv_heads, num_qo_heads, sm_scale)`.
-pub(crate) fn check_step_inputs<T: KvElement>(
+/// The checks every step makes before launching: the variant, q, the pool and the table agree
+/// on dtype, layout, page size, head_dim, page count and head counts. Returns `(batch,
+/// num_kv_heads, num_qo_heads, sm_scale)`.
+fn check_step_inputs<T: KvElement>(
     spec: &VariantSpec,
     q: &CudaSlice<T>,
-    cache: &PagedKvCache<T>,
+    pool: &KvPool<'_, T>,
     table: &PageTable,
     sm_scale: Option<f32>,
 ) -> Result<(usize, usize, usize, f32)> {
-    let shape = cache.shape();
-    let name = spec.name();
-    if T::DTYPE != spec.dtype {
-        return Err(Error::Dtype {
-            variant: name,
-            expected: spec.dtype,
-            got: T::DTYPE,
-        });
-    }
-    if shape.layout != spec.kv_layout {
-        return Err(Error::Layout {
-            variant: name,
-            expected: spec.kv_layout,
-            got: shape.layout,
-        });
-    }
-    if shape.page_size != spec.page_size as usize {
-        return Err(Error::shape(
-            "cache page_size",
-            spec.page_size,
-            shape.page_size,
-        ));
-    }
-    if shape.head_dim != spec.head_dim as usize {
-        return Err(Error::shape(
-            "cache head_dim",
-            spec.head_dim,
-            shape.head_dim,
-        ));
-    }
+    check_pool_for(spec, pool.shape(), T::DTYPE)?;
+    let shape = pool.shape();
     if table.page_size() != shape.page_size || table.num_pages() != shape.num_pages {
         return Err(Error::PageTable(format!(
-            "table was validated for {} pages of {} tokens, the cache has {} of {}",
+            "table was validated for {} pages of {} tokens, the pool has {} of {}",
             table.num_pages(),
             table.page_size(),
             shape.num_pages,
@@ -396,40 +446,41 @@ pub(crate) fn check_step_inputs<T: KvElement>(
         ));
     }
     let sm_scale = sm_scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
-    if !sm_scale.is_finite() || sm_scale <= 0.0 {
-        return Err(Error::Parameter(format!(
-            "sm_scale must be finite and positive, got {sm_scale}"
-        )));
-    }
+    check_sm_scale(sm_scale)?;
     Ok((batch, num_kv_heads, num_qo_heads, sm_scale))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn split_plans_cover_the_longest_request_in_whole_tiles() {
-        for max_len in [1, 255, 256, 257, 20_000, 32768, 131072] {
-            for rows in [1, 8, 64, 2048] {
-                let plan = SplitPlan::new(32, 132, rows, max_len);
-                let at = format!("len {max_len} rows {rows}: {plan:?}");
-                assert_eq!(plan.chunk_tokens % 32, 0, "{at}");
-                assert!(plan.chunk_tokens >= MIN_CHUNK_TOKENS, "{at}");
-                assert!(plan.num_chunks * plan.chunk_tokens >= max_len, "{at}");
-                assert!(
-                    (plan.num_chunks - 1) * plan.chunk_tokens < max_len.max(1),
-                    "{at}"
-                );
-            }
-        }
-        // The headline shape fills the GPU: 64 rows of 32k tokens in 17 chunks of 1952.
-        assert_eq!(
-            SplitPlan::new(32, 132, 64, 32768),
-            SplitPlan {
-                chunk_tokens: 1952,
-                num_chunks: 17
-            }
-        );
+/// The variant and a pool agree on dtype, layout, page size and head_dim: checked by steps
+/// and appends alike.
+pub(crate) fn check_pool_for(
+    spec: &VariantSpec,
+    shape: crate::host::CacheShape,
+    dtype: twilight_jit::Dtype,
+) -> Result<()> {
+    let name = spec.name();
+    if dtype != spec.dtype {
+        return Err(Error::Dtype {
+            variant: name,
+            expected: spec.dtype,
+            got: dtype,
+        });
     }
+    if shape.layout != spec.kv_layout {
+        return Err(Error::Layout {
+            variant: name,
+            expected: spec.kv_layout,
+            got: shape.layout,
+        });
+    }
+    if shape.page_size != spec.page_size as usize {
+        return Err(Error::shape(
+            "pool page_size",
+            spec.page_size,
+            shape.page_size,
+        ));
+    }
+    if shape.head_dim != spec.head_dim as usize {
+        return Err(Error::shape("pool head_dim", spec.head_dim, shape.head_dim));
+    }
+    Ok(())
 }

@@ -71,4 +71,32 @@ impl Error {
     }
 }
 
+impl From<crate::host::HostError> for Error {
+    fn from(e: crate::host::HostError) -> Error {
+        use crate::host::HostError as H;
+        match e {
+            H::Shape {
+                what,
+                expected,
+                got,
+            } => Error::Shape {
+                what,
+                expected,
+                got,
+            },
+            H::Layout {
+                variant,
+                expected,
+                got,
+            } => Error::Layout {
+                variant,
+                expected,
+                got,
+            },
+            H::PageTable(m) => Error::PageTable(m),
+            H::Parameter(m) => Error::Parameter(m),
+        }
+    }
+}
+
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -53,7 +53,7 @@ use rand::SeedableRng;
 
 use crate::element::{round_to, KvElement};
 use crate::error::{Error, Result};
-use crate::page_table::HostPageTable;
+use crate::host::HostPageTable;
 use crate::reference::top_p::{softmax, top_p_keep};
 use crate::reference::CacheShape;
 use crate::synthetic::{shuffled_page_table, SyntheticStep};

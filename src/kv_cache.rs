@@ -1,13 +1,17 @@
-//! The paged KV cache on the device, with a host-side page allocator per request.
+//! A paged KV pool that twilight owns: K, V and the variant's sidecar on the device, with a
+//! host-side page allocator per request. It hands out the borrowed views ([`KvPool`],
+//! [`KvPoolMut`]) that every step and append runs over.
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
+pub use twilight_jit::DerivedKinds;
 
 use crate::element::KvElement;
 use crate::error::{Error, Result};
-use crate::page_table::{HostPageTable, PageTable};
-use crate::reference::CacheShape;
+use crate::host::{CacheShape, HostPageTable};
+use crate::page_table::PageTable;
+use crate::pool::{check_shape, KvPool, KvPoolMut, SidecarView, SidecarViewMut};
 
 /// A handle to one request (sequence) in a [`PagedKvCache`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -33,29 +37,6 @@ pub struct Derived<T: KvElement> {
     pub label_channels: Vec<Vec<usize>>,
 }
 
-/// Which derived structures a cache keeps.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct DerivedKinds {
-    pub quest: bool,
-    pub quant4: bool,
-    /// Label channels per token (Double Sparsity's r); 0 keeps no labels.
-    pub labels: usize,
-}
-
-impl DerivedKinds {
-    /// What a variant's kernels read.
-    pub fn for_spec(spec: &twilight_jit::VariantSpec) -> DerivedKinds {
-        DerivedKinds {
-            quest: spec.selector == twilight_jit::Selector::Quest,
-            quant4: spec.pruning == twilight_jit::Pruning::TopP,
-            labels: match spec.selector {
-                twilight_jit::Selector::DoubleSparse { channels } => channels as usize,
-                _ => 0,
-            },
-        }
-    }
-}
-
 #[derive(Clone, Debug, Default)]
 struct RequestPages {
     pages: Vec<i32>,
@@ -67,9 +48,9 @@ struct RequestPages {
 /// structure derived from K that its variant reads.
 pub struct PagedKvCache<T: KvElement> {
     shape: CacheShape,
-    pub(crate) k: CudaSlice<T>,
-    pub(crate) v: CudaSlice<T>,
-    pub(crate) derived: Derived<T>,
+    k: CudaSlice<T>,
+    v: CudaSlice<T>,
+    derived: Derived<T>,
     free_pages: Vec<i32>,
     requests: Vec<Option<RequestPages>>,
 }
@@ -105,7 +86,7 @@ impl<T: KvElement> PagedKvCache<T> {
         shape: CacheShape,
         spec: &twilight_jit::VariantSpec,
     ) -> Result<Self> {
-        Self::with_derived(stream, shape, DerivedKinds::for_spec(spec))
+        Self::with_derived(stream, shape, spec.derived_kinds())
     }
 
     /// A cache for a `double_sparse(r)` variant, whose labels hold each key's values at the
@@ -122,7 +103,7 @@ impl<T: KvElement> PagedKvCache<T> {
         spec: &twilight_jit::VariantSpec,
         channels: &[Vec<usize>],
     ) -> Result<Self> {
-        let kinds = DerivedKinds::for_spec(spec);
+        let kinds = spec.derived_kinds();
         if kinds.labels == 0 {
             return Err(Error::Parameter(format!(
                 "variant {spec} does not select with double_sparse: use PagedKvCache::for_variant"
@@ -162,23 +143,7 @@ impl<T: KvElement> PagedKvCache<T> {
         kinds: DerivedKinds,
         channels: &[Vec<usize>],
     ) -> Result<Self> {
-        if shape.num_pages == 0 || shape.num_kv_heads == 0 || shape.page_size == 0 {
-            return Err(Error::Parameter(format!(
-                "cache shape has a zero dimension: {shape:?}"
-            )));
-        }
-        if shape.head_dim == 0 || shape.head_dim % 8 != 0 {
-            return Err(Error::Parameter(format!(
-                "head_dim {} is not a positive multiple of 8",
-                shape.head_dim
-            )));
-        }
-        if shape.num_pages * shape.page_size > i32::MAX as usize {
-            return Err(Error::Parameter(format!(
-                "{} pages of {} tokens overflow 32-bit slot ids",
-                shape.num_pages, shape.page_size
-            )));
-        }
+        check_shape(&shape)?;
         let alloc = |what| {
             stream.alloc_zeros::<T>(shape.elements()).map_err(|e| {
                 Error::driver(
@@ -253,17 +218,46 @@ impl<T: KvElement> PagedKvCache<T> {
     /// # Errors
     /// [`Error::Parameter`] naming what is missing.
     pub fn check_derived_for(&self, spec: &twilight_jit::VariantSpec) -> Result<()> {
-        let needed = DerivedKinds::for_spec(spec);
-        let kept = self.derived_kinds();
-        if (needed.quest && !kept.quest)
-            || (needed.quant4 && !kept.quant4)
-            || (needed.labels > 0 && kept.labels != needed.labels)
-        {
-            return Err(Error::Parameter(format!(
-                "variant {spec} reads {needed:?} metadata but the cache keeps {kept:?}; create it with PagedKvCache::for_variant (for_double_sparse) and fill it through append"
-            )));
+        self.pool().check_sidecar_for(spec)
+    }
+
+    /// The pool as a step reads it.
+    pub fn pool(&self) -> KvPool<'_, T> {
+        let d = &self.derived;
+        KvPool {
+            shape: self.shape,
+            k: self.k.as_view(),
+            v: self.v.as_view(),
+            sidecar: SidecarView {
+                page_max: d.page_max.as_ref().map(CudaSlice::as_view),
+                page_min: d.page_min.as_ref().map(CudaSlice::as_view),
+                k_q4: d.k_q4.as_ref().map(CudaSlice::as_view),
+                k_q4_scale_min: d.k_q4_scale_min.as_ref().map(CudaSlice::as_view),
+                k_label: d.k_label.as_ref().map(CudaSlice::as_view),
+                ds_channels: d.ds_channels.as_ref().map(CudaSlice::as_view),
+                kinds: self.derived_kinds(),
+            },
         }
-        Ok(())
+    }
+
+    /// The pool as an append writes it (the caller reserves the slots first).
+    pub(crate) fn pool_mut(&mut self) -> KvPoolMut<'_, T> {
+        let kinds = self.derived_kinds();
+        let d = &mut self.derived;
+        KvPoolMut {
+            shape: self.shape,
+            k: self.k.as_view_mut(),
+            v: self.v.as_view_mut(),
+            sidecar: SidecarViewMut {
+                page_max: d.page_max.as_mut().map(CudaSlice::as_view_mut),
+                page_min: d.page_min.as_mut().map(CudaSlice::as_view_mut),
+                k_q4: d.k_q4.as_mut().map(CudaSlice::as_view_mut),
+                k_q4_scale_min: d.k_q4_scale_min.as_mut().map(CudaSlice::as_view_mut),
+                k_label: d.k_label.as_mut().map(CudaSlice::as_view_mut),
+                ds_channels: d.ds_channels.as_ref().map(CudaSlice::as_view),
+                kinds,
+            },
+        }
     }
 
     /// The structures derived from K that this cache keeps.
@@ -376,7 +370,11 @@ impl<T: KvElement> PagedKvCache<T> {
             .iter()
             .map(|&id| self.request(id).map(|r| (r.pages.as_slice(), r.len)))
             .collect::<Result<Vec<_>>>()?;
-        HostPageTable::from_requests(&rows, self.shape.page_size, self.shape.num_pages)
+        Ok(HostPageTable::from_requests(
+            &rows,
+            self.shape.page_size,
+            self.shape.num_pages,
+        )?)
     }
 
     /// The device page table of the listed requests, in order.

@@ -7,7 +7,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::element::{round_to, KvElement};
 use crate::error::Result;
-use crate::page_table::HostPageTable;
+use crate::host::HostPageTable;
 use crate::reference::{CacheShape, HostKv};
 
 /// One decode step's inputs on the host. Values are rounded to the storage dtype, so the

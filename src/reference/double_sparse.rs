@@ -15,10 +15,11 @@
 //! otherwise the newest token (position `len - 1`) and the `B0 - 1` highest-scoring others, a
 //! tie going to the lower position.
 
-use crate::error::{Error, Result};
-use crate::page_table::HostPageTable;
+use crate::host::CacheShape;
+use crate::host::HostPageTable;
+use crate::host::{HostError as Error, HostResult as Result};
 use crate::reference::quest::quest_select;
-use crate::reference::{CacheShape, HostKv};
+use crate::reference::HostKv;
 
 /// The label cache of a double-sparse variant: `r` calibrated channels per KV head and the
 /// labels of every token (layouts in the module documentation). Rows of slots no request

@@ -13,41 +13,8 @@ pub use quest::QuestMeta;
 pub use step::{decode_step, HeadDetail, StepInputs, StepParams, StepResult};
 pub use top_p::TopP;
 
-use twilight_jit::KvLayout;
-
-use crate::page_table::HostPageTable;
-
-/// The geometry of a paged K or V pool.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CacheShape {
-    pub num_pages: usize,
-    pub num_kv_heads: usize,
-    pub page_size: usize,
-    pub head_dim: usize,
-    pub layout: KvLayout,
-}
-
-impl CacheShape {
-    /// Elements in one of K or V.
-    pub fn elements(&self) -> usize {
-        self.num_pages * self.num_kv_heads * self.page_size * self.head_dim
-    }
-
-    /// Row index of (slot, kv_head): the addressing every per-token buffer shares with K.
-    pub fn row(&self, slot: usize, kv_head: usize) -> usize {
-        self.offset(slot, kv_head) / self.head_dim
-    }
-
-    /// Element offset of (slot, kv_head, channel 0), slot = page * page_size + offset.
-    pub fn offset(&self, slot: usize, kv_head: usize) -> usize {
-        let (page, off) = (slot / self.page_size, slot % self.page_size);
-        let row = match self.layout {
-            KvLayout::Hnd => (page * self.num_kv_heads + kv_head) * self.page_size + off,
-            KvLayout::Nhd => (page * self.page_size + off) * self.num_kv_heads + kv_head,
-        };
-        row * self.head_dim
-    }
-}
+pub use crate::host::CacheShape;
+use crate::host::HostPageTable;
 
 /// K and V of a paged cache on the host, as f32 (already rounded to the storage dtype).
 #[derive(Clone, Copy, Debug)]
@@ -138,6 +105,7 @@ pub fn dense_decode(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use twilight_jit::KvLayout;
 
     #[test]
     fn one_token_returns_its_value_and_score() {

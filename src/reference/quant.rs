@@ -14,9 +14,10 @@
 
 use half::f16;
 
-use crate::error::{Error, Result};
-use crate::page_table::HostPageTable;
-use crate::reference::{CacheShape, HostKv};
+use crate::host::CacheShape;
+use crate::host::HostPageTable;
+use crate::host::{HostError as Error, HostResult as Result};
+use crate::reference::HostKv;
 
 /// The number of steps of the 4-bit grid (codes 0..=15).
 pub const Q4_STEPS: f32 = 15.0;

@@ -4,7 +4,7 @@
 //! are the element-wise max and min of K over the page's valid tokens; they are K values, so
 //! they are exact in the storage dtype.
 
-use crate::page_table::HostPageTable;
+use crate::host::HostPageTable;
 use crate::reference::HostKv;
 
 /// Quest's per-page bounds of K: `page_max`, `page_min`, each `[num_pages, num_kv_heads,
@@ -165,7 +165,7 @@ pub fn quest_select(scores: &[f64], budget_pages: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reference::CacheShape;
+    use crate::host::CacheShape;
     use twilight_jit::KvLayout;
 
     #[test]

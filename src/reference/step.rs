@@ -19,8 +19,8 @@
 
 use twilight_jit::{Pruning, Selector, VariantSpec};
 
-use crate::error::{Error, Result};
-use crate::page_table::HostPageTable;
+use crate::host::HostPageTable;
+use crate::host::{HostError as Error, HostResult as Result};
 use crate::reference::double_sparse::{check_channels, ds_scores, ds_select, DsLabels};
 use crate::reference::quant::Quant4Cache;
 use crate::reference::quest::{quest_budget_pages, quest_scores, quest_select, QuestMeta};

@@ -8,7 +8,7 @@
 //! with the threshold is kept, and nothing else). `p >= 1` keeps every candidate (the
 //! threshold is then the smallest weight), as does a `p` the running sum never reaches.
 
-use crate::error::{Error, Result};
+use crate::host::{HostError as Error, HostResult as Result};
 use crate::reference::quant::Quant4Cache;
 
 /// The outcome of top-p for one query head: the kept candidate indices (ascending), every

@@ -6,6 +6,7 @@
 //! validation and rendering. The proc macro depends on that part alone.
 
 pub mod env;
+pub mod params;
 pub mod render;
 pub mod spec;
 
@@ -20,7 +21,7 @@ pub mod key;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 
-pub use render::{render, RenderError, RenderedProgram, Stage, Tiling};
+pub use render::{render, stages_of, RenderError, RenderedProgram, Stage, Tiling};
 
 #[cfg(feature = "cuda")]
 pub use cache::{open_device, Jit, LoadedProgram, Origin};
@@ -29,5 +30,6 @@ pub use error::JitError;
 #[cfg(feature = "cuda")]
 pub use nvrtc::Target;
 pub use spec::{
-    Dtype, KvLayout, Pruning, Selector, SpecBuilder, SpecError, SpecField, VariantSpec,
+    DerivedKinds, Dtype, KvLayout, Pruning, Selector, SpecBuilder, SpecError, SpecField,
+    VariantSpec,
 };

@@ -221,6 +221,26 @@ impl Pruning {
     }
 }
 
+/// The structures a variant derives from K and keeps beside the KV pool (its sidecar), all
+/// written by the append launch: decided here once, for the renderer, the pools and the
+/// reference alike.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DerivedKinds {
+    /// Quest's per-page element-wise max and min of K.
+    pub quest: bool,
+    /// The 4-bit K with its per-token (scale, min), read by the top-p pruner.
+    pub quant4: bool,
+    /// Label channels per token (Double Sparsity's r); 0 keeps no labels.
+    pub labels: usize,
+}
+
+impl DerivedKinds {
+    /// Whether the sidecar holds nothing.
+    pub fn is_empty(&self) -> bool {
+        !self.quest && !self.quant4 && self.labels == 0
+    }
+}
+
 impl VariantSpec {
     /// Dense paged decode attention for the given shape: the baseline variant.
     pub const fn dense(
@@ -239,6 +259,23 @@ impl VariantSpec {
             selector: Selector::Full,
             pruning: Pruning::None,
         }
+    }
+
+    /// What the variant's kernels read beside K and V.
+    pub fn derived_kinds(&self) -> DerivedKinds {
+        DerivedKinds {
+            quest: self.selector == Selector::Quest,
+            quant4: self.pruning == Pruning::TopP,
+            labels: match self.selector {
+                Selector::DoubleSparse { channels } => channels as usize,
+                _ => 0,
+            },
+        }
+    }
+
+    /// `selector = full, pruning = none`: dense decode, the shortest pipeline.
+    pub fn is_dense(&self) -> bool {
+        self.selector == Selector::Full && self.pruning == Pruning::None
     }
 
     /// The one set of rules for a spec, used by the macro at compile time and by every spec

@@ -5,17 +5,24 @@ mod variants;
 
 use twilight_jit::nvrtc::{compile, nvrtc, Target};
 
-#[test]
-fn every_snapshot_variant_compiles_to_cubin_for_sm90() {
-    let info = match nvrtc() {
-        Ok(info) => info,
+/// NVRTC, or `None` (with the reason printed) where it is absent and not required.
+fn nvrtc_or_skip() -> Option<&'static twilight_jit::nvrtc::NvrtcInfo> {
+    match nvrtc() {
+        Ok(info) => Some(info),
         Err(e) if std::env::var("TWILIGHT_REQUIRE_NVRTC").as_deref() != Ok("1") => {
             eprintln!(
                 "SKIPPED: NVRTC not available ({e}); set TWILIGHT_REQUIRE_NVRTC=1 to fail instead"
             );
-            return;
+            None
         }
         Err(e) => panic!("TWILIGHT_REQUIRE_NVRTC=1 but NVRTC is unusable: {e}"),
+    }
+}
+
+#[test]
+fn every_snapshot_variant_compiles_to_cubin_for_sm90() {
+    let Some(info) = nvrtc_or_skip() else {
+        return;
     };
     eprintln!(
         "NVRTC {}.{} from {:?}",
@@ -59,8 +66,7 @@ fn every_snapshot_variant_compiles_to_cubin_for_sm90() {
 
 #[test]
 fn ptx_target_yields_ptx_text() {
-    if nvrtc().is_err() {
-        eprintln!("SKIPPED: NVRTC not available");
+    if nvrtc_or_skip().is_none() {
         return;
     }
     let program = twilight_jit::render(&variants::snapshot_variants()[0]).unwrap();
@@ -72,4 +78,22 @@ fn ptx_target_yields_ptx_text() {
         &text[..200.min(text.len())]
     );
     assert_eq!(out.binary.last(), Some(&0));
+}
+
+/// The C++ twin of a parameter struct is checked against the Rust layout when the program
+/// compiles: a field whose C++ type differs from its Rust field fails, naming the field.
+#[test]
+fn a_parameter_struct_that_differs_from_rust_fails_the_compile() {
+    if nvrtc_or_skip().is_none() {
+        return;
+    }
+    let spec: twilight_jit::VariantSpec = "ps16_hd128_f16_g4_hnd_quest_topp".parse().unwrap();
+    let mut program = twilight_jit::render(&spec).unwrap();
+    let field = "  int max_pages;";
+    assert_eq!(program.source.matches(field).count(), 2, "{}", program.glue);
+    program.source = program.source.replacen(field, "  long long max_pages;", 1);
+    let err = compile(&program, &Target::parse("sm_90").unwrap())
+        .expect_err("a wider field must not compile")
+        .to_string();
+    assert!(err.contains("tw_quest_score_params.max_pages"), "{err}");
 }

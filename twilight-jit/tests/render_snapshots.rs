@@ -1,4 +1,5 @@
-//! The rendered CUDA of every snapshot variant, pinned with insta, plus the invariants of a
+//! The rendered CUDA of every snapshot variant, pinned with insta (each variant's own part and
+//! the digests of the headers it pulls in; each header once), plus the invariants of a
 //! rendered program that a snapshot cannot state: determinism, one entry per stage, headers
 //! behind `#line` markers, no Tera syntax left, the banner, template overrides, and that every
 //! selector with every pruning mode is snapshotted.
@@ -11,6 +12,8 @@ mod variants;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
 
 use twilight_jit::render::{embedded_template_names, render_with, TemplateSource};
 use twilight_jit::{Dtype, KvLayout, Pruning, RenderError, RenderedProgram, Selector, VariantSpec};
@@ -77,24 +80,53 @@ fn split_section<'a>(source: &'a str, file: &str) -> (&'a str, &'a str, &'a str)
     (&source[..start], &source[start..end], &source[end..])
 }
 
+/// A short digest of a header's text: a header edit changes the digest in every variant's
+/// snapshot (one line each) and the header's own snapshot (the diff to review).
+fn digest(text: &str) -> String {
+    let hash = Sha256::digest(text.as_bytes());
+    hash[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Each variant's own part (banner, parameter structs, glue) and the headers it pulls in, by
+/// digest; each header once, whole.
 #[test]
-fn rendered_source_snapshots() {
+fn rendered_glue_and_header_snapshots() {
     let specs = variants::snapshot_variants();
     assert!(!specs.is_empty());
+    let mut headers: Vec<(String, String)> = Vec::new();
     for spec in &specs {
         let program = render(spec);
-        insta::assert_snapshot!(spec.name(), program.source);
+        let mut text = String::from("// headers, in order (sha256 prefix):\n");
+        for (path, header) in &program.headers {
+            text.push_str(&format!("//   {path} {}\n", digest(header)));
+            if !headers.iter().any(|(p, _)| p == path) {
+                headers.push((path.clone(), header.clone()));
+            }
+        }
+        text.push_str(&program.glue);
+        insta::assert_snapshot!(spec.name(), text);
+    }
+    for (path, text) in &headers {
+        insta::assert_snapshot!(header_snapshot_name(path), text);
     }
 }
 
-/// Every `.snap` of this file belongs to a listed variant: a variant removed from the list must
-/// take its snapshot with it.
+/// `twilight/prune.cuh` -> `header_prune`.
+fn header_snapshot_name(path: &str) -> String {
+    let file = path.rsplit('/').next().unwrap_or(path);
+    format!("header_{}", file.trim_end_matches(".cuh"))
+}
+
+/// Every `.snap` of this file belongs to a listed variant or a header: one removed from the
+/// list must take its snapshot with it.
 #[test]
 fn no_orphan_snapshots() {
-    let names: Vec<String> = variants::snapshot_variants()
+    let mut names: Vec<String> = variants::snapshot_variants()
         .iter()
         .map(VariantSpec::name)
         .collect();
+    let program = render(&variants::snapshot_variants()[0]);
+    names.extend(program.headers.iter().map(|(p, _)| header_snapshot_name(p)));
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/snapshots");
     let Ok(entries) = fs::read_dir(&dir) else {
         panic!("{} is missing: generate the snapshots", dir.display());
@@ -102,19 +134,23 @@ fn no_orphan_snapshots() {
     let mut seen = 0;
     for entry in entries {
         let file = entry.unwrap().file_name().to_string_lossy().into_owned();
-        let Some(variant) = file
+        let Some(name) = file
             .strip_prefix("render_snapshots__")
             .and_then(|f| f.strip_suffix(".snap"))
         else {
             continue;
         };
         assert!(
-            names.iter().any(|n| n == variant),
-            "{file} is not the snapshot of any variant in variants/mod.rs; delete it"
+            names.iter().any(|n| n == name),
+            "{file} is not the snapshot of any variant in variants/mod.rs or any header; delete it"
         );
         seen += 1;
     }
-    assert_eq!(seen, names.len(), "a snapshot variant has no .snap file");
+    assert_eq!(
+        seen,
+        names.len(),
+        "a snapshot variant or header has no .snap file"
+    );
 }
 
 #[test]
@@ -163,15 +199,17 @@ fn snapshot_variants_cover_the_variant_space() {
         for pruning in [Pruning::None, Pruning::TopP] {
             let same_kind =
                 |s: Selector| std::mem::discriminant(&s) == std::mem::discriminant(&selector);
-            let snapshotted = specs
-                .iter()
-                .any(|s| same_kind(s.selector) && s.pruning == pruning);
-            assert!(
-                snapshotted,
-                "selector {} with pruning {} renders but no snapshot variant uses it",
-                selector.declared(),
-                pruning.declared()
-            );
+            for dtype in [Dtype::F16, Dtype::Bf16] {
+                let snapshotted = specs
+                    .iter()
+                    .any(|s| same_kind(s.selector) && s.pruning == pruning && s.dtype == dtype);
+                assert!(
+                    snapshotted,
+                    "selector {} with pruning {} on {dtype:?} renders but no snapshot variant uses it",
+                    selector.declared(),
+                    pruning.declared()
+                );
+            }
         }
     }
 }
@@ -297,12 +335,21 @@ fn every_header_follows_its_line_marker_verbatim() {
             let at = at.unwrap_or_else(|| panic!("{spec}: no `{marker}`"));
             assert!(at > last_header_line, "{spec}: {stage} before a header");
         }
+        // The parameter structs, after the headers and before the glue that uses them.
+        let params = lines
+            .iter()
+            .position(|l| l.starts_with("#line 1 \"twilight/params"))
+            .unwrap_or_else(|| panic!("{spec}: no parameter structs"));
+        assert!(
+            params > last_header_line,
+            "{spec}: parameter structs before a header"
+        );
         // No other `#line` directive can shift NVRTC's line numbers.
         let directives = lines
             .iter()
             .filter(|l| l.trim_start().starts_with("#line"))
             .count();
-        assert_eq!(directives, headers.len() + stages.len(), "{spec}");
+        assert_eq!(directives, headers.len() + stages.len() + 1, "{spec}");
     }
 }
 

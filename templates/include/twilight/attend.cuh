@@ -60,9 +60,9 @@ struct tw_attend {
                             float* __restrict__ partial_o, float* __restrict__ partial_lse, int* __restrict__ done,
                             int num_kv_heads, int min_chunk_tokens, int num_chunks, float sm_scale,
                             shared_state& smem) {
-    const int chunk = blockIdx.x;
-    const int kv_head = blockIdx.y;
-    const int request = blockIdx.z;
+    const int chunk = tw_grid_part();
+    const int kv_head = tw_grid_head();
+    const int request = tw_grid_request();
     const int len = tokens.length();
     // The list is spread over the grid's num_chunks blocks in whole tiles of at least
     // min_chunk_tokens: a kept list's length is only known here, so a short one takes few

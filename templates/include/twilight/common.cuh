@@ -18,3 +18,13 @@ template <int A, int B>
 struct tw_ceil_div {
   static constexpr int value = (A + B - 1) / B;
 };
+
+// Every kernel that works per row runs on a grid of (parts, heads, requests): blockIdx.x is a
+// part of the row, blockIdx.y the head (KV or query, as the kernel's grid says) and blockIdx.z
+// the request. The host builds every such grid in one place (`Grid::rows` in the library), so
+// a kernel reads its position only through these.
+TW_DEVICE int tw_grid_part() { return blockIdx.x; }
+TW_DEVICE int tw_grid_head() { return blockIdx.y; }
+TW_DEVICE int tw_grid_request() { return blockIdx.z; }
+// request * heads + head: the row's index in per-row buffers.
+TW_DEVICE int tw_grid_row() { return blockIdx.z * gridDim.y + blockIdx.y; }

@@ -19,11 +19,11 @@ struct tw_double_sparse {
                               float* __restrict__ scores, int num_kv_heads, int max_tokens, int budget) {
     constexpr int TOKENS = THREADS / LANES;  // tokens per pass of the block
     __shared__ __align__(16) float q_label[R];
-    const int kv_head = blockIdx.y;
-    const int request = blockIdx.z;
+    const int kv_head = tw_grid_head();
+    const int request = tw_grid_request();
     const int len = tw_request_len(kv_indptr, kv_last_page_len, request, PAGE_SIZE);
     const int others = len - 1;  // the newest token needs no score
-    const int begin = blockIdx.x * BLOCK_TOKENS;
+    const int begin = tw_grid_part() * BLOCK_TOKENS;
     // A request within the budget selects every token without looking at scores.
     if (len <= budget || begin >= others) return;
     if (threadIdx.x < R) {
@@ -60,7 +60,7 @@ struct tw_double_sparse {
     }
   }
 
-  // One block per (request, kv head): the chosen token positions, ascending, in rows of
+  // Grid (1, kv heads, requests): the chosen token positions, ascending, in rows of
   // `stride`, and their count (at most budget).
   template <int THREADS>
   TW_DEVICE static void select(const float* __restrict__ scores, const int* __restrict__ kv_indptr,
@@ -68,8 +68,8 @@ struct tw_double_sparse {
                                int* __restrict__ selected_count, int num_kv_heads, int max_tokens, int budget,
                                int stride) {
     __shared__ typename tw_top_k<THREADS, true>::storage smem;
-    const int head_row = blockIdx.y * num_kv_heads + blockIdx.x;
-    const int len = tw_request_len(kv_indptr, kv_last_page_len, blockIdx.y, PAGE_SIZE);
+    const int head_row = tw_grid_row();
+    const int len = tw_request_len(kv_indptr, kv_last_page_len, tw_grid_request(), PAGE_SIZE);
     tw_top_k<THREADS, true>::run(scores + tw_i64(head_row) * max_tokens, len, budget, selected + tw_i64(head_row) * stride,
                            selected_count + head_row, smem);
   }

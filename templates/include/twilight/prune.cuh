@@ -150,10 +150,10 @@ struct tw_prune {
       return 2 * (w / CHUNK_WORDS * 4 * CHUNK + lane_t * CHUNK + w % CHUNK_WORDS * 4);
     };
     __shared__ uint2 b_frag[STEPS][32];  // (b0, b1) of k-step s for each lane
-    const int kv_head = blockIdx.y;
-    const int request = blockIdx.z;
+    const int kv_head = tw_grid_head();
+    const int request = tw_grid_request();
     const int num_qo_heads = num_kv_heads * GROUP;
-    const int base = blockIdx.x * THREADS * PER_THREAD;
+    const int base = tw_grid_part() * THREADS * PER_THREAD;
     if (base >= cands.count) return;  // whole block past the candidates
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
@@ -275,7 +275,7 @@ struct tw_prune {
     typedef tw_radix<float, THREADS> radix;
     __shared__ typename radix::storage radix_smem;
     __shared__ float scratch[THREADS / 32];
-    const int row_id = blockIdx.y * gridDim.x + blockIdx.x;  // request * num_qo_heads + qo head
+    const int row_id = tw_grid_row();  // grid (1, qo heads, requests): request * num_qo_heads + qo head
     const float* row = logits + tw_i64(row_id) * max_cands;
     const int n = cands.count;
     // Rows of up to THREADS * CACHED candidates (every Quest budget up to 8k tokens) keep their
@@ -365,9 +365,7 @@ struct tw_prune {
                                 int num_kv_heads, int max_cands) {
     __shared__ int scan_scratch[THREADS / 32];
     __shared__ float row_max[GROUP], row_threshold[GROUP];
-    const int kv_head = blockIdx.x;
-    const int request = blockIdx.y;
-    const int head_row = request * num_kv_heads + kv_head;
+    const int head_row = tw_grid_row();  // grid (1, kv heads, requests)
     const int first_qo = head_row * GROUP;  // request * num_qo_heads + kv_head * GROUP
     if (PRUNE && threadIdx.x < GROUP) {
       row_max[threadIdx.x] = stats[2 * (first_qo + threadIdx.x)];

@@ -7,12 +7,12 @@ struct tw_quest {
   static constexpr int PER_LANE = HEAD_DIM / 32;
   static constexpr int WARPS = THREADS / 32;
 
-  // Grid (page blocks, kv heads, batch); one warp scores one page at a time.
+  // Grid (page blocks, kv heads, requests); one warp scores one page at a time.
   TW_DEVICE static void score(const T* __restrict__ q, const T* __restrict__ page_max, const T* __restrict__ page_min,
                               const int* __restrict__ kv_indptr, const int* __restrict__ kv_indices,
                               float* __restrict__ scores, int num_kv_heads, int max_pages) {
-    const int kv_head = blockIdx.y;
-    const int request = blockIdx.z;
+    const int kv_head = tw_grid_head();
+    const int request = tw_grid_request();
     const int lane = threadIdx.x % 32;
     const int first_page = kv_indptr[request];
     const int others = kv_indptr[request + 1] - first_page - 1;  // the last page needs no score
@@ -39,7 +39,7 @@ struct tw_quest {
     constexpr int BATCH = HEAD_DIM >= 256 ? 2 : 4;
     const int stride = gridDim.x * WARPS;
     float* row_scores = scores + (tw_i64(request) * num_kv_heads + kv_head) * max_pages;
-    for (int first = blockIdx.x * WARPS + threadIdx.x / 32; first < others; first += stride * BATCH) {
+    for (int first = tw_grid_part() * WARPS + threadIdx.x / 32; first < others; first += stride * BATCH) {
       float mx_f[BATCH][PER_LANE], mn_f[BATCH][PER_LANE];
 #pragma unroll
       for (int b = 0; b < BATCH; ++b) {
@@ -63,14 +63,14 @@ struct tw_quest {
     }
   }
 
-  // One block per (request, kv head): writes the selected page positions, ascending, and their
+  // Grid (1, kv heads, requests): writes the selected page positions, ascending, and their
   // count (at most budget_pages).
   TW_DEVICE static void select(const float* __restrict__ scores, const int* __restrict__ kv_indptr,
                                int* __restrict__ selected, int* __restrict__ selected_count, int num_kv_heads,
                                int max_pages, int budget_pages) {
     __shared__ typename tw_top_k<THREADS, false>::storage smem;
-    const int head_row = blockIdx.y * num_kv_heads + blockIdx.x;
-    const int pages = kv_indptr[blockIdx.y + 1] - kv_indptr[blockIdx.y];
+    const int head_row = tw_grid_row();
+    const int pages = kv_indptr[tw_grid_request() + 1] - kv_indptr[tw_grid_request()];
     tw_top_k<THREADS, false>::run(scores + tw_i64(head_row) * max_pages, pages, budget_pages,
                            selected + tw_i64(head_row) * budget_pages, selected_count + head_row, smem);
   }

@@ -1,0 +1,135 @@
+//! The one way a kernel is launched: its parameter struct by value, on a grid built here.
+//!
+//! A [`Launcher`] turns buffers into the typed device pointers of a parameter struct
+//! ([`twilight_jit::params`]) and keeps cudarc's stream-ordering guards alive until the launch
+//! is queued, so buffers shared between streams stay ordered exactly as with cudarc's own
+//! argument builder. Each launch pushes one argument: the struct.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
+    SyncOnDrop,
+};
+use twilight_jit::params::{ConstPtr, Elem, KernelParams, MutPtr};
+
+use crate::element::KvElement;
+use crate::error::{Error, Result};
+
+/// The grid of a kernel that works per row: `(parts, heads, requests)` blocks, the order every
+/// kernel reads its position in (`tw_grid_*` in the `common.cuh` header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Grid {
+    /// Blocks per row (a row's chunks, page blocks or candidate blocks).
+    pub parts: u32,
+    /// KV heads, or query heads for kernels that work per query head.
+    pub heads: u32,
+    pub requests: u32,
+    pub threads: u32,
+}
+
+impl Grid {
+    /// One block per row.
+    pub fn rows(heads: usize, requests: usize, threads: u32) -> Grid {
+        Grid::parts(1, heads, requests, threads)
+    }
+
+    /// `parts` blocks per row.
+    pub fn parts(parts: usize, heads: usize, requests: usize, threads: u32) -> Grid {
+        Grid {
+            parts: parts.max(1) as u32,
+            heads: heads as u32,
+            requests: requests as u32,
+            threads,
+        }
+    }
+
+    /// A one-dimensional grid of `blocks` (the append's page jobs).
+    pub fn jobs(blocks: usize, threads: u32) -> Grid {
+        Grid {
+            parts: blocks as u32,
+            heads: 1,
+            requests: 1,
+            threads,
+        }
+    }
+
+    fn config(self) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (self.parts, self.heads, self.requests),
+            block_dim: (self.threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+}
+
+/// Collects the device pointers of one launch.
+pub(crate) struct Launcher<'a> {
+    stream: &'a Arc<CudaStream>,
+    guards: Vec<SyncOnDrop<'a>>,
+}
+
+impl<'a> Launcher<'a> {
+    pub fn new(stream: &'a Arc<CudaStream>) -> Launcher<'a> {
+        Launcher {
+            stream,
+            guards: Vec::with_capacity(16),
+        }
+    }
+
+    /// A buffer the kernel reads.
+    pub fn read<T>(&mut self, buffer: &'a impl DevicePtr<T>) -> ConstPtr<T> {
+        let (address, guard) = buffer.device_ptr(self.stream);
+        self.guards.push(guard);
+        // SAFETY: the address is a live allocation of this stream's context, borrowed for as
+        // long as the launcher (and so until the launch is queued).
+        unsafe { ConstPtr::from_raw(address) }
+    }
+
+    /// A buffer the kernel writes.
+    pub fn write<T>(&mut self, buffer: &'a mut impl DevicePtrMut<T>) -> MutPtr<T> {
+        let (address, guard) = buffer.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        // SAFETY: as in `read`, and borrowed mutably, so nothing else touches it meanwhile.
+        unsafe { MutPtr::from_raw(address) }
+    }
+
+    /// A buffer of the variant's element type the kernel reads (the caller has checked that
+    /// `T` is the variant's dtype).
+    pub fn read_elem<T: KvElement>(&mut self, buffer: &'a impl DevicePtr<T>) -> ConstPtr<Elem> {
+        // SAFETY: the same address, typed as the program's element, which is `T`.
+        unsafe { ConstPtr::from_raw(self.read(buffer).address()) }
+    }
+
+    /// A buffer of the variant's element type the kernel writes.
+    pub fn write_elem<T: KvElement>(
+        &mut self,
+        buffer: &'a mut impl DevicePtrMut<T>,
+    ) -> MutPtr<Elem> {
+        // SAFETY: as in `read_elem`.
+        unsafe { MutPtr::from_raw(self.write(buffer).address()) }
+    }
+
+    /// Queues `function` with `params` on `grid`.
+    ///
+    /// # Safety
+    /// `function` is the entry whose parameter struct is `P` (its C++ twin, rendered from the
+    /// same field list, is what the entry takes), and every pointer in `params` addresses as
+    /// many elements as the kernel indexes on this grid.
+    pub unsafe fn launch<P: KernelParams + DeviceRepr>(
+        self,
+        function: &CudaFunction,
+        grid: Grid,
+        params: P,
+        what: &str,
+    ) -> Result<()> {
+        let mut builder = self.stream.launch_builder(function);
+        builder.arg(&params);
+        // SAFETY: the caller's contract.
+        unsafe { builder.launch(grid.config()) }
+            .map_err(|e| Error::driver(format!("launching {what}"), e))?;
+        // The guards record this launch's use of each buffer now that it is queued.
+        drop(self.guards);
+        Ok(())
+    }
+}

@@ -1,0 +1,218 @@
+//! How a step is laid out over the GPU, decided on the host from bounds alone (the longest
+//! request, B0): so a step reads nothing back and can be captured in a CUDA graph.
+
+use twilight_jit::{Selector, VariantSpec};
+
+/// Blocks per SM the attention's split aims for: enough resident warps to keep every SM's
+/// loads in flight.
+const TARGET_BLOCKS_PER_SM: usize = 8;
+/// Below this many tokens per block, merging a dense split costs more than it saves.
+const MIN_CHUNK_TOKENS: usize = 256;
+
+/// How dense attention splits each request's tokens over blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SplitPlan {
+    /// Tokens per block; a multiple of the kernel's tile.
+    pub chunk_tokens: usize,
+    /// Blocks per (request, KV head).
+    pub num_chunks: usize,
+}
+
+impl SplitPlan {
+    /// The split for `rows` (request, KV head) pairs of at most `max_len` tokens, with tiles of
+    /// `tile` tokens on `num_sms` multiprocessors: enough blocks to fill the GPU, chunks never
+    /// below [`MIN_CHUNK_TOKENS`].
+    pub fn new(tile: usize, num_sms: usize, rows: usize, max_len: usize) -> SplitPlan {
+        let chunk = max_len
+            .div_ceil(wanted_blocks_per_row(num_sms, rows))
+            .max(MIN_CHUNK_TOKENS)
+            .next_multiple_of(tile.max(1));
+        SplitPlan {
+            chunk_tokens: chunk,
+            num_chunks: max_len.div_ceil(chunk).max(1),
+        }
+    }
+}
+
+fn wanted_blocks_per_row(num_sms: usize, rows: usize) -> usize {
+    (num_sms * TARGET_BLOCKS_PER_SM)
+        .div_ceil(rows.max(1))
+        .max(1)
+}
+
+/// The bounds of a step: what sizes every buffer and grid of its pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepPlan {
+    /// Pages of the longest request.
+    pub max_pages: usize,
+    /// Token rows of per-token buffers: max_pages * page_size.
+    pub max_tokens: usize,
+    /// Pages the Quest selector keeps (the last page included): ceil(B0 / page_size), at most
+    /// `max_pages`.
+    pub budget_pages: usize,
+    /// Row length of the selector's output: `budget_pages` page positions (quest), `max_cands`
+    /// token positions (double_sparse), 0 for `full`.
+    pub selected_stride: usize,
+    /// Upper bound of candidates (and so of kept tokens) per (request, KV head).
+    pub max_cands: usize,
+    /// Attention: the smallest chunk of a list one block takes (sparse: one tile; dense: the
+    /// [`SplitPlan`]'s chunk), and the blocks per (request, KV head).
+    pub chunk_tokens: usize,
+    pub num_chunks: usize,
+}
+
+/// The plan of a sparse step (the same type: every variant has one plan).
+pub type SparsePlan = StepPlan;
+
+impl StepPlan {
+    /// The bounds for `rows` (request, KV head) pairs of at most `max_len` tokens and a token
+    /// budget B0 of `budget` (ignored by dense variants), with attention tiles of `tile` tokens
+    /// on `num_sms` multiprocessors.
+    pub fn new(
+        spec: &VariantSpec,
+        budget: usize,
+        tile: usize,
+        num_sms: usize,
+        rows: usize,
+        max_len: usize,
+    ) -> StepPlan {
+        let page_size = spec.page_size as usize;
+        let max_pages = max_len.div_ceil(page_size).max(1);
+        // A budget beyond the longest request selects every page either way.
+        let budget_pages = budget.div_ceil(page_size).clamp(1, max_pages);
+        let max_tokens = max_pages * page_size;
+        let (max_cands, selected_stride) = match spec.selector {
+            Selector::Quest => (budget_pages * page_size, budget_pages),
+            Selector::DoubleSparse { .. } => {
+                let cands = budget.min(max_len).max(1);
+                (cands, cands)
+            }
+            Selector::Full => (max_tokens, 0),
+        };
+        let tile = tile.max(1);
+        let (chunk_tokens, num_chunks) = if spec.is_dense() {
+            let split = SplitPlan::new(tile, num_sms, rows, max_len);
+            (split.chunk_tokens, split.num_chunks)
+        } else {
+            // Kept lists are of unknown length here: the kernel spreads each over num_chunks
+            // blocks in chunks of at least one tile, so a short list takes one or two blocks
+            // and the rest of its blocks exit at once.
+            let chunks = wanted_blocks_per_row(num_sms, rows)
+                .min(max_cands.div_ceil(tile))
+                .max(1);
+            (tile, chunks)
+        };
+        StepPlan {
+            max_pages,
+            max_tokens,
+            budget_pages,
+            selected_stride,
+            max_cands,
+            chunk_tokens,
+            num_chunks,
+        }
+    }
+
+    /// The split of dense attention, as [`SplitPlan`].
+    pub fn split(&self) -> SplitPlan {
+        SplitPlan {
+            chunk_tokens: self.chunk_tokens,
+            num_chunks: self.num_chunks,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use twilight_jit::{Dtype, KvLayout, Pruning};
+
+    #[test]
+    fn split_plans_cover_the_longest_request_in_whole_tiles() {
+        for max_len in [1, 255, 256, 257, 20_000, 32768, 131072] {
+            for rows in [1, 8, 64, 2048] {
+                let plan = SplitPlan::new(32, 132, rows, max_len);
+                let at = format!("len {max_len} rows {rows}: {plan:?}");
+                assert_eq!(plan.chunk_tokens % 32, 0, "{at}");
+                assert!(plan.chunk_tokens >= MIN_CHUNK_TOKENS, "{at}");
+                assert!(plan.num_chunks * plan.chunk_tokens >= max_len, "{at}");
+                assert!(
+                    (plan.num_chunks - 1) * plan.chunk_tokens < max_len.max(1),
+                    "{at}"
+                );
+            }
+        }
+        // The headline shape fills the GPU: 64 rows of 32k tokens in 17 chunks of 1952.
+        assert_eq!(
+            SplitPlan::new(32, 132, 64, 32768),
+            SplitPlan {
+                chunk_tokens: 1952,
+                num_chunks: 17
+            }
+        );
+        let dense = VariantSpec::dense(16, 128, Dtype::F16, 4, KvLayout::Hnd);
+        assert_eq!(
+            StepPlan::new(&dense, 0, 32, 132, 64, 32768).split(),
+            SplitPlan::new(32, 132, 64, 32768)
+        );
+    }
+
+    /// Every candidate list fits its row, every kept token is covered by a chunk, and chunks
+    /// are whole tiles, over many shapes, up to budgets far beyond any request.
+    #[test]
+    fn plans_bound_every_list() {
+        for selector in [
+            Selector::Quest,
+            Selector::Full,
+            Selector::DoubleSparse { channels: 32 },
+        ] {
+            for page_size in [1u32, 16, 64] {
+                let spec = VariantSpec {
+                    selector,
+                    pruning: Pruning::TopP,
+                    ..VariantSpec::dense(page_size, 128, Dtype::F16, 4, KvLayout::Hnd)
+                };
+                for max_len in [1, 15, 16, 17, 1000, 32768, 131072] {
+                    for budget in [1, 64, 8192, 1 << 20, usize::MAX] {
+                        for rows in [1, 64, 4096] {
+                            let plan = StepPlan::new(&spec, budget, 32, 132, rows, max_len);
+                            let ps = page_size as usize;
+                            let pages = max_len.div_ceil(ps);
+                            // The longest request's candidates: its selected pages, full.
+                            let cands = match selector {
+                                Selector::Quest => pages.min(budget.div_ceil(ps)) * ps,
+                                Selector::DoubleSparse { .. } => budget.min(max_len),
+                                Selector::Full => pages * ps,
+                            };
+                            let at =
+                                format!("{spec} len {max_len} B0 {budget} rows {rows}: {plan:?}");
+                            assert!(plan.max_cands >= cands.min(max_len), "{at}");
+                            assert!(plan.max_cands <= plan.max_tokens, "{at}");
+                            assert!(plan.max_pages >= pages && plan.budget_pages >= 1, "{at}");
+                            assert!(plan.budget_pages <= plan.max_pages, "{at}");
+                            assert!(plan.max_tokens >= max_len, "{at}");
+                            // The selector's rows hold its whole choice.
+                            match selector {
+                                Selector::Quest => assert!(
+                                    plan.selected_stride >= budget.div_ceil(ps).min(pages),
+                                    "{at}"
+                                ),
+                                Selector::DoubleSparse { .. } => {
+                                    assert!(plan.selected_stride >= budget.min(max_len), "{at}")
+                                }
+                                Selector::Full => {}
+                            }
+                            assert_eq!(plan.chunk_tokens % 32, 0, "{at}");
+                            assert!(plan.num_chunks >= 1, "{at}");
+                            // No more blocks than tiles of the longest possible list.
+                            assert!(
+                                plan.num_chunks <= plan.max_cands.div_ceil(32).max(1),
+                                "{at}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! One launch per pipeline stage: each function fills its kernel's parameter struct from the
+//! step and builds its grid, in one place. The decoder calls them in `stages_of(spec)` order.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream};
+use twilight_jit::params::{
+    AttendParams, CompactParams, ConstPtr, DsScoreParams, DsSelectParams, EstimateParams,
+    QuestScoreParams, QuestSelectParams, ThresholdParams,
+};
+use twilight_jit::{Stage, Tiling, VariantSpec};
+
+use crate::element::KvElement;
+use crate::error::{Error, Result};
+use crate::launch::{Grid, Launcher};
+use crate::page_table::PageTable;
+use crate::plan::StepPlan;
+use crate::pool::KvPool;
+use crate::workspace::Workspace;
+
+/// Pages each warp of the Quest scoring kernel walks, so q is loaded once per warp for many.
+const PAGES_PER_WARP: usize = 16;
+
+/// Everything of a step the stages read, checked by the decoder before the first launch.
+pub(crate) struct Step<'a, T> {
+    pub spec: &'a VariantSpec,
+    pub tiling: Tiling,
+    pub plan: StepPlan,
+    pub stream: &'a Arc<CudaStream>,
+    pub q: &'a CudaSlice<T>,
+    pub pool: &'a KvPool<'a, T>,
+    pub table: &'a PageTable,
+    pub batch: usize,
+    pub num_kv_heads: usize,
+    pub sm_scale: f32,
+    /// B0, at most the longest request's token rows.
+    pub budget_tokens: usize,
+    pub p: f32,
+}
+
+/// Where a step's results go.
+pub struct StepOutputs<'a, T> {
+    /// `[batch, num_qo_heads, head_dim]`.
+    pub o: &'a mut CudaSlice<T>,
+    /// `[batch, num_qo_heads]`, natural log.
+    pub lse: &'a mut CudaSlice<f32>,
+    /// Sparse variants: the kept count per (request, KV head) and the kept token slots in
+    /// rows of the plan's `max_cands`.
+    pub kept: Option<(&'a mut CudaSlice<i32>, &'a mut CudaSlice<i32>)>,
+}
+
+/// A stage's kernel in the loaded program.
+pub(crate) fn function<'p>(
+    functions: &'p twilight_jit::LoadedProgram,
+    spec: &VariantSpec,
+    stage: Stage,
+) -> Result<&'p CudaFunction> {
+    functions.function(stage).ok_or_else(|| Error::Unsupported {
+        variant: spec.name(),
+        reason: format!("the program has no {stage:?} stage"),
+    })
+}
+
+/// The selector's choice as the candidate stages read it (null for `full`).
+fn selection<'a>(l: &mut Launcher<'a>, ws: &'a Workspace) -> (ConstPtr<i32>, ConstPtr<i32>) {
+    match (&ws.selected, &ws.selected_count) {
+        (Some(selected), Some(count)) => (l.read(selected), l.read(count)),
+        _ => (ConstPtr::NULL, ConstPtr::NULL),
+    }
+}
+
+fn ensured<'a, E>(slot: &'a mut Option<CudaSlice<E>>, what: &str) -> Result<&'a mut CudaSlice<E>> {
+    slot.as_mut()
+        .ok_or_else(|| Error::Parameter(format!("workspace has no {what}")))
+}
+
+fn ensured_ref<'a, E>(slot: &'a Option<CudaSlice<E>>, what: &str) -> Result<&'a CudaSlice<E>> {
+    slot.as_ref()
+        .ok_or_else(|| Error::Parameter(format!("workspace has no {what}")))
+}
+
+fn missing(spec: &VariantSpec, what: &str) -> Error {
+    Error::Parameter(format!("variant {spec} needs the pool's {what}"))
+}
+
+pub(crate) fn quest_score<T: KvElement>(
+    s: &Step<'_, T>,
+    f: &CudaFunction,
+    ws: &mut Workspace,
+) -> Result<()> {
+    let side = &s.pool.sidecar;
+    let (Some(page_max), Some(page_min)) = (&side.page_max, &side.page_min) else {
+        return Err(missing(s.spec, "Quest page bounds"));
+    };
+    let mut l = Launcher::new(s.stream);
+    let params = QuestScoreParams {
+        q: l.read_elem(s.q),
+        page_max: l.read_elem(page_max),
+        page_min: l.read_elem(page_min),
+        kv_indptr: l.read(&s.table.kv_indptr),
+        kv_indices: l.read(&s.table.kv_indices),
+        scores: l.write(ensured(&mut ws.scores, "selector scores")?),
+        num_kv_heads: s.num_kv_heads as i32,
+        max_pages: s.plan.max_pages as i32,
+    };
+    let warps = (s.tiling.select_threads / 32) as usize;
+    let parts = s.plan.max_pages.div_ceil(warps * PAGES_PER_WARP);
+    let grid = Grid::parts(parts, s.num_kv_heads, s.batch, s.tiling.select_threads);
+    // SAFETY: `f` is `_quest_score`; scores hold rows * max_pages entries (the workspace was
+    // sized from the plan) and no request has more than max_pages pages.
+    unsafe { l.launch(f, grid, params, "quest_score") }
+}
+
+pub(crate) fn quest_select<T: KvElement>(
+    s: &Step<'_, T>,
+    f: &CudaFunction,
+    ws: &mut Workspace,
+) -> Result<()> {
+    let mut l = Launcher::new(s.stream);
+    let params = QuestSelectParams {
+        scores: l.read(ensured_ref(&ws.scores, "selector scores")?),
+        kv_indptr: l.read(&s.table.kv_indptr),
+        selected: l.write(ensured(&mut ws.selected, "selected positions")?),
+        selected_count: l.write(ensured(&mut ws.selected_count, "selected counts")?),
+        num_kv_heads: s.num_kv_heads as i32,
+        max_pages: s.plan.max_pages as i32,
+        budget_pages: s.plan.budget_pages as i32,
+    };
+    let grid = Grid::rows(s.num_kv_heads, s.batch, s.tiling.select_threads);
+    // SAFETY: `f` is `_quest_select`; selected holds rows * budget_pages entries and the
+    // kernel writes at most budget_pages per row.
+    unsafe { l.launch(f, grid, params, "quest_select") }
+}
+
+pub(crate) fn ds_score<T: KvElement>(
+    s: &Step<'_, T>,
+    f: &CudaFunction,
+    ws: &mut Workspace,
+) -> Result<()> {
+    let side = &s.pool.sidecar;
+    let (Some(labels), Some(channels)) = (&side.k_label, &side.ds_channels) else {
+        return Err(missing(s.spec, "Double Sparsity labels"));
+    };
+    let mut l = Launcher::new(s.stream);
+    let params = DsScoreParams {
+        q: l.read_elem(s.q),
+        k_label: l.read_elem(labels),
+        ds_channels: l.read(channels),
+        kv_indptr: l.read(&s.table.kv_indptr),
+        kv_indices: l.read(&s.table.kv_indices),
+        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        scores: l.write(ensured(&mut ws.scores, "selector scores")?),
+        num_kv_heads: s.num_kv_heads as i32,
+        max_tokens: s.plan.max_tokens as i32,
+        budget: s.budget_tokens as i32,
+    };
+    let parts = s
+        .plan
+        .max_tokens
+        .div_ceil(s.tiling.ds_score_tokens as usize);
+    let grid = Grid::parts(parts, s.num_kv_heads, s.batch, s.tiling.select_threads);
+    // SAFETY: `f` is `_ds_score`; scores hold rows * max_tokens entries and no request has
+    // more tokens; labels and channels were sized for the pool's r, which the decoder matched
+    // to the variant's.
+    unsafe { l.launch(f, grid, params, "ds_score") }
+}
+
+pub(crate) fn ds_select<T: KvElement>(
+    s: &Step<'_, T>,
+    f: &CudaFunction,
+    ws: &mut Workspace,
+) -> Result<()> {
+    let mut l = Launcher::new(s.stream);
+    let params = DsSelectParams {
+        scores: l.read(ensured_ref(&ws.scores, "selector scores")?),
+        kv_indptr: l.read(&s.table.kv_indptr),
+        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        selected: l.write(ensured(&mut ws.selected, "selected positions")?),
+        selected_count: l.write(ensured(&mut ws.selected_count, "selected counts")?),
+        num_kv_heads: s.num_kv_heads as i32,
+        max_tokens: s.plan.max_tokens as i32,
+        budget: s.budget_tokens as i32,
+        stride: s.plan.selected_stride as i32,
+    };
+    let grid = Grid::rows(s.num_kv_heads, s.batch, s.tiling.ds_select_threads);
+    // SAFETY: `f` is `_ds_select`; selected holds rows * selected_stride entries and a row
+    // gets at most min(B0, its length) <= selected_stride positions.
+    unsafe { l.launch(f, grid, params, "ds_select") }
+}
+
+pub(crate) fn estimate<T: KvElement>(
+    s: &Step<'_, T>,
+    f: &CudaFunction,
+    ws: &mut Workspace,
+) -> Result<()> {
+    let side = &s.pool.sidecar;
+    let (Some(codes), Some(scales)) = (&side.k_q4, &side.k_q4_scale_min) else {
+        return Err(missing(s.spec, "4-bit K"));
+    };
+    let Workspace {
+        selected,
+        selected_count,
+        logits,
+        ..
+    } = ws;
+    let mut l = Launcher::new(s.stream);
+    let (selected, selected_count) = match (&*selected, &*selected_count) {
+        (Some(a), Some(b)) => (l.read(a), l.read(b)),
+        _ => (ConstPtr::NULL, ConstPtr::NULL),
+    };
+    let params = EstimateParams {
+        q: l.read_elem(s.q),
+        k_q4: l.read(codes),
+        k_q4_scale_min: l.read(scales),
+        kv_indptr: l.read(&s.table.kv_indptr),
+        kv_indices: l.read(&s.table.kv_indices),
+        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        selected,
+        selected_count,
+        logits: l.write(ensured(logits, "logits")?),
+        num_kv_heads: s.num_kv_heads as i32,
+        selected_stride: s.plan.selected_stride as i32,
+        max_cands: s.plan.max_cands as i32,
+        sm_scale: s.sm_scale,
+    };
+    let per_block = (s.tiling.estimate_threads * s.tiling.estimate_per_thread) as usize;
+    let parts = s.plan.max_cands.div_ceil(per_block);
+    let grid = Grid::parts(parts, s.num_kv_heads, s.batch, s.tiling.estimate_threads);
+    // SAFETY: `f` is `_estimate`; logits hold batch * num_qo_heads * max_cands entries and no
+    // row has more candidates.
+    unsafe { l.launch(f, grid, params, "estimate") }
+}
+
+pub(crate) fn threshold<T: KvElement>(
+    s: &Step<'_, T>,
+    f: &CudaFunction,
+    ws: &mut Workspace,
+) -> Result<()> {
+    let Workspace {
+        selected,
+        selected_count,
+        logits,
+        stats,
+        ..
+    } = ws;
+    let mut l = Launcher::new(s.stream);
+    let (selected, selected_count) = match (&*selected, &*selected_count) {
+        (Some(a), Some(b)) => (l.read(a), l.read(b)),
+        _ => (ConstPtr::NULL, ConstPtr::NULL),
+    };
+    let params = ThresholdParams {
+        logits: l.read(ensured_ref(logits, "logits")?),
+        kv_indptr: l.read(&s.table.kv_indptr),
+        kv_indices: l.read(&s.table.kv_indices),
+        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        selected,
+        selected_count,
+        stats: l.write(ensured(stats, "top-p thresholds")?),
+        num_kv_heads: s.num_kv_heads as i32,
+        selected_stride: s.plan.selected_stride as i32,
+        max_cands: s.plan.max_cands as i32,
+        p: s.p,
+    };
+    let num_qo_heads = s.num_kv_heads * s.spec.group_size as usize;
+    let grid = Grid::rows(num_qo_heads, s.batch, s.tiling.threshold_threads);
+    // SAFETY: `f` is `_threshold`; stats hold 2 floats per (request, query head).
+    unsafe { l.launch(f, grid, params, "threshold") }
+}
+
+pub(crate) fn compact<T: KvElement>(
+    s: &Step<'_, T>,
+    f: &CudaFunction,
+    ws: &Workspace,
+    kept_counts: &mut CudaSlice<i32>,
+    kept: &mut CudaSlice<i32>,
+) -> Result<()> {
+    let mut l = Launcher::new(s.stream);
+    let (selected, selected_count) = selection(&mut l, ws);
+    // Without pruning the kernel keeps every candidate and reads no logits.
+    let (logits, stats) = match (&ws.logits, &ws.stats) {
+        (Some(logits), Some(stats)) if s.spec.pruning == twilight_jit::Pruning::TopP => {
+            (l.read(logits), l.read(stats))
+        }
+        _ => (ConstPtr::NULL, ConstPtr::NULL),
+    };
+    let params = CompactParams {
+        logits,
+        stats,
+        kv_indptr: l.read(&s.table.kv_indptr),
+        kv_indices: l.read(&s.table.kv_indices),
+        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        selected,
+        selected_count,
+        kept: l.write(kept),
+        kept_count: l.write(kept_counts),
+        num_kv_heads: s.num_kv_heads as i32,
+        selected_stride: s.plan.selected_stride as i32,
+        max_cands: s.plan.max_cands as i32,
+    };
+    let grid = Grid::rows(s.num_kv_heads, s.batch, s.tiling.compact_threads);
+    // SAFETY: `f` is `_compact`; kept holds rows * max_cands entries (the decoder checked the
+    // outputs against the plan).
+    unsafe { l.launch(f, grid, params, "compact") }
+}
+
+/// Attention over every token of each request (dense) or over each row's kept list.
+pub(crate) fn attend<T: KvElement>(
+    s: &Step<'_, T>,
+    f: &CudaFunction,
+    ws: &mut Workspace,
+    out: &mut StepOutputs<'_, T>,
+) -> Result<()> {
+    let Workspace {
+        partial_o,
+        partial_lse,
+        done,
+        ..
+    } = ws;
+    let mut l = Launcher::new(s.stream);
+    let (kept, kept_count) = match &out.kept {
+        Some((counts, slots)) => (l.read(&**slots), l.read(&**counts)),
+        None => (ConstPtr::NULL, ConstPtr::NULL),
+    };
+    let params = AttendParams {
+        q: l.read_elem(s.q),
+        k_cache: l.read_elem(&s.pool.k),
+        v_cache: l.read_elem(&s.pool.v),
+        kv_indptr: l.read(&s.table.kv_indptr),
+        kv_indices: l.read(&s.table.kv_indices),
+        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        kept,
+        kept_count,
+        o: l.write_elem(&mut *out.o),
+        lse: l.write(&mut *out.lse),
+        partial_o: l.write(ensured(partial_o, "partial o")?),
+        partial_lse: l.write(ensured(partial_lse, "partial lse")?),
+        done: l.write(ensured(done, "split counters")?),
+        num_kv_heads: s.num_kv_heads as i32,
+        max_kept: s.plan.max_cands as i32,
+        min_chunk_tokens: s.plan.chunk_tokens as i32,
+        num_chunks: s.plan.num_chunks as i32,
+        sm_scale: s.sm_scale,
+    };
+    let grid = Grid::parts(
+        s.plan.num_chunks,
+        s.num_kv_heads,
+        s.batch,
+        s.tiling.decode_threads,
+    );
+    // SAFETY: `f` is `_attend`; q, o and lse hold batch * num_qo_heads rows (checked), K/V
+    // hold the pool the validated table (or the kept lists compact wrote from it) indexes,
+    // partials hold batch * num_qo_heads * num_chunks rows when split, counters one per row.
+    unsafe { l.launch(f, grid, params, "attend") }
+}

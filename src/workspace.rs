@@ -1,0 +1,120 @@
+//! The scratch buffers of a step, kept between steps so that a step of a shape seen before
+//! allocates nothing (and can be captured in a CUDA graph).
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
+use twilight_jit::{Pruning, Selector, VariantSpec};
+
+use crate::error::{Error, Result};
+use crate::plan::StepPlan;
+
+/// Scratch of every stage. The split counters (`done`) are reset to zero by the block that
+/// merges a split, so they are zero between steps, as a fresh allocation is.
+#[derive(Debug, Default)]
+pub struct Workspace {
+    pub(crate) scores: Option<CudaSlice<f32>>,
+    pub(crate) selected: Option<CudaSlice<i32>>,
+    pub(crate) selected_count: Option<CudaSlice<i32>>,
+    pub(crate) logits: Option<CudaSlice<f32>>,
+    pub(crate) stats: Option<CudaSlice<f32>>,
+    pub(crate) partial_o: Option<CudaSlice<f32>>,
+    pub(crate) partial_lse: Option<CudaSlice<f32>>,
+    pub(crate) done: Option<CudaSlice<i32>>,
+}
+
+/// The workspace of a sparse step (one type serves every variant).
+pub type SparseWorkspace = Workspace;
+
+impl Workspace {
+    /// Grows every buffer `spec`'s pipeline uses to the sizes of `plan` over `batch` requests
+    /// and `num_kv_heads` KV heads; allocates nothing when they are large enough.
+    ///
+    /// # Errors
+    /// A size that overflows, or a failed allocation.
+    pub(crate) fn ensure(
+        &mut self,
+        stream: &Arc<CudaStream>,
+        spec: &VariantSpec,
+        plan: &StepPlan,
+        batch: usize,
+        num_kv_heads: usize,
+    ) -> Result<()> {
+        let rows = batch * num_kv_heads;
+        let heads = rows * spec.group_size as usize;
+        let size = |what: &str, factors: &[usize]| -> Result<usize> {
+            factors
+                .iter()
+                .try_fold(1usize, |n, &f| n.checked_mul(f))
+                .ok_or_else(|| Error::Parameter(format!("the {what} of this step overflow")))
+        };
+        match spec.selector {
+            Selector::Full => {}
+            Selector::Quest | Selector::DoubleSparse { .. } => {
+                let score_rows = if spec.selector == Selector::Quest {
+                    plan.max_pages
+                } else {
+                    plan.max_tokens
+                };
+                let scores = size("selector scores", &[rows, score_rows])?;
+                ensure_len(stream, &mut self.scores, scores, "selector scores")?;
+                let selected = size("selected positions", &[rows, plan.selected_stride])?;
+                ensure_len(stream, &mut self.selected, selected, "selected positions")?;
+                ensure_len(stream, &mut self.selected_count, rows, "selected counts")?;
+            }
+        }
+        if spec.pruning == Pruning::TopP {
+            let logits = size("logits", &[heads, plan.max_cands])?;
+            ensure_len(stream, &mut self.logits, logits, "logits")?;
+            ensure_len(stream, &mut self.stats, heads * 2, "top-p thresholds")?;
+        }
+        let partials = if plan.num_chunks > 1 {
+            size("attention partials", &[heads, plan.num_chunks])?
+        } else {
+            1
+        };
+        let partial_o = size("attention partials", &[partials, spec.head_dim as usize])?;
+        ensure_len(stream, &mut self.partial_o, partial_o, "partial o")?;
+        ensure_len(stream, &mut self.partial_lse, partials, "partial lse")?;
+        ensure_len(stream, &mut self.done, rows, "split counters")
+    }
+
+    /// The selector's choice in the last step, copied to the host: positions, ascending, in
+    /// rows of [`StepPlan::selected_stride`] (page positions for `quest`, token positions for
+    /// `double_sparse`), and their count per (request, KV head). `None` for `full`. For tests
+    /// and diagnostics; it synchronizes.
+    ///
+    /// # Errors
+    /// A failed copy.
+    pub fn selection(&self, stream: &Arc<CudaStream>) -> Result<Option<(Vec<i32>, Vec<i32>)>> {
+        match (&self.selected, &self.selected_count) {
+            (Some(sel), Some(count)) => Ok(Some((
+                stream
+                    .clone_dtoh(sel)
+                    .map_err(|e| Error::driver("downloading selected pages", e))?,
+                stream
+                    .clone_dtoh(count)
+                    .map_err(|e| Error::driver("downloading selected counts", e))?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+}
+
+/// Grows a reusable device buffer to at least `len` elements (allocating only when it is too
+/// small, so steps of a shape seen before allocate nothing).
+pub(crate) fn ensure_len<E: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    slot: &mut Option<CudaSlice<E>>,
+    len: usize,
+    what: &str,
+) -> Result<()> {
+    if slot.as_ref().is_none_or(|s| s.len() < len) {
+        *slot = Some(
+            stream
+                .alloc_zeros::<E>(len.max(1))
+                .map_err(|e| Error::driver(format!("allocating {what}"), e))?,
+        );
+    }
+    Ok(())
+}
