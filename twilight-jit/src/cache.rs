@@ -298,10 +298,23 @@ impl Jit {
 /// # Errors
 /// [`JitError::DriverMissing`] without libcuda; a driver error without a usable GPU.
 pub fn open_device(ordinal: usize) -> Result<Arc<CudaContext>, JitError> {
-    // SAFETY: only probes whether libcuda can be dlopened; calls no driver function.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+    if !driver_present() {
         return Err(JitError::DriverMissing);
     }
     CudaContext::new(ordinal)
         .map_err(|e| JitError::driver(format!("opening CUDA device {ordinal}"), e))
+}
+
+/// Whether libcuda can be used. Loaded at run time, it is probed (cudarc panics on a missing
+/// library); linked, it is there or the binary would not have started.
+fn driver_present() -> bool {
+    #[cfg(feature = "dynamic-loading")]
+    {
+        // SAFETY: only probes whether libcuda can be dlopened; calls no driver function.
+        unsafe { cudarc::driver::sys::is_culib_present() }
+    }
+    #[cfg(not(feature = "dynamic-loading"))]
+    {
+        true
+    }
 }

@@ -206,8 +206,7 @@ fn discover(env: &JitEnv) -> Result<NvrtcInfo, JitError> {
     if lib_dir.is_none() {
         searched.push("the dynamic loader's search path".to_string());
     }
-    // SAFETY: only probes whether cudarc can dlopen the library; no NVRTC function is called.
-    if !unsafe { nvrtc_sys::is_culib_present() } {
+    if !nvrtc_present() {
         return Err(JitError::NvrtcMissing { searched });
     }
     let mut major: c_int = 0;
@@ -383,6 +382,20 @@ fn c_chars_to_string(chars: &[c_char]) -> String {
         .take_while(|&b| b != 0)
         .collect();
     String::from_utf8_lossy(&bytes).into_owned()
+}
+
+/// Whether cudarc can use NVRTC: probed when loaded at run time (cudarc panics on a missing
+/// library); linked, it is there or the binary would not have started.
+fn nvrtc_present() -> bool {
+    #[cfg(feature = "dynamic-loading")]
+    {
+        // SAFETY: only probes whether cudarc can dlopen the library; calls no NVRTC function.
+        unsafe { nvrtc_sys::is_culib_present() }
+    }
+    #[cfg(not(feature = "dynamic-loading"))]
+    {
+        true
+    }
 }
 
 #[cfg(test)]
