@@ -8,18 +8,14 @@
 extern crate self as twilight;
 
 mod append;
-pub mod bench;
 pub mod calibration;
 pub mod decoder;
 pub mod element;
 pub mod error;
-pub mod generator;
 pub mod kv_cache;
-pub mod npy;
 pub mod page_table;
 pub mod reference;
 pub mod sparse;
-pub mod synthetic;
 pub mod variant;
 
 #[doc(hidden)]

@@ -5,10 +5,9 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 use cudarc::nvrtc::Ptx;
-use twilight_jit::nvrtc::{compile_source, Target};
-
-use crate::element::KvElement;
-use crate::error::{Error, Result};
+use twilight::twilight_jit;
+use twilight::twilight_jit::nvrtc::{compile_source, Target};
+use twilight::{Error, KvElement, Result};
 
 /// Timing of repeated runs of one thing, in microseconds.
 #[derive(Clone, Debug, PartialEq)]
@@ -57,27 +56,27 @@ pub fn time_with_events(
     let ctx = stream.context();
     let event = || {
         ctx.new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(|e| Error::driver("creating an event", e))
+            .map_err(|e| driver_error("creating an event", e))
     };
     let mut pairs = Vec::with_capacity(iterations);
     for i in 0..iterations {
         let (start, end) = (event()?, event()?);
         start
             .record(stream)
-            .map_err(|e| Error::driver("recording an event", e))?;
+            .map_err(|e| driver_error("recording an event", e))?;
         run(warmup + i)?;
         end.record(stream)
-            .map_err(|e| Error::driver("recording an event", e))?;
+            .map_err(|e| driver_error("recording an event", e))?;
         pairs.push((start, end));
     }
     stream
         .synchronize()
-        .map_err(|e| Error::driver("synchronizing", e))?;
+        .map_err(|e| driver_error("synchronizing", e))?;
     let samples_us = pairs
         .iter()
         .map(|(s, e)| s.elapsed_ms(e).map(|ms| ms as f64 * 1e3))
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|e| Error::driver("reading event times", e))?;
+        .map_err(|e| driver_error("reading event times", e))?;
     Ok(Timing { samples_us })
 }
 
@@ -132,7 +131,7 @@ impl BenchKernels {
         let ctx = stream.context();
         let (major, minor) = ctx
             .compute_capability()
-            .map_err(|e| Error::driver("reading the compute capability", e))?;
+            .map_err(|e| driver_error("reading the compute capability", e))?;
         let info = twilight_jit::nvrtc::nvrtc()?;
         let compiled = compile_source(
             "twilight_bench_tools",
@@ -141,17 +140,17 @@ impl BenchKernels {
         )?;
         let module = ctx
             .load_module(Ptx::from_binary(compiled.binary))
-            .map_err(|e| Error::driver("loading the benchmark kernels", e))?;
+            .map_err(|e| driver_error("loading the benchmark kernels", e))?;
         let load = |name: &str| {
             module
                 .load_function(name)
-                .map_err(|e| Error::driver(format!("finding {name}"), e))
+                .map_err(|e| driver_error(format!("finding {name}"), e))
         };
         let sms = ctx
             .attribute(
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
-            .map_err(|e| Error::driver("reading the SM count", e))? as u32;
+            .map_err(|e| driver_error("reading the SM count", e))? as u32;
         Ok(BenchKernels {
             stream: stream.clone(),
             read_probe: load("twilight_read_probe")?,
@@ -179,7 +178,7 @@ impl BenchKernels {
             shared_mem_bytes: 0,
         };
         // SAFETY: the arguments match the fill kernel of T's dtype, which writes `n` elements.
-        unsafe { launch.launch(config) }.map_err(|e| Error::driver("launching a fill", e))?;
+        unsafe { launch.launch(config) }.map_err(|e| driver_error("launching a fill", e))?;
         Ok(())
     }
 
@@ -201,14 +200,14 @@ fn read_bandwidth_with(
 ) -> Result<f64> {
     let words = bytes / 16;
     let data: CudaSlice<u8> = stream.alloc_zeros(words * 16).map_err(|e| {
-        Error::driver(
+        driver_error(
             format!("allocating {bytes} bytes for the bandwidth probe"),
             e,
         )
     })?;
     let mut sink: CudaSlice<u32> = stream
         .alloc_zeros(1024)
-        .map_err(|e| Error::driver("allocating", e))?;
+        .map_err(|e| driver_error("allocating", e))?;
     let (words_u64, never) = (words as u64, 0i32);
     let timing = time_with_events(stream, 3, 20, |_| {
         let mut launch = stream.launch_builder(function);
@@ -222,7 +221,7 @@ fn read_bandwidth_with(
         // and `sink` 1024 entries (512 threads per block index it).
         unsafe { launch.launch(config) }
             .map(|_| ())
-            .map_err(|e| Error::driver("launching the bandwidth probe", e))
+            .map_err(|e| driver_error("launching the bandwidth probe", e))
     })?;
     Ok((words * 16) as f64 / (timing.median_us() * 1e-6))
 }
@@ -237,4 +236,12 @@ pub fn dense_decode_bytes(
 ) -> u64 {
     let tokens: usize = lens.iter().sum();
     (tokens * num_kv_heads * head_dim * 2 * elem_bytes) as u64
+}
+
+/// A driver failure of the benchmark's own work, as the library reports its own.
+fn driver_error(what: impl Into<String>, e: impl std::fmt::Display) -> Error {
+    Error::Driver {
+        what: what.into(),
+        message: e.to_string(),
+    }
 }

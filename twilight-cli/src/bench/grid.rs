@@ -6,16 +6,16 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use crate::bench::timing::BenchKernels;
 use serde::Deserialize;
-use twilight::bench::BenchKernels;
-use twilight::generator::Preset;
 use twilight::Selector;
+use twilight_synth::generator::Preset;
 
-use super::bench_caches::caches_gib;
-use super::bench_sparse::{
+use super::caches::caches_gib;
+use super::sparse::{
     graph_ready_stream, l2_bytes, measure, print_report, BenchShape, Method, SparseReport,
 };
-use super::CliResult;
+use crate::CliResult;
 
 #[derive(clap::Args, Debug)]
 pub struct GridArgs {
@@ -48,7 +48,7 @@ pub struct GridArgs {
     #[arg(long)]
     peers: Option<PathBuf>,
     /// Base selectors measured on every shape (comma-separated), each with top_p and with none.
-    #[arg(long, value_delimiter = ',', default_value = "quest,double_sparse(32)", value_parser = super::demo::parse_selector)]
+    #[arg(long, value_delimiter = ',', default_value = "quest,double_sparse(32)", value_parser = crate::demo::parse_selector)]
     selectors: Vec<Selector>,
 }
 

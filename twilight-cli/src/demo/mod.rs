@@ -1,5 +1,5 @@
 //! `twilight demo`: the main job. Generates a realistic synthetic cache (peaked attention, see
-//! [`twilight::generator`]), runs one Select-then-Prune decode step on the GPU when there is one
+//! [`twilight_synth::generator`]), runs one Select-then-Prune decode step on the GPU when there is one
 //! (else on the CPU reference), and reports the kept budget per head, the time per stage, and
 //! the error against dense attention. `--dump DIR` writes every input and output as NumPy files
 //! so that any independent implementation can check the step.
@@ -21,16 +21,17 @@ use std::time::Instant;
 
 use rand::SeedableRng;
 use twilight::calibration::{CalibrationMode, ChannelConfig};
-use twilight::generator::{generate, oracle_top_p_budget, GeneratorParams, Preset};
 use twilight::reference::{CacheShape, DecodeResult, HostKv};
-use twilight::synthetic::{ragged_lengths, SyntheticStep};
 use twilight::twilight_jit::open_device;
 use twilight::twilight_jit::spec::{parse_value, FieldValue, SpecField};
 use twilight::{
     Dtype, HostPageTable, KvElement, KvLayout, Pruning, Selector, SparseParams, VariantSpec,
 };
+use twilight_synth::generator::{generate, GeneratorParams, Preset};
+use twilight_synth::oracle::oracle_top_p_budget;
+use twilight_synth::synthetic::{ragged_lengths, SyntheticStep};
 
-use super::CliResult;
+use crate::CliResult;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -135,7 +136,7 @@ fn parse_pruning(s: &str) -> Result<Pruning, String> {
 }
 
 fn parse_preset(s: &str) -> Result<Preset, String> {
-    s.parse().map_err(|e: twilight::Error| e.to_string())
+    s.parse().map_err(|e: twilight_synth::Error| e.to_string())
 }
 
 /// Declaration spellings, as the CLI and params.json write them.
@@ -324,7 +325,7 @@ fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
             .map_err(|e| format!("cannot create the dump directory {}: {e}", dir.display()))?;
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let lens = ragged_lengths(&mut rng, args.batch, args.max_len);
+    let lens = ragged_lengths(&mut rng, args.batch, args.max_len)?;
     let generator = GeneratorParams::preset(args.preset, args.seed);
     let what = if spec.selector == Selector::Full && spec.pruning == Pruning::None {
         "dense paged decode".to_string()
@@ -461,7 +462,7 @@ fn gen<T: KvElement>(
     lens: &[usize],
     args: &Args,
     spec: VariantSpec,
-) -> twilight::Result<SyntheticStep> {
+) -> twilight_synth::Result<SyntheticStep> {
     generate::<T>(
         params,
         lens,

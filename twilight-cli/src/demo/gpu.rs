@@ -7,16 +7,16 @@ use std::error::Error;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::bench::timing::{dense_decode_bytes, time_with_events, Timing};
 use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
-use twilight::bench::{dense_decode_bytes, time_with_events, Timing};
 use twilight::reference::{dense_decode, HostKv};
-use twilight::synthetic::SyntheticStep;
 use twilight::twilight_jit::{LoadedProgram, Origin, Stage};
 use twilight::{
     DecodeOutput, DenseDecoder, KvElement, PageTable, PagedKvCache, Pruning, RequestId, Selector,
     SparseDecoder, SparseWorkspace, VariantSpec, Workspace,
 };
+use twilight_synth::synthetic::SyntheticStep;
 
 use super::check::{attend_kept, exactness, kept_lists, reference_step};
 use super::report::median;
@@ -202,7 +202,7 @@ fn fill_cache<T: KvElement>(
     for b in 0..x.batch() {
         let id = cache.add_request();
         ids.push(id);
-        let (k_rows, v_rows) = x.step.request_rows::<T>(b);
+        let (k_rows, v_rows) = x.step.request_rows::<T>(b)?;
         let k_new = stream.clone_htod(&k_rows)?;
         let v_new = stream.clone_htod(&v_rows)?;
         let appends = [(id, x.lens[b])];

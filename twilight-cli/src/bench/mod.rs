@@ -1,13 +1,18 @@
 //! `twilight bench`: performance figures measured with CUDA events on the GPU, each printed
 //! with its shape, its byte floor and the ratio to it.
 
+mod caches;
+mod grid;
+mod sparse;
+pub mod timing;
+
 use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::CudaStream;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use twilight::bench::{dense_decode_bytes, time_with_events, BenchKernels};
+use timing::{dense_decode_bytes, time_with_events, BenchKernels};
 use twilight::twilight_jit::disk_cache::DiskCache;
 use twilight::twilight_jit::{open_device, Jit, Origin};
 use twilight::{
@@ -15,18 +20,18 @@ use twilight::{
     PagedKvCache, VariantSpec, Workspace,
 };
 
-use super::CliResult;
+use crate::CliResult;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum What {
     /// Dense paged decode (`full`/`none`) against the card's read-bandwidth floor.
     Dense(ShapeArgs),
     /// The Select-then-Prune step beside Quest alone and dense decode, per stage and per step.
-    Sparse(super::bench_sparse::SparseArgs),
+    Sparse(sparse::SparseArgs),
     /// Every shape of bench/shapes.json: dense, Quest alone and the twilight step, as a table.
-    Grid(super::bench_grid::GridArgs),
+    Grid(grid::GridArgs),
     /// The table of earlier `bench grid` results (several runs merged), with no GPU.
-    Table(super::bench_grid::TableArgs),
+    Table(grid::TableArgs),
     /// JIT costs: cold compile, warm disk-cache load and memory-cache hit, per variant.
     Jit {
         /// Variants (default: the dense Llama-3 shape in f16 and bf16).
@@ -38,32 +43,32 @@ pub enum What {
 #[derive(clap::Args, Debug)]
 pub struct ShapeArgs {
     #[arg(long, default_value_t = 8)]
-    pub(super) batch: usize,
+    pub batch: usize,
     #[arg(long, default_value_t = 32)]
-    pub(super) qo_heads: usize,
+    pub qo_heads: usize,
     #[arg(long, default_value_t = 8)]
-    pub(super) kv_heads: usize,
+    pub kv_heads: usize,
     #[arg(long, default_value_t = 128)]
-    pub(super) head_dim: u32,
+    pub head_dim: u32,
     /// Tokens per request (all requests this long).
     #[arg(long, default_value_t = 32768)]
-    pub(super) len: usize,
+    pub len: usize,
     #[arg(long, default_value_t = 16)]
-    pub(super) page_size: u32,
+    pub page_size: u32,
     #[arg(long, default_value = "f16")]
-    pub(super) dtype: String,
+    pub dtype: String,
     #[arg(long, default_value = "hnd")]
-    pub(super) layout: String,
+    pub layout: String,
     #[arg(long, default_value_t = 10)]
-    pub(super) warmup: usize,
+    pub warmup: usize,
     #[arg(long, default_value_t = 100)]
-    pub(super) iters: usize,
+    pub iters: usize,
     /// Size of the read-bandwidth probe in GiB.
     #[arg(long, default_value_t = 4.0)]
-    pub(super) probe_gib: f64,
+    pub probe_gib: f64,
     /// Also write the result as JSON here.
     #[arg(long)]
-    pub(super) json: Option<std::path::PathBuf>,
+    pub json: Option<std::path::PathBuf>,
 }
 
 impl ShapeArgs {
@@ -108,9 +113,9 @@ pub fn dense_spec(
 pub fn run(what: What) -> CliResult {
     match what {
         What::Dense(args) => dense(args),
-        What::Sparse(args) => super::bench_sparse::run(args),
-        What::Grid(args) => super::bench_grid::run(args),
-        What::Table(args) => super::bench_grid::table(args),
+        What::Sparse(args) => sparse::run(args),
+        What::Grid(args) => grid::run(args),
+        What::Table(args) => grid::table(args),
         What::Jit { variants } => jit(variants),
     }
 }

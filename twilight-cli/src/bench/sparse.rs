@@ -6,19 +6,19 @@
 
 use std::sync::Arc;
 
+use crate::bench::timing::{time_with_events, Timing};
 use cudarc::driver::{CudaGraph, CudaStream};
 use serde::{Deserialize, Serialize};
-use twilight::bench::{time_with_events, Timing};
-use twilight::generator::{GeneratorParams, Preset};
 use twilight::twilight_jit::{open_device, Stage};
 use twilight::{
     DecodeOutput, DenseDecoder, Dtype, KvElement, Pruning, Selector, SparseDecoder, SparseOutput,
     SparseParams, SparseWorkspace, VariantSpec, Workspace,
 };
+use twilight_synth::generator::{GeneratorParams, Preset};
 
-use super::bench::ShapeArgs;
-use super::bench_caches::{build_instances, rotation_for, selection_step_bytes, Instance};
-use super::CliResult;
+use super::caches::{build_instances, rotation_for, selection_step_bytes, Instance};
+use super::ShapeArgs;
+use crate::CliResult;
 
 #[derive(clap::Args, Debug)]
 pub struct SparseArgs {
@@ -38,7 +38,7 @@ pub struct SparseArgs {
     rotation: usize,
     /// Base selector: quest or double_sparse(r) (channels calibrated on the generator's own
     /// activations).
-    #[arg(long, default_value = "quest", value_parser = super::demo::parse_selector)]
+    #[arg(long, default_value = "quest", value_parser = crate::demo::parse_selector)]
     selector: Selector,
 }
 
@@ -67,7 +67,7 @@ fn default_layout() -> String {
 impl BenchShape {
     /// The dense (`full`/`none`) variant of the shape.
     pub fn dense_spec(&self) -> Result<VariantSpec, Box<dyn std::error::Error>> {
-        super::bench::dense_spec(
+        super::dense_spec(
             self.qo_heads,
             self.kv_heads,
             self.page_size,
@@ -143,7 +143,7 @@ pub fn run(args: SparseArgs) -> CliResult {
         iters: s.iters,
     };
     let stream = graph_ready_stream()?;
-    let tools = twilight::bench::BenchKernels::new(&stream)?;
+    let tools = crate::bench::timing::BenchKernels::new(&stream)?;
     let bandwidth = tools.read_bandwidth((s.probe_gib * (1u64 << 30) as f64) as usize)?;
     let report = measure(&stream, bandwidth, &shape, &method, &[args.selector])?
         .pop()

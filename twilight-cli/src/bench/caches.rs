@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::CudaStream;
-use twilight::generator::{plan, GeneratorParams};
 use twilight::{KvElement, PageTable, PagedKvCache, Selector, SparseDecoder};
+use twilight_synth::generator::{plan, GeneratorParams};
 
-use super::bench_sparse::{selection_bytes, BenchShape};
+use super::sparse::{selection_bytes, BenchShape};
 
 /// Requests whose keys make the calibration sample of `double_sparse`, and positions per request.
 const CALIBRATION_REQUESTS: usize = 4;
@@ -76,8 +76,8 @@ pub fn build_instances<T: KvElement>(
                 handles
                     .into_iter()
                     .map(|h| h.join().expect("drawing a request's rows does not panic"))
-                    .collect()
-            });
+                    .collect::<twilight_synth::Result<_>>()
+            })?;
             for (slot, &s) in users.iter().enumerate() {
                 if caches[slot].is_some() {
                     continue;
@@ -105,7 +105,7 @@ pub fn build_instances<T: KvElement>(
                 }
             }
         }
-        let q = twilight::synthetic::SyntheticStep::to_elements::<T>(&planned.q);
+        let q = twilight_synth::synthetic::SyntheticStep::to_elements::<T>(&planned.q);
         for ((slot, &s), cache) in users.iter().enumerate().zip(caches) {
             let cache = cache.ok_or("a benchmark shape has at least one request")?;
             let table = cache.page_table(stream, &ids[slot])?;
@@ -244,7 +244,7 @@ mod tests {
         struct List {
             shapes: Vec<BenchShape>,
         }
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/shapes.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/shapes.json");
         let list: List = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(list.shapes.len(), 44, "the grid BENCHMARKS.md reports");
         let selectors = [Selector::Quest, Selector::DoubleSparse { channels: 32 }];
