@@ -5,6 +5,7 @@ mod cache;
 mod declared;
 mod demo;
 mod doctor;
+mod parse;
 mod precompile;
 
 use std::process::ExitCode;

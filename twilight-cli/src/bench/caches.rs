@@ -9,7 +9,8 @@ use cudarc::driver::CudaStream;
 use twilight::{KvElement, PageTable, PagedKvCache, Selector, SparseDecoder};
 use twilight_synth::generator::{plan, GeneratorParams};
 
-use super::sparse::{selection_bytes, BenchShape};
+use super::bytes::selection_step_bytes;
+use super::shape::BenchShape;
 
 /// Requests whose keys make the calibration sample of `double_sparse`, and positions per request.
 const CALIBRATION_REQUESTS: usize = 4;
@@ -136,11 +137,6 @@ pub fn rotation_for(l2: f64, shape: &BenchShape, selector: Selector, wanted: usi
     }
 }
 
-/// Bytes the selector reads in one step, over every (request, KV head).
-pub fn selection_step_bytes(shape: &BenchShape, selector: Selector) -> f64 {
-    selection_bytes(shape, selector).1 * (shape.batch * shape.kv_heads) as f64
-}
-
 /// Device memory (GiB) the caches of `shape` take when each of `selectors` rotates over its
 /// caches: K and V, plus the derived data (Quest bounds or Double Sparsity labels, and the
 /// 4-bit copy: at most a third more) per cache.
@@ -196,8 +192,8 @@ mod tests {
             head_dim: 128,
             len,
             page_size: 16,
-            dtype: "f16".into(),
-            layout: "hnd".into(),
+            dtype: twilight::Dtype::F16,
+            layout: twilight::KvLayout::Hnd,
             budget: 8192,
             p: 0.85,
         }

@@ -8,7 +8,7 @@ use serde_json::json;
 use twilight::{Dtype, KvLayout};
 use twilight_synth::npy;
 
-use super::{dtype_name, layout_name, pruning_name, selector_name, Inputs, Outcome};
+use super::{Inputs, Outcome};
 
 /// What each file holds, as params.json describes it.
 const FILES: [(&str, &str); 11] = [
@@ -80,10 +80,10 @@ pub(super) fn write(dir: &Path, x: &Inputs, out: &Outcome) -> Result<(), Box<dyn
         .collect();
     let mut params = json!({
         "variant": x.spec.name(),
-        "selector": selector_name(x.spec.selector),
-        "pruning": pruning_name(x.spec.pruning),
-        "dtype": dtype_name(dtype),
-        "layout": layout_name(s.layout),
+        "selector": x.spec.selector.declared(),
+        "pruning": x.spec.pruning.declared(),
+        "dtype": dtype.short(),
+        "layout": s.layout.short(),
         "page_size": s.page_size,
         "head_dim": s.head_dim,
         "B0": x.budget,

@@ -14,17 +14,6 @@ pub(super) fn stats(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64) {
     (sum / n as f64, min, max)
 }
 
-/// The median of some samples (NaN when there are none).
-pub(super) fn median(samples: &[f64]) -> f64 {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
-    }
-}
-
 /// How far an output is from a reference.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Diff {
@@ -171,7 +160,6 @@ mod tests {
         assert_eq!(n.non_finite, 1);
         assert!(n.rel_l2.is_nan());
         assert_eq!(stats([1.0, 3.0, 2.0]), (2.0, 1.0, 3.0));
-        assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
         assert_eq!(
             outside(&[1.0, f32::NAN, 1.1], &[1.0, 1.0, 1.0], 0.01, 0.0),
             2
