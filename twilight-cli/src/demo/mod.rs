@@ -1,19 +1,22 @@
 //! `twilight demo`: the main job. Generates a realistic synthetic cache (peaked attention, see
-//! [`twilight_synth::generator`]), runs one Select-then-Prune decode step on the GPU when there is one
-//! (else on the CPU reference), and reports the kept budget per head, the time per stage, and
-//! the error against dense attention. `--dump DIR` writes every input and output as NumPy files
-//! so that any independent implementation can check the step.
+//! [`twilight_synth::generator`]), runs one Select-then-Prune decode step on the GPU when there
+//! is one (else on the CPU reference), and reports the kept budget per head, the time per stage, and
+//! the error against dense attention beside the errors the algorithm accepts by design (the
+//! oracle top-p and the selector alone, see [`baselines`]). `--dump DIR` writes every input and
+//! output as NumPy files so that any independent implementation can check the step.
 //!
 //! `--selector full --pruning none` is dense paged decode through the same structure.
 //!
 //! `--selector double_sparse(r)` calibrates its `r` channels per KV head on the generated
 //! activations first (see [`calibrate`]), or reads them from a channel config (`--channels`).
 
+mod baselines;
 mod calibrate;
 mod check;
 mod cpu;
 mod dump;
 mod gpu;
+mod reference;
 mod report;
 
 use std::path::PathBuf;
@@ -28,7 +31,6 @@ use twilight::{
     VariantSpec,
 };
 use twilight_synth::generator::{generate, GeneratorParams, Preset};
-use twilight_synth::oracle::oracle_top_p_budget;
 use twilight_synth::synthetic::{ragged_lengths, SyntheticStep};
 
 use crate::{parse, CliResult};
@@ -188,9 +190,6 @@ impl Outcome {
 
 pub fn run(args: Args) -> CliResult {
     let inputs = prepare(&args)?;
-    let start = Instant::now();
-    let oracle = oracle_top_p_budget(&inputs.step, inputs.sm_scale, inputs.p as f64)?;
-    let oracle_ms = start.elapsed().as_secs_f64() * 1e3;
     let stream = if args.cpu {
         println!("  --cpu: running the CPU reference");
         None
@@ -210,8 +209,10 @@ pub fn run(args: Args) -> CliResult {
         },
         None => cpu::run(&inputs)?,
     };
-    report::budget(&inputs, &outcome, &oracle, oracle_ms);
-    report::errors(&inputs, &outcome);
+    let oracle = baselines::Oracle::compute(&inputs, &outcome)?;
+    report::budget(&inputs, &outcome, &oracle);
+    let baselines = baselines::compute(&inputs, &outcome, &oracle)?;
+    report::errors(&inputs, &outcome, &baselines);
     if let Some(dir) = &args.dump {
         dump::write(dir, &inputs, &outcome)?;
         println!(
