@@ -2,12 +2,12 @@
 //!
 //!     cargo run --release --example 03_decode
 
-use twilight::generator::{generate, GeneratorParams, Preset};
 use twilight::reference::quant::Quant4Cache;
 use twilight::reference::quest::QuestMeta;
 use twilight::reference::step::{decode_step, StepInputs, StepParams};
-use twilight::synthetic::SyntheticStep;
 use twilight::{twilight_kernel, PagedKvCache, SparseDecoder, SparseParams, Variant};
+use twilight_synth::generator::{generate, GeneratorParams, Preset};
+use twilight_synth::synthetic::SyntheticStep;
 
 #[twilight_kernel(page_size = 16, head_dim = 128, dtype = f16, group_size = 4,
                   kv_layout = hnd, selector = quest, pruning = top_p)]
@@ -39,7 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut ids = Vec::new();
             for (b, &len) in lens.iter().enumerate() {
                 let id = cache.add_request();
-                let (k, v) = step.request_rows::<half::f16>(b);
+                let (k, v) = step.request_rows::<half::f16>(b)?;
                 decoder.append(
                     &mut cache,
                     &[(id, len)],

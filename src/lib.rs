@@ -8,23 +8,19 @@
 extern crate self as twilight;
 
 mod append;
-pub mod bench;
 pub mod calibration;
 pub mod decoder;
 pub mod element;
 pub mod error;
-pub mod generator;
 pub mod host;
 pub mod kv_cache;
 mod launch;
-pub mod npy;
 pub mod page_table;
 pub mod plan;
 pub mod pool;
 pub mod reference;
 pub mod sparse;
 mod stages;
-pub mod synthetic;
 pub mod variant;
 pub mod workspace;
 

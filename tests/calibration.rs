@@ -7,8 +7,8 @@ use twilight::calibration::{
     channel_scores, rank_channels, CalibrationMode, ChannelConfig, LayerSample,
 };
 use twilight::reference::{decode_step, DsLabels, StepInputs, StepParams};
-use twilight::synthetic::SyntheticStep;
 use twilight::{Dtype, KvLayout, Pruning, Selector, VariantSpec};
+use twilight_synth::synthetic::SyntheticStep;
 
 const TOKENS: usize = 40;
 const HQ: usize = 4;

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use cudarc::driver::CudaStream;
 use rand::{Rng, SeedableRng};
 use twilight::reference::dense_decode;
-use twilight::synthetic::{ragged_lengths, SyntheticStep};
 use twilight::{
     DecodeOutput, DenseDecoder, Dtype, KvElement, KvLayout, PagedKvCache, VariantSpec, Workspace,
 };
+use twilight_synth::synthetic::{ragged_lengths, SyntheticStep};
 
 /// (atol, rtol) of the output for a dtype: f32 accumulation, then one rounding to the dtype.
 fn tolerance(dtype: Dtype) -> (f32, f32) {
@@ -158,7 +158,7 @@ fn gpu_dense_decode_matches_reference_over_the_variant_matrix() {
                     };
                     cases.push(Case {
                         spec: VariantSpec::dense(page_size, head_dim, dtype, group_size, layout),
-                        lens: ragged_lengths(&mut rng, batch, max_len),
+                        lens: ragged_lengths(&mut rng, batch, max_len).unwrap(),
                         num_kv_heads: rng.random_range(1..=3),
                     });
                 }
@@ -224,7 +224,7 @@ fn gpu_append_then_decode_matches_reference() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut random_rows = |n: usize| -> Vec<half::f16> {
         (0..n * kv_heads * d)
-            .map(|_| half::f16::from_f32(twilight::synthetic::standard_normal(&mut rng)))
+            .map(|_| half::f16::from_f32(twilight_synth::synthetic::standard_normal(&mut rng)))
             .collect()
     };
     // Prefill (pages partly filled), then two decode steps of one token per request.
@@ -247,7 +247,7 @@ fn gpu_append_then_decode_matches_reference() {
     let v: Vec<f32> = v.iter().map(|x| x.to_f32()).collect();
     let q_host: Vec<f32> = (0..3 * 4 * d)
         .map(|_| {
-            twilight::element::round_to::<half::f16>(twilight::synthetic::standard_normal(
+            twilight::element::round_to::<half::f16>(twilight_synth::synthetic::standard_normal(
                 &mut rand::rng(),
             ))
         })

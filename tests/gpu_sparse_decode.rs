@@ -19,11 +19,11 @@ use twilight::reference::quant::Quant4Cache;
 use twilight::reference::quest::{quest_scores, QuestMeta};
 use twilight::reference::step::{decode_step, StepInputs, StepParams};
 use twilight::reference::{attend, HostKv};
-use twilight::synthetic::{ragged_lengths, SyntheticStep};
 use twilight::{
     Dtype, KvElement, KvLayout, PageTable, PagedKvCache, Pruning, Selector, SparseDecoder,
     SparseOutput, SparseParams, SparseWorkspace, VariantSpec,
 };
+use twilight_synth::synthetic::{ragged_lengths, SyntheticStep};
 
 /// Relative tolerance of a score near a selection boundary: f32 accumulation over head_dim x
 /// group terms errs by a few units in 1e-6 of the sum of magnitudes; 1e-4 leaves a wide margin
@@ -106,7 +106,7 @@ fn build<T: KvElement>(
         ids.push(id);
         // Two appends per request (a prefill that ends mid-page, then the rest), so pages are
         // extended as well as started.
-        let (k, v) = step.request_rows::<T>(b);
+        let (k, v) = step.request_rows::<T>(b).unwrap();
         let row = step.shape.num_kv_heads * step.shape.head_dim;
         let split = case.lens[b] / 2;
         for (lo, hi) in [(0, split), (split, case.lens[b])] {
@@ -602,7 +602,7 @@ fn gpu_sparse_step_matches_reference_over_the_variant_matrix() {
                     i += 1;
                     let batch = rng.random_range(1..=6);
                     let max_len = rng.random_range(1..=if page_size == 1 { 1500 } else { 5000 });
-                    let lens = ragged_lengths(&mut rng, batch, max_len);
+                    let lens = ragged_lengths(&mut rng, batch, max_len).unwrap();
                     // B0 below the longest request, or (one case in four) above all of them.
                     let budget = if i % 4 == 0 {
                         max_len + rng.random_range(0..100)
@@ -778,7 +778,7 @@ fn gpu_sparse_step_replays_as_a_cuda_graph() {
         let q_host: Vec<f32> = (0..built.step.q.len())
             .map(|_| {
                 twilight::element::round_to::<half::bf16>(
-                    2.0 * twilight::synthetic::standard_normal(&mut rng),
+                    2.0 * twilight_synth::synthetic::standard_normal(&mut rng),
                 )
             })
             .collect();
@@ -896,7 +896,7 @@ fn gpu_sparse_bad_parameters_are_errors() {
         SyntheticStep::random::<half::f16>(3, &[40], 1, 2, 16, 64, KvLayout::Hnd, 1.0).unwrap();
     let mut plain = PagedKvCache::<half::f16>::new(&stream, step.shape).unwrap();
     let id = plain.add_request();
-    let (k, v) = step.request_rows::<half::f16>(0);
+    let (k, v) = step.request_rows::<half::f16>(0).unwrap();
     let (k, v) = (
         stream.clone_htod(&k).unwrap(),
         stream.clone_htod(&v).unwrap(),

@@ -4,7 +4,6 @@
 
 use half::f16;
 use proptest::prelude::*;
-use twilight::generator::{generate, GeneratorParams, Preset};
 use twilight::reference::quant::{dequantize_row, quantize_row, row_params, Quant4Cache};
 use twilight::reference::quest::{
     quest_budget_pages, quest_scores, quest_select, valid_tokens_per_page, QuestMeta,
@@ -12,8 +11,9 @@ use twilight::reference::quest::{
 use twilight::reference::{
     decode_step, dense_decode, CacheShape, HostKv, StepInputs, StepParams, StepResult,
 };
-use twilight::synthetic::SyntheticStep;
 use twilight::{Dtype, KvLayout, Pruning, Selector, VariantSpec};
+use twilight_synth::generator::{generate, GeneratorParams, Preset};
+use twilight_synth::synthetic::SyntheticStep;
 
 /// One random problem: shapes, lengths and how peaked the keys are.
 #[derive(Clone, Debug)]

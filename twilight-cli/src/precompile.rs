@@ -9,7 +9,7 @@ use twilight::twilight_jit::env::JitEnv;
 use twilight::twilight_jit::{open_device, Jit, Target};
 use twilight::VariantSpec;
 
-use super::CliResult;
+use crate::CliResult;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {

@@ -1,56 +1,14 @@
-//! `twilight bench grid`: every shape of `bench/shapes.json` (the list `bench/peers.py` reads
-//! too) through [`measure`], with progress on stderr, results as JSON and as a markdown table
-//! that also carries the PyTorch peers' numbers when their JSON is given.
+//! `twilight bench table`, and the files every grid run writes: results as JSON and a markdown
+//! table of every shape and selector, joined with the PyTorch peers' numbers when given.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::time::Instant;
+use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
-use twilight::bench::BenchKernels;
-use twilight::generator::Preset;
 use twilight::Selector;
 
-use super::bench_caches::caches_gib;
-use super::bench_sparse::{
-    graph_ready_stream, l2_bytes, measure, print_report, BenchShape, Method, SparseReport,
-};
-use super::CliResult;
-
-#[derive(clap::Args, Debug)]
-pub struct GridArgs {
-    /// The shape list shared with bench/peers.py.
-    #[arg(long, default_value = "bench/shapes.json")]
-    shapes: PathBuf,
-    /// Only these shapes (names, comma-separated).
-    #[arg(long, value_delimiter = ',')]
-    only: Vec<String>,
-    /// Attention preset of the synthetic generator.
-    #[arg(long, default_value = "default")]
-    preset: Preset,
-    /// Caches rotated between steps so the L2 does not hold them (1 where the selector's
-    /// metadata alone, read first in every step, exceeds four times the L2).
-    #[arg(long, default_value_t = 2)]
-    rotation: usize,
-    #[arg(long, default_value_t = 10)]
-    warmup: usize,
-    #[arg(long, default_value_t = 50)]
-    iters: usize,
-    #[arg(long, default_value_t = 4.0)]
-    probe_gib: f64,
-    /// Skip shapes whose rotated caches would take more device memory than this (GiB).
-    #[arg(long, default_value_t = 100.0)]
-    max_gib: f64,
-    /// Where bench-results.json and bench-results.md are written.
-    #[arg(long, default_value = ".")]
-    out: PathBuf,
-    /// Results of bench/peers.py (its --json file) to join into the table.
-    #[arg(long)]
-    peers: Option<PathBuf>,
-    /// Base selectors measured on every shape (comma-separated), each with top_p and with none.
-    #[arg(long, value_delimiter = ',', default_value = "quest,double_sparse(32)", value_parser = super::demo::parse_selector)]
-    selectors: Vec<Selector>,
-}
+use super::report::SparseReport;
+use crate::CliResult;
 
 #[derive(clap::Args, Debug)]
 pub struct TableArgs {
@@ -73,7 +31,7 @@ struct GridResults {
 }
 
 /// Merges grid results and writes their table (see [`TableArgs`]).
-pub fn table(args: TableArgs) -> CliResult {
+pub fn run(args: TableArgs) -> CliResult {
     let mut reports: Vec<SparseReport> = Vec::new();
     let mut skipped: Vec<(String, String)> = Vec::new();
     for path in &args.results {
@@ -99,9 +57,7 @@ pub fn table(args: TableArgs) -> CliResult {
     Ok(())
 }
 
-fn read_peers(
-    path: Option<&std::path::Path>,
-) -> Result<Vec<PeerRecord>, Box<dyn std::error::Error>> {
+pub fn read_peers(path: Option<&Path>) -> Result<Vec<PeerRecord>, Box<dyn std::error::Error>> {
     let Some(path) = path else {
         return Ok(Vec::new());
     };
@@ -111,95 +67,17 @@ fn read_peers(
         .map_err(|e| format!("{} is not a peers.py result list: {e}", path.display()))?)
 }
 
+/// One figure of `bench/peers.py`.
 #[derive(Deserialize)]
-struct ShapeList {
-    shapes: Vec<BenchShape>,
-}
-
-#[derive(Deserialize)]
-struct PeerRecord {
+pub struct PeerRecord {
     name: String,
     peer: String,
     median_us: f64,
 }
 
-pub fn run(args: GridArgs) -> CliResult {
-    let text = std::fs::read_to_string(&args.shapes)
-        .map_err(|e| format!("cannot read {}: {e}", args.shapes.display()))?;
-    let list: ShapeList = serde_json::from_str(&text)
-        .map_err(|e| format!("{} is not a shape list: {e}", args.shapes.display()))?;
-    let shapes: Vec<BenchShape> = list
-        .shapes
-        .into_iter()
-        .filter(|s| args.only.is_empty() || args.only.contains(&s.name))
-        .collect();
-    if shapes.is_empty() {
-        return Err("no shape selected".into());
-    }
-    let peers = read_peers(args.peers.as_deref())?;
-    let stream = graph_ready_stream()?;
-    let bandwidth = BenchKernels::new(&stream)?
-        .read_bandwidth((args.probe_gib * (1u64 << 30) as f64) as usize)?;
-    eprintln!("read bandwidth {:.0} GB/s", bandwidth * 1e-9);
-    let method = Method {
-        preset: args.preset,
-        rotation: args.rotation,
-        warmup: args.warmup,
-        iters: args.iters,
-    };
-    let mut reports: Vec<SparseReport> = Vec::new();
-    let mut skipped: Vec<(String, String)> = Vec::new();
-    let start = Instant::now();
-    let l2 = l2_bytes(&stream);
-    for (i, shape) in shapes.iter().enumerate() {
-        let gib = caches_gib(l2, shape, &args.selectors, args.rotation);
-        if gib > args.max_gib {
-            let why = format!(
-                "needs {gib:.0} GiB of caches, over --max-gib {}",
-                args.max_gib
-            );
-            eprintln!(
-                "[{}/{}] {}: skipped, {why}",
-                i + 1,
-                shapes.len(),
-                shape.name
-            );
-            skipped.push((shape.name.clone(), why));
-            continue;
-        }
-        eprintln!(
-            "[{}/{}] {} ({:.0} s so far)",
-            i + 1,
-            shapes.len(),
-            shape.name,
-            start.elapsed().as_secs_f64()
-        );
-        match measure(&stream, bandwidth, shape, &method, &args.selectors) {
-            Ok(measured) => {
-                for report in measured {
-                    print_report(&report);
-                    reports.push(report);
-                }
-            }
-            Err(e) => {
-                eprintln!("[{}/{}] {}: failed: {e}", i + 1, shapes.len(), shape.name);
-                for selector in &args.selectors {
-                    let what = format!("{} with {}", shape.name, selector.declared());
-                    skipped.push((what, format!("failed: {e}")));
-                }
-            }
-        }
-        // Written after every shape, so a run cut short keeps what it measured.
-        write_results(&args.out, &reports, &skipped, &peers)?;
-    }
-    let table = write_results(&args.out, &reports, &skipped, &peers)?;
-    println!("{table}");
-    Ok(())
-}
-
 /// Writes bench-results.json and bench-results.md under `out`; returns the markdown.
-fn write_results(
-    out: &std::path::Path,
+pub fn write_results(
+    out: &Path,
     reports: &[SparseReport],
     skipped: &[(String, String)],
     peers: &[PeerRecord],
@@ -233,7 +111,7 @@ fn markdown(
     for r in reports {
         let name = r.shape.name.as_str();
         let sdpa = peer.get(&(name, "torch_sdpa_dense")).copied();
-        let torch_twilight = (r.selector == "quest")
+        let torch_twilight = (r.selector == Selector::Quest.declared())
             .then(|| peer.get(&(name, "torch_quest_topp")).copied())
             .flatten();
         t.push_str(&format!(
@@ -266,6 +144,8 @@ fn markdown(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bench::shape::BenchShape;
+    use twilight::{Dtype, KvLayout};
 
     fn report(name: &str, selector: &str) -> SparseReport {
         SparseReport {
@@ -278,8 +158,8 @@ mod tests {
                 head_dim: 128,
                 len: 32768,
                 page_size: 16,
-                dtype: "f16".into(),
-                layout: "hnd".into(),
+                dtype: Dtype::F16,
+                layout: KvLayout::Hnd,
                 budget: 8192,
                 p: 0.85,
             },

@@ -3,11 +3,9 @@
 use std::error::Error;
 use std::time::Instant;
 
-use twilight::reference::{
-    decode_step, dense_decode, DsLabels, Quant4Cache, QuestMeta, StepInputs, StepParams,
-};
-use twilight::{Pruning, Selector};
+use twilight::reference::dense_decode;
 
+use super::reference::Derived;
 use super::{Inputs, Outcome};
 
 pub(super) fn run(x: &Inputs) -> Result<Outcome, Box<dyn Error>> {
@@ -16,25 +14,9 @@ pub(super) fn run(x: &Inputs) -> Result<Outcome, Box<dyn Error>> {
     let table = &x.step.table;
 
     let start = Instant::now();
-    let quest = (x.spec.selector == Selector::Quest).then(|| QuestMeta::build(&kv, table));
-    let ds = x
-        .ds_channels
-        .clone()
-        .map(|channels| DsLabels::build(&kv, table, channels))
-        .transpose()?;
-    let quant = (x.spec.pruning == Pruning::TopP)
-        .then(|| Quant4Cache::build(&kv, table))
-        .transpose()?;
+    let derived = Derived::build(&x.spec, x, &kv, table)?;
     let meta_ms = start.elapsed().as_secs_f64() * 1e3;
-    let built: Vec<String> = [
-        quest.as_ref().map(|_| "Quest page bounds".to_string()),
-        ds.as_ref()
-            .map(|l| format!("double-sparse labels ({} channels per token)", l.r)),
-        quant.as_ref().map(|_| "4-bit K".to_string()),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let built = derived.names();
     if !built.is_empty() {
         println!(
             "  metadata: {} built from the cache in {meta_ms:.0} ms",
@@ -43,19 +25,7 @@ pub(super) fn run(x: &Inputs) -> Result<Outcome, Box<dyn Error>> {
     }
 
     let start = Instant::now();
-    let step = decode_step(
-        &x.spec,
-        &StepParams::new(x.budget, x.p, x.sm_scale),
-        &StepInputs {
-            q: &x.step.q,
-            num_qo_heads: x.num_qo_heads(),
-            kv,
-            table,
-            quest: quest.as_ref(),
-            quant: quant.as_ref(),
-            ds: ds.as_ref(),
-        },
-    )?;
+    let step = derived.step(&x.spec, x, kv, table)?;
     let step_ms = start.elapsed().as_secs_f64() * 1e3;
 
     let start = Instant::now();

@@ -3,7 +3,7 @@
 use twilight::twilight_jit::env::JitEnv;
 use twilight::twilight_jit::{nvrtc, open_device};
 
-use super::CliResult;
+use crate::CliResult;
 
 pub fn run() -> CliResult {
     let env = JitEnv::get();

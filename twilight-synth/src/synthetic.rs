@@ -5,10 +5,11 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::element::{round_to, KvElement};
-use crate::error::Result;
-use crate::host::HostPageTable;
-use crate::reference::{CacheShape, HostKv};
+use twilight::element::round_to;
+use twilight::reference::HostKv;
+use twilight::{CacheShape, HostPageTable, KvElement, KvLayout};
+
+use crate::error::{Error, Result};
 
 /// One decode step's inputs on the host. Values are rounded to the storage dtype, so the
 /// f32 copies are exactly what the GPU reads.
@@ -29,7 +30,8 @@ impl SyntheticStep {
     /// wrong indexing reads wrong data.
     ///
     /// # Errors
-    /// A zero-length request.
+    /// [`Error::Parameter`] for a zero page size, KV head count, group size or head_dim; a page
+    /// table error for a zero-length request.
     #[allow(clippy::too_many_arguments)]
     pub fn random<T: KvElement>(
         seed: u64,
@@ -38,9 +40,15 @@ impl SyntheticStep {
         group_size: usize,
         page_size: usize,
         head_dim: usize,
-        layout: twilight_jit::KvLayout,
+        layout: KvLayout,
         key_scale: f32,
     ) -> Result<SyntheticStep> {
+        if num_kv_heads == 0 || group_size == 0 || head_dim == 0 {
+            return Err(Error::Parameter(format!(
+                "synthetic step: num_kv_heads {num_kv_heads}, group_size {group_size} and \
+                 head_dim {head_dim} must all be positive"
+            )));
+        }
         let mut rng = StdRng::seed_from_u64(seed);
         let (table, num_pages) = shuffled_page_table(&mut rng, lens, page_size)?;
         let shape = CacheShape {
@@ -79,7 +87,11 @@ impl SyntheticStep {
 
     /// The K and V rows of request `b`, `[tokens, num_kv_heads, head_dim]` in token order: what
     /// an engine would hand to `append` to build the same cache.
-    pub fn request_rows<T: KvElement>(&self, b: usize) -> (Vec<T>, Vec<T>) {
+    ///
+    /// # Errors
+    /// [`Error::Parameter`] when the step has no request `b`.
+    pub fn request_rows<T: KvElement>(&self, b: usize) -> Result<(Vec<T>, Vec<T>)> {
+        check_request(b, self.table.batch())?;
         let len = self.table.len_of(b);
         let row = self.shape.num_kv_heads * self.shape.head_dim;
         let (mut k, mut v) = (Vec::with_capacity(len * row), Vec::with_capacity(len * row));
@@ -91,7 +103,7 @@ impl SyntheticStep {
                 v.extend(kv.v_row(slot, h).iter().map(|&x| T::from_f32(x)));
             }
         }
-        (k, v)
+        Ok((k, v))
     }
 
     /// Converts f32 values to the storage type (exact: they were rounded at creation).
@@ -108,12 +120,15 @@ pub const SPARE_PAGES: usize = 3;
 /// pool's page count.
 ///
 /// # Errors
-/// A zero-length request.
+/// [`Error::Parameter`] for a zero page size; a page table error for a zero-length request.
 pub fn shuffled_page_table(
     rng: &mut StdRng,
     lens: &[usize],
     page_size: usize,
 ) -> Result<(HostPageTable, usize)> {
+    if page_size == 0 {
+        return Err(Error::Parameter("page_size must be positive".into()));
+    }
     let pages_needed: usize = lens.iter().map(|l| l.div_ceil(page_size)).sum();
     let num_pages = pages_needed + SPARE_PAGES;
     let mut page_ids: Vec<i32> = (0..num_pages as i32).collect();
@@ -139,11 +154,30 @@ pub fn standard_normal(rng: &mut impl Rng) -> f32 {
 }
 
 /// Random request lengths in `1..=max_len`, one of them exactly `max_len`.
-pub fn ragged_lengths(rng: &mut impl Rng, batch: usize, max_len: usize) -> Vec<usize> {
+///
+/// # Errors
+/// [`Error::Parameter`] for a `max_len` of 0 (there is no length to draw).
+pub fn ragged_lengths(rng: &mut impl Rng, batch: usize, max_len: usize) -> Result<Vec<usize>> {
+    if max_len == 0 {
+        return Err(Error::Parameter(
+            "requests of at most 0 tokens: max_len must be at least 1".into(),
+        ));
+    }
     let mut lens: Vec<usize> = (0..batch).map(|_| rng.random_range(1..=max_len)).collect();
     if let Some(first) = lens.first_mut() {
         *first = max_len;
     }
     lens.shuffle(rng);
-    lens
+    Ok(lens)
+}
+
+/// Checks that a step of `batch` requests has request `b`.
+pub(crate) fn check_request(b: usize, batch: usize) -> Result<()> {
+    if b < batch {
+        Ok(())
+    } else {
+        Err(Error::Parameter(format!(
+            "request {b} of a step of {batch} requests"
+        )))
+    }
 }

@@ -5,11 +5,10 @@ use std::collections::HashMap;
 use std::error::Error;
 use std::time::Instant;
 
-use twilight::reference::{
-    attend, decode_step, DsLabels, HostKv, Quant4Cache, QuestMeta, StepInputs, StepParams,
-};
-use twilight::{Dtype, HostPageTable, Pruning, Selector};
+use twilight::reference::{attend, HostKv};
+use twilight::{Dtype, HostPageTable};
 
+use super::reference::Derived;
 use super::report::{outside, Diff};
 use super::Inputs;
 
@@ -120,28 +119,7 @@ pub(super) fn reference_step(
     kept: &[Vec<usize>],
 ) -> Res<(Vec<f32>, Vec<f32>)> {
     let start = Instant::now();
-    let quest = (x.spec.selector == Selector::Quest).then(|| QuestMeta::build(kv, table));
-    let ds = x
-        .ds_channels
-        .clone()
-        .map(|channels| DsLabels::build(kv, table, channels))
-        .transpose()?;
-    let quant = (x.spec.pruning == Pruning::TopP)
-        .then(|| Quant4Cache::build(kv, table))
-        .transpose()?;
-    let want = decode_step(
-        &x.spec,
-        &StepParams::new(x.budget, x.p, x.sm_scale),
-        &StepInputs {
-            q: &x.step.q,
-            num_qo_heads: x.num_qo_heads(),
-            kv: *kv,
-            table,
-            quest: quest.as_ref(),
-            quant: quant.as_ref(),
-            ds: ds.as_ref(),
-        },
-    )?;
+    let want = Derived::build(&x.spec, x, kv, table)?.step(&x.spec, x, *kv, table)?;
     let same = want
         .kept_counts
         .iter()

@@ -25,7 +25,7 @@ use std::time::Instant;
 use std::borrow::Cow;
 
 use twilight::calibration::{channel_scores, rank_channels, CalibrationMode, DecodeSample};
-use twilight::synthetic::SyntheticStep;
+use twilight_synth::synthetic::SyntheticStep;
 
 /// Sampled positions of each request.
 pub(super) const TOKENS_PER_REQUEST: usize = 256;

@@ -5,10 +5,10 @@ use std::error::Error;
 use std::path::Path;
 
 use serde_json::json;
-use twilight::npy;
 use twilight::{Dtype, KvLayout};
+use twilight_synth::npy;
 
-use super::{dtype_name, layout_name, pruning_name, selector_name, Inputs, Outcome};
+use super::{Inputs, Outcome};
 
 /// What each file holds, as params.json describes it.
 const FILES: [(&str, &str); 11] = [
@@ -34,22 +34,22 @@ pub(super) fn write(dir: &Path, x: &Inputs, out: &Outcome) -> Result<(), Box<dyn
     let dtype = x.spec.dtype;
     let path = |name: &str| dir.join(name);
 
-    write_values(&path("q.npy"), &[batch, qo, d], &x.step.q, dtype).map_err(io("q.npy"))?;
+    write_values(&path("q.npy"), &[batch, qo, d], &x.step.q, dtype)?;
     let pool = match s.layout {
         KvLayout::Hnd => [s.num_pages, s.num_kv_heads, s.page_size, s.head_dim],
         KvLayout::Nhd => [s.num_pages, s.page_size, s.num_kv_heads, s.head_dim],
     };
-    write_values(&path("k_cache.npy"), &pool, kv.k, dtype).map_err(io("k_cache.npy"))?;
-    write_values(&path("v_cache.npy"), &pool, kv.v, dtype).map_err(io("v_cache.npy"))?;
+    write_values(&path("k_cache.npy"), &pool, kv.k, dtype)?;
+    write_values(&path("v_cache.npy"), &pool, kv.v, dtype)?;
     for (name, data) in [
         ("kv_indptr.npy", &table.kv_indptr),
         ("kv_indices.npy", &table.kv_indices),
         ("kv_last_page_len.npy", &table.kv_last_page_len),
     ] {
-        npy::write_i32(&path(name), &[data.len()], data).map_err(io(name))?;
+        npy::write_i32(&path(name), &[data.len()], data)?;
     }
-    write_values(&path("o.npy"), &[batch, qo, d], &out.o, dtype).map_err(io("o.npy"))?;
-    npy::write_f32(&path("lse.npy"), &[batch, qo], &out.lse).map_err(io("lse.npy"))?;
+    write_values(&path("o.npy"), &[batch, qo, d], &out.o, dtype)?;
+    npy::write_f32(&path("lse.npy"), &[batch, qo], &out.lse)?;
 
     let max_kept = out.kept.iter().map(Vec::len).max().unwrap_or(0);
     let mut ids = vec![-1i32; batch * kvh * max_kept];
@@ -58,11 +58,9 @@ pub(super) fn write(dir: &Path, x: &Inputs, out: &Outcome) -> Result<(), Box<dyn
             *dst = slot as i32;
         }
     }
-    npy::write_i32(&path("kept_ids.npy"), &[batch, kvh, max_kept], &ids)
-        .map_err(io("kept_ids.npy"))?;
+    npy::write_i32(&path("kept_ids.npy"), &[batch, kvh, max_kept], &ids)?;
     let counts: Vec<i32> = out.kept.iter().map(|k| k.len() as i32).collect();
-    npy::write_i32(&path("kept_counts.npy"), &[batch, kvh], &counts)
-        .map_err(io("kept_counts.npy"))?;
+    npy::write_i32(&path("kept_counts.npy"), &[batch, kvh], &counts)?;
 
     let stored_as = match dtype {
         Dtype::F16 => json!({
@@ -82,10 +80,10 @@ pub(super) fn write(dir: &Path, x: &Inputs, out: &Outcome) -> Result<(), Box<dyn
         .collect();
     let mut params = json!({
         "variant": x.spec.name(),
-        "selector": selector_name(x.spec.selector),
-        "pruning": pruning_name(x.spec.pruning),
-        "dtype": dtype_name(dtype),
-        "layout": layout_name(s.layout),
+        "selector": x.spec.selector.declared(),
+        "pruning": x.spec.pruning.declared(),
+        "dtype": dtype.short(),
+        "layout": s.layout.short(),
         "page_size": s.page_size,
         "head_dim": s.head_dim,
         "B0": x.budget,
@@ -137,7 +135,12 @@ fn io(name: &'static str) -> impl Fn(std::io::Error) -> String {
 
 /// Writes values that are exact in `dtype` (or are rounded to it here): f16 as `<f2`, bf16
 /// widened to `<f4`.
-fn write_values(path: &Path, shape: &[usize], values: &[f32], dtype: Dtype) -> std::io::Result<()> {
+fn write_values(
+    path: &Path,
+    shape: &[usize],
+    values: &[f32],
+    dtype: Dtype,
+) -> twilight_synth::Result<()> {
     match dtype {
         Dtype::F16 => {
             let v: Vec<half::f16> = values.iter().map(|&x| half::f16::from_f32(x)).collect();

@@ -2,25 +2,22 @@
 //! poisoned outputs, CUDA-event timings of the whole step and of each stage, dense decode on the
 //! same cache for the speedup, and checks of every output against the CPU reference.
 
-use std::collections::BTreeMap;
 use std::error::Error;
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
-use twilight::bench::{dense_decode_bytes, time_with_events, Timing};
+use cudarc::driver::{CudaSlice, CudaStream};
 use twilight::reference::{dense_decode, HostKv};
-use twilight::synthetic::SyntheticStep;
 use twilight::twilight_jit::{LoadedProgram, Origin, Stage};
 use twilight::{
     DecodeOutput, DenseDecoder, KvElement, PageTable, PagedKvCache, Pruning, RequestId, Selector,
     SparseDecoder, SparseWorkspace, VariantSpec, Workspace,
 };
+use twilight_synth::synthetic::SyntheticStep;
 
 use super::check::{attend_kept, exactness, kept_lists, reference_step};
-use super::report::median;
 use super::{HostCache, Inputs, Outcome};
+use crate::bench::{dense_decode_bytes, time_stages, time_with_events, Timing};
 
 const WARMUP: usize = 5;
 /// Timed runs of the whole step.
@@ -29,13 +26,6 @@ const STEP_RUNS: usize = 50;
 const STAGE_RUNS: usize = 20;
 
 type Res<T> = Result<T, Box<dyn Error>>;
-
-fn driver(what: &str, e: impl std::fmt::Display) -> twilight::Error {
-    twilight::Error::Driver {
-        what: what.to_string(),
-        message: e.to_string(),
-    }
-}
 
 /// The outputs of one step on the device, downloaded, and its timings.
 struct GpuStep {
@@ -202,7 +192,7 @@ fn fill_cache<T: KvElement>(
     for b in 0..x.batch() {
         let id = cache.add_request();
         ids.push(id);
-        let (k_rows, v_rows) = x.step.request_rows::<T>(b);
+        let (k_rows, v_rows) = x.step.request_rows::<T>(b)?;
         let k_new = stream.clone_htod(&k_rows)?;
         let v_new = stream.clone_htod(&v_rows)?;
         let appends = [(id, x.lens[b])];
@@ -265,35 +255,12 @@ fn run_sparse<T: KvElement>(
     let timing = time_with_events(stream, WARMUP, STEP_RUNS, |_| {
         decoder.run_into(q, cache, table, &mut out, &mut ws)
     })?;
-    let ctx = stream.context().clone();
-    let mut runs: Vec<Vec<(Option<Stage>, CudaEvent)>> = Vec::with_capacity(STAGE_RUNS);
-    for _ in 0..STAGE_RUNS {
-        let mut marks = Vec::new();
-        decoder.run_instrumented(q, cache, table, &mut out, &mut ws, &mut |stage| {
-            let event = ctx
-                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(|e| driver("creating an event", e))?;
-            event
-                .record(stream)
-                .map_err(|e| driver("recording an event", e))?;
-            marks.push((stage, event));
-            Ok(())
-        })?;
-        runs.push(marks);
-    }
-    stream.synchronize()?;
-    let mut samples: BTreeMap<Stage, Vec<f64>> = BTreeMap::new();
-    for marks in &runs {
-        for pair in marks.windows(2) {
-            if let (Some(stage), start, end) = (pair[0].0, &pair[0].1, &pair[1].1) {
-                let ms = start
-                    .elapsed_ms(end)
-                    .map_err(|e| driver("reading event times", e))?;
-                samples.entry(stage).or_default().push(ms as f64 * 1e3);
-            }
-        }
-    }
-    let stages = samples.iter().map(|(&s, v)| (s, median(v))).collect();
+    let stages = time_stages(stream, 0, STAGE_RUNS, |_, hook| {
+        decoder.run_instrumented(q, cache, table, &mut out, &mut ws, hook)
+    })?
+    .into_iter()
+    .map(|(stage, timing)| (stage, timing.median_us()))
+    .collect();
     Ok(GpuStep {
         o,
         lse,

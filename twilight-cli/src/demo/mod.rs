@@ -1,19 +1,22 @@
 //! `twilight demo`: the main job. Generates a realistic synthetic cache (peaked attention, see
-//! [`twilight::generator`]), runs one Select-then-Prune decode step on the GPU when there is one
-//! (else on the CPU reference), and reports the kept budget per head, the time per stage, and
-//! the error against dense attention. `--dump DIR` writes every input and output as NumPy files
-//! so that any independent implementation can check the step.
+//! [`twilight_synth::generator`]), runs one Select-then-Prune decode step on the GPU when there
+//! is one (else on the CPU reference), and reports the kept budget per head, the time per stage, and
+//! the error against dense attention beside the errors the algorithm accepts by design (the
+//! oracle top-p and the selector alone, see [`baselines`]). `--dump DIR` writes every input and
+//! output as NumPy files so that any independent implementation can check the step.
 //!
 //! `--selector full --pruning none` is dense paged decode through the same structure.
 //!
 //! `--selector double_sparse(r)` calibrates its `r` channels per KV head on the generated
 //! activations first (see [`calibrate`]), or reads them from a channel config (`--channels`).
 
+mod baselines;
 mod calibrate;
 mod check;
 mod cpu;
 mod dump;
 mod gpu;
+mod reference;
 mod report;
 
 use std::path::PathBuf;
@@ -21,16 +24,16 @@ use std::time::Instant;
 
 use rand::SeedableRng;
 use twilight::calibration::{CalibrationMode, ChannelConfig};
-use twilight::generator::{generate, oracle_top_p_budget, GeneratorParams, Preset};
-use twilight::reference::{CacheShape, DecodeResult, HostKv};
-use twilight::synthetic::{ragged_lengths, SyntheticStep};
+use twilight::reference::{DecodeResult, HostKv};
 use twilight::twilight_jit::open_device;
-use twilight::twilight_jit::spec::{parse_value, FieldValue, SpecField};
 use twilight::{
-    Dtype, HostPageTable, KvElement, KvLayout, Pruning, Selector, SparseParams, VariantSpec,
+    CacheShape, Dtype, HostPageTable, KvElement, KvLayout, Pruning, Selector, SparseParams,
+    VariantSpec,
 };
+use twilight_synth::generator::{generate, GeneratorParams, Preset};
+use twilight_synth::synthetic::{ragged_lengths, SyntheticStep};
 
-use super::CliResult;
+use crate::{parse, CliResult};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -48,18 +51,18 @@ pub struct Args {
     #[arg(long, default_value_t = 16)]
     page_size: u32,
     /// f16 or bf16.
-    #[arg(long, default_value = "f16", value_parser = parse_dtype)]
+    #[arg(long, default_value = "f16", value_parser = parse::dtype)]
     dtype: Dtype,
     /// hnd or nhd.
-    #[arg(long, default_value = "hnd", value_parser = parse_layout)]
+    #[arg(long, default_value = "hnd", value_parser = parse::layout)]
     layout: KvLayout,
     /// Candidate selector: quest, full (every token) or double_sparse(r) (r label channels per
     /// token, r in 16, 32, 64 and below head_dim; `double_sparse` alone is r = 16; channels
     /// calibrated on the generated activations unless --channels gives a config).
-    #[arg(long, default_value = "quest", value_parser = parse_selector)]
+    #[arg(long, default_value = "quest", value_parser = parse::selector)]
     selector: Selector,
     /// Pruning of the candidates: top_p or none. `--selector full --pruning none` is dense.
-    #[arg(long, default_value = "top_p", value_parser = parse_pruning)]
+    #[arg(long, default_value = "top_p", value_parser = parse::pruning)]
     pruning: Pruning,
     /// B0: the selector's token budget per (request, KV head).
     #[arg(long, default_value_t = 2048)]
@@ -68,7 +71,7 @@ pub struct Args {
     #[arg(long, default_value_t = 0.85)]
     p: f32,
     /// Attention shape of the generator: default, focused, diffuse or uniform.
-    #[arg(long, default_value = "default", value_parser = parse_preset)]
+    #[arg(long, default_value = "default", value_parser = parse::preset)]
     preset: Preset,
     #[arg(long, default_value_t = 2026)]
     seed: u64,
@@ -79,7 +82,7 @@ pub struct Args {
     /// With --channels: the layer whose channels to use, and the mode whose keys to read.
     #[arg(long, default_value_t = 0)]
     channel_layer: usize,
-    #[arg(long, default_value = "qk", value_parser = parse_mode)]
+    #[arg(long, default_value = "qk", value_parser = parse::calibration_mode)]
     channel_mode: CalibrationMode,
     /// With --channels: the model's layer count (every layer must be in the file).
     #[arg(long, default_value_t = 32)]
@@ -90,79 +93,6 @@ pub struct Args {
     /// Write every input and output of the step as NumPy files (and params.json) into DIR.
     #[arg(long, value_name = "DIR")]
     dump: Option<PathBuf>,
-}
-
-fn parse_dtype(s: &str) -> Result<Dtype, String> {
-    match s {
-        "f16" => Ok(Dtype::F16),
-        "bf16" => Ok(Dtype::Bf16),
-        _ => Err(format!("`{s}` is not f16 or bf16")),
-    }
-}
-
-fn parse_layout(s: &str) -> Result<KvLayout, String> {
-    match s {
-        "hnd" => Ok(KvLayout::Hnd),
-        "nhd" => Ok(KvLayout::Nhd),
-        _ => Err(format!("`{s}` is not hnd or nhd")),
-    }
-}
-
-/// The declaration spelling, read by twilight_jit's own parser so that the demo accepts what a
-/// declaration does; `double_sparse` alone means `double_sparse(16)`. Whether r is one of 16,
-/// 32, 64 and below head_dim is checked with the whole variant ([`VariantSpec::validate`]).
-pub(crate) fn parse_selector(s: &str) -> Result<Selector, String> {
-    let text = match s.trim() {
-        "double_sparse" => "double_sparse(16)",
-        other => other,
-    };
-    match parse_value(SpecField::Selector, text).map_err(|e| e.to_string())? {
-        FieldValue::Selector(selector) => Ok(selector),
-        other => Err(format!("`{s}` parsed as {other:?}, not a selector")),
-    }
-}
-
-fn parse_mode(s: &str) -> Result<CalibrationMode, String> {
-    s.parse().map_err(|e: twilight::Error| e.to_string())
-}
-
-fn parse_pruning(s: &str) -> Result<Pruning, String> {
-    match s {
-        "top_p" => Ok(Pruning::TopP),
-        "none" => Ok(Pruning::None),
-        _ => Err(format!("`{s}` is not top_p or none")),
-    }
-}
-
-fn parse_preset(s: &str) -> Result<Preset, String> {
-    s.parse().map_err(|e: twilight::Error| e.to_string())
-}
-
-/// Declaration spellings, as the CLI and params.json write them.
-pub(super) fn selector_name(s: Selector) -> String {
-    match s {
-        Selector::Full => "full".into(),
-        Selector::Quest => "quest".into(),
-        Selector::DoubleSparse { channels } => format!("double_sparse({channels})"),
-    }
-}
-pub(super) fn pruning_name(p: Pruning) -> &'static str {
-    match p {
-        Pruning::TopP => "top_p",
-        Pruning::None => "none",
-    }
-}
-pub(super) fn dtype_name(d: Dtype) -> &'static str {
-    match d {
-        Dtype::F16 => "f16",
-        Dtype::Bf16 => "bf16",
-    }
-}
-pub(super) fn layout_name(l: KvLayout) -> &'static str {
-    match l {
-        KvLayout::Hnd => "hnd",
-        KvLayout::Nhd => "nhd",
-    }
 }
 
 /// What every path runs on: the variant, the step's parameters and the generated inputs.
@@ -260,9 +190,6 @@ impl Outcome {
 
 pub fn run(args: Args) -> CliResult {
     let inputs = prepare(&args)?;
-    let start = Instant::now();
-    let oracle = oracle_top_p_budget(&inputs.step, inputs.sm_scale, inputs.p as f64)?;
-    let oracle_ms = start.elapsed().as_secs_f64() * 1e3;
     let stream = if args.cpu {
         println!("  --cpu: running the CPU reference");
         None
@@ -282,8 +209,10 @@ pub fn run(args: Args) -> CliResult {
         },
         None => cpu::run(&inputs)?,
     };
-    report::budget(&inputs, &outcome, &oracle, oracle_ms);
-    report::errors(&inputs, &outcome);
+    let oracle = baselines::Oracle::compute(&inputs, &outcome)?;
+    report::budget(&inputs, &outcome, &oracle);
+    let baselines = baselines::compute(&inputs, &outcome, &oracle)?;
+    report::errors(&inputs, &outcome, &baselines);
     if let Some(dir) = &args.dump {
         dump::write(dir, &inputs, &outcome)?;
         println!(
@@ -324,15 +253,15 @@ fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
             .map_err(|e| format!("cannot create the dump directory {}: {e}", dir.display()))?;
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
-    let lens = ragged_lengths(&mut rng, args.batch, args.max_len);
+    let lens = ragged_lengths(&mut rng, args.batch, args.max_len)?;
     let generator = GeneratorParams::preset(args.preset, args.seed);
     let what = if spec.selector == Selector::Full && spec.pruning == Pruning::None {
         "dense paged decode".to_string()
     } else {
         format!(
             "Select-then-Prune sparse decode ({} selector, {} pruning)",
-            selector_name(spec.selector),
-            pruning_name(spec.pruning)
+            spec.selector.declared(),
+            spec.pruning.declared()
         )
     };
     println!(
@@ -461,7 +390,7 @@ fn gen<T: KvElement>(
     lens: &[usize],
     args: &Args,
     spec: VariantSpec,
-) -> twilight::Result<SyntheticStep> {
+) -> twilight_synth::Result<SyntheticStep> {
     generate::<T>(
         params,
         lens,

@@ -51,12 +51,11 @@ use std::sync::OnceLock;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::element::{round_to, KvElement};
+use twilight::element::round_to;
+use twilight::{CacheShape, HostPageTable, KvElement, KvLayout};
+
 use crate::error::{Error, Result};
-use crate::host::HostPageTable;
-use crate::reference::top_p::{softmax, top_p_keep};
-use crate::reference::CacheShape;
-use crate::synthetic::{shuffled_page_table, SyntheticStep};
+use crate::synthetic::{check_request, shuffled_page_table, SyntheticStep};
 
 /// A named attention shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -612,7 +611,7 @@ pub fn plan<T: KvElement>(
     group_size: usize,
     page_size: usize,
     head_dim: usize,
-    layout: twilight_jit::KvLayout,
+    layout: KvLayout,
 ) -> Result<GeneratedPlan> {
     params.validate()?;
     if page_size == 0 || head_dim == 0 || num_kv_heads == 0 || group_size == 0 {
@@ -689,7 +688,7 @@ pub fn generate<T: KvElement>(
     group_size: usize,
     page_size: usize,
     head_dim: usize,
-    layout: twilight_jit::KvLayout,
+    layout: KvLayout,
 ) -> Result<SyntheticStep> {
     Ok(plan::<T>(
         params,
@@ -800,7 +799,11 @@ impl GeneratedPlan {
 
     /// The K and V rows of request `b`, `[tokens, num_kv_heads, head_dim]` in token order
     /// (what `append` takes), drawing only that request's pages.
-    pub fn request_rows<T: KvElement>(&self, b: usize) -> (Vec<T>, Vec<T>) {
+    ///
+    /// # Errors
+    /// [`Error::Parameter`] when the plan has no request `b`.
+    pub fn request_rows<T: KvElement>(&self, b: usize) -> Result<(Vec<T>, Vec<T>)> {
+        check_request(b, self.table.batch())?;
         let shape = &self.shape;
         let page_elems = self.page_elems();
         let (lo, hi) = (
@@ -828,7 +831,7 @@ impl GeneratedPlan {
                 v_rows.extend(v[at..at + shape.head_dim].iter().map(|&x| T::from_f32(x)));
             }
         }
-        (k_rows, v_rows)
+        Ok((k_rows, v_rows))
     }
 
     /// The whole step: every page of the pool drawn on every core.
@@ -850,55 +853,11 @@ impl GeneratedPlan {
     }
 }
 
-/// The oracle top-p budget: per (request, query head), indexed `b * num_qo_heads + h`, the
-/// fraction of the request's tokens that top-p at `p` keeps on the EXACT attention weights
-/// (dense attention in f64, the tie rule of [`top_p_keep`]).
-///
-/// # Errors
-/// `p` outside (0, 1].
-pub fn oracle_top_p_budget(step: &SyntheticStep, sm_scale: f32, p: f64) -> Result<Vec<f64>> {
-    crate::reference::top_p::check_p(p)?;
-    let kv = step.kv();
-    let d = step.shape.head_dim;
-    let group = step.num_qo_heads / step.shape.num_kv_heads;
-    let items: Vec<(usize, usize)> = (0..step.table.batch())
-        .flat_map(|b| (0..step.num_qo_heads).map(move |h| (b, h)))
-        .collect();
-    let budget = |&(b, h): &(usize, usize)| -> f64 {
-        let len = step.table.len_of(b);
-        let qh = &step.q[(b * step.num_qo_heads + h) * d..][..d];
-        let logits: Vec<f64> = (0..len)
-            .map(|t| {
-                let k = kv.k_row(step.table.slot(b, t), h / group);
-                sm_scale as f64 * crate::reference::top_p::dot(qh, k)
-            })
-            .collect();
-        let (kept, _) = top_p_keep(&softmax(&logits), p).expect("p checked");
-        kept.len() as f64 / len as f64
-    };
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .clamp(1, 16);
-    let per = items.len().div_ceil(threads).max(1);
-    let mut out = vec![0f64; items.len()];
-    std::thread::scope(|sc| {
-        for (chunk, dst) in items.chunks(per).zip(out.chunks_mut(per)) {
-            let budget = &budget;
-            sc.spawn(move || {
-                for (item, o) in chunk.iter().zip(dst) {
-                    *o = budget(item);
-                }
-            });
-        }
-    });
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::oracle::oracle_top_p_budget;
     use half::f16;
-    use twilight_jit::KvLayout;
 
     fn mean(x: &[f64]) -> f64 {
         x.iter().sum::<f64>() / x.len() as f64
@@ -984,11 +943,11 @@ mod tests {
                 let lens = [37, 16, 1, 300];
                 let planned = plan::<f16>(&params, &lens, 2, 2, 16, 64, layout).unwrap();
                 let streamed: Vec<_> = (0..lens.len())
-                    .map(|b| planned.request_rows::<f16>(b))
+                    .map(|b| planned.request_rows::<f16>(b).unwrap())
                     .collect();
                 let step = planned.into_step::<f16>();
                 for (b, (k, v)) in streamed.iter().enumerate() {
-                    let (k_pool, v_pool) = step.request_rows::<f16>(b);
+                    let (k_pool, v_pool) = step.request_rows::<f16>(b).unwrap();
                     assert_eq!(k, &k_pool, "{layout:?} {preset:?} request {b}: K");
                     assert_eq!(v, &v_pool, "{layout:?} {preset:?} request {b}: V");
                 }
@@ -1020,8 +979,8 @@ mod tests {
         assert!(uniform > 0.3, "uniform {uniform}");
     }
 
-    /// Prints budgets and generation speed per preset: `cargo test --release --lib
-    /// generator::tests::report -- --ignored --nocapture`.
+    /// Prints budgets and generation speed per preset: `cargo test --release -p
+    /// twilight-synth --lib generator::tests::report -- --ignored --nocapture`.
     #[test]
     #[ignore = "a report, not a check"]
     fn report() {

@@ -3,7 +3,7 @@
 use twilight::twilight_jit::disk_cache::DiskCache;
 use twilight::twilight_jit::env::JitEnv;
 
-use super::CliResult;
+use crate::CliResult;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Action {

@@ -2,23 +2,25 @@
 //! selector alone (`quest` or `double_sparse(r)` with `none`) and dense decode on the same
 //! caches, per stage and per step (plain launches and CUDA-graph replay), against DESIGN.md's
 //! byte floors. [`measure`] is also what `bench grid` runs per shape; the caches come from
-//! `bench_caches`.
+//! [`super::caches`].
 
 use std::sync::Arc;
 
 use cudarc::driver::{CudaGraph, CudaStream};
-use serde::{Deserialize, Serialize};
-use twilight::bench::{time_with_events, Timing};
-use twilight::generator::{GeneratorParams, Preset};
 use twilight::twilight_jit::{open_device, Stage};
 use twilight::{
     DecodeOutput, DenseDecoder, Dtype, KvElement, Pruning, Selector, SparseDecoder, SparseOutput,
     SparseParams, SparseWorkspace, VariantSpec, Workspace,
 };
+use twilight_synth::generator::{GeneratorParams, Preset};
 
-use super::bench::ShapeArgs;
-use super::bench_caches::{build_instances, rotation_for, selection_step_bytes, Instance};
-use super::CliResult;
+use super::bytes::{selection_bytes, selection_step_bytes};
+use super::caches::{build_instances, rotation_for, Instance};
+use super::kernels::BenchKernels;
+use super::report::{self, SparseReport};
+use super::shape::{BenchShape, ShapeArgs};
+use super::timing::{driver_error, time_stages, time_with_events, Timing};
+use crate::{parse, CliResult};
 
 #[derive(clap::Args, Debug)]
 pub struct SparseArgs {
@@ -30,7 +32,7 @@ pub struct SparseArgs {
     #[arg(long, default_value_t = 0.85)]
     p: f32,
     /// Attention preset of the synthetic generator: default, focused, diffuse, uniform.
-    #[arg(long, default_value = "default")]
+    #[arg(long, default_value = "default", value_parser = parse::preset)]
     preset: Preset,
     /// Caches rotated between steps so the L2 does not hold them (1 where the selector's
     /// metadata alone, read first in every step, exceeds four times the L2).
@@ -38,50 +40,8 @@ pub struct SparseArgs {
     rotation: usize,
     /// Base selector: quest or double_sparse(r) (channels calibrated on the generator's own
     /// activations).
-    #[arg(long, default_value = "quest", value_parser = super::demo::parse_selector)]
+    #[arg(long, default_value = "quest", value_parser = parse::selector)]
     selector: Selector,
-}
-
-/// One benchmark shape, as `bench/shapes.json` lists them (the PyTorch peers read the same
-/// file).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BenchShape {
-    pub name: String,
-    pub batch: usize,
-    pub qo_heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: u32,
-    pub len: usize,
-    pub page_size: u32,
-    pub dtype: String,
-    #[serde(default = "default_layout")]
-    pub layout: String,
-    pub budget: usize,
-    pub p: f32,
-}
-
-fn default_layout() -> String {
-    "hnd".to_string()
-}
-
-impl BenchShape {
-    /// The dense (`full`/`none`) variant of the shape.
-    pub fn dense_spec(&self) -> Result<VariantSpec, Box<dyn std::error::Error>> {
-        super::bench::dense_spec(
-            self.qo_heads,
-            self.kv_heads,
-            self.page_size,
-            self.head_dim,
-            &self.dtype,
-            &self.layout,
-        )
-        .map_err(|e| format!("{}: {e}", self.name).into())
-    }
-
-    /// Bytes of K and V of one cache of this shape.
-    pub fn kv_bytes(&self) -> usize {
-        2 * self.batch * self.kv_heads * self.len * self.head_dim as usize * 2
-    }
 }
 
 /// How each shape is measured.
@@ -93,49 +53,9 @@ pub struct Method {
     pub iters: usize,
 }
 
-/// Everything measured for one shape; times are medians in microseconds.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct SparseReport {
-    pub shape: BenchShape,
-    /// The base selector, as declared (`quest`, `double_sparse(32)`).
-    pub selector: String,
-    pub variant: String,
-    pub generator: String,
-    pub read_bandwidth_gbps: f64,
-    pub rotation: usize,
-    pub iters: usize,
-    pub kept_mean: f64,
-    pub kept_std: f64,
-    pub kept_min: i32,
-    pub kept_max: i32,
-    /// (stage, median us, floor us); the floor is `None` for stages the byte model does not
-    /// cover (selection, threshold and compaction work on data already on chip or in L2).
-    pub stages_us: Vec<(String, f64, Option<f64>)>,
-    pub twilight_us: f64,
-    pub twilight_graph_us: f64,
-    pub twilight_floor_us: f64,
-    /// The base selector alone (`none` pruning) at the same B0.
-    pub base_none_us: f64,
-    pub base_none_floor_us: f64,
-    pub dense_us: f64,
-    pub dense_floor_us: f64,
-}
-
 pub fn run(args: SparseArgs) -> CliResult {
     let s = &args.shape;
-    let shape = BenchShape {
-        name: "cli".into(),
-        batch: s.batch,
-        qo_heads: s.qo_heads,
-        kv_heads: s.kv_heads,
-        head_dim: s.head_dim,
-        len: s.len,
-        page_size: s.page_size,
-        dtype: s.dtype.clone(),
-        layout: s.layout.clone(),
-        budget: args.budget,
-        p: args.p,
-    };
+    let shape = s.shape("cli", args.budget, args.p);
     let method = Method {
         preset: args.preset,
         rotation: args.rotation,
@@ -143,12 +63,12 @@ pub fn run(args: SparseArgs) -> CliResult {
         iters: s.iters,
     };
     let stream = graph_ready_stream()?;
-    let tools = twilight::bench::BenchKernels::new(&stream)?;
+    let tools = BenchKernels::new(&stream)?;
     let bandwidth = tools.read_bandwidth((s.probe_gib * (1u64 << 30) as f64) as usize)?;
     let report = measure(&stream, bandwidth, &shape, &method, &[args.selector])?
         .pop()
         .ok_or("one selector gives one report")?;
-    print_report(&report);
+    report::print(&report);
     if let Some(path) = &s.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
     }
@@ -208,23 +128,6 @@ fn with(spec: VariantSpec, selector: Selector, pruning: Pruning) -> VariantSpec 
         selector,
         pruning,
         ..spec
-    }
-}
-
-/// DESIGN.md's byte model of the selection per (request, KV head), 2-byte elements: the
-/// candidates it hands on, and the bytes it reads (Quest each page's max and min rows, Double
-/// Sparsity each token's label).
-pub fn selection_bytes(shape: &BenchShape, selector: Selector) -> (f64, f64) {
-    let (len, ps) = (shape.len, shape.page_size as usize);
-    match selector {
-        Selector::DoubleSparse { channels } => (
-            shape.budget.min(len) as f64,
-            len as f64 * channels as f64 * 2.0,
-        ),
-        _ => (
-            (shape.budget.div_ceil(ps) * ps).min(len) as f64,
-            len.div_ceil(ps) as f64 * 4.0 * shape.head_dim as f64,
-        ),
     }
 }
 
@@ -373,14 +276,21 @@ fn measure_selector<T: KvElement>(
         })?);
     }
     let graph_t = time_with_events(stream, warmup, iters, |i| {
-        graphs[i % n].launch().map_err(|e| twilight::Error::Driver {
-            what: "graph launch".into(),
-            message: e.to_string(),
-        })
+        graphs[i % n]
+            .launch()
+            .map_err(|e| driver_error("launching a graph", e))
     })?;
-    let stages = stage_times(
-        stream, sparse, instances, &mut s_out, &mut s_ws, warmup, iters,
-    )?;
+    let stages = time_stages(stream, warmup, iters, |i, hook| {
+        let x = &instances[i % n];
+        sparse.run_instrumented(
+            &x.q,
+            &x.cache,
+            &x.table,
+            &mut s_out[i % n],
+            &mut s_ws[i % n],
+            hook,
+        )
+    })?;
 
     // Kept budgets of the last step on cache 0.
     stream.synchronize()?;
@@ -444,127 +354,4 @@ fn capture(
     let graph = stream.end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))?;
     result?;
     graph.ok_or_else(|| "empty capture".into())
-}
-
-/// The report of one shape as text: its parameters, the kept budget and a table of every
-/// stage and step against its floor.
-pub fn print_report(r: &SparseReport) {
-    let s = &r.shape;
-    println!(
-        "Select-then-Prune step {}: batch {}, {} query / {} KV heads, head_dim {}, {} tokens, B0 = {}, p = {}",
-        r.variant, s.batch, s.qo_heads, s.kv_heads, s.head_dim, s.len, s.budget, s.p
-    );
-    println!("  generator: {}", r.generator);
-    println!(
-        "  read bandwidth {:.0} GB/s; medians of {} runs, rotating {} caches",
-        r.read_bandwidth_gbps, r.iters, r.rotation
-    );
-    println!(
-        "  kept budget per (request, KV head): mean {:.1} tokens ({:.2}% of the context), std {:.1}, min {}, max {}",
-        r.kept_mean,
-        100.0 * r.kept_mean / s.len as f64,
-        r.kept_std,
-        r.kept_min,
-        r.kept_max
-    );
-    println!();
-    println!("| what | median us | floor us | ratio to floor |");
-    println!("|---|---|---|---|");
-    let row = |name: &str, t: f64, floor: f64| {
-        println!("| {name} | {t:.1} | {floor:.1} | {:.2} |", t / floor)
-    };
-    for (stage, t, floor) in &r.stages_us {
-        match floor {
-            Some(floor) => row(&format!("stage {stage}"), *t, *floor),
-            None => println!("| stage {stage} | {t:.1} | - | - |"),
-        }
-    }
-    row(
-        &format!("twilight step ({} + top_p)", r.selector),
-        r.twilight_us,
-        r.twilight_floor_us,
-    );
-    row(
-        "twilight step, graph replay",
-        r.twilight_graph_us,
-        r.twilight_floor_us,
-    );
-    row(
-        &format!("{} + none, same B0", r.selector),
-        r.base_none_us,
-        r.base_none_floor_us,
-    );
-    row("dense decode (ours)", r.dense_us, r.dense_floor_us);
-    println!();
-    println!(
-        "  speedup of the twilight step: {:.2}x over {} alone, {:.2}x over our dense decode (graph replay: {:.2}x, {:.2}x)",
-        r.base_none_us / r.twilight_us,
-        r.selector,
-        r.dense_us / r.twilight_us,
-        r.base_none_us / r.twilight_graph_us,
-        r.dense_us / r.twilight_graph_us
-    );
-}
-
-/// Median time of each stage: events recorded before every launch of a step and after its last.
-fn stage_times<T: KvElement>(
-    stream: &Arc<CudaStream>,
-    decoder: &SparseDecoder,
-    instances: &[Instance<T>],
-    outs: &mut [SparseOutput<T>],
-    workspaces: &mut [SparseWorkspace],
-    warmup: usize,
-    iters: usize,
-) -> Result<Vec<(Stage, Timing)>, Box<dyn std::error::Error>> {
-    let ctx = stream.context();
-    let mut per_run: Vec<Vec<(Option<Stage>, cudarc::driver::CudaEvent)>> = Vec::new();
-    for i in 0..warmup + iters {
-        let n = instances.len();
-        let x = &instances[i % n];
-        let mut marks = Vec::new();
-        decoder.run_instrumented(
-            &x.q,
-            &x.cache,
-            &x.table,
-            &mut outs[i % n],
-            &mut workspaces[i % n],
-            &mut |stage| {
-                let event = ctx
-                    .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                    .map_err(|e| twilight::Error::Driver {
-                        what: "creating an event".into(),
-                        message: e.to_string(),
-                    })?;
-                event.record(stream).map_err(|e| twilight::Error::Driver {
-                    what: "recording an event".into(),
-                    message: e.to_string(),
-                })?;
-                marks.push((stage, event));
-                Ok(())
-            },
-        )?;
-        if i >= warmup {
-            per_run.push(marks);
-        }
-    }
-    stream.synchronize()?;
-    let mut result: Vec<(Stage, Timing)> = Vec::new();
-    for run in &per_run {
-        for pair in run.windows(2) {
-            let (Some(stage), _) = (pair[0].0, ()) else {
-                continue;
-            };
-            let us = pair[0].1.elapsed_ms(&pair[1].1)? as f64 * 1e3;
-            match result.iter_mut().find(|(s, _)| *s == stage) {
-                Some((_, t)) => t.samples_us.push(us),
-                None => result.push((
-                    stage,
-                    Timing {
-                        samples_us: vec![us],
-                    },
-                )),
-            }
-        }
-    }
-    Ok(result)
 }

@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use cudarc::driver::CudaStream;
-use twilight::generator::{plan, GeneratorParams};
 use twilight::{KvElement, PageTable, PagedKvCache, Selector, SparseDecoder};
+use twilight_synth::generator::{plan, GeneratorParams};
 
-use super::bench_sparse::{selection_bytes, BenchShape};
+use super::bytes::selection_step_bytes;
+use super::shape::BenchShape;
 
 /// Requests whose keys make the calibration sample of `double_sparse`, and positions per request.
 const CALIBRATION_REQUESTS: usize = 4;
@@ -76,8 +77,8 @@ pub fn build_instances<T: KvElement>(
                 handles
                     .into_iter()
                     .map(|h| h.join().expect("drawing a request's rows does not panic"))
-                    .collect()
-            });
+                    .collect::<twilight_synth::Result<_>>()
+            })?;
             for (slot, &s) in users.iter().enumerate() {
                 if caches[slot].is_some() {
                     continue;
@@ -105,7 +106,7 @@ pub fn build_instances<T: KvElement>(
                 }
             }
         }
-        let q = twilight::synthetic::SyntheticStep::to_elements::<T>(&planned.q);
+        let q = twilight_synth::synthetic::SyntheticStep::to_elements::<T>(&planned.q);
         for ((slot, &s), cache) in users.iter().enumerate().zip(caches) {
             let cache = cache.ok_or("a benchmark shape has at least one request")?;
             let table = cache.page_table(stream, &ids[slot])?;
@@ -134,11 +135,6 @@ pub fn rotation_for(l2: f64, shape: &BenchShape, selector: Selector, wanted: usi
     } else {
         wanted
     }
-}
-
-/// Bytes the selector reads in one step, over every (request, KV head).
-pub fn selection_step_bytes(shape: &BenchShape, selector: Selector) -> f64 {
-    selection_bytes(shape, selector).1 * (shape.batch * shape.kv_heads) as f64
 }
 
 /// Device memory (GiB) the caches of `shape` take when each of `selectors` rotates over its
@@ -196,8 +192,8 @@ mod tests {
             head_dim: 128,
             len,
             page_size: 16,
-            dtype: "f16".into(),
-            layout: "hnd".into(),
+            dtype: twilight::Dtype::F16,
+            layout: twilight::KvLayout::Hnd,
             budget: 8192,
             p: 0.85,
         }
@@ -244,7 +240,7 @@ mod tests {
         struct List {
             shapes: Vec<BenchShape>,
         }
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/shapes.json");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../bench/shapes.json");
         let list: List = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(list.shapes.len(), 44, "the grid BENCHMARKS.md reports");
         let selectors = [Selector::Quest, Selector::DoubleSparse { channels: 32 }];

@@ -299,12 +299,72 @@ fn sparse_demo_on_the_cpu_dumps_every_file() {
     assert!(stdout.contains("oracle top-p"), "{stdout}");
 }
 
+/// The three numbers of an error line: o relative L2, max |o - ref|, max |lse - ref|.
+fn error_figures(line: &str) -> [f64; 3] {
+    let number = |after: &str| -> f64 {
+        let text = between(line, after, ",");
+        text.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("`{text}` after `{after}` in `{line}`: {e}"))
+    };
+    let lse = line
+        .split("max |lse - ref| ")
+        .nth(1)
+        .and_then(|rest| rest.split([',', ' ']).next())
+        .unwrap_or_else(|| panic!("no lse error in `{line}`"));
+    [
+        number("o relative L2 "),
+        number("max |o - ref| "),
+        lse.parse()
+            .unwrap_or_else(|e| panic!("`{lse}` in `{line}`: {e}")),
+    ]
+}
+
+/// Beside the step's error, the demo prints what the algorithm accepts by design: the oracle
+/// top-p on exact weights and the selector alone at the same B0, with the same metric.
+#[test]
+fn sparse_demo_prints_the_errors_accepted_by_design() {
+    let mut args: Vec<&str> = SMALL.to_vec();
+    args.push("0.9");
+    let out = twilight(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{stdout}");
+    let block: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.contains("error vs dense attention"))
+        .collect();
+    let line = |start: &str| -> &str {
+        block
+            .iter()
+            .find(|l| l.trim_start().starts_with(start))
+            .unwrap_or_else(|| panic!("no `{start}` line under the error header:\n{stdout}"))
+    };
+    let this = error_figures(line("this step"));
+    let oracle = error_figures(line("oracle top-p, exact weights (p = 0.9,"));
+    let alone = error_figures(line("selector alone (quest, B0 = 256,"));
+    for (what, figures) in [("step", this), ("oracle", oracle), ("selector", alone)] {
+        assert!(
+            figures.iter().all(|x| x.is_finite() && *x >= 0.0),
+            "{what}: {figures:?}\n{stdout}"
+        );
+    }
+    // Exact weights over every token at p = 0.9 leave a small error; a positive one, since the
+    // synthetic heads are not that peaked.
+    assert!(oracle[0] > 0.0 && oracle[0] < 0.5, "{oracle:?}");
+    assert!(stdout.contains("accepted by design"), "{stdout}");
+}
+
 #[test]
 fn dense_demo_on_the_cpu_keeps_every_token() {
     let stdout = run_and_check_dump(&["--selector", "full", "--pruning", "none"], true).stdout;
     assert!(stdout.contains("dense paged decode"), "{stdout}");
     // The reference step of full/none is dense attention itself.
     assert!(stdout.contains("o relative L2 0.00e0"), "{stdout}");
+    // Nothing to explain: no oracle or selector-alone error.
+    assert!(
+        !stdout.contains("exact weights (p =") && !stdout.contains("selector alone"),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -326,7 +386,10 @@ fn bad_flags_fail_with_a_message() {
         ),
         ("--selector", "double_sparse(8)", "r in 16, 32, 64"),
         ("--selector", "double_sparse(x)", "r in 16, 32, 64"),
-        ("--pruning", "top_k", "top_p or none"),
+        ("--pruning", "top_k", "`top_p` or `none`"),
+        ("--dtype", "fp8", "`f16` or `bf16`"),
+        ("--layout", "HND", "`nhd` or `hnd`"),
+        ("--max-len", "0", "--max-len"),
         ("--head-dim", "96", "head_dim"),
         ("--batch", "0", "--batch"),
     ] {

@@ -1,14 +1,14 @@
-//! Command-line parsing and dispatch; each subcommand lives in its own module.
+//! `twilight`: render, precompile and inspect kernel variants, and run the demo and benchmarks.
 
 mod bench;
-mod bench_caches;
-mod bench_grid;
-mod bench_sparse;
 mod cache;
 mod declared;
 mod demo;
 mod doctor;
+mod parse;
 mod precompile;
+
+use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use twilight::VariantSpec;
@@ -44,9 +44,9 @@ enum Command {
     },
 }
 
-pub type CliResult = Result<(), Box<dyn std::error::Error>>;
+type CliResult = Result<(), Box<dyn std::error::Error>>;
 
-pub fn run() -> CliResult {
+fn run() -> CliResult {
     match Cli::parse().command {
         Command::Render { variant } => {
             print!("{}", twilight::twilight_jit::render(&variant)?.source);
@@ -61,7 +61,7 @@ pub fn run() -> CliResult {
 }
 
 /// Logs go to stderr; `TWILIGHT_LOG` (or `RUST_LOG`) sets the filter, `info` by default.
-pub fn init_logging() {
+fn init_logging() {
     let filter = std::env::var("TWILIGHT_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
         .unwrap_or_else(|_| "info".to_string());
@@ -70,4 +70,15 @@ pub fn init_logging() {
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
+}
+
+fn main() -> ExitCode {
+    init_logging();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -8,8 +8,10 @@
 //! little-endian, with no padding.
 
 use std::fs::File;
-use std::io::{self, BufWriter, Write};
+use std::io::{BufWriter, Write};
 use std::path::Path;
+
+use crate::error::{Error, Result};
 
 /// The magic string every `.npy` file starts with.
 pub const MAGIC: &[u8; 6] = b"\x93NUMPY";
@@ -86,25 +88,22 @@ pub fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
 /// The whole file of an array, in memory.
 ///
 /// # Errors
-/// [`io::ErrorKind::InvalidInput`] when `data` does not hold `product(shape)` elements, or the
-/// header would not fit the 16-bit length of version 1.0.
-pub fn encode<E: NpyElement>(shape: &[usize], data: &[E]) -> io::Result<Vec<u8>> {
-    let count: usize = shape.iter().product();
-    if count != data.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "npy: shape {shape:?} holds {count} elements but {} were given",
-                data.len()
-            ),
-        ));
+/// [`Error::Npy`] when `data` does not hold `product(shape)` elements, or the header would not
+/// fit the 16-bit length of version 1.0.
+pub fn encode<E: NpyElement>(shape: &[usize], data: &[E]) -> Result<Vec<u8>> {
+    let count = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+    if count != Some(data.len()) {
+        let count = count.map_or("more than usize::MAX".to_string(), |n| n.to_string());
+        return Err(Error::Npy(format!(
+            "shape {shape:?} holds {count} elements but {} were given",
+            data.len()
+        )));
     }
     let mut out = header(E::DESCR, shape);
     if out.len() > u16::MAX as usize {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("npy: the header of shape {shape:?} is too long for format 1.0"),
-        ));
+        return Err(Error::Npy(format!(
+            "the header of shape {shape:?} is too long for format 1.0"
+        )));
     }
     out.reserve(data.len() * E::SIZE);
     for &x in data {
@@ -116,19 +115,25 @@ pub fn encode<E: NpyElement>(shape: &[usize], data: &[E]) -> io::Result<Vec<u8>>
 /// Writes an array of any [`NpyElement`] to `path`.
 ///
 /// # Errors
-/// As [`encode`], or the file cannot be written.
-pub fn write<E: NpyElement>(path: &Path, shape: &[usize], data: &[E]) -> io::Result<()> {
+/// As [`encode`], or [`Error::Write`] naming the file that cannot be written.
+pub fn write<E: NpyElement>(path: &Path, shape: &[usize], data: &[E]) -> Result<()> {
     let bytes = encode(shape, data)?;
-    let mut file = BufWriter::new(File::create(path)?);
-    file.write_all(&bytes)?;
-    file.flush()
+    let write_all = || -> std::io::Result<()> {
+        let mut file = BufWriter::new(File::create(path)?);
+        file.write_all(&bytes)?;
+        file.flush()
+    };
+    write_all().map_err(|source| Error::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Writes `f16` values as `<f2`.
 ///
 /// # Errors
 /// As [`write`].
-pub fn write_f16(path: &Path, shape: &[usize], data: &[half::f16]) -> io::Result<()> {
+pub fn write_f16(path: &Path, shape: &[usize], data: &[half::f16]) -> Result<()> {
     write(path, shape, data)
 }
 
@@ -136,7 +141,7 @@ pub fn write_f16(path: &Path, shape: &[usize], data: &[half::f16]) -> io::Result
 ///
 /// # Errors
 /// As [`write`].
-pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> io::Result<()> {
+pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     write(path, shape, data)
 }
 
@@ -144,7 +149,7 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> io::Result<()> {
 ///
 /// # Errors
 /// As [`write`].
-pub fn write_i32(path: &Path, shape: &[usize], data: &[i32]) -> io::Result<()> {
+pub fn write_i32(path: &Path, shape: &[usize], data: &[i32]) -> Result<()> {
     write(path, shape, data)
 }
 
@@ -218,9 +223,13 @@ mod tests {
     #[test]
     fn a_wrong_length_is_an_error() {
         let err = encode(&[2, 3], &[1i32; 5]).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(matches!(err, Error::Npy(_)));
         assert!(err.to_string().contains("6 elements"));
+        assert!(encode(&[usize::MAX, 2], &[1i32]).is_err());
         let dir = tempfile::tempdir().unwrap();
         assert!(write_f32(&dir.path().join("x.npy"), &[3], &[1.0]).is_err());
+        let missing = dir.path().join("no-such-dir").join("x.npy");
+        let err = write_f32(&missing, &[1], &[1.0]).unwrap_err();
+        assert!(err.to_string().contains("no-such-dir"), "{err}");
     }
 }

@@ -1,5 +1,6 @@
 //! What the demo prints about any run: the kept budget, and errors against dense attention.
 
+use super::baselines::{Baseline, Oracle};
 use super::{Inputs, Outcome};
 
 /// Mean, min and max (NaN, inf, -inf for an empty list).
@@ -12,17 +13,6 @@ pub(super) fn stats(values: impl IntoIterator<Item = f64>) -> (f64, f64, f64) {
         max = max.max(v);
     }
     (sum / n as f64, min, max)
-}
-
-/// The median of some samples (NaN when there are none).
-pub(super) fn median(samples: &[f64]) -> f64 {
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => s[n / 2],
-        n => 0.5 * (s[n / 2 - 1] + s[n / 2]),
-    }
 }
 
 /// How far an output is from a reference.
@@ -87,7 +77,7 @@ pub(super) fn outside(got: &[f32], want: &[f32], atol: f32, rtol: f32) -> usize 
 }
 
 /// The kept budget per (request, KV head), per KV head, and the generator's oracle.
-pub(super) fn budget(x: &Inputs, out: &Outcome, oracle: &[f64], oracle_ms: f64) {
+pub(super) fn budget(x: &Inputs, out: &Outcome, oracle: &Oracle) {
     let kvh = x.num_kv_heads();
     let rows = || (0..x.batch()).flat_map(move |b| (0..kvh).map(move |g| (b, g)));
     let count = |b: usize, g: usize| out.kept[b * kvh + g].len() as f64;
@@ -119,14 +109,16 @@ pub(super) fn budget(x: &Inputs, out: &Outcome, oracle: &[f64], oracle_ms: f64) 
     );
     let qo = x.num_qo_heads();
     let tokens = oracle
+        .budget
         .iter()
         .enumerate()
         .map(|(i, f)| f * x.lens[i / qo] as f64);
     let (tmean, _, _) = stats(tokens);
-    let (omean, omin, omax) = stats(oracle.iter().copied());
+    let (omean, omin, omax) = stats(oracle.budget.iter().copied());
     println!(
-        "    oracle top-p at p = {} on the exact weights, per query head over every token ({oracle_ms:.0} ms): mean {tmean:.1} tokens; of the request: mean {:.2}%, min {:.2}%, max {:.2}%",
+        "    oracle top-p at p = {} on the exact weights, per query head over every token ({:.0} ms): mean {tmean:.1} tokens; of the request: mean {:.2}%, min {:.2}%, max {:.2}%",
         x.p,
+        oracle.ms,
         omean * 100.0,
         omin * 100.0,
         omax * 100.0
@@ -139,8 +131,9 @@ pub(super) fn budget(x: &Inputs, out: &Outcome, oracle: &[f64], oracle_ms: f64) 
     }
 }
 
-/// The error of the step (and of any other output of the run) against dense attention.
-pub(super) fn errors(x: &Inputs, out: &Outcome) {
+/// The error of the step (and of any other output of the run) against dense attention, then
+/// the errors the algorithm accepts by design ([`super::baselines`]), with the same metric.
+pub(super) fn errors(x: &Inputs, out: &Outcome, baselines: &[Baseline]) {
     println!(
         "  error vs dense attention (CPU reference in f64 on the same cache, {:.0} ms):",
         out.dense_ms
@@ -150,11 +143,31 @@ pub(super) fn errors(x: &Inputs, out: &Outcome) {
     } else {
         "this step"
     };
-    let rows = std::iter::once((this, &out.o, &out.lse))
-        .chain(out.others.iter().map(|(l, o, lse)| (l.as_str(), o, lse)));
+    let rows: Vec<(&str, &[f32], &[f32])> = std::iter::once((this, &out.o[..], &out.lse[..]))
+        .chain(
+            out.others
+                .iter()
+                .map(|(l, o, lse)| (l.as_str(), &o[..], &lse[..])),
+        )
+        .chain(
+            baselines
+                .iter()
+                .map(|b| (b.label.as_str(), &b.o[..], &b.lse[..])),
+        )
+        .collect();
+    let width = rows
+        .iter()
+        .map(|(label, _, _)| label.len())
+        .max()
+        .unwrap_or(0);
     for (label, o, lse) in rows {
         let diff = Diff::between(o, lse, &out.dense.o, &out.dense.lse);
-        println!("    {label:<34} {}", diff.line());
+        println!("    {label:<width$} {}", diff.line());
+    }
+    if !baselines.is_empty() {
+        println!(
+            "    (accepted by design: the oracle keeps per query head the fewest tokens whose exact weights reach p, united over the group; the selector alone attends to all its candidates. The step's error beyond theirs comes from pruning on the 4-bit estimate.)"
+        );
     }
 }
 
@@ -171,7 +184,6 @@ mod tests {
         assert_eq!(n.non_finite, 1);
         assert!(n.rel_l2.is_nan());
         assert_eq!(stats([1.0, 3.0, 2.0]), (2.0, 1.0, 3.0));
-        assert_eq!(median(&[3.0, 1.0, 2.0, 10.0]), 2.5);
         assert_eq!(
             outside(&[1.0, f32::NAN, 1.1], &[1.0, 1.0, 1.0], 0.01, 0.0),
             2

@@ -1,0 +1,129 @@
+//! `twilight bench dense`: dense paged decode (`full`/`none`) over random caches, against the
+//! card's read-bandwidth floor.
+
+use std::sync::Arc;
+
+use cudarc::driver::CudaStream;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use twilight::twilight_jit::open_device;
+use twilight::{
+    CacheShape, DecodeOutput, DenseDecoder, Dtype, HostPageTable, KvElement, PageTable,
+    PagedKvCache, VariantSpec, Workspace,
+};
+
+use super::bytes::dense_decode_bytes;
+use super::kernels::BenchKernels;
+use super::shape::ShapeArgs;
+use super::timing::time_with_events;
+use crate::CliResult;
+
+pub fn run(args: ShapeArgs) -> CliResult {
+    let spec = args.shape("cli", 0, 1.0).dense_spec()?;
+    let stream = open_device(0)?.default_stream();
+    match spec.dtype {
+        Dtype::F16 => dense_typed::<half::f16>(&stream, spec, &args),
+        Dtype::Bf16 => dense_typed::<half::bf16>(&stream, spec, &args),
+    }
+}
+
+/// One cache of the rotation: its own K/V pools and shuffled page table.
+struct Instance<T: KvElement> {
+    cache: PagedKvCache<T>,
+    table: PageTable,
+}
+
+fn dense_typed<T: KvElement>(
+    stream: &Arc<CudaStream>,
+    spec: VariantSpec,
+    args: &ShapeArgs,
+) -> CliResult {
+    let tools = BenchKernels::new(stream)?;
+    let bandwidth = tools.read_bandwidth((args.probe_gib * (1u64 << 30) as f64) as usize)?;
+    let decoder = DenseDecoder::new(stream.clone(), spec)?;
+    let pages_per_request = args.len.div_ceil(args.page_size as usize);
+    let shape = CacheShape {
+        num_pages: args.batch * pages_per_request,
+        num_kv_heads: args.kv_heads,
+        page_size: args.page_size as usize,
+        head_dim: args.head_dim as usize,
+        layout: spec.kv_layout,
+    };
+    let cache_bytes = 2 * shape.elements() * 2;
+    // Enough caches that consecutive steps never find their K/V in the 50 MB L2.
+    let rotation = (2usize << 30).div_ceil(cache_bytes).clamp(2, 16);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut instances = Vec::new();
+    for i in 0..rotation {
+        let mut cache = PagedKvCache::<T>::new(stream, shape)?;
+        let (k, v) = cache.k_v_mut();
+        tools.fill(k, 2 * i as u32, 0.5)?;
+        tools.fill(v, 2 * i as u32 + 1, 1.0)?;
+        let mut pages: Vec<i32> = (0..shape.num_pages as i32).collect();
+        pages.shuffle(&mut rng);
+        let rows: Vec<(&[i32], usize)> = pages
+            .chunks(pages_per_request)
+            .map(|p| (p, args.len))
+            .collect();
+        let host = HostPageTable::from_requests(&rows, shape.page_size, shape.num_pages)?;
+        let table = PageTable::upload(stream, &host, shape.num_pages)?;
+        instances.push(Instance { cache, table });
+    }
+    let q_len = args.batch * args.qo_heads * args.head_dim as usize;
+    let mut q = stream.alloc_zeros::<T>(q_len)?;
+    tools.fill(&mut q, 99, 1.0)?;
+    let mut out = DecodeOutput {
+        o: stream.alloc_zeros::<T>(q_len)?,
+        lse: stream.alloc_zeros::<f32>(args.batch * args.qo_heads)?,
+    };
+    let mut workspace = Workspace::default();
+    let timing = time_with_events(stream, args.warmup, args.iters, |i| {
+        let inst = &instances[i % instances.len()];
+        decoder.run_into(&q, &inst.cache, &inst.table, None, &mut out, &mut workspace)
+    })?;
+    let bytes = dense_decode_bytes(
+        &vec![args.len; args.batch],
+        args.kv_heads,
+        args.head_dim as usize,
+        2,
+    );
+    let floor_us = bytes as f64 / bandwidth * 1e6;
+    let plan = decoder.plan(args.batch, args.kv_heads, args.len);
+    let median = timing.median_us();
+    println!(
+        "dense decode {spec}: batch {}, {} query heads / {} KV heads, head_dim {}, {} tokens per request",
+        args.batch, args.qo_heads, args.kv_heads, args.head_dim, args.len
+    );
+    println!(
+        "  median {median:.1} us (min {:.1}, max {:.1}) over {} runs after {} warm-up, rotating {rotation} caches of {:.2} GiB",
+        timing.min_us(),
+        timing.max_us(),
+        args.iters,
+        args.warmup,
+        cache_bytes as f64 / (1u64 << 30) as f64
+    );
+    println!(
+        "  K/V bytes {:.3} GiB; measured read bandwidth {:.0} GB/s; floor {floor_us:.1} us; ratio {:.3}; achieved {:.0} GB/s",
+        bytes as f64 / (1u64 << 30) as f64,
+        bandwidth * 1e-9,
+        median / floor_us,
+        bytes as f64 / median * 1e-3
+    );
+    println!(
+        "  split: {} chunk(s) of {} tokens per (request, KV head)",
+        plan.num_chunks, plan.chunk_tokens
+    );
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({
+            "variant": spec.name(),
+            "batch": args.batch, "qo_heads": args.qo_heads, "kv_heads": args.kv_heads,
+            "head_dim": args.head_dim, "len": args.len, "page_size": args.page_size,
+            "median_us": median, "min_us": timing.min_us(), "max_us": timing.max_us(),
+            "iters": args.iters, "bytes": bytes, "read_bandwidth_gbps": bandwidth * 1e-9,
+            "floor_us": floor_us, "ratio_to_floor": median / floor_us,
+            "chunks": plan.num_chunks, "chunk_tokens": plan.chunk_tokens,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! What `bench sparse` and `bench grid` measure for one shape and selector, and how it prints.
+
+use serde::{Deserialize, Serialize};
+
+use super::shape::BenchShape;
+
+/// Everything measured for one shape; times are medians in microseconds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SparseReport {
+    pub shape: BenchShape,
+    /// The base selector, as declared (`quest`, `double_sparse(32)`).
+    pub selector: String,
+    pub variant: String,
+    pub generator: String,
+    pub read_bandwidth_gbps: f64,
+    pub rotation: usize,
+    pub iters: usize,
+    pub kept_mean: f64,
+    pub kept_std: f64,
+    pub kept_min: i32,
+    pub kept_max: i32,
+    /// (stage, median us, floor us); the floor is `None` for stages the byte model does not
+    /// cover (selection, threshold and compaction work on data already on chip or in L2).
+    pub stages_us: Vec<(String, f64, Option<f64>)>,
+    pub twilight_us: f64,
+    pub twilight_graph_us: f64,
+    pub twilight_floor_us: f64,
+    /// The base selector alone (`none` pruning) at the same B0.
+    pub base_none_us: f64,
+    pub base_none_floor_us: f64,
+    pub dense_us: f64,
+    pub dense_floor_us: f64,
+}
+
+/// The report of one shape as text: its parameters, the kept budget and a table of every
+/// stage and step against its floor.
+pub fn print(r: &SparseReport) {
+    let s = &r.shape;
+    println!(
+        "Select-then-Prune step {}: batch {}, {} query / {} KV heads, head_dim {}, {} tokens, B0 = {}, p = {}",
+        r.variant, s.batch, s.qo_heads, s.kv_heads, s.head_dim, s.len, s.budget, s.p
+    );
+    println!("  generator: {}", r.generator);
+    println!(
+        "  read bandwidth {:.0} GB/s; medians of {} runs, rotating {} caches",
+        r.read_bandwidth_gbps, r.iters, r.rotation
+    );
+    println!(
+        "  kept budget per (request, KV head): mean {:.1} tokens ({:.2}% of the context), std {:.1}, min {}, max {}",
+        r.kept_mean,
+        100.0 * r.kept_mean / s.len as f64,
+        r.kept_std,
+        r.kept_min,
+        r.kept_max
+    );
+    println!();
+    println!("| what | median us | floor us | ratio to floor |");
+    println!("|---|---|---|---|");
+    let row = |name: &str, t: f64, floor: f64| {
+        println!("| {name} | {t:.1} | {floor:.1} | {:.2} |", t / floor)
+    };
+    for (stage, t, floor) in &r.stages_us {
+        match floor {
+            Some(floor) => row(&format!("stage {stage}"), *t, *floor),
+            None => println!("| stage {stage} | {t:.1} | - | - |"),
+        }
+    }
+    row(
+        &format!("twilight step ({} + top_p)", r.selector),
+        r.twilight_us,
+        r.twilight_floor_us,
+    );
+    row(
+        "twilight step, graph replay",
+        r.twilight_graph_us,
+        r.twilight_floor_us,
+    );
+    row(
+        &format!("{} + none, same B0", r.selector),
+        r.base_none_us,
+        r.base_none_floor_us,
+    );
+    row("dense decode (ours)", r.dense_us, r.dense_floor_us);
+    println!();
+    println!(
+        "  speedup of the twilight step: {:.2}x over {} alone, {:.2}x over our dense decode (graph replay: {:.2}x, {:.2}x)",
+        r.base_none_us / r.twilight_us,
+        r.selector,
+        r.dense_us / r.twilight_us,
+        r.base_none_us / r.twilight_graph_us,
+        r.dense_us / r.twilight_graph_us
+    );
+}

@@ -1,0 +1,191 @@
+//! A benchmark's shape: the flags every `twilight bench` command takes, and the entries of
+//! `bench/shapes.json` (the list `bench/peers.py` reads too).
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use twilight::{Dtype, KvLayout, VariantSpec};
+
+use crate::parse;
+
+/// The shape and the timing knobs every benchmark takes.
+#[derive(clap::Args, Debug)]
+pub struct ShapeArgs {
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 32)]
+    pub qo_heads: usize,
+    #[arg(long, default_value_t = 8)]
+    pub kv_heads: usize,
+    #[arg(long, default_value_t = 128)]
+    pub head_dim: u32,
+    /// Tokens per request (all requests this long).
+    #[arg(long, default_value_t = 32768)]
+    pub len: usize,
+    #[arg(long, default_value_t = 16)]
+    pub page_size: u32,
+    /// f16 or bf16.
+    #[arg(long, default_value = "f16", value_parser = parse::dtype)]
+    pub dtype: Dtype,
+    /// hnd or nhd.
+    #[arg(long, default_value = "hnd", value_parser = parse::layout)]
+    pub layout: KvLayout,
+    #[arg(long, default_value_t = 10)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 100)]
+    pub iters: usize,
+    /// Size of the read-bandwidth probe in GiB.
+    #[arg(long, default_value_t = 4.0)]
+    pub probe_gib: f64,
+    /// Also write the result as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl ShapeArgs {
+    /// The flags as a shape of the list, named `name`, with the sparse step's B0 and p.
+    pub fn shape(&self, name: &str, budget: usize, p: f32) -> BenchShape {
+        BenchShape {
+            name: name.to_string(),
+            batch: self.batch,
+            qo_heads: self.qo_heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            len: self.len,
+            page_size: self.page_size,
+            dtype: self.dtype,
+            layout: self.layout,
+            budget,
+            p,
+        }
+    }
+}
+
+/// One benchmark shape, as `bench/shapes.json` lists them. Dtype and layout are written in
+/// their declaration spelling (`f16`, `hnd`), which the PyTorch peers read too.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct BenchShape {
+    pub name: String,
+    pub batch: usize,
+    pub qo_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: u32,
+    pub len: usize,
+    pub page_size: u32,
+    #[serde(with = "spelled::dtype")]
+    pub dtype: Dtype,
+    #[serde(with = "spelled::layout", default = "default_layout")]
+    pub layout: KvLayout,
+    pub budget: usize,
+    pub p: f32,
+}
+
+fn default_layout() -> KvLayout {
+    KvLayout::Hnd
+}
+
+impl BenchShape {
+    /// The dense (`full`/`none`) variant of the shape.
+    ///
+    /// # Errors
+    /// Query heads that are not a multiple of the KV heads, or a spec that does not validate;
+    /// the message names the shape.
+    pub fn dense_spec(&self) -> Result<VariantSpec, String> {
+        let group_size = match self.qo_heads.checked_rem(self.kv_heads) {
+            Some(0) => u32::try_from(self.qo_heads / self.kv_heads).ok(),
+            _ => None,
+        }
+        .ok_or_else(|| {
+            format!(
+                "{}: {} query heads are not a multiple of {} KV heads",
+                self.name, self.qo_heads, self.kv_heads
+            )
+        })?;
+        let spec = VariantSpec::dense(
+            self.page_size,
+            self.head_dim,
+            self.dtype,
+            group_size,
+            self.layout,
+        );
+        spec.validate().map_err(|e| format!("{}: {e}", self.name))?;
+        Ok(spec)
+    }
+
+    /// Bytes of K and V of one cache of this shape.
+    pub fn kv_bytes(&self) -> usize {
+        2 * self.batch * self.kv_heads * self.len * self.head_dim as usize * self.dtype.size_bytes()
+    }
+}
+
+/// Serde in the declaration spelling, read back by twilight-jit's parser.
+mod spelled {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub mod dtype {
+        use super::*;
+        use twilight::Dtype;
+
+        pub fn serialize<S: Serializer>(value: &Dtype, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(value.short())
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Dtype, D::Error> {
+            crate::parse::dtype(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+        }
+    }
+
+    pub mod layout {
+        use super::*;
+        use twilight::KvLayout;
+
+        pub fn serialize<S: Serializer>(value: &KvLayout, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(value.short())
+        }
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<KvLayout, D::Error> {
+            crate::parse::layout(&String::deserialize(d)?).map_err(serde::de::Error::custom)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shapes_read_and_write_declaration_spellings() {
+        let text = r#"{"name": "a", "batch": 2, "qo_heads": 32, "kv_heads": 8, "head_dim": 128,
+                       "len": 4096, "page_size": 16, "dtype": "bf16", "budget": 1024, "p": 0.9}"#;
+        let shape: BenchShape = serde_json::from_str(text).unwrap();
+        assert_eq!((shape.dtype, shape.layout), (Dtype::Bf16, KvLayout::Hnd));
+        assert_eq!(
+            shape.dense_spec().unwrap().name(),
+            "ps16_hd128_bf16_g4_hnd_full_none"
+        );
+        let json = serde_json::to_value(&shape).unwrap();
+        assert_eq!(
+            (&json["dtype"], &json["layout"]),
+            (&"bf16".into(), &"hnd".into())
+        );
+        let bad = text.replace("bf16", "fp8");
+        let err = serde_json::from_str::<BenchShape>(&bad).unwrap_err();
+        assert!(err.to_string().contains("fp8"), "{err}");
+    }
+
+    #[test]
+    fn dense_spec_refuses_heads_that_do_not_group() {
+        let text = r#"{"name": "odd", "batch": 1, "qo_heads": 12, "kv_heads": 8, "head_dim": 128,
+                       "len": 64, "page_size": 16, "dtype": "f16", "layout": "nhd",
+                       "budget": 64, "p": 0.9}"#;
+        let mut shape: BenchShape = serde_json::from_str(text).unwrap();
+        assert!(shape
+            .dense_spec()
+            .unwrap_err()
+            .starts_with("odd: 12 query heads"));
+        shape.kv_heads = 0;
+        assert!(shape.dense_spec().is_err());
+        shape.kv_heads = 3;
+        // group 4 is fine; head_dim 96 is not a variant.
+        shape.head_dim = 96;
+        assert!(shape.dense_spec().unwrap_err().contains("head_dim"));
+    }
+}
