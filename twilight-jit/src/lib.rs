@@ -24,6 +24,7 @@ pub use render::{render, RenderError, RenderedProgram, Stage, Tiling};
 
 #[cfg(feature = "cuda")]
 pub use cache::{open_device, Jit, LoadedProgram, Origin};
+pub use env::{DiskOff, JitEnv};
 #[cfg(feature = "cuda")]
 pub use error::JitError;
 #[cfg(feature = "cuda")]
