@@ -8,6 +8,7 @@
 //! <dir>/v<CACHE_FORMAT>/<variant>/<keyhex>.json   metadata: format, key, sha256 and length of
 //!                                                  the binary, variant, target, kind, NVRTC
 //!                                                  version, options, creation time
+//! <dir>/v<CACHE_FORMAT>/.evict.lock               held (flock) while evicting
 //! ```
 //!
 //! The seed has the same layout (a copy of a filled cache directory works as a seed).
@@ -37,13 +38,21 @@
 //!   (its target is then checked too); below it, twilight never creates links and uses none.
 //! - **No changes by reading.** Opening the cache, lookups and [`DiskCache::list`] create
 //!   nothing and change no mode; the only change a lookup makes is refreshing the modification
-//!   time of a binary it hit (its last use). Twilight changes the mode of no
+//!   time of a binary it hit (its last use, for eviction). Twilight changes the mode of no
 //!   directory: those it creates are created owner-only (`0o700`), files `0o600`.
 //! - **Entries** are opened with `O_NOFOLLOW | O_NONBLOCK` (a link is refused, a FIFO cannot
 //!   hang the lookup) and checked on the opened file: a regular file owned by this user (seed:
 //!   or root), of the recorded length, read up to that length and no further. Anything else is
 //!   a corrupt entry: one warning, a miss, and the next write replaces it (a directory in the
 //!   way is removed or renamed aside when this user owns it).
+//!
+//! # Size cap
+//!
+//! After each write, when the entries take more than the cap (`TWILIGHT_CACHE_MAX_BYTES`,
+//! default 2 GiB) the least recently used go, metadata before binary so that no reader sees
+//! half an entry, until the rest fit. A binary's modification time is its last use: set when
+//! written and refreshed on each disk hit. One process evicts at a time (a `flock` on
+//! `.evict.lock`); readers never lock.
 //!
 //! # Failure policy
 //!
@@ -69,6 +78,7 @@
 
 mod clear;
 mod entry;
+mod evict;
 mod scan;
 mod sys;
 mod trust;
@@ -135,7 +145,7 @@ pub struct EntryInfo {
     pub nvrtc_version: (i32, i32),
     /// Unix seconds at which the entry was written.
     pub created: u64,
-    /// Unix seconds of its last write or disk hit.
+    /// Unix seconds of its last write or disk hit (what eviction goes by).
     pub last_used: u64,
     /// Path of the `.bin` file.
     pub path: PathBuf,
@@ -224,6 +234,8 @@ pub struct DiskConfig {
     pub dir: Result<PathBuf, DiskOff>,
     /// A read-only cache consulted first and never written.
     pub seed: Option<PathBuf>,
+    /// The size cap of the writable directory's entries.
+    pub max_bytes: u64,
 }
 
 impl DiskConfig {
@@ -235,6 +247,7 @@ impl DiskConfig {
                 .clone()
                 .ok_or(env.disk_off.unwrap_or(DiskOff::NotConfigured)),
             seed: env.seed_cache_dir.clone(),
+            max_bytes: env.cache_max_bytes,
         }
     }
 }
@@ -252,6 +265,7 @@ pub struct DiskCache {
     seed_root: Option<PathBuf>,
     seed_refusal: Option<Refusal>,
     uid: u32,
+    max_bytes: u64,
     /// Degrades at most once, from ready (or not created) to not writable, with the warning.
     status: Mutex<DiskStatus>,
     /// Whether the stale temporary files were swept (once, by the first write).
@@ -270,13 +284,14 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl DiskCache {
-    /// Opens the cache. `dir` is the writable cache
+    /// Opens the cache with the size cap of the environment. `dir` is the writable cache
     /// (`None` turns the disk cache off); `seed` is a read-only cache consulted first and never
     /// written. See [`DiskCache::open_with`].
     pub fn open(dir: Option<PathBuf>, seed: Option<PathBuf>) -> DiskCache {
         DiskCache::open_with(DiskConfig {
             dir: dir.ok_or(DiskOff::NotConfigured),
             seed,
+            max_bytes: JitEnv::get().cache_max_bytes,
         })
     }
 
@@ -308,6 +323,7 @@ impl DiskCache {
             seed_root,
             seed_refusal,
             uid,
+            max_bytes: config.max_bytes,
             status: Mutex::new(status),
             swept: AtomicBool::new(false),
             warned: Mutex::new(HashSet::new()),
@@ -352,6 +368,11 @@ impl DiskCache {
     /// The read-only seed directory as configured.
     pub fn seed_dir(&self) -> Option<&Path> {
         self.seed.as_deref()
+    }
+
+    /// The size cap of the writable directory's entries, in bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
     }
 
     /// The cached binary of `key`, from the seed first, then the writable directory; verified
@@ -413,7 +434,8 @@ impl DiskCache {
         }
     }
 
-    /// Stores `binary` as the entry of `key`.
+    /// Stores `binary` as the entry of `key`, then evicts least recently used entries while
+    /// the cache is over its cap (never this one).
     ///
     /// # Errors
     /// Why the entry was not stored. A failure of the directory itself also warns (once for
@@ -440,6 +462,7 @@ impl DiskCache {
         tracing::debug!(variant = %meta.variant, key = %key, "kernel written to disk cache");
         // A fresh entry may be damaged again later; that deserves a warning again.
         lock(&self.warned).remove(&meta_path);
+        self.enforce_cap(root, &bin_path);
         Ok(())
     }
 
@@ -594,6 +617,23 @@ impl DiskCache {
         StoreError::Write {
             path,
             error: Arc::new(error),
+        }
+    }
+
+    /// Evicts while over the cap; a failure only warns (once): the entry is stored either way.
+    fn enforce_cap(&self, root: &Path, keep: &Path) {
+        match evict::evict(root, self.uid, self.max_bytes, keep) {
+            Ok(evicted) if evicted.entries > 0 => tracing::info!(
+                entries = evicted.entries,
+                bytes = evicted.bytes,
+                max_bytes = self.max_bytes,
+                "kernel cache over its size cap; least recently used entries evicted"
+            ),
+            Ok(_) => {}
+            Err(e) => self.warn_once(&root.join(evict::LOCK_NAME), || {
+                tracing::warn!(dir = %root.display(), error = %e,
+                    "cannot evict from the kernel cache; it may grow past its size cap");
+            }),
         }
     }
 
@@ -783,7 +823,7 @@ fn create_private_dir(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Refreshes the last use of a hit; failing that changes nothing else.
+/// Refreshes the last use of a hit; failing that only makes it an earlier eviction candidate.
 fn mark_used(hit: &Hit, variant: &str, key: &CacheKey) {
     if let Err(e) = hit.file.set_modified(SystemTime::now()) {
         tracing::debug!(variant, key = %key, error = %e, "cannot mark a cached kernel as used");

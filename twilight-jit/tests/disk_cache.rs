@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use twilight_jit::disk_cache::{BinaryKind, DiskCache, DiskStatus, EntryMeta, StoreError};
+use twilight_jit::disk_cache::{
+    BinaryKind, DiskCache, DiskConfig, DiskStatus, EntryMeta, StoreError,
+};
 use twilight_jit::env::DiskOff;
 use twilight_jit::key::{CacheKey, KeyInputs, CACHE_FORMAT};
 
@@ -1306,4 +1308,84 @@ fn clear_removes_temporaries_of_any_age_and_names_what_it_leaves() {
     }
     assert_eq!(cache.clear().unwrap(), 0);
     assert!(!folder.exists());
+}
+
+// ---- size cap ------------------------------------------------------------------------------
+
+/// The bytes an entry of `n` takes on disk: binary plus metadata.
+fn entry_bytes(dir: &Path, n: u32, variant: &str) -> u64 {
+    let (bin, json) = entry_paths(dir, &key(n), variant);
+    fs::metadata(bin).unwrap().len() + fs::metadata(json).unwrap().len()
+}
+
+fn set_last_use(dir: &Path, n: u32, variant: &str, seconds_ago: u64) {
+    let (bin, _) = entry_paths(dir, &key(n), variant);
+    fs::File::options()
+        .write(true)
+        .open(bin)
+        .unwrap()
+        .set_modified(SystemTime::now() - Duration::from_secs(seconds_ago))
+        .unwrap();
+}
+
+#[test]
+fn eviction_keeps_the_cache_under_its_cap_least_recently_used_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    // Entries of keys 1..=4 with the same binary size, so the cap counts entries.
+    let one = vec![7u8; 10_000];
+    let unlimited = DiskCache::open_with(DiskConfig {
+        dir: Ok(dir.clone()),
+        seed: None,
+        max_bytes: u64::MAX,
+    });
+    for n in 1..=4 {
+        unlimited.put(&key(n), &meta(VARIANT), &one).unwrap();
+    }
+    let per_entry = entry_bytes(&dir, 1, VARIANT);
+    // Room for three entries.
+    let cap = per_entry * 3 + per_entry / 2;
+    let cache = DiskCache::open_with(DiskConfig {
+        dir: Ok(dir.clone()),
+        seed: None,
+        max_bytes: cap,
+    });
+    assert_eq!(cache.max_bytes(), cap);
+    // Written in order 1..4, long ago; then key 1 is used (a disk hit refreshes it).
+    for n in 1..=4 {
+        set_last_use(&dir, n, VARIANT, 1000 - u64::from(n));
+    }
+    assert_eq!(cache.get(&key(1), VARIANT), Some(one.clone()));
+
+    cache.put(&key(5), &meta(VARIANT), &one).unwrap();
+    let present: Vec<u32> = (1..=5)
+        .filter(|&n| entry_paths(&dir, &key(n), VARIANT).1.exists())
+        .collect();
+    // Five entries, room for three: the two least recently used (2 and 3) went.
+    assert_eq!(present, vec![1, 4, 5]);
+    for n in [2, 3] {
+        let (bin, json) = entry_paths(&dir, &key(n), VARIANT);
+        assert!(!bin.exists() && !json.exists(), "half an entry of {n} left");
+    }
+    let on_disk: u64 = present.iter().map(|&n| entry_bytes(&dir, n, VARIANT)).sum();
+    assert!(on_disk <= cap, "{on_disk} > {cap}");
+    assert_eq!(cache.get(&key(1), VARIANT), Some(one.clone()));
+}
+
+#[test]
+fn the_entry_just_written_is_never_evicted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open_with(DiskConfig {
+        dir: Ok(tmp.path().to_path_buf()),
+        seed: None,
+        max_bytes: 1000,
+    });
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
+    // Larger than the cap on its own: it stays, everything older goes.
+    cache
+        .put(&key(2), &meta(OTHER_VARIANT), &vec![1u8; 5000])
+        .unwrap();
+    assert_eq!(cache.get(&key(2), OTHER_VARIANT), Some(vec![1u8; 5000]));
+    assert_eq!(cache.get(&key(1), VARIANT), None);
+    assert_eq!(cache.list().len(), 1);
 }

@@ -224,10 +224,13 @@ pub(crate) fn read_entry(
     Ok(Some(Hit { binary, file }))
 }
 
-/// An entry as `list` sees it: committed, of the right shape, checksum unread.
+/// An entry as `list` and eviction see it: committed, of the right shape, checksum unread.
 pub(crate) struct Listed {
     pub meta: MetaFile,
     pub bin_path: PathBuf,
+    pub meta_path: PathBuf,
+    /// Bytes of both files.
+    pub disk_bytes: u64,
     /// When the binary was last written or used.
     pub last_used: SystemTime,
 }
@@ -241,14 +244,17 @@ pub(crate) fn inspect_entry(
 ) -> Option<Listed> {
     let (bin_path, meta_path) = entry_paths(dir, key);
     let meta = read_meta_checked(&meta_path, key, variant, owners).ok()??;
+    let meta_len = fs::symlink_metadata(&meta_path).ok()?.len();
     let bin = fs::symlink_metadata(&bin_path).ok()?;
     if file_problem(&bin, owners, meta.len).is_some() || bin.len() != meta.len {
         return None;
     }
     Some(Listed {
+        disk_bytes: bin.len() + meta_len,
         last_used: bin.modified().unwrap_or(UNIX_EPOCH),
         meta,
         bin_path,
+        meta_path,
     })
 }
 
