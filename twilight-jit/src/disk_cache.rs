@@ -79,6 +79,7 @@
 mod clear;
 mod entry;
 mod evict;
+mod report;
 mod scan;
 mod sys;
 mod trust;
@@ -96,6 +97,7 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 pub use clear::{ClearError, ClearFailure, ClearReport};
+pub use report::{check_cache, CacheLocation, CacheReport, SeedLocation, SeedReport, SeedStatus};
 pub use trust::Refusal;
 
 use crate::env::{DiskOff, JitEnv};
@@ -373,6 +375,26 @@ impl DiskCache {
     /// The size cap of the writable directory's entries, in bytes.
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes
+    }
+
+    /// The directories with what each is good for (what `twilight cache path` shows).
+    pub fn location(&self) -> CacheLocation {
+        CacheLocation {
+            dir: self.dir.clone(),
+            status: self.status(),
+            seed: self.seed.as_ref().map(|dir| SeedLocation {
+                dir: dir.clone(),
+                status: self.seed_status(),
+            }),
+        }
+    }
+
+    fn seed_status(&self) -> SeedStatus {
+        match (&self.seed_refusal, &self.seed_root) {
+            (Some(refusal), _) => SeedStatus::Refused(refusal.clone()),
+            (None, Some(root)) if root.is_dir() => SeedStatus::Ready,
+            _ => SeedStatus::Missing,
+        }
     }
 
     /// The cached binary of `key`, from the seed first, then the writable directory; verified

@@ -25,7 +25,9 @@ pub use render::{render, RenderError, RenderedProgram, Stage, Tiling};
 #[cfg(feature = "cuda")]
 pub use cache::{open_device, Jit, LoadedProgram, Origin};
 #[cfg(feature = "cuda")]
-pub use disk_cache::{ClearReport, DiskCache, DiskStatus, StoreError};
+pub use disk_cache::{
+    check_cache, CacheLocation, CacheReport, ClearReport, DiskCache, DiskStatus, StoreError,
+};
 pub use env::{DiskOff, JitEnv};
 #[cfg(feature = "cuda")]
 pub use error::JitError;

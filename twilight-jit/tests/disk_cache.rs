@@ -1389,3 +1389,90 @@ fn the_entry_just_written_is_never_evicted() {
     assert_eq!(cache.get(&key(1), VARIANT), None);
     assert_eq!(cache.list().len(), 1);
 }
+
+// ---- status and doctor ---------------------------------------------------------------------
+
+#[test]
+fn status_and_location_say_why() {
+    let off = DiskCache::open_with(DiskConfig {
+        dir: Err(DiskOff::NoDiskCacheKnob),
+        seed: None,
+        max_bytes: 1 << 30,
+    });
+    assert_eq!(
+        off.location().to_string(),
+        "disabled by TWILIGHT_NO_DISK_CACHE"
+    );
+    let error = off.put(&key(1), &meta(VARIANT), &binary(1)).unwrap_err();
+    assert!(
+        error.to_string().contains("TWILIGHT_NO_DISK_CACHE"),
+        "{error}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("file");
+    fs::write(&file, b"x").unwrap();
+    let under_file = DiskCache::open(Some(file.join("cache")), None);
+    let status = under_file.status();
+    assert!(matches!(status, DiskStatus::NotWritable(_)), "{status:?}");
+    assert!(status.to_string().starts_with("not writable: "), "{status}");
+
+    let fresh = tmp.path().join("fresh");
+    let location =
+        DiskCache::open(Some(fresh.clone()), Some(tmp.path().join("no-seed"))).location();
+    let text = location.to_string();
+    assert!(text.starts_with(&fresh.display().to_string()), "{text}");
+    assert!(text.contains("not created yet"), "{text}");
+    assert!(location
+        .seed
+        .unwrap()
+        .to_string()
+        .contains("holds no cache"));
+}
+
+#[test]
+fn check_reports_a_healthy_cache_and_every_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let seed = tmp.path().join("seed");
+    DiskCache::open(Some(seed.clone()), None)
+        .put(&key(9), &meta(VARIANT), &binary(9))
+        .unwrap();
+    let cache = DiskCache::open(Some(dir.clone()), Some(seed.clone()));
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
+    cache
+        .put(&key(2), &meta(OTHER_VARIANT), &binary(2))
+        .unwrap();
+    let report = cache.check();
+    assert!(report.is_healthy(), "{report}");
+    assert!(report.exists && report.writable);
+    assert_eq!(report.owner_uid, Some(report.our_uid));
+    assert_eq!(report.mode, Some(0o700));
+    assert_eq!(report.entries, 2);
+    assert_eq!(
+        report.total_bytes,
+        entry_bytes(&dir, 1, VARIANT) + entry_bytes(&dir, 2, OTHER_VARIANT)
+    );
+    if cfg!(all(target_os = "linux", target_pointer_width = "64")) {
+        assert!(report.free_bytes.is_some_and(|b| b > 0), "{report:?}");
+    }
+    let seed_report = report.seed.as_ref().unwrap();
+    assert!(seed_report.readable);
+    assert_eq!(seed_report.entries, 1);
+    let text = report.to_string();
+    assert!(text.contains("2 entries"), "{text}");
+    assert!(text.contains("mode 0700"), "{text}");
+
+    // A world-writable directory and a missing seed: two problems, nothing changed.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let report = DiskCache::open(Some(dir.clone()), Some(tmp.path().join("nope"))).check();
+    assert!(!report.is_healthy());
+    assert_eq!(report.problems.len(), 2, "{report}");
+    assert!(
+        report.problems[0].contains("group or others can write"),
+        "{report}"
+    );
+    assert!(report.problems[1].contains("nope"), "{report}");
+    assert!(!report.writable);
+    assert_eq!(mode(&dir), 0o777);
+}
