@@ -2,7 +2,8 @@
 //!
 //! Failure policy (also in [`crate::disk_cache`]): a disk entry that fails its checks, or that
 //! the driver refuses to load, is a warning and a recompile; a failed disk write is a warning
-//! and the kernel stays in memory; a render, compile or load failure of a fresh kernel is an
+//! and the kernel stays in memory (its `persisted` field says so, for tools such as
+//! `precompile` that must fail then); a render, compile or load failure of a fresh kernel is an
 //! error. `TWILIGHT_JIT_DISABLE=1` turns a miss of every tier into [`JitError::JitDisabled`].
 
 use std::collections::HashMap;
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::Ptx;
 
-use crate::disk_cache::{DiskCache, EntryMeta};
+use crate::disk_cache::{DiskCache, EntryMeta, StoreError};
 use crate::env::JitEnv;
 use crate::error::JitError;
 use crate::key::{CacheKey, KeyInputs};
@@ -37,6 +38,9 @@ pub struct PreparedBinary {
     pub target: Target,
     pub binary: Vec<u8>,
     pub origin: Origin,
+    /// Whether a later process finds this binary on disk: `Ok` for a disk hit and for a
+    /// compile that was stored; why not otherwise.
+    pub persisted: Result<(), StoreError>,
 }
 
 /// The cache key of a rendered program for `target` with the NVRTC found on this machine.
@@ -79,6 +83,7 @@ pub fn prepare(
             target: *target,
             binary,
             origin: Origin::Disk,
+            persisted: Ok(()),
         });
     }
     compile_and_store(program, key, target, disk, jit_disabled)
@@ -117,13 +122,15 @@ fn compile_and_store(
         nvrtc_version: nvrtc::nvrtc()?.version,
         options: nvrtc::identity_options(target),
     };
-    disk.put(&key, &meta, &compiled.binary);
+    // The disk tier has warned already when it matters; the caller decides what else to do.
+    let persisted = disk.put(&key, &meta, &compiled.binary);
     Ok(PreparedBinary {
         program,
         key,
         target: *target,
         binary: compiled.binary,
         origin: Origin::Compiled(compiled.duration),
+        persisted,
     })
 }
 
@@ -134,6 +141,8 @@ pub struct LoadedProgram {
     pub key: CacheKey,
     pub tiling: Tiling,
     pub origin: Origin,
+    /// Whether a later process finds this binary on disk (see [`PreparedBinary::persisted`]).
+    pub persisted: Result<(), StoreError>,
     /// Time from the request to a loaded module (render, key, disk or compile, load).
     pub load_time: Duration,
     functions: HashMap<Stage, CudaFunction>,
@@ -183,7 +192,7 @@ impl Jit {
             return Ok(jit);
         }
         let env = JitEnv::get();
-        let disk = DiskCache::open(env.cache_dir.clone(), env.seed_cache_dir.clone());
+        let disk = DiskCache::from_env(env);
         let jit = Arc::new(Jit::new(ctx.clone(), disk, env.jit_disabled)?);
         map.retain(|_, weak| weak.strong_count() > 0);
         map.insert(id, Arc::downgrade(&jit));
@@ -286,6 +295,7 @@ impl Jit {
             key: prepared.key,
             tiling: prepared.program.tiling,
             origin: prepared.origin,
+            persisted: prepared.persisted.clone(),
             load_time: start.elapsed(),
             functions,
             _module: module,

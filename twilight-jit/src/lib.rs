@@ -26,6 +26,11 @@ pub use render::{render, stages_of, RenderError, RenderedProgram, Stage, Tiling}
 #[cfg(feature = "cuda")]
 pub use cache::{open_device, Jit, LoadedProgram, Origin};
 #[cfg(feature = "cuda")]
+pub use disk_cache::{
+    check_cache, CacheLocation, CacheReport, ClearReport, DiskCache, DiskStatus, StoreError,
+};
+pub use env::{DiskOff, JitEnv};
+#[cfg(feature = "cuda")]
 pub use error::JitError;
 #[cfg(feature = "cuda")]
 pub use nvrtc::Target;

@@ -11,7 +11,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use twilight_jit::disk_cache::{BinaryKind, DiskCache, EntryMeta};
+use twilight_jit::disk_cache::{
+    BinaryKind, DiskCache, DiskConfig, DiskStatus, EntryMeta, StoreError,
+};
+use twilight_jit::env::DiskOff;
 use twilight_jit::key::{CacheKey, KeyInputs, CACHE_FORMAT};
 
 const VARIANT: &str = "ps16_hd128_f16_g4_hnd_full_none";
@@ -147,7 +150,7 @@ fn put_then_get_round_trips_and_persists() {
         assert_eq!(cache.dir(), Some(dir.as_path()));
         assert_eq!(cache.seed_dir(), None);
         assert_eq!(cache.get(&key(1), VARIANT), None);
-        cache.put(&key(1), &meta(VARIANT), &binary(1));
+        cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
         assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)));
         // Another key, and the same key under another variant, are still misses.
         assert_eq!(cache.get(&key(2), VARIANT), None);
@@ -173,7 +176,7 @@ fn put_then_get_round_trips_and_persists() {
 fn empty_binary_round_trips() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = DiskCache::open(Some(tmp.path().to_path_buf()), None);
-    cache.put(&key(7), &meta(VARIANT), &[]);
+    cache.put(&key(7), &meta(VARIANT), &[]).unwrap();
     assert_eq!(cache.get(&key(7), VARIANT), Some(Vec::new()));
 }
 
@@ -182,7 +185,7 @@ fn empty_binary_round_trips() {
 fn damaged_entry_is_a_miss(what: &str, damage: impl FnOnce(&Path, &Path)) {
     let tmp = tempfile::tempdir().unwrap();
     let cache = DiskCache::open(Some(tmp.path().to_path_buf()), None);
-    cache.put(&key(1), &meta(VARIANT), &binary(1));
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
     assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)), "{what}");
     let (bin, json) = entry_paths(tmp.path(), &key(1), VARIANT);
     damage(&bin, &json);
@@ -195,7 +198,7 @@ fn damaged_entry_is_a_miss(what: &str, damage: impl FnOnce(&Path, &Path)) {
     let reopened = DiskCache::open(Some(tmp.path().to_path_buf()), None);
     assert_eq!(reopened.get(&key(1), VARIANT), None, "{what}");
 
-    cache.put(&key(1), &meta(VARIANT), &binary(1));
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
     assert_eq!(
         cache.get(&key(1), VARIANT),
         Some(binary(1)),
@@ -244,7 +247,7 @@ fn metadata_of_another_key_is_a_miss() {
         let tmp = tempfile::tempdir().unwrap();
         let other = DiskCache::open(Some(tmp.path().to_path_buf()), None);
         let bytes = fs::read(bin).unwrap();
-        other.put(&key(2), &meta(VARIANT), &bytes);
+        other.put(&key(2), &meta(VARIANT), &bytes).unwrap();
         let (_, other_json) = entry_paths(tmp.path(), &key(2), VARIANT);
         fs::copy(other_json, json).unwrap();
     });
@@ -280,7 +283,7 @@ fn binary_without_metadata_is_a_quiet_miss() {
     assert!(warnings.is_empty(), "{warnings:?}");
     assert!(cache.list().is_empty(), "{:?}", cache.list());
 
-    cache.put(&key(3), &meta(VARIANT), &binary(3));
+    cache.put(&key(3), &meta(VARIANT), &binary(3)).unwrap();
     assert!(json.exists());
     assert_eq!(cache.get(&key(3), VARIANT), Some(binary(3)));
 }
@@ -301,13 +304,19 @@ fn bad_variant_names_are_refused() {
         "sp ace",
     ] {
         let ((), warnings) = capture_warnings(|| {
-            cache.put(&key(4), &meta(bad), &binary(4));
+            assert!(
+                matches!(
+                    cache.put(&key(4), &meta(bad), &binary(4)),
+                    Err(StoreError::BadVariant(_))
+                ),
+                "{bad:?}"
+            );
             assert_eq!(cache.get(&key(4), bad), None, "{bad:?}");
         });
         assert_eq!(warnings.len(), 2, "{bad:?}: {warnings:?}");
     }
     let long = "a".repeat(500);
-    cache.put(&key(4), &meta(&long), &binary(4));
+    assert!(cache.put(&key(4), &meta(&long), &binary(4)).is_err());
     assert_eq!(cache.get(&key(4), &long), None);
     assert_eq!(
         snapshot(tmp.path()),
@@ -317,7 +326,7 @@ fn bad_variant_names_are_refused() {
     assert!(!tmp.path().join("escape").exists());
     // A good name still works after all that.
     assert!(cache.is_writable());
-    cache.put(&key(4), &meta(VARIANT), &binary(4));
+    cache.put(&key(4), &meta(VARIANT), &binary(4)).unwrap();
     assert_eq!(cache.get(&key(4), VARIANT), Some(binary(4)));
 }
 
@@ -337,7 +346,8 @@ fn assert_degrades(dir: PathBuf, what: &str) {
         let cache = DiskCache::open(Some(dir.clone()), None);
         assert!(!cache.is_writable(), "{what}");
         for n in 0..5 {
-            cache.put(&key(n), &meta(VARIANT), &binary(n));
+            let stored = cache.put(&key(n), &meta(VARIANT), &binary(n));
+            assert!(stored.is_err(), "{what}: a put reported success");
             assert_eq!(cache.get(&key(n), VARIANT), None, "{what}");
         }
         assert!(cache.list().is_empty(), "{what}");
@@ -374,40 +384,73 @@ fn unwritable_directory_degrades_to_memory_with_one_warning() {
 }
 
 #[test]
-fn failed_write_warns_once_and_keeps_reading() {
+fn failed_write_warns_once_reports_every_put_and_keeps_reading() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = DiskCache::open(Some(tmp.path().to_path_buf()), None);
-    cache.put(&key(1), &meta(VARIANT), &binary(1));
-    // A regular file where OTHER_VARIANT's folder belongs: its writes fail, even for root.
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
+    // A regular file where the version folder belongs: every write fails, even for root.
+    let version = tmp.path().join(format!("v{CACHE_FORMAT}"));
+    let aside = tmp.path().join("aside");
+    fs::rename(&version, &aside).unwrap();
+    fs::write(&version, b"in the way").unwrap();
+
+    let ((), warnings) = capture_warnings(|| {
+        assert!(cache.is_writable());
+        let first = cache.put(&key(2), &meta(OTHER_VARIANT), &binary(2));
+        assert!(
+            matches!(&first, Err(StoreError::Write { path, .. }) if path.starts_with(&version)),
+            "{first:?}"
+        );
+        assert!(!cache.is_writable(), "a failed write turns writing off");
+        assert!(matches!(cache.status(), DiskStatus::NotWritable(_)));
+        // Every later put says it did not store, without a warning each.
+        for n in 3..6 {
+            let later = cache.put(&key(n), &meta(VARIANT), &binary(n));
+            assert!(
+                matches!(&later, Err(StoreError::NotWritable(why)) if why.contains("in the way") || why.contains("Not a directory")),
+                "{later:?}"
+            );
+        }
+    });
+    assert_eq!(warnings.len(), 1, "exactly one warning: {warnings:?}");
+    assert!(warnings[0].contains("memory only"), "{warnings:?}");
+    assert_eq!(fs::read(&version).unwrap(), b"in the way");
+    // What is on disk is still served once the directory is back.
+    fs::remove_file(&version).unwrap();
+    fs::rename(&aside, &version).unwrap();
+    assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)));
+}
+
+#[test]
+fn a_file_of_ours_where_a_variant_folder_belongs_is_replaced() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open(Some(tmp.path().to_path_buf()), None);
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
     let blocker = tmp
         .path()
         .join(format!("v{CACHE_FORMAT}"))
         .join(OTHER_VARIANT);
     fs::write(&blocker, b"in the way").unwrap();
-
     let ((), warnings) = capture_warnings(|| {
-        assert!(cache.is_writable());
-        for n in 2..6 {
-            cache.put(&key(n), &meta(OTHER_VARIANT), &binary(n));
-            assert_eq!(cache.get(&key(n), OTHER_VARIANT), None);
-        }
-        assert!(!cache.is_writable(), "a failed write turns writing off");
-        // Writing is off for every variant now, without a warning each.
-        cache.put(&key(6), &meta(VARIANT), &binary(6));
-        assert_eq!(cache.get(&key(6), VARIANT), None);
-        // What is already on disk is still served.
-        assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)));
+        assert_eq!(cache.get(&key(2), OTHER_VARIANT), None);
+        cache
+            .put(&key(2), &meta(OTHER_VARIANT), &binary(2))
+            .unwrap();
+        assert_eq!(cache.get(&key(2), OTHER_VARIANT), Some(binary(2)));
     });
-    assert_eq!(warnings.len(), 1, "exactly one warning: {warnings:?}");
-    assert!(warnings[0].contains("memory only"), "{warnings:?}");
-    assert_eq!(fs::read(&blocker).unwrap(), b"in the way");
+    assert_eq!(warnings.len(), 1, "the lookup warns once: {warnings:?}");
+    assert!(blocker.is_dir());
+    assert!(cache.is_writable());
 }
 
 #[test]
 fn no_directory_means_no_disk_and_no_warning() {
     let (cache, warnings) = capture_warnings(|| {
         let cache = DiskCache::open(None, None);
-        cache.put(&key(1), &meta(VARIANT), &binary(1));
+        assert!(matches!(
+            cache.put(&key(1), &meta(VARIANT), &binary(1)),
+            Err(StoreError::Off(DiskOff::NotConfigured))
+        ));
         assert_eq!(cache.get(&key(1), VARIANT), None);
         cache
     });
@@ -425,8 +468,8 @@ fn seed_is_read_first_and_never_written() {
     let dir = tmp.path().join("cache");
     {
         let filler = DiskCache::open(Some(seed.clone()), None);
-        filler.put(&key(10), &meta(VARIANT), &binary(10));
-        filler.put(&key(11), &meta(VARIANT), &binary(11));
+        filler.put(&key(10), &meta(VARIANT), &binary(10)).unwrap();
+        filler.put(&key(11), &meta(VARIANT), &binary(11)).unwrap();
     }
     let seed_before = snapshot(&seed);
 
@@ -437,15 +480,15 @@ fn seed_is_read_first_and_never_written() {
         // Present only in the seed: a hit.
         assert_eq!(cache.get(&key(10), VARIANT), Some(binary(10)));
         // Written entries go to the writable directory.
-        cache.put(&key(12), &meta(VARIANT), &binary(12));
+        cache.put(&key(12), &meta(VARIANT), &binary(12)).unwrap();
         assert_eq!(cache.get(&key(12), VARIANT), Some(binary(12)));
-        cache.put(&key(11), &meta(VARIANT), &binary(11));
+        cache.put(&key(11), &meta(VARIANT), &binary(11)).unwrap();
         assert_eq!(cache.clear().unwrap(), 2);
         // The seed is still there after a clear.
         assert_eq!(cache.get(&key(10), VARIANT), Some(binary(10)));
         assert_eq!(cache.get(&key(11), VARIANT), Some(binary(11)));
         assert_eq!(cache.get(&key(12), VARIANT), None);
-        cache.put(&key(12), &meta(VARIANT), &binary(12));
+        cache.put(&key(12), &meta(VARIANT), &binary(12)).unwrap();
         assert_eq!(
             cache.list().len(),
             1,
@@ -469,8 +512,12 @@ fn seed_is_consulted_before_the_directory() {
     let seed = tmp.path().join("seed");
     let dir = tmp.path().join("cache");
     // Same key, different bytes: only the order of the lookups tells which one is returned.
-    DiskCache::open(Some(seed.clone()), None).put(&key(1), &meta(VARIANT), b"from the seed");
-    DiskCache::open(Some(dir.clone()), None).put(&key(1), &meta(VARIANT), b"from the dir");
+    DiskCache::open(Some(seed.clone()), None)
+        .put(&key(1), &meta(VARIANT), b"from the seed")
+        .unwrap();
+    DiskCache::open(Some(dir.clone()), None)
+        .put(&key(1), &meta(VARIANT), b"from the dir")
+        .unwrap();
     let cache = DiskCache::open(Some(dir), Some(seed.clone()));
     assert_eq!(cache.get(&key(1), VARIANT).unwrap(), b"from the seed");
 
@@ -487,11 +534,13 @@ fn invalidate_removes_the_entry_and_skips_the_seed() {
     let tmp = tempfile::tempdir().unwrap();
     let seed = tmp.path().join("seed");
     let dir = tmp.path().join("cache");
-    DiskCache::open(Some(seed.clone()), None).put(&key(5), &meta(VARIANT), &binary(5));
+    DiskCache::open(Some(seed.clone()), None)
+        .put(&key(5), &meta(VARIANT), &binary(5))
+        .unwrap();
     let seed_before = snapshot(&seed);
     let cache = DiskCache::open(Some(dir.clone()), Some(seed.clone()));
 
-    cache.put(&key(6), &meta(VARIANT), &binary(6));
+    cache.put(&key(6), &meta(VARIANT), &binary(6)).unwrap();
     assert_eq!(cache.get(&key(6), VARIANT), Some(binary(6)));
     let ((), warnings) = capture_warnings(|| cache.invalidate(&key(6), VARIANT));
     assert_eq!(warnings.len(), 1, "{warnings:?}");
@@ -508,41 +557,52 @@ fn invalidate_removes_the_entry_and_skips_the_seed() {
     );
     assert_eq!(snapshot(&seed), seed_before, "invalidate touched the seed");
     // The recompiled kernel goes to the directory and is found there.
-    cache.put(&key(5), &meta(VARIANT), b"recompiled");
+    cache.put(&key(5), &meta(VARIANT), b"recompiled").unwrap();
     assert_eq!(cache.get(&key(5), VARIANT).unwrap(), b"recompiled");
     // Invalidating something absent is harmless.
     cache.invalidate(&key(99), VARIANT);
 }
 
 #[test]
-fn directory_is_owner_only() {
+fn directory_is_created_owner_only_by_the_first_write() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("a").join("b").join("cache");
     let cache = DiskCache::open(Some(dir.clone()), None);
     assert!(cache.is_writable());
+    assert!(matches!(cache.status(), DiskStatus::NotCreated));
+    // Opening, a lookup and a listing create nothing.
+    assert_eq!(cache.get(&key(1), VARIANT), None);
+    assert!(cache.list().is_empty());
+    assert!(!tmp.path().join("a").exists(), "a read created directories");
+
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
+    assert!(matches!(cache.status(), DiskStatus::Ready));
     assert_eq!(mode(&dir), 0o700);
     assert_eq!(mode(&dir.join(format!("v{CACHE_FORMAT}"))), 0o700);
-    cache.put(&key(1), &meta(VARIANT), &binary(1));
     let (bin, json) = entry_paths(&dir, &key(1), VARIANT);
     assert_eq!(mode(bin.parent().unwrap()), 0o700);
     assert_eq!(mode(&bin) & 0o077, 0, "binary readable by others");
     assert_eq!(mode(&json) & 0o077, 0, "metadata readable by others");
 
-    // An existing directory that others can read is tightened.
+    // An existing directory that others can read (not write) is used as it is.
     let open_dir = tmp.path().join("open");
     fs::create_dir(&open_dir).unwrap();
     fs::set_permissions(&open_dir, fs::Permissions::from_mode(0o755)).unwrap();
-    assert_eq!(mode(&open_dir), 0o755);
     let cache = DiskCache::open(Some(open_dir.clone()), None);
-    assert!(cache.is_writable());
-    assert_eq!(mode(&open_dir), 0o700);
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
+    assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)));
+    assert_eq!(
+        mode(&open_dir),
+        0o755,
+        "twilight changed the mode of a directory"
+    );
 }
 
 #[test]
-fn stale_temporary_files_are_removed() {
+fn stale_temporary_files_are_removed_by_the_first_write() {
     let tmp = tempfile::tempdir().unwrap();
     let cache = DiskCache::open(Some(tmp.path().to_path_buf()), None);
-    cache.put(&key(1), &meta(VARIANT), &binary(1));
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
     let folder = entry_paths(tmp.path(), &key(1), VARIANT)
         .0
         .parent()
@@ -560,13 +620,12 @@ fn stale_temporary_files_are_removed() {
         .set_modified(two_hours_ago)
         .unwrap();
 
-    let _reopened = DiskCache::open(Some(tmp.path().to_path_buf()), None);
-    assert!(!stale.exists(), "a stale temporary file survived open");
+    let reopened = DiskCache::open(Some(tmp.path().to_path_buf()), None);
+    assert_eq!(reopened.get(&key(1), VARIANT), Some(binary(1)));
+    assert!(stale.exists(), "opening and reading removed a file");
+    reopened.put(&key(2), &meta(VARIANT), &binary(2)).unwrap();
+    assert!(!stale.exists(), "a stale temporary file survived a write");
     assert!(fresh.exists(), "a live writer's temporary file was removed");
-    assert_eq!(
-        DiskCache::open(Some(tmp.path().to_path_buf()), None).get(&key(1), VARIANT),
-        Some(binary(1))
-    );
 }
 
 #[test]
@@ -578,18 +637,18 @@ fn list_and_clear() {
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_secs();
-    cache.put(&key(1), &meta(VARIANT), &binary(1));
-    cache.put(&key(2), &meta(VARIANT), &binary(2));
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
+    cache.put(&key(2), &meta(VARIANT), &binary(2)).unwrap();
     let mut ptx = meta(OTHER_VARIANT);
     ptx.kind = BinaryKind::Ptx;
     ptx.target = "compute_90".to_string();
     ptx.nvrtc_version = (13, 1);
-    cache.put(&key(3), &ptx, &binary(3));
+    cache.put(&key(3), &ptx, &binary(3)).unwrap();
     // A binary without metadata is not an entry.
     let (orphan, _) = entry_paths(tmp.path(), &key(4), VARIANT);
     fs::write(&orphan, binary(4)).unwrap();
     // Neither is an entry whose binary was truncated.
-    cache.put(&key(5), &meta(VARIANT), &binary(5));
+    cache.put(&key(5), &meta(VARIANT), &binary(5)).unwrap();
     let (truncated, _) = entry_paths(tmp.path(), &key(5), VARIANT);
     fs::write(&truncated, b"x").unwrap();
     let after = SystemTime::now()
@@ -642,7 +701,7 @@ fn list_and_clear() {
     assert_eq!(cache.get(&key(3), OTHER_VARIANT), None);
     assert_eq!(cache.clear().unwrap(), 0);
     // Still usable after a clear.
-    cache.put(&key(1), &meta(VARIANT), &binary(1));
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
     assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)));
 }
 
@@ -680,7 +739,7 @@ fn hammer(cache: &DiskCache, worker: u32, rounds: u32) {
             if let Some(got) = cache.get(&key(n), variant) {
                 assert!(got == binary(n), "worker {worker}: wrong bytes for key {n}");
             }
-            cache.put(&key(n), &meta(variant), &binary(n));
+            cache.put(&key(n), &meta(variant), &binary(n)).unwrap();
             let got = cache.get(&key(n), variant);
             assert!(
                 got.as_deref() == Some(&binary(n)[..]),
@@ -688,7 +747,7 @@ fn hammer(cache: &DiskCache, worker: u32, rounds: u32) {
             );
             // A key of this worker's own, too.
             let own = 1000 + worker * 100 + round * SHARED_KEYS + i;
-            cache.put(&key(own), &meta(VARIANT), &binary(own));
+            cache.put(&key(own), &meta(VARIANT), &binary(own)).unwrap();
         }
     }
 }
@@ -795,4 +854,625 @@ fn many_processes_share_one_cache() {
     }
     let own = (0..CHILDREN).flat_map(|w| (0..3 * SHARED_KEYS).map(move |j| 1000 + w * 100 + j));
     assert_complete(&dir, own);
+}
+
+// ---- safety on shared machines -----------------------------------------------------------------
+
+/// A uid that is not this process's: what "another user" is in these tests.
+const OTHER_UID: u32 = 12345;
+
+/// Whether this process may give files away (root may); tests of other users' files need it.
+fn can_chown(tmp: &Path) -> bool {
+    let probe = tmp.join("chown-probe");
+    fs::write(&probe, b"x").unwrap();
+    let ok = std::os::unix::fs::lchown(&probe, Some(OTHER_UID), None).is_ok();
+    fs::remove_file(&probe).unwrap();
+    if !ok {
+        eprintln!("not root: cannot create files of another user, that part is skipped");
+    }
+    ok
+}
+
+fn mode_bits(path: &Path) -> u32 {
+    fs::symlink_metadata(path).unwrap().permissions().mode() & 0o7777
+}
+
+/// Runs `f` on another thread and fails, rather than hanging, when it takes too long.
+fn within_timeout<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (send, receive) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = send.send(f());
+    });
+    receive
+        .recv_timeout(Duration::from_secs(20))
+        .unwrap_or_else(|_| panic!("{what}: hung (or panicked)"))
+}
+
+fn make_fifo(path: &Path) {
+    let status = Command::new("mkfifo").arg(path).status().unwrap();
+    assert!(status.success(), "mkfifo {path:?}");
+}
+
+/// A filled cache with one entry of `key(1)`, and the paths of that entry.
+fn cache_with_one_entry(dir: &Path) -> (DiskCache, PathBuf, PathBuf) {
+    let cache = DiskCache::open(Some(dir.to_path_buf()), None);
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
+    let (bin, json) = entry_paths(dir, &key(1), VARIANT);
+    (cache, bin, json)
+}
+
+#[test]
+fn reads_leave_a_sticky_world_writable_directory_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let shared = tmp.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
+    let (cache, warnings) = capture_warnings(|| {
+        let cache = DiskCache::open(Some(shared.clone()), None);
+        assert!(cache.list().is_empty());
+        assert_eq!(cache.get(&key(1), VARIANT), None);
+        assert!(cache.put(&key(1), &meta(VARIANT), &binary(1)).is_err());
+        cache
+    });
+    assert_eq!(mode_bits(&shared), 0o1777, "mode or sticky bit changed");
+    assert_eq!(
+        fs::read_dir(&shared).unwrap().count(),
+        0,
+        "something was created"
+    );
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0].contains(&shared.display().to_string()),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings[0].contains("group or others can write"),
+        "{warnings:?}"
+    );
+    let status = cache.status();
+    assert!(matches!(status, DiskStatus::Refused(_)), "{status:?}");
+    assert!(status.to_string().contains("mode 1777"), "{status}");
+    assert!(
+        cache.clear().is_err(),
+        "a clear of a refused directory says so"
+    );
+    assert_eq!(mode_bits(&shared), 0o1777);
+}
+
+#[test]
+fn a_symlinked_cache_directory_is_not_changed_through_the_link() {
+    let tmp = tempfile::tempdir().unwrap();
+    for target_mode in [0o755, 0o1777] {
+        let target = tmp.path().join(format!("target-{target_mode:o}"));
+        fs::create_dir(&target).unwrap();
+        fs::set_permissions(&target, fs::Permissions::from_mode(target_mode)).unwrap();
+        let link = tmp.path().join(format!("link-{target_mode:o}"));
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+
+        let cache = DiskCache::open(Some(link.clone()), None);
+        assert!(cache.list().is_empty());
+        assert_eq!(cache.get(&key(1), VARIANT), None);
+        let stored = cache.put(&key(1), &meta(VARIANT), &binary(1));
+        assert_eq!(
+            mode_bits(&target),
+            target_mode,
+            "mode changed through the link"
+        );
+        if target_mode & 0o022 == 0 {
+            // A link of this user to a directory of this user's is followed.
+            stored.unwrap();
+            assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)));
+        } else {
+            assert!(matches!(stored, Err(StoreError::Refused(_))), "{stored:?}");
+        }
+    }
+}
+
+#[test]
+fn a_symlink_of_another_user_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    if !can_chown(tmp.path()) {
+        return;
+    }
+    let target = tmp.path().join("target");
+    fs::create_dir(&target).unwrap();
+    let link = tmp.path().join("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    std::os::unix::fs::lchown(&link, Some(OTHER_UID), None).unwrap();
+    let cache = DiskCache::open(Some(link), None);
+    let status = cache.status();
+    assert!(
+        status
+            .to_string()
+            .contains("symbolic link owned by uid 12345"),
+        "{status}"
+    );
+    assert!(cache.put(&key(1), &meta(VARIANT), &binary(1)).is_err());
+    assert_eq!(fs::read_dir(&target).unwrap().count(), 0);
+}
+
+#[test]
+fn a_directory_of_another_user_or_writable_by_others_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let chown = can_chown(tmp.path());
+    let mut cases: Vec<(&str, PathBuf, &str)> = Vec::new();
+
+    let group_writable = tmp.path().join("group");
+    fs::create_dir(&group_writable).unwrap();
+    fs::set_permissions(&group_writable, fs::Permissions::from_mode(0o770)).unwrap();
+    cases.push(("group-writable", group_writable, "mode 0770"));
+
+    if chown {
+        // A cache of another user, with a valid entry planted in it: never read.
+        let foreign = tmp.path().join("foreign");
+        cache_with_one_entry(&foreign);
+        chown_tree(&foreign, OTHER_UID);
+        cases.push(("owned by another uid", foreign, "owned by uid 12345"));
+
+        // Our directory, but the version folder inside is another user's.
+        let inner = tmp.path().join("inner");
+        cache_with_one_entry(&inner);
+        chown_tree(&inner.join(format!("v{CACHE_FORMAT}")), OTHER_UID);
+        cases.push(("version folder of another uid", inner, "owned by uid 12345"));
+    }
+
+    for (what, dir, why) in cases {
+        let before = mode_bits(&dir);
+        let (cache, warnings) = capture_warnings(|| {
+            let cache = DiskCache::open(Some(dir.clone()), None);
+            assert_eq!(
+                cache.get(&key(1), VARIANT),
+                None,
+                "{what}: planted entry was read"
+            );
+            assert!(cache.list().is_empty(), "{what}");
+            let stored = cache.put(&key(2), &meta(VARIANT), &binary(2));
+            assert!(
+                matches!(stored, Err(StoreError::Refused(_))),
+                "{what}: {stored:?}"
+            );
+            cache
+        });
+        assert_eq!(warnings.len(), 1, "{what}: {warnings:?}");
+        assert!(warnings[0].contains(why), "{what}: {warnings:?}");
+        assert!(warnings[0].contains("memory only"), "{what}: {warnings:?}");
+        let status = cache.status();
+        assert!(
+            matches!(status, DiskStatus::Refused(_)),
+            "{what}: {status:?}"
+        );
+        assert!(status.to_string().contains(why), "{what}: {status}");
+        assert_eq!(mode_bits(&dir), before, "{what}: mode changed");
+    }
+}
+
+/// `chown -R` without following links.
+fn chown_tree(path: &Path, uid: u32) {
+    std::os::unix::fs::lchown(path, Some(uid), None).unwrap();
+    if fs::symlink_metadata(path).unwrap().is_dir() {
+        for child in fs::read_dir(path).unwrap() {
+            chown_tree(&child.unwrap().path(), uid);
+        }
+    }
+}
+
+#[test]
+fn a_variant_folder_of_another_user_is_skipped_and_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    if !can_chown(tmp.path()) {
+        return;
+    }
+    let (cache, bin, _) = cache_with_one_entry(tmp.path());
+    let folder = bin.parent().unwrap().to_path_buf();
+    chown_tree(&folder, OTHER_UID);
+    let ((), warnings) = capture_warnings(|| {
+        assert_eq!(cache.get(&key(1), VARIANT), None);
+        let stored = cache.put(&key(2), &meta(VARIANT), &binary(2));
+        assert!(
+            matches!(stored, Err(StoreError::VariantRefused(_))),
+            "{stored:?}"
+        );
+        // Other variants are still written.
+        cache
+            .put(&key(3), &meta(OTHER_VARIANT), &binary(3))
+            .unwrap();
+        assert_eq!(cache.get(&key(3), OTHER_VARIANT), Some(binary(3)));
+    });
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning for the folder: {warnings:?}"
+    );
+    assert!(warnings[0].contains("owned by uid 12345"), "{warnings:?}");
+    assert!(cache.is_writable());
+}
+
+/// Damages the entry of `key(1)`, then checks: the lookup is a miss (never a hang) with one
+/// "recompiling" warning, a second lookup does not warn again, and a later put for the key
+/// succeeds and is a hit.
+fn corrupt_entry_is_a_miss_then_replaced(what: &'static str, damage: impl FnOnce(&Path, &Path)) {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let (cache, bin, json) = cache_with_one_entry(&dir);
+    damage(&bin, &json);
+    let cache = Arc::new(cache);
+    let reader = cache.clone();
+    let (got, warnings) = within_timeout(what, move || {
+        capture_warnings(|| (reader.get(&key(1), VARIANT), reader.get(&key(1), VARIANT)))
+    });
+    assert_eq!(got, (None, None), "{what}: a corrupt entry must be a miss");
+    assert_eq!(warnings.len(), 1, "{what}: {warnings:?}");
+    assert!(warnings[0].contains("recompiling"), "{what}: {warnings:?}");
+    assert!(cache.list().is_empty(), "{what}: listed");
+
+    let writer = cache.clone();
+    within_timeout(what, move || {
+        writer.put(&key(1), &meta(VARIANT), &binary(1))
+    })
+    .unwrap_or_else(|e| panic!("{what}: the put after it failed: {e}"));
+    assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)), "{what}");
+    assert!(fs::symlink_metadata(&bin).unwrap().is_file(), "{what}");
+    assert!(fs::symlink_metadata(&json).unwrap().is_file(), "{what}");
+    drop(tmp);
+}
+
+/// A copy of a file elsewhere, and a link to it in its place: valid bytes, but a link.
+fn replace_with_link(path: &Path) {
+    let elsewhere = path.with_extension("elsewhere");
+    fs::rename(path, &elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, path).unwrap();
+}
+
+#[test]
+fn a_symlinked_binary_is_a_corrupt_entry() {
+    corrupt_entry_is_a_miss_then_replaced("binary is a link", |bin, _| replace_with_link(bin));
+}
+
+#[test]
+fn a_symlinked_metadata_file_is_a_corrupt_entry() {
+    corrupt_entry_is_a_miss_then_replaced("metadata is a link", |_, json| {
+        replace_with_link(json);
+    });
+}
+
+#[test]
+fn a_fifo_binary_is_a_corrupt_entry_and_never_hangs() {
+    corrupt_entry_is_a_miss_then_replaced("binary is a FIFO", |bin, _| {
+        fs::remove_file(bin).unwrap();
+        make_fifo(bin);
+    });
+}
+
+#[test]
+fn a_fifo_metadata_file_is_a_corrupt_entry_and_never_hangs() {
+    corrupt_entry_is_a_miss_then_replaced("metadata is a FIFO", |_, json| {
+        fs::remove_file(json).unwrap();
+        make_fifo(json);
+    });
+}
+
+#[test]
+fn a_directory_binary_is_a_corrupt_entry() {
+    corrupt_entry_is_a_miss_then_replaced("binary is a directory", |bin, _| {
+        fs::remove_file(bin).unwrap();
+        fs::create_dir(bin).unwrap();
+        fs::write(bin.join("inside"), b"x").unwrap();
+    });
+}
+
+#[test]
+fn a_directory_metadata_file_is_a_corrupt_entry() {
+    corrupt_entry_is_a_miss_then_replaced("metadata is a directory", |_, json| {
+        fs::remove_file(json).unwrap();
+        fs::create_dir(json).unwrap();
+    });
+}
+
+#[test]
+fn a_much_longer_binary_is_a_corrupt_entry() {
+    corrupt_entry_is_a_miss_then_replaced("binary far longer than recorded", |bin, _| {
+        let mut file = fs::OpenOptions::new().append(true).open(bin).unwrap();
+        std::io::Write::write_all(&mut file, &vec![0u8; 1 << 20]).unwrap();
+    });
+}
+
+#[test]
+fn an_entry_of_another_user_is_a_corrupt_entry() {
+    let tmp = tempfile::tempdir().unwrap();
+    if !can_chown(tmp.path()) {
+        return;
+    }
+    corrupt_entry_is_a_miss_then_replaced("binary of another uid", |bin, _| {
+        std::os::unix::fs::lchown(bin, Some(OTHER_UID), None).unwrap();
+    });
+    corrupt_entry_is_a_miss_then_replaced("metadata of another uid", |_, json| {
+        std::os::unix::fs::lchown(json, Some(OTHER_UID), None).unwrap();
+    });
+}
+
+#[test]
+fn a_symlinked_variant_folder_is_never_followed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let elsewhere = tmp.path().join("elsewhere");
+    let (_, bin, _) = cache_with_one_entry(&elsewhere);
+    let dir = tmp.path().join("cache");
+    let cache = DiskCache::open(Some(dir.clone()), None);
+    cache
+        .put(&key(2), &meta(OTHER_VARIANT), &binary(2))
+        .unwrap();
+    // Our variant folder is a link to another cache's (valid) folder.
+    let folder = entry_paths(&dir, &key(1), VARIANT)
+        .0
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    std::os::unix::fs::symlink(bin.parent().unwrap(), &folder).unwrap();
+    let outside_before = snapshot(&elsewhere);
+
+    let ((), warnings) = capture_warnings(|| {
+        assert_eq!(cache.get(&key(1), VARIANT), None, "read through a link");
+        assert!(cache.list().iter().all(|e| e.variant != VARIANT));
+        cache.invalidate(&key(1), VARIANT);
+        let report = cache.clear_report();
+        assert!(report.failures.is_empty(), "{report:?}");
+    });
+    assert!(
+        warnings.iter().any(|w| w.contains("symbolic link")),
+        "{warnings:?}"
+    );
+    assert_eq!(
+        snapshot(&elsewhere),
+        outside_before,
+        "something outside the cache changed"
+    );
+    assert!(
+        fs::symlink_metadata(&folder).is_err(),
+        "clear removes the link itself"
+    );
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
+    assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)));
+    assert!(fs::symlink_metadata(&folder).unwrap().is_dir());
+}
+
+#[test]
+fn a_directory_of_another_user_in_the_way_fails_that_put_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    if !can_chown(tmp.path()) {
+        return;
+    }
+    let (cache, bin, _) = cache_with_one_entry(tmp.path());
+    let (blocked_bin, _) = entry_paths(tmp.path(), &key(2), VARIANT);
+    fs::create_dir(&blocked_bin).unwrap();
+    std::os::unix::fs::lchown(&blocked_bin, Some(OTHER_UID), None).unwrap();
+    let ((), warnings) = capture_warnings(|| {
+        for _ in 0..3 {
+            let stored = cache.put(&key(2), &meta(VARIANT), &binary(2));
+            assert!(
+                matches!(&stored, Err(StoreError::Blocked { path, .. }) if *path == blocked_bin),
+                "{stored:?}"
+            );
+        }
+        cache.put(&key(3), &meta(VARIANT), &binary(3)).unwrap();
+    });
+    assert_eq!(warnings.len(), 1, "said once: {warnings:?}");
+    assert!(blocked_bin.is_dir(), "another user's directory was removed");
+    assert!(bin.exists());
+}
+
+#[test]
+fn clear_removes_temporaries_of_any_age_and_names_what_it_leaves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cache, bin, _) = cache_with_one_entry(tmp.path());
+    let folder = bin.parent().unwrap().to_path_buf();
+    let young = folder.join(".tmp-99-1-w");
+    fs::write(&young, b"half").unwrap();
+    let young_dir = folder.join(".tmp-99-2-aside");
+    fs::create_dir(&young_dir).unwrap();
+    let stranger = folder.join("notes.txt");
+    fs::write(&stranger, b"not ours to judge").unwrap();
+    let dir_entry = entry_paths(tmp.path(), &key(7), VARIANT).1;
+    fs::create_dir(&dir_entry).unwrap();
+    let mut foreign = None;
+    if can_chown(tmp.path()) {
+        let path = entry_paths(tmp.path(), &key(8), VARIANT).0;
+        fs::write(&path, b"x").unwrap();
+        std::os::unix::fs::lchown(&path, Some(OTHER_UID), None).unwrap();
+        foreign = Some(path);
+    }
+
+    let report = cache.clear_report();
+    assert!(
+        !young.exists() && !young_dir.exists(),
+        "young temporaries survived"
+    );
+    assert!(!bin.exists() && !dir_entry.exists());
+    assert_eq!(report.removed, 2, "{report:?}");
+    let mut left: Vec<&Path> = report.failures.iter().map(|f| f.path.as_path()).collect();
+    left.sort();
+    let mut expected = vec![stranger.as_path()];
+    expected.extend(foreign.as_deref());
+    expected.sort();
+    assert_eq!(left, expected, "{report:?}");
+    assert!(stranger.exists());
+    if let Some(foreign) = &foreign {
+        assert!(foreign.exists());
+        let failure = report.failures.iter().find(|f| &f.path == foreign).unwrap();
+        assert!(failure.reason.contains("owned by uid 12345"), "{failure}");
+    }
+    let error = cache.clear().unwrap_err().to_string();
+    assert!(error.contains(&stranger.display().to_string()), "{error}");
+    // Once the stranger is gone, clear is clean and removes the empty folder.
+    fs::remove_file(&stranger).unwrap();
+    if let Some(foreign) = &foreign {
+        fs::remove_file(foreign).unwrap();
+    }
+    assert_eq!(cache.clear().unwrap(), 0);
+    assert!(!folder.exists());
+}
+
+// ---- size cap ------------------------------------------------------------------------------
+
+/// The bytes an entry of `n` takes on disk: binary plus metadata.
+fn entry_bytes(dir: &Path, n: u32, variant: &str) -> u64 {
+    let (bin, json) = entry_paths(dir, &key(n), variant);
+    fs::metadata(bin).unwrap().len() + fs::metadata(json).unwrap().len()
+}
+
+fn set_last_use(dir: &Path, n: u32, variant: &str, seconds_ago: u64) {
+    let (bin, _) = entry_paths(dir, &key(n), variant);
+    fs::File::options()
+        .write(true)
+        .open(bin)
+        .unwrap()
+        .set_modified(SystemTime::now() - Duration::from_secs(seconds_ago))
+        .unwrap();
+}
+
+#[test]
+fn eviction_keeps_the_cache_under_its_cap_least_recently_used_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    // Entries of keys 1..=4 with the same binary size, so the cap counts entries.
+    let one = vec![7u8; 10_000];
+    let unlimited = DiskCache::open_with(DiskConfig {
+        dir: Ok(dir.clone()),
+        seed: None,
+        max_bytes: u64::MAX,
+    });
+    for n in 1..=4 {
+        unlimited.put(&key(n), &meta(VARIANT), &one).unwrap();
+    }
+    let per_entry = entry_bytes(&dir, 1, VARIANT);
+    // Room for three entries.
+    let cap = per_entry * 3 + per_entry / 2;
+    let cache = DiskCache::open_with(DiskConfig {
+        dir: Ok(dir.clone()),
+        seed: None,
+        max_bytes: cap,
+    });
+    assert_eq!(cache.max_bytes(), cap);
+    // Written in order 1..4, long ago; then key 1 is used (a disk hit refreshes it).
+    for n in 1..=4 {
+        set_last_use(&dir, n, VARIANT, 1000 - u64::from(n));
+    }
+    assert_eq!(cache.get(&key(1), VARIANT), Some(one.clone()));
+
+    cache.put(&key(5), &meta(VARIANT), &one).unwrap();
+    let present: Vec<u32> = (1..=5)
+        .filter(|&n| entry_paths(&dir, &key(n), VARIANT).1.exists())
+        .collect();
+    // Five entries, room for three: the two least recently used (2 and 3) went.
+    assert_eq!(present, vec![1, 4, 5]);
+    for n in [2, 3] {
+        let (bin, json) = entry_paths(&dir, &key(n), VARIANT);
+        assert!(!bin.exists() && !json.exists(), "half an entry of {n} left");
+    }
+    let on_disk: u64 = present.iter().map(|&n| entry_bytes(&dir, n, VARIANT)).sum();
+    assert!(on_disk <= cap, "{on_disk} > {cap}");
+    assert_eq!(cache.get(&key(1), VARIANT), Some(one.clone()));
+}
+
+#[test]
+fn the_entry_just_written_is_never_evicted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = DiskCache::open_with(DiskConfig {
+        dir: Ok(tmp.path().to_path_buf()),
+        seed: None,
+        max_bytes: 1000,
+    });
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
+    // Larger than the cap on its own: it stays, everything older goes.
+    cache
+        .put(&key(2), &meta(OTHER_VARIANT), &vec![1u8; 5000])
+        .unwrap();
+    assert_eq!(cache.get(&key(2), OTHER_VARIANT), Some(vec![1u8; 5000]));
+    assert_eq!(cache.get(&key(1), VARIANT), None);
+    assert_eq!(cache.list().len(), 1);
+}
+
+// ---- status and doctor ---------------------------------------------------------------------
+
+#[test]
+fn status_and_location_say_why() {
+    let off = DiskCache::open_with(DiskConfig {
+        dir: Err(DiskOff::NoDiskCacheKnob),
+        seed: None,
+        max_bytes: 1 << 30,
+    });
+    assert_eq!(
+        off.location().to_string(),
+        "disabled by TWILIGHT_NO_DISK_CACHE"
+    );
+    let error = off.put(&key(1), &meta(VARIANT), &binary(1)).unwrap_err();
+    assert!(
+        error.to_string().contains("TWILIGHT_NO_DISK_CACHE"),
+        "{error}"
+    );
+
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("file");
+    fs::write(&file, b"x").unwrap();
+    let under_file = DiskCache::open(Some(file.join("cache")), None);
+    let status = under_file.status();
+    assert!(matches!(status, DiskStatus::NotWritable(_)), "{status:?}");
+    assert!(status.to_string().starts_with("not writable: "), "{status}");
+
+    let fresh = tmp.path().join("fresh");
+    let location =
+        DiskCache::open(Some(fresh.clone()), Some(tmp.path().join("no-seed"))).location();
+    let text = location.to_string();
+    assert!(text.starts_with(&fresh.display().to_string()), "{text}");
+    assert!(text.contains("not created yet"), "{text}");
+    assert!(location
+        .seed
+        .unwrap()
+        .to_string()
+        .contains("holds no cache"));
+}
+
+#[test]
+fn check_reports_a_healthy_cache_and_every_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cache");
+    let seed = tmp.path().join("seed");
+    DiskCache::open(Some(seed.clone()), None)
+        .put(&key(9), &meta(VARIANT), &binary(9))
+        .unwrap();
+    let cache = DiskCache::open(Some(dir.clone()), Some(seed.clone()));
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
+    cache
+        .put(&key(2), &meta(OTHER_VARIANT), &binary(2))
+        .unwrap();
+    let report = cache.check();
+    assert!(report.is_healthy(), "{report}");
+    assert!(report.exists && report.writable);
+    assert_eq!(report.owner_uid, Some(report.our_uid));
+    assert_eq!(report.mode, Some(0o700));
+    assert_eq!(report.entries, 2);
+    assert_eq!(
+        report.total_bytes,
+        entry_bytes(&dir, 1, VARIANT) + entry_bytes(&dir, 2, OTHER_VARIANT)
+    );
+    if cfg!(all(target_os = "linux", target_pointer_width = "64")) {
+        assert!(report.free_bytes.is_some_and(|b| b > 0), "{report:?}");
+    }
+    let seed_report = report.seed.as_ref().unwrap();
+    assert!(seed_report.readable);
+    assert_eq!(seed_report.entries, 1);
+    let text = report.to_string();
+    assert!(text.contains("2 entries"), "{text}");
+    assert!(text.contains("mode 0700"), "{text}");
+
+    // A world-writable directory and a missing seed: two problems, nothing changed.
+    fs::set_permissions(&dir, fs::Permissions::from_mode(0o777)).unwrap();
+    let report = DiskCache::open(Some(dir.clone()), Some(tmp.path().join("nope"))).check();
+    assert!(!report.is_healthy());
+    assert_eq!(report.problems.len(), 2, "{report}");
+    assert!(
+        report.problems[0].contains("group or others can write"),
+        "{report}"
+    );
+    assert!(report.problems[1].contains("nope"), "{report}");
+    assert!(!report.writable);
+    assert_eq!(mode(&dir), 0o777);
 }
