@@ -349,7 +349,7 @@ impl<T: KvElement> PagedKvCache<T> {
         for &(id, count) in appends {
             let mut r = self.requests[id.0].take().expect("checked above");
             for _ in 0..count {
-                if r.len % page_size == 0 {
+                if r.len.is_multiple_of(page_size) {
                     r.pages.push(self.free_pages.pop().expect("counted above"));
                 }
                 let page = *r.pages.last().expect("a page was just ensured") as usize;

@@ -140,7 +140,7 @@ pub(crate) fn check_shape(shape: &CacheShape) -> Result<()> {
             "cache shape has a zero dimension: {shape:?}"
         )));
     }
-    if shape.head_dim == 0 || shape.head_dim % 8 != 0 {
+    if shape.head_dim == 0 || !shape.head_dim.is_multiple_of(8) {
         return Err(Error::Parameter(format!(
             "head_dim {} is not a positive multiple of 8",
             shape.head_dim

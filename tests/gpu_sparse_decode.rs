@@ -604,7 +604,7 @@ fn gpu_sparse_step_matches_reference_over_the_variant_matrix() {
                     let max_len = rng.random_range(1..=if page_size == 1 { 1500 } else { 5000 });
                     let lens = ragged_lengths(&mut rng, batch, max_len).unwrap();
                     // B0 below the longest request, or (one case in four) above all of them.
-                    let budget = if i % 4 == 0 {
+                    let budget = if i.is_multiple_of(4) {
                         max_len + rng.random_range(0..100)
                     } else {
                         rng.random_range(1..=max_len.max(2) / 2 + 1)

@@ -41,7 +41,7 @@ pub fn code_of(x: f32, kmin: f32, scale: f32) -> u8 {
 /// = even channel); returns the stored `[scale_h, min_h]`.
 pub fn quantize_row(k: &[f32], packed: &mut [u8]) -> [f16; 2] {
     assert!(
-        k.len() % 2 == 0 && packed.len() == k.len() / 2,
+        k.len().is_multiple_of(2) && packed.len() == k.len() / 2,
         "a row of {} values packs into {} bytes, got {}",
         k.len(),
         k.len() / 2,
@@ -89,7 +89,7 @@ impl Quant4Cache {
     /// # Errors
     /// [`Error::Parameter`] for an odd `head_dim` (two codes share a byte).
     pub fn zeros(shape: CacheShape) -> Result<Quant4Cache> {
-        if shape.head_dim % 2 != 0 {
+        if !shape.head_dim.is_multiple_of(2) {
             return Err(Error::Parameter(format!(
                 "4-bit K needs an even head_dim, got {}",
                 shape.head_dim

@@ -150,7 +150,7 @@ fn check(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> Result<()> 
         spec.head_dim as usize,
         s.head_dim,
     )?;
-    if s.num_kv_heads == 0 || x.num_qo_heads % s.num_kv_heads != 0 {
+    if s.num_kv_heads == 0 || !x.num_qo_heads.is_multiple_of(s.num_kv_heads) {
         return Err(Error::shape(
             "num_qo_heads (a multiple of num_kv_heads)",
             format!("a multiple of {}", s.num_kv_heads),

@@ -1,4 +1,4 @@
-//! `twilight cache {path,list,clear}`.
+//! `twilight cache {path,list,clear}`. Listing and the path change nothing on disk.
 
 use twilight::twilight_jit::disk_cache::DiskCache;
 use twilight::twilight_jit::env::JitEnv;
@@ -7,29 +7,27 @@ use crate::CliResult;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum Action {
-    /// Print the cache directory (and the seed directory, if any).
+    /// Print the cache directory with its status (and the seed directory, if any).
     Path,
     /// List the cached kernels.
     List,
-    /// Remove every cached kernel (the seed directory is never touched).
+    /// Remove every cached kernel (the seed directory is never touched); names what it cannot
+    /// remove and then fails.
     Clear,
 }
 
 pub fn run(action: Action) -> CliResult {
-    let env = JitEnv::get();
-    let Some(dir) = env.cache_dir.clone() else {
-        println!("disk cache disabled (TWILIGHT_NO_DISK_CACHE=1 or no home directory)");
-        return Ok(());
-    };
+    let disk = DiskCache::from_env(JitEnv::get());
+    let location = disk.location();
     match action {
         Action::Path => {
-            println!("{}", dir.display());
-            if let Some(seed) = &env.seed_cache_dir {
-                println!("seed (read-only): {}", seed.display());
+            println!("{location}");
+            if let Some(seed) = &location.seed {
+                println!("seed: {seed}");
             }
         }
         Action::List => {
-            let disk = DiskCache::open(Some(dir.clone()), None);
+            println!("cache: {location}");
             let entries = disk.list();
             for e in &entries {
                 println!(
@@ -43,12 +41,25 @@ pub fn run(action: Action) -> CliResult {
                     e.path.display()
                 );
             }
-            println!("{} kernel(s) in {}", entries.len(), dir.display());
+            println!("{} kernel(s)", entries.len());
         }
         Action::Clear => {
-            let disk = DiskCache::open(Some(dir.clone()), None);
-            let removed = disk.clear()?;
-            println!("removed {removed} kernel(s) from {}", dir.display());
+            let report = disk.clear_report();
+            println!("removed {} kernel(s) from {location}", report.removed);
+            for failure in &report.failures {
+                println!(
+                    "  not removed: {}: {}",
+                    failure.path.display(),
+                    failure.reason
+                );
+            }
+            if !report.failures.is_empty() {
+                return Err(format!(
+                    "{} path(s) in the kernel cache could not be removed",
+                    report.failures.len()
+                )
+                .into());
+            }
         }
     }
     Ok(())

@@ -1,4 +1,5 @@
-//! `twilight doctor`: what this machine offers twilight, each line with a hint when missing.
+//! `twilight doctor`: what this machine offers twilight, each line with a hint when missing;
+//! it fails when the kernel cache directory has a problem (owner, mode, space, entries).
 
 use twilight::twilight_jit::env::JitEnv;
 use twilight::twilight_jit::{nvrtc, open_device};
@@ -43,18 +44,16 @@ pub fn run() -> CliResult {
         }
         Err(e) => println!("nvrtc:   none ({e})"),
     }
-    match &env.cache_dir {
-        Some(d) => println!("cache:   {}", d.display()),
-        None => println!("cache:   disk cache disabled"),
-    }
-    if let Some(seed) = &env.seed_cache_dir {
-        println!("seed:    {} (read-only)", seed.display());
-    }
+    let report = twilight::twilight_jit::check_cache(env);
+    print!("{report}");
     if env.jit_disabled {
         println!("jit:     disabled (TWILIGHT_JIT_DISABLE=1): kernels must come from a cache");
     }
     if let Some(t) = &env.template_dir {
         println!("templates: overridden from {}", t.display());
+    }
+    if !report.is_healthy() {
+        return Err("the kernel cache has a problem (see above)".into());
     }
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use twilight::twilight_jit::cache::{prepare, Origin};
-use twilight::twilight_jit::disk_cache::DiskCache;
+use twilight::twilight_jit::disk_cache::{DiskCache, StoreError};
 use twilight::twilight_jit::env::JitEnv;
 use twilight::twilight_jit::{open_device, Jit, Target};
 use twilight::VariantSpec;
@@ -40,15 +40,26 @@ pub fn run(args: Args) -> CliResult {
         Origin::Compiled(d) => format!("compiled in {:.0} ms", d.as_secs_f64() * 1e3),
         Origin::Disk => "already cached".to_string(),
     };
-    match args.arch {
+    // A kernel that was compiled but could not be stored is of no use to a later process: the
+    // command goes on with the others, then fails naming each.
+    let mut not_stored: Vec<String> = Vec::new();
+    let mut note = |spec: &VariantSpec, persisted: &Result<(), StoreError>| {
+        if let Err(e) = persisted {
+            println!("    not stored: {e}");
+            not_stored.push(format!("{spec}: {e}"));
+        }
+    };
+    let location = match args.arch {
         Some(arch) => {
             let target = Target::parse(&arch)
                 .ok_or_else(|| format!("`{arch}` is not sm_XY or compute_XY"))?;
-            let disk = DiskCache::open(env.cache_dir.clone(), env.seed_cache_dir.clone());
+            let disk = DiskCache::from_env(env);
             if !disk.is_writable() {
-                return Err(
-                    "the kernel cache directory is not writable: nothing would be kept".into(),
-                );
+                return Err(format!(
+                    "the kernel cache cannot be written, so nothing would be kept: {}",
+                    disk.location()
+                )
+                .into());
             }
             for (i, spec) in specs.iter().enumerate() {
                 let prepared = prepare(spec, &target, &disk, env.jit_disabled)?;
@@ -59,7 +70,9 @@ pub fn run(args: Args) -> CliResult {
                     describe(prepared.origin),
                     &prepared.key.hex()[..16]
                 );
+                note(spec, &prepared.persisted);
             }
+            disk.location().to_string()
         }
         None => {
             let ctx = open_device(0)?;
@@ -73,15 +86,22 @@ pub fn run(args: Args) -> CliResult {
                     describe(program.origin),
                     &program.key.hex()[..16]
                 );
+                note(spec, &program.persisted);
             }
+            DiskCache::from_env(env).location().to_string()
         }
+    };
+    if !not_stored.is_empty() {
+        return Err(format!(
+            "{} of {total} variant(s) could not be stored in the kernel cache {location}: {}",
+            not_stored.len(),
+            not_stored.join("; ")
+        )
+        .into());
     }
     println!(
-        "{total} variant(s) ready in {:.1} s; cache: {}",
+        "{total} variant(s) ready in {:.1} s; cache: {location}",
         start.elapsed().as_secs_f64(),
-        env.cache_dir
-            .as_ref()
-            .map_or("disabled".to_string(), |d| d.display().to_string())
     );
     Ok(())
 }

@@ -722,7 +722,7 @@ fn leftover_tmp_files(dir: &Path) -> Vec<PathBuf> {
 const SHARED_KEYS: u32 = 12;
 
 fn shared_variant(n: u32) -> &'static str {
-    if n % 3 == 0 {
+    if n.is_multiple_of(3) {
         OTHER_VARIANT
     } else {
         VARIANT

@@ -56,9 +56,7 @@ pub(crate) fn evict(root: &Path, uid: u32, max_bytes: u64, keep: &Path) -> io::R
     result
 }
 
-// std's file locks (Rust 1.89) need no new dependency; the workspace's declared MSRV (1.85)
-// has to follow.
-#[allow(clippy::incompatible_msrv)]
+// std's file locks (Rust 1.89, the workspace's MSRV) need no new dependency.
 fn try_lock(file: &File) -> Result<(), TryLockError> {
     file.try_lock()
 }
