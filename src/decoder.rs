@@ -113,10 +113,11 @@ impl Decoder {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(|e| Error::driver("reading the SM count", e))? as usize;
-        let stages = stages_of(&spec)
+        let stages: Vec<Stage> = stages_of(&spec)
             .into_iter()
             .filter(|s| *s != Stage::Append)
             .collect();
+        tracing::debug!(variant = %spec, stages = ?stages, origin = ?program.origin, "decoder ready");
         Ok(Decoder {
             spec,
             stream,
