@@ -94,7 +94,7 @@ fn write_slots<T: KvElement>(
         ds_channels,
         ..
     } = sidecar;
-    let mut l = Launcher::new(stream);
+    let mut l = Launcher::new(stream, false);
     // The kernel skips every structure whose pointer is null: those the variant does not keep.
     let params = AppendParams {
         k_new: l.read_elem(k_new),

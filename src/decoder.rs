@@ -88,6 +88,7 @@ pub struct Decoder {
     /// The step's stages in launch order (the append is not one).
     stages: Vec<Stage>,
     num_sms: usize,
+    launch_overlap: bool,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -124,7 +125,20 @@ impl Decoder {
             program,
             stages,
             num_sms,
+            launch_overlap: false,
         })
+    }
+
+    /// Whether each stage's kernel may be scheduled while the previous one finishes
+    /// (programmatic dependent launch, sm_90 and later; each kernel still waits for its
+    /// predecessor's writes before it touches memory). Off by default; bench/PERF-NOTES.md has
+    /// what it measured.
+    pub fn set_launch_overlap(&mut self, on: bool) {
+        self.launch_overlap = on;
+    }
+
+    pub fn launch_overlap(&self) -> bool {
+        self.launch_overlap
     }
 
     pub fn spec(&self) -> &VariantSpec {
@@ -248,6 +262,7 @@ impl Decoder {
             sm_scale,
             budget_tokens: params.budget.min(plan.max_tokens),
             p: params.p,
+            overlap: self.launch_overlap,
         };
         for &stage in &self.stages {
             before(Some(stage))?;
@@ -310,6 +325,11 @@ impl DenseDecoder {
     /// The pipeline underneath.
     pub fn decoder(&self) -> &Decoder {
         &self.decoder
+    }
+
+    /// See [`Decoder::set_launch_overlap`].
+    pub fn set_launch_overlap(&mut self, on: bool) {
+        self.decoder.set_launch_overlap(on);
     }
 
     pub fn spec(&self) -> &VariantSpec {

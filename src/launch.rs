@@ -3,14 +3,17 @@
 //! A [`Launcher`] turns buffers into the typed device pointers of a parameter struct
 //! ([`twilight_jit::params`]) and keeps cudarc's stream-ordering guards alive until the launch
 //! is queued, so buffers shared between streams stay ordered exactly as with cudarc's own
-//! argument builder. Each launch pushes one argument: the struct.
+//! argument builder. Each launch passes one argument: the struct.
+//!
+//! Launches go through `cuLaunchKernelEx`, so a launch can carry attributes: with launch
+//! overlap on, each kernel may be scheduled while the stream's previous kernel finishes
+//! (programmatic dependent launch; every kernel waits for its predecessor's writes first, see
+//! `tw_after_previous_kernel` in the `common.cuh` header).
 
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig, PushKernelArg,
-    SyncOnDrop,
-};
+use cudarc::driver::sys;
+use cudarc::driver::{CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop};
 use twilight_jit::params::{ConstPtr, Elem, KernelParams, MutPtr};
 
 use crate::element::KvElement;
@@ -53,26 +56,22 @@ impl Grid {
             threads,
         }
     }
-
-    fn config(self) -> LaunchConfig {
-        LaunchConfig {
-            grid_dim: (self.parts, self.heads, self.requests),
-            block_dim: (self.threads, 1, 1),
-            shared_mem_bytes: 0,
-        }
-    }
 }
 
 /// Collects the device pointers of one launch.
 pub(crate) struct Launcher<'a> {
     stream: &'a Arc<CudaStream>,
+    overlap: bool,
     guards: Vec<SyncOnDrop<'a>>,
 }
 
 impl<'a> Launcher<'a> {
-    pub fn new(stream: &'a Arc<CudaStream>) -> Launcher<'a> {
+    /// A launch on `stream`; with `overlap`, it may be scheduled while the stream's previous
+    /// kernel finishes.
+    pub fn new(stream: &'a Arc<CudaStream>, overlap: bool) -> Launcher<'a> {
         Launcher {
             stream,
+            overlap,
             guards: Vec::with_capacity(16),
         }
     }
@@ -123,11 +122,40 @@ impl<'a> Launcher<'a> {
         params: P,
         what: &str,
     ) -> Result<()> {
-        let mut builder = self.stream.launch_builder(function);
-        builder.arg(&params);
-        // SAFETY: the caller's contract.
-        unsafe { builder.launch(grid.config()) }
-            .map_err(|e| Error::driver(format!("launching {what}"), e))?;
+        let failed = |e: cudarc::driver::DriverError| Error::driver(format!("launching {what}"), e);
+        self.stream.context().bind_to_thread().map_err(failed)?;
+        // SAFETY: an all-zero attribute is a valid "ignore" entry; its id and value are set
+        // before use.
+        let mut overlap: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        overlap.id =
+            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        overlap.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid.parts,
+            gridDimY: grid.heads,
+            gridDimZ: grid.requests,
+            blockDimX: grid.threads,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut overlap,
+            numAttrs: u32::from(self.overlap),
+        };
+        // The kernel's one argument: the address of the struct, which the driver copies.
+        let mut args = [&params as *const P as *mut std::ffi::c_void];
+        // SAFETY: the caller's contract; `config`, `overlap`, `params` and `args` outlive the
+        // call, which copies the arguments before it returns.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &config,
+                function.cu_function(),
+                args.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(failed)?;
         // The guards record this launch's use of each buffer now that it is queued.
         drop(self.guards);
         Ok(())

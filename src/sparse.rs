@@ -66,6 +66,11 @@ impl SparseDecoder {
         &self.decoder
     }
 
+    /// See [`Decoder::set_launch_overlap`].
+    pub fn set_launch_overlap(&mut self, on: bool) {
+        self.decoder.set_launch_overlap(on);
+    }
+
     pub fn spec(&self) -> &VariantSpec {
         self.decoder.spec()
     }

@@ -36,6 +36,8 @@ pub(crate) struct Step<'a, T> {
     /// B0, at most the longest request's token rows.
     pub budget_tokens: usize,
     pub p: f32,
+    /// Launch each stage with overlap (programmatic dependent launch).
+    pub overlap: bool,
 }
 
 /// Where a step's results go.
@@ -92,7 +94,7 @@ pub(crate) fn quest_score<T: KvElement>(
     let (Some(page_max), Some(page_min)) = (&side.page_max, &side.page_min) else {
         return Err(missing(s.spec, "Quest page bounds"));
     };
-    let mut l = Launcher::new(s.stream);
+    let mut l = Launcher::new(s.stream, s.overlap);
     let params = QuestScoreParams {
         q: l.read_elem(s.q),
         page_max: l.read_elem(page_max),
@@ -116,7 +118,7 @@ pub(crate) fn quest_select<T: KvElement>(
     f: &CudaFunction,
     ws: &mut Workspace,
 ) -> Result<()> {
-    let mut l = Launcher::new(s.stream);
+    let mut l = Launcher::new(s.stream, s.overlap);
     let params = QuestSelectParams {
         scores: l.read(ensured_ref(&ws.scores, "selector scores")?),
         kv_indptr: l.read(&s.table.kv_indptr),
@@ -141,7 +143,7 @@ pub(crate) fn ds_score<T: KvElement>(
     let (Some(labels), Some(channels)) = (&side.k_label, &side.ds_channels) else {
         return Err(missing(s.spec, "Double Sparsity labels"));
     };
-    let mut l = Launcher::new(s.stream);
+    let mut l = Launcher::new(s.stream, s.overlap);
     let params = DsScoreParams {
         q: l.read_elem(s.q),
         k_label: l.read_elem(labels),
@@ -170,7 +172,7 @@ pub(crate) fn ds_select<T: KvElement>(
     f: &CudaFunction,
     ws: &mut Workspace,
 ) -> Result<()> {
-    let mut l = Launcher::new(s.stream);
+    let mut l = Launcher::new(s.stream, s.overlap);
     let params = DsSelectParams {
         scores: l.read(ensured_ref(&ws.scores, "selector scores")?),
         kv_indptr: l.read(&s.table.kv_indptr),
@@ -203,7 +205,7 @@ pub(crate) fn estimate<T: KvElement>(
         logits,
         ..
     } = ws;
-    let mut l = Launcher::new(s.stream);
+    let mut l = Launcher::new(s.stream, s.overlap);
     let (selected, selected_count) = match (&*selected, &*selected_count) {
         (Some(a), Some(b)) => (l.read(a), l.read(b)),
         _ => (ConstPtr::NULL, ConstPtr::NULL),
@@ -243,7 +245,7 @@ pub(crate) fn threshold<T: KvElement>(
         stats,
         ..
     } = ws;
-    let mut l = Launcher::new(s.stream);
+    let mut l = Launcher::new(s.stream, s.overlap);
     let (selected, selected_count) = match (&*selected, &*selected_count) {
         (Some(a), Some(b)) => (l.read(a), l.read(b)),
         _ => (ConstPtr::NULL, ConstPtr::NULL),
@@ -274,7 +276,7 @@ pub(crate) fn compact<T: KvElement>(
     kept_counts: &mut CudaSlice<i32>,
     kept: &mut CudaSlice<i32>,
 ) -> Result<()> {
-    let mut l = Launcher::new(s.stream);
+    let mut l = Launcher::new(s.stream, s.overlap);
     let (selected, selected_count) = selection(&mut l, ws);
     // Without pruning the kernel keeps every candidate and reads no logits.
     let (logits, stats) = match (&ws.logits, &ws.stats) {
@@ -316,7 +318,7 @@ pub(crate) fn attend<T: KvElement>(
         done,
         ..
     } = ws;
-    let mut l = Launcher::new(s.stream);
+    let mut l = Launcher::new(s.stream, s.overlap);
     let (kept, kept_count) = match &out.kept {
         Some((counts, slots)) => (l.read(&**slots), l.read(&**counts)),
         None => (ConstPtr::NULL, ConstPtr::NULL),

@@ -40,7 +40,9 @@ fn check_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         0.5,
     )
     .unwrap();
-    let decoder = DenseDecoder::new(stream.clone(), spec).unwrap();
+    let mut decoder = DenseDecoder::new(stream.clone(), spec).unwrap();
+    // Every other case launches with overlap (programmatic dependent launch).
+    decoder.set_launch_overlap(seed % 2 == 1);
     let mut cache = PagedKvCache::<T>::new(stream, step.shape).unwrap();
     cache
         .upload(

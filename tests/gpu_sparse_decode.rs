@@ -298,8 +298,11 @@ fn check_selection(
 
 fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     let spec = case.spec;
+    // Every other case launches its stages overlapped (programmatic dependent launch): both
+    // launch paths meet every part of the matrix over the runs.
+    let overlap = seed % 2 == 1;
     let what = format!(
-        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed}",
+        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap}",
         case.budget,
         case.p,
         case.num_kv_heads,
@@ -311,7 +314,8 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         p: case.p,
         sm_scale: Some(sm_scale),
     };
-    let decoder = SparseDecoder::new(stream.clone(), spec, params).unwrap();
+    let mut decoder = SparseDecoder::new(stream.clone(), spec, params).unwrap();
+    decoder.set_launch_overlap(overlap);
     let built = build::<T>(stream, &decoder, case, seed);
     let kv = HostKv {
         shape: built.step.shape,
@@ -736,7 +740,7 @@ fn gpu_sparse_step_replays_as_a_cuda_graph() {
         key_scale: 2.0,
     };
     let sm_scale = 1.0 / 128f32.sqrt();
-    let decoder = SparseDecoder::new(
+    let mut decoder = SparseDecoder::new(
         stream.clone(),
         case.spec,
         SparseParams {
@@ -746,6 +750,8 @@ fn gpu_sparse_step_replays_as_a_cuda_graph() {
         },
     )
     .unwrap();
+    // Captured with overlapped launches: the graph keeps their programmatic dependencies.
+    decoder.set_launch_overlap(true);
     let built = build::<half::bf16>(&stream, &decoder, &case, seed);
     let kv = HostKv {
         shape: built.step.shape,

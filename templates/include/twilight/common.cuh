@@ -28,3 +28,16 @@ TW_DEVICE int tw_grid_head() { return blockIdx.y; }
 TW_DEVICE int tw_grid_request() { return blockIdx.z; }
 // request * heads + head: the row's index in per-row buffers.
 TW_DEVICE int tw_grid_row() { return blockIdx.z * gridDim.y + blockIdx.y; }
+
+// Programmatic dependent launch (sm_90 and later). A kernel launched with launch overlap on
+// may be scheduled while the stream's previous kernel is still finishing: it waits here, before
+// it reads or writes anything, until that kernel has completed and its writes are visible, and
+// then lets the stream's next kernel be scheduled in turn (so that kernel's launch and ramp-up
+// overlap this one's work). Every entry calls this first; launched without overlap, both
+// instructions return at once.
+TW_DEVICE void tw_after_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}

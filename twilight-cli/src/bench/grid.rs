@@ -72,8 +72,8 @@ pub fn run(args: GridArgs) -> CliResult {
     }
     let peers = read_peers(args.peers.as_deref())?;
     let stream = graph_ready_stream()?;
-    let bandwidth = BenchKernels::new(&stream)?
-        .read_bandwidth((args.probe_gib * (1u64 << 30) as f64) as usize)?;
+    let tools = BenchKernels::new(&stream)?;
+    let bandwidth = tools.read_bandwidth((args.probe_gib * (1u64 << 30) as f64) as usize)?;
     eprintln!("read bandwidth {:.0} GB/s", bandwidth * 1e-9);
     let method = Method {
         preset: args.preset,
@@ -108,7 +108,7 @@ pub fn run(args: GridArgs) -> CliResult {
             shape.name,
             start.elapsed().as_secs_f64()
         );
-        match measure(&stream, bandwidth, shape, &method, &args.selectors) {
+        match measure(&stream, &tools, bandwidth, shape, &method, &args.selectors) {
             Ok(measured) => {
                 for report in measured {
                     report::print(&report);

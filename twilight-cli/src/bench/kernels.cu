@@ -14,6 +14,23 @@ extern "C" __global__ void twilight_read_probe(const uint4* __restrict__ data, u
   if (never) sink[threadIdx.x] = acc.x ^ acc.y ^ acc.z ^ acc.w;
 }
 
+// The practical floor of a step: `rows` rows of `row_words` 16-byte words, `gridDim.x` CTAs per
+// row (blockIdx.y is the row), each streaming a contiguous share of its row. Nothing but the
+// reads: the time a kernel needs to move a step's bytes with this grid.
+extern "C" __global__ void twilight_bare_read(const uint4* __restrict__ data, unsigned long long row_words,
+                                               unsigned int* sink, int never) {
+  const unsigned long long share = (row_words + gridDim.x - 1) / gridDim.x;
+  const unsigned long long begin = blockIdx.x * share;
+  const unsigned long long end = begin + share < row_words ? begin + share : row_words;
+  const uint4* row = data + (unsigned long long)blockIdx.y * row_words;
+  uint4 acc = make_uint4(0u, 0u, 0u, 0u);
+  for (unsigned long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
+    uint4 w = __ldg(row + i);
+    acc.x ^= w.x; acc.y ^= w.y; acc.z ^= w.z; acc.w ^= w.w;
+  }
+  if (never) sink[threadIdx.x] = acc.x ^ acc.y ^ acc.z ^ acc.w;
+}
+
 // Fills 2-byte values with uniform noise in [-scale, scale] from a hash of the index, so large
 // benchmark caches need no host-side generation or upload.
 __device__ __forceinline__ float twilight_hash_uniform(unsigned long long i, unsigned int seed) {

@@ -1,5 +1,6 @@
 //! The benchmark's own kernels (`kernels.cu`): a read-only bandwidth probe, whose figure is the
-//! denominator of every floor, and a random fill, so that large caches need no host upload.
+//! denominator of every floor; a bare read of a step's bytes with the best grid, the practical
+//! floor; and a random fill, so that large caches need no host upload.
 
 use std::sync::Arc;
 
@@ -17,6 +18,7 @@ const SOURCE: &str = include_str!("kernels.cu");
 pub struct BenchKernels {
     stream: Arc<CudaStream>,
     read_probe: CudaFunction,
+    bare_read: CudaFunction,
     fill_f16: CudaFunction,
     fill_bf16: CudaFunction,
     sms: u32,
@@ -52,6 +54,7 @@ impl BenchKernels {
         Ok(BenchKernels {
             stream: stream.clone(),
             read_probe: load("twilight_read_probe")?,
+            bare_read: load("twilight_bare_read")?,
             fill_f16: load("twilight_fill_f16")?,
             fill_bf16: load("twilight_fill_bf16")?,
             sms,
@@ -87,6 +90,62 @@ impl BenchKernels {
     /// Driver errors, or too little device memory.
     pub fn read_bandwidth(&self, bytes: usize) -> Result<f64> {
         read_bandwidth_with(&self.stream, &self.read_probe, self.sms, bytes)
+    }
+
+    /// The practical floor of a step that reads `row_bytes` in each of `rows` rows: the best
+    /// median time of a kernel that only streams those bytes, over 1 to 16 CTAs per row, and
+    /// the CTAs per row that reached it. Copies enough to fill four times the L2 are rotated,
+    /// so the reads come from DRAM as a step's do.
+    ///
+    /// # Errors
+    /// Driver errors, or too little device memory.
+    pub fn practical_floor(
+        &self,
+        rows: usize,
+        row_bytes: usize,
+        l2_bytes: f64,
+        iters: usize,
+    ) -> Result<(f64, u32)> {
+        let row_words = row_bytes.div_ceil(16).max(1);
+        let copy_words = rows * row_words;
+        let copies = ((4.0 * l2_bytes) / (copy_words * 16) as f64)
+            .ceil()
+            .max(1.0) as usize;
+        let data: CudaSlice<u8> = self
+            .stream
+            .alloc_zeros(copies * copy_words * 16)
+            .map_err(|e| driver_error("allocating the practical floor's buffer", e))?;
+        let mut sink: CudaSlice<u32> = self
+            .stream
+            .alloc_zeros(1024)
+            .map_err(|e| driver_error("allocating", e))?;
+        let (row_words_u64, never) = (row_words as u64, 0i32);
+        let mut best = (f64::INFINITY, 1);
+        for ctas in [1u32, 2, 4, 8, 16] {
+            let timing = time_with_events(&self.stream, 3, iters, |i| {
+                let copy = data.slice((i % copies) * copy_words * 16..);
+                let mut launch = self.stream.launch_builder(&self.bare_read);
+                launch
+                    .arg(&copy)
+                    .arg(&row_words_u64)
+                    .arg(&mut sink)
+                    .arg(&never);
+                let config = LaunchConfig {
+                    grid_dim: (ctas, rows as u32, 1),
+                    block_dim: (1024, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                // SAFETY: the arguments match `twilight_bare_read`; the view holds `rows`
+                // rows of `row_words` words from its start, and `sink` 1024 entries.
+                unsafe { launch.launch(config) }
+                    .map(|_| ())
+                    .map_err(|e| driver_error("launching the bare read", e))
+            })?;
+            if timing.median_us() < best.0 {
+                best = (timing.median_us(), ctas);
+            }
+        }
+        Ok(best)
     }
 }
 

@@ -24,7 +24,21 @@ pub struct SparseReport {
     pub stages_us: Vec<(String, f64, Option<f64>)>,
     pub twilight_us: f64,
     pub twilight_graph_us: f64,
+    /// The step with launch overlap (programmatic dependent launch), launched and as a graph.
+    #[serde(default)]
+    pub twilight_overlap_us: Option<f64>,
+    #[serde(default)]
+    pub twilight_overlap_graph_us: Option<f64>,
     pub twilight_floor_us: f64,
+    /// DESIGN.md's bytes of one step per (request, KV head): the selector's reads, the 4-bit
+    /// estimate of the candidates and K/V of the kept tokens (mean).
+    #[serde(default)]
+    pub step_bytes_per_row: f64,
+    /// A kernel that only streams those bytes, with the best CTAs per row, in the same run.
+    #[serde(default)]
+    pub practical_floor_us: Option<f64>,
+    #[serde(default)]
+    pub practical_floor_ctas: Option<u32>,
     /// The base selector alone (`none` pruning) at the same B0.
     pub base_none_us: f64,
     pub base_none_floor_us: f64,
@@ -75,6 +89,14 @@ pub fn print(r: &SparseReport) {
         r.twilight_graph_us,
         r.twilight_floor_us,
     );
+    if let (Some(t), Some(g)) = (r.twilight_overlap_us, r.twilight_overlap_graph_us) {
+        row("twilight step, launches overlapped", t, r.twilight_floor_us);
+        row(
+            "twilight step, launches overlapped, graph replay",
+            g,
+            r.twilight_floor_us,
+        );
+    }
     row(
         &format!("{} + none, same B0", r.selector),
         r.base_none_us,
@@ -82,6 +104,15 @@ pub fn print(r: &SparseReport) {
     );
     row("dense decode (ours)", r.dense_us, r.dense_floor_us);
     println!();
+    if let (Some(floor), Some(ctas)) = (r.practical_floor_us, r.practical_floor_ctas) {
+        println!(
+            "  practical floor: a bare read of the step's {:.2} MB takes {floor:.1} us ({ctas} CTAs per row), {:.2}x the bandwidth floor; the step is {:.2}x it ({:.2}x as a graph)",
+            r.step_bytes_per_row * (s.batch * s.kv_heads) as f64 * 1e-6,
+            floor / r.twilight_floor_us,
+            r.twilight_us / floor,
+            r.twilight_graph_us / floor
+        );
+    }
     println!(
         "  speedup of the twilight step: {:.2}x over {} alone, {:.2}x over our dense decode (graph replay: {:.2}x, {:.2}x)",
         r.base_none_us / r.twilight_us,

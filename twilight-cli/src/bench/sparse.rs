@@ -65,9 +65,16 @@ pub fn run(args: SparseArgs) -> CliResult {
     let stream = graph_ready_stream()?;
     let tools = BenchKernels::new(&stream)?;
     let bandwidth = tools.read_bandwidth((s.probe_gib * (1u64 << 30) as f64) as usize)?;
-    let report = measure(&stream, bandwidth, &shape, &method, &[args.selector])?
-        .pop()
-        .ok_or("one selector gives one report")?;
+    let report = measure(
+        &stream,
+        &tools,
+        bandwidth,
+        &shape,
+        &method,
+        &[args.selector],
+    )?
+    .pop()
+    .ok_or("one selector gives one report")?;
     report::print(&report);
     if let Some(path) = &s.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
@@ -92,6 +99,7 @@ pub fn graph_ready_stream() -> Result<Arc<CudaStream>, Box<dyn std::error::Error
 /// A bad shape, JIT, driver or generator errors.
 pub fn measure(
     stream: &Arc<CudaStream>,
+    tools: &BenchKernels,
     bandwidth: f64,
     shape: &BenchShape,
     method: &Method,
@@ -110,8 +118,12 @@ pub fn measure(
     }
     let l2 = l2_bytes(stream);
     match dense.dtype {
-        Dtype::F16 => measure_typed::<half::f16>(stream, bandwidth, l2, &specs, shape, method),
-        Dtype::Bf16 => measure_typed::<half::bf16>(stream, bandwidth, l2, &specs, shape, method),
+        Dtype::F16 => {
+            measure_typed::<half::f16>(stream, tools, bandwidth, l2, &specs, shape, method)
+        }
+        Dtype::Bf16 => {
+            measure_typed::<half::bf16>(stream, tools, bandwidth, l2, &specs, shape, method)
+        }
     }
 }
 
@@ -133,6 +145,7 @@ fn with(spec: VariantSpec, selector: Selector, pruning: Pruning) -> VariantSpec 
 
 fn measure_typed<T: KvElement>(
     stream: &Arc<CudaStream>,
+    tools: &BenchKernels,
     bandwidth: f64,
     l2: f64,
     specs: &[VariantSpec],
@@ -181,9 +194,10 @@ fn measure_typed<T: KvElement>(
             with(*spec, spec.selector, Pruning::None),
             params,
         )?;
-        reports.push(measure_selector(
+        let timed = measure_selector(
             stream, bandwidth, sparse, &base, instances, &generator, &dense_t, shape, method,
-        )?);
+        )?;
+        reports.push(with_practical_floor(tools, l2, timed)?);
     }
     Ok(reports)
 }
@@ -246,6 +260,9 @@ fn measure_selector<T: KvElement>(
     let mut s_ws: Vec<SparseWorkspace> = (0..n).map(|_| SparseWorkspace::default()).collect();
     let mut q_ws: Vec<SparseWorkspace> = (0..n).map(|_| SparseWorkspace::default()).collect();
 
+    // The same step with each launch overlapping the previous kernel's end.
+    let mut overlapped = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
+    overlapped.set_launch_overlap(true);
     let twilight_t = time_with_events(stream, warmup, iters, |i| {
         let x = &instances[i % n];
         sparse.run_into(
@@ -277,6 +294,28 @@ fn measure_selector<T: KvElement>(
     }
     let graph_t = time_with_events(stream, warmup, iters, |i| {
         graphs[i % n]
+            .launch()
+            .map_err(|e| driver_error("launching a graph", e))
+    })?;
+    let overlap_t = time_with_events(stream, warmup, iters, |i| {
+        let x = &instances[i % n];
+        overlapped.run_into(
+            &x.q,
+            &x.cache,
+            &x.table,
+            &mut s_out[i % n],
+            &mut s_ws[i % n],
+        )
+    })?;
+    let mut overlap_graphs = Vec::new();
+    for (i, x) in instances.iter().enumerate() {
+        let (out, ws) = (&mut s_out[i], &mut s_ws[i]);
+        overlap_graphs.push(capture(stream, &mut || {
+            overlapped.run_into(&x.q, &x.cache, &x.table, out, ws)
+        })?);
+    }
+    let overlap_graph_t = time_with_events(stream, warmup, iters, |i| {
+        overlap_graphs[i % n]
             .launch()
             .map_err(|e| driver_error("launching a graph", e))
     })?;
@@ -335,12 +374,36 @@ fn measure_selector<T: KvElement>(
             .collect(),
         twilight_us: twilight_t.median_us(),
         twilight_graph_us: graph_t.median_us(),
+        twilight_overlap_us: Some(overlap_t.median_us()),
+        twilight_overlap_graph_us: Some(overlap_graph_t.median_us()),
+        step_bytes_per_row: select_bytes + cands * (d / 2.0 + 4.0) + mean * 4.0 * d,
+        practical_floor_us: None,
+        practical_floor_ctas: None,
         twilight_floor_us: select_floor + estimate_floor + attend_floor,
         base_none_us: base_t.median_us(),
         base_none_floor_us: select_floor + floor_us(cands * 4.0 * d),
         dense_us: dense_t.median_us(),
         dense_floor_us: floor_us(shape.len as f64 * 4.0 * d),
     })
+}
+
+/// The report with its practical floor: a bare read of the step's bytes per (request, KV
+/// head) with the best CTAs per row, measured now.
+fn with_practical_floor(
+    tools: &BenchKernels,
+    l2: f64,
+    mut report: SparseReport,
+) -> Result<SparseReport, Box<dyn std::error::Error>> {
+    let rows = report.shape.batch * report.shape.kv_heads;
+    let (us, ctas) = tools.practical_floor(
+        rows,
+        report.step_bytes_per_row as usize,
+        l2,
+        report.iters.min(20),
+    )?;
+    report.practical_floor_us = Some(us);
+    report.practical_floor_ctas = Some(ctas);
+    Ok(report)
 }
 
 fn capture(
