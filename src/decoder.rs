@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
-use twilight_jit::{stages_of, Jit, LoadedProgram, Stage, VariantSpec};
+use twilight_jit::{pipeline_of, Jit, LoadedProgram, Stage, VariantSpec};
 
 use crate::element::KvElement;
 use crate::error::{Error, Result};
@@ -114,10 +114,7 @@ impl Decoder {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(|e| Error::driver("reading the SM count", e))? as usize;
-        let stages: Vec<Stage> = stages_of(&spec)
-            .into_iter()
-            .filter(|s| *s != Stage::Append)
-            .collect();
+        let stages = pipeline_of(&spec, false);
         tracing::debug!(variant = %spec, stages = ?stages, origin = ?program.origin, "decoder ready");
         Ok(Decoder {
             spec,
@@ -139,6 +136,17 @@ impl Decoder {
 
     pub fn launch_overlap(&self) -> bool {
         self.launch_overlap
+    }
+
+    /// Whether top-p's threshold and compaction run as one launch, a thread-block cluster of
+    /// the group's query heads per (request, KV head) (sm_90 and later), instead of two. Off
+    /// by default; bench/PERF-NOTES.md has what it measured.
+    pub fn set_fused_prune(&mut self, on: bool) {
+        self.stages = pipeline_of(&self.spec, on);
+    }
+
+    pub fn fused_prune(&self) -> bool {
+        self.stages.contains(&Stage::ThresholdCompact)
     }
 
     pub fn spec(&self) -> &VariantSpec {
@@ -274,11 +282,15 @@ impl Decoder {
                 Stage::DsSelect => stages::ds_select(&step, f, workspace)?,
                 Stage::Estimate => stages::estimate(&step, f, workspace)?,
                 Stage::Threshold => stages::threshold(&step, f, workspace)?,
-                Stage::Compact => {
+                Stage::Compact | Stage::ThresholdCompact => {
                     let Some((counts, slots)) = out.kept.as_mut() else {
                         unreachable!("checked above: sparse variants have kept outputs");
                     };
-                    stages::compact(&step, f, workspace, counts, slots)?
+                    if stage == Stage::Compact {
+                        stages::compact(&step, f, workspace, counts, slots)?
+                    } else {
+                        stages::threshold_compact(&step, f, workspace, counts, slots)?
+                    }
                 }
                 Stage::Attend => stages::attend(&step, f, workspace, &mut out)?,
                 Stage::Append => unreachable!("the append is not a step stage"),

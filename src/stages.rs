@@ -6,7 +6,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaFunction, CudaSlice, CudaStream};
 use twilight_jit::params::{
     AttendParams, CompactParams, ConstPtr, DsScoreParams, DsSelectParams, EstimateParams,
-    QuestScoreParams, QuestSelectParams, ThresholdParams,
+    QuestScoreParams, QuestSelectParams, ThresholdCompactParams, ThresholdParams,
 };
 use twilight_jit::{Stage, Tiling, VariantSpec};
 
@@ -267,6 +267,51 @@ pub(crate) fn threshold<T: KvElement>(
     let grid = Grid::rows(num_qo_heads, s.batch, s.tiling.threshold_threads);
     // SAFETY: `f` is `_threshold`; stats hold 2 floats per (request, query head).
     unsafe { l.launch(f, grid, params, "threshold") }
+}
+
+/// Threshold and compaction in one launch: a cluster of the group's query heads per row.
+pub(crate) fn threshold_compact<T: KvElement>(
+    s: &Step<'_, T>,
+    f: &CudaFunction,
+    ws: &mut Workspace,
+    kept_counts: &mut CudaSlice<i32>,
+    kept: &mut CudaSlice<i32>,
+) -> Result<()> {
+    let Workspace {
+        selected,
+        selected_count,
+        logits,
+        stats,
+        ..
+    } = ws;
+    let mut l = Launcher::new(s.stream, s.overlap);
+    let (selected, selected_count) = match (&*selected, &*selected_count) {
+        (Some(a), Some(b)) => (l.read(a), l.read(b)),
+        _ => (ConstPtr::NULL, ConstPtr::NULL),
+    };
+    let params = ThresholdCompactParams {
+        logits: l.read(ensured_ref(logits, "logits")?),
+        kv_indptr: l.read(&s.table.kv_indptr),
+        kv_indices: l.read(&s.table.kv_indices),
+        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        selected,
+        selected_count,
+        stats: l.write(ensured(stats, "top-p thresholds")?),
+        kept: l.write(kept),
+        kept_count: l.write(kept_counts),
+        num_kv_heads: s.num_kv_heads as i32,
+        selected_stride: s.plan.selected_stride as i32,
+        max_cands: s.plan.max_cands as i32,
+        p: s.p,
+    };
+    // One CTA per query head of the group, the group one cluster (its size is compiled into
+    // the kernel).
+    let group = s.spec.group_size as usize;
+    let grid = Grid::parts(group, s.num_kv_heads, s.batch, s.tiling.threshold_threads);
+    // SAFETY: `f` is `_threshold_compact`; stats hold 2 floats per (request, query head), kept
+    // holds rows * max_cands entries (the decoder checked the outputs against the plan), and
+    // the grid's x is the cluster size the kernel was compiled with.
+    unsafe { l.launch(f, grid, params, "threshold_compact") }
 }
 
 pub(crate) fn compact<T: KvElement>(

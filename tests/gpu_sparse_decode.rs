@@ -298,11 +298,13 @@ fn check_selection(
 
 fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     let spec = case.spec;
-    // Every other case launches its stages overlapped (programmatic dependent launch): both
-    // launch paths meet every part of the matrix over the runs.
+    // Every other case launches its stages overlapped (programmatic dependent launch), and
+    // every other pair runs top-p's threshold and compaction fused in one cluster launch: each
+    // launch path meets every part of the matrix over the runs.
     let overlap = seed % 2 == 1;
+    let fused = (seed / 2) % 2 == 1;
     let what = format!(
-        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap}",
+        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap} fused prune {fused}",
         case.budget,
         case.p,
         case.num_kv_heads,
@@ -316,6 +318,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     };
     let mut decoder = SparseDecoder::new(stream.clone(), spec, params).unwrap();
     decoder.set_launch_overlap(overlap);
+    decoder.set_fused_prune(fused);
     let built = build::<T>(stream, &decoder, case, seed);
     let kv = HostKv {
         shape: built.step.shape,
@@ -750,8 +753,10 @@ fn gpu_sparse_step_replays_as_a_cuda_graph() {
         },
     )
     .unwrap();
-    // Captured with overlapped launches: the graph keeps their programmatic dependencies.
+    // Captured with overlapped launches (the graph keeps their programmatic dependencies) and
+    // the fused threshold and compaction (a cluster launch).
     decoder.set_launch_overlap(true);
+    decoder.set_fused_prune(true);
     let built = build::<half::bf16>(&stream, &decoder, &case, seed);
     let kv = HostKv {
         shape: built.step.shape,

@@ -21,7 +21,7 @@ pub mod key;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
 
-pub use render::{render, stages_of, RenderError, RenderedProgram, Stage, Tiling};
+pub use render::{pipeline_of, render, stages_of, RenderError, RenderedProgram, Stage, Tiling};
 
 #[cfg(feature = "cuda")]
 pub use cache::{open_device, Jit, LoadedProgram, Origin};

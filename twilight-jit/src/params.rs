@@ -300,6 +300,25 @@ kernel_params! {
 }
 
 kernel_params! {
+    /// `_threshold_compact`: threshold and compaction of a row in one cluster launch.
+    ThresholdCompactParams => "tw_threshold_compact_params" {
+        logits: ConstPtr<f32>,
+        kv_indptr: ConstPtr<i32>,
+        kv_indices: ConstPtr<i32>,
+        kv_last_page_len: ConstPtr<i32>,
+        selected: ConstPtr<i32>,
+        selected_count: ConstPtr<i32>,
+        stats: MutPtr<f32>,
+        kept: MutPtr<i32>,
+        kept_count: MutPtr<i32>,
+        num_kv_heads: i32,
+        selected_stride: i32,
+        max_cands: i32,
+        p: f32,
+    }
+}
+
+kernel_params! {
     /// `_compact`: the kept candidates of each row as a list of token slots (every candidate
     /// without pruning, when `logits` and `stats` are null).
     CompactParams => "tw_compact_params" {
@@ -355,6 +374,7 @@ impl Stage {
             Stage::DsSelect => DsSelectParams::cpp_definition(elem),
             Stage::Estimate => EstimateParams::cpp_definition(elem),
             Stage::Threshold => ThresholdParams::cpp_definition(elem),
+            Stage::ThresholdCompact => ThresholdCompactParams::cpp_definition(elem),
             Stage::Compact => CompactParams::cpp_definition(elem),
             Stage::Attend => AttendParams::cpp_definition(elem),
         }

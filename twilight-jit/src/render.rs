@@ -34,6 +34,10 @@ pub enum Stage {
     Estimate,
     /// Top-p: the exact threshold weight per query head.
     Threshold,
+    /// Top-p: threshold and compaction of a (request, KV head) in one launch, a cluster of the
+    /// group's query heads (sm_90 and later); replaces `Threshold` and `Compact` when the
+    /// decoder fuses them.
+    ThresholdCompact,
     /// The kept candidates of each (request, KV head) as a list of token slots.
     Compact,
     /// Attention: over every token (dense variants) or over the kept list (sparse ones); a
@@ -52,6 +56,7 @@ impl Stage {
             Stage::DsSelect => "ds_select",
             Stage::Estimate => "estimate",
             Stage::Threshold => "threshold",
+            Stage::ThresholdCompact => "threshold_compact",
             Stage::Compact => "compact",
             Stage::Attend => "attend",
         }
@@ -63,7 +68,9 @@ impl Stage {
             Stage::Append => "append.cu.tera",
             Stage::QuestScore | Stage::QuestSelect => "quest.cu.tera",
             Stage::DsScore | Stage::DsSelect => "ds.cu.tera",
-            Stage::Estimate | Stage::Threshold | Stage::Compact => "prune.cu.tera",
+            Stage::Estimate | Stage::Threshold | Stage::ThresholdCompact | Stage::Compact => {
+                "prune.cu.tera"
+            }
             Stage::Attend => "attend.cu.tera",
         }
     }
@@ -270,17 +277,31 @@ impl RenderedProgram {
     }
 }
 
-/// The stages a variant's program holds, in launch order.
+/// The entries a variant's program holds: the append and every stage of [`pipeline_of`], with
+/// the top-p pruner's threshold and compaction both apart and fused.
 pub fn stages_of(spec: &VariantSpec) -> Vec<Stage> {
+    let mut stages = vec![Stage::Append];
+    stages.extend(pipeline_of(spec, false));
+    if spec.pruning == Pruning::TopP {
+        let at = stages.len() - 1;
+        stages.insert(at, Stage::ThresholdCompact);
+    }
+    stages
+}
+
+/// The stages of one decode step, in launch order; with `fuse_prune`, top-p's threshold and
+/// compaction are one launch ([`Stage::ThresholdCompact`]).
+pub fn pipeline_of(spec: &VariantSpec, fuse_prune: bool) -> Vec<Stage> {
     use Stage::*;
     let mut stages = match spec.selector {
-        Selector::Full => vec![Append],
-        Selector::Quest => vec![Append, QuestScore, QuestSelect],
-        Selector::DoubleSparse { .. } => vec![Append, DsScore, DsSelect],
+        Selector::Full => vec![],
+        Selector::Quest => vec![QuestScore, QuestSelect],
+        Selector::DoubleSparse { .. } => vec![DsScore, DsSelect],
     };
     match (spec.selector, spec.pruning) {
         (Selector::Full, Pruning::None) => {}
         (_, Pruning::None) => stages.push(Compact),
+        (_, Pruning::TopP) if fuse_prune => stages.extend([Estimate, ThresholdCompact]),
         (_, Pruning::TopP) => stages.extend([Estimate, Threshold, Compact]),
     }
     stages.push(Attend);

@@ -41,3 +41,36 @@ TW_DEVICE void tw_after_previous_kernel() {
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
+
+// Thread-block clusters (sm_90 and later): the CTA's rank in its cluster, a barrier over the
+// whole cluster that orders memory (release before, acquire after), and a load from another
+// CTA's shared memory (distributed shared memory) at the address of `local` in this CTA.
+TW_DEVICE unsigned tw_cluster_rank() {
+  unsigned rank = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+#endif
+  return rank;
+}
+TW_DEVICE void tw_cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+#else
+  __syncthreads();
+#endif
+}
+template <typename V>
+TW_DEVICE V tw_cluster_load(const V* local, unsigned rank) {
+  static_assert(sizeof(V) == 4, "32-bit values only");
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned address = static_cast<unsigned>(__cvta_generic_to_shared(local));
+  unsigned remote, bits;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(address), "r"(rank));
+  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(bits) : "r"(remote) : "memory");
+  V value;
+  *reinterpret_cast<unsigned*>(&value) = bits;
+  return value;
+#else
+  return *local;
+#endif
+}

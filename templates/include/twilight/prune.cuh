@@ -269,13 +269,13 @@ struct tw_prune {
   // the bucket where the mass from the top first reaches p * sum(w); the kept set is every
   // weight >= w*. stats[row] = (max, w*);
   // p >= 1 keeps everything (w* = 0).
+  // `row_id` is request * num_qo_heads + qo head. Returns (max, w*) to every thread.
   template <int THREADS, typename Candidates>
-  TW_DEVICE static void threshold(const float* __restrict__ logits, const Candidates& cands,
-                                  float* __restrict__ stats, int max_cands, float p) {
+  TW_DEVICE static float2 threshold(const float* __restrict__ logits, const Candidates& cands,
+                                    float* __restrict__ stats, int max_cands, float p, int row_id) {
     typedef tw_radix<float, THREADS> radix;
     __shared__ typename radix::storage radix_smem;
     __shared__ float scratch[THREADS / 32];
-    const int row_id = tw_grid_row();  // grid (1, qo heads, requests): request * num_qo_heads + qo head
     const float* row = logits + tw_i64(row_id) * max_cands;
     const int n = cands.count;
     // Rows of up to THREADS * CACHED candidates (every Quest budget up to 8k tokens) keep their
@@ -311,7 +311,7 @@ struct tw_prune {
         stats[2 * row_id] = mx;
         stats[2 * row_id + 1] = 0.f;
       }
-      return;
+      return make_float2(mx, 0.f);
     }
     const float target = p * z;
     // Weights lie in (0, 1], so a key's top three bits are 001 from 2^-63 up: the digits start
@@ -355,6 +355,7 @@ struct tw_prune {
       stats[2 * row_id] = mx;
       stats[2 * row_id + 1] = __uint_as_float(prefix);
     }
+    return make_float2(mx, __uint_as_float(prefix));
   }
 
   // One block per (request, kv head): the kept candidates (any head of the group keeps it; with
@@ -403,5 +404,94 @@ struct tw_prune {
       written += total;
     }
     if (threadIdx.x == 0) kept_count[head_row] = written;
+  }
+
+  // The union test of `compact` for candidate c: any head of the group keeps it. The same
+  // expression as in `threshold`, so a weight equal to w* there is equal here.
+  TW_DEVICE static bool kept_by_group(const float* __restrict__ logits, tw_i64 first_qo, int max_cands, int c,
+                                      const float* row_max, const float* row_threshold) {
+    bool keep = false;
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+      keep |= exp2f(logits[(first_qo + g) * max_cands + c] - row_max[g]) >= row_threshold[g];
+    }
+    return keep;
+  }
+
+  // Threshold and compaction of one (request, KV head) in one launch: a cluster of GROUP CTAs,
+  // CTA r computing the threshold of the group's query head r (in parallel, as the separate
+  // threshold kernel does), then, once every head's (max, w*) is in the cluster's shared
+  // memory, compacting the r-th contiguous share of the candidates: it counts what it keeps,
+  // takes the counts of the shares before it from their CTAs, and writes its kept slots at
+  // that offset, so the list is in candidate order as `compact` writes it. Grid (GROUP, kv
+  // heads, requests), cluster (GROUP, 1, 1).
+  template <int THREADS, typename Candidates>
+  TW_DEVICE static void threshold_compact(const float* __restrict__ logits, const Candidates& cands,
+                                          float* __restrict__ stats, int* __restrict__ kept,
+                                          int* __restrict__ kept_count, int num_kv_heads, int max_cands, float p) {
+    __shared__ float head_stats[2];   // this CTA's head: (max, w*), read by the whole cluster
+    __shared__ int share_count;       // kept candidates of this CTA's share, read by later ranks
+    __shared__ float row_max[GROUP], row_threshold[GROUP];
+    __shared__ int scan_scratch[THREADS / 32];
+    __shared__ int offset;
+    const int rank = int(tw_cluster_rank());
+    const int head_row = tw_grid_row();  // grid (GROUP, kv heads, requests)
+    const tw_i64 first_qo = tw_i64(head_row) * GROUP;
+    const float2 st = threshold<THREADS>(logits, cands, stats, max_cands, p, int(first_qo) + rank);
+    if (threadIdx.x == 0) {
+      head_stats[0] = st.x;
+      head_stats[1] = st.y;
+    }
+    tw_cluster_sync();  // every head's threshold is in its CTA's shared memory
+    if (threadIdx.x < GROUP) {
+      row_max[threadIdx.x] = tw_cluster_load(&head_stats[0], threadIdx.x);
+      row_threshold[threadIdx.x] = tw_cluster_load(&head_stats[1], threadIdx.x);
+    }
+    __syncthreads();
+    const int share = (cands.count + GROUP - 1) / GROUP;
+    const int begin = min(cands.count, rank * share);
+    const int end = min(cands.count, begin + share);
+    // Pass 1: this share's count.
+    int mine = 0;
+    for (int c = begin + threadIdx.x; c < end; c += THREADS) {
+      mine += kept_by_group(logits, first_qo, max_cands, c, row_max, row_threshold);
+    }
+    int total = 0;
+    tw_block_exclusive_sum<THREADS>(mine, scan_scratch, total);
+    if (threadIdx.x == 0) share_count = total;
+    tw_cluster_sync();  // every share's count is visible
+    if (threadIdx.x == 0) {
+      int before = 0, all = 0;
+      for (int r = 0; r < GROUP; ++r) {
+        const int n = tw_cluster_load(&share_count, r);
+        if (r < rank) before += n;
+        all += n;
+      }
+      offset = before;
+      if (rank == 0) kept_count[head_row] = all;
+    }
+    __syncthreads();
+    // Pass 2: place each kept slot, ITEMS consecutive candidates per thread, in order.
+    int* out = kept + tw_i64(head_row) * max_cands;
+    int written = offset;
+    constexpr int ITEMS = 4;
+    for (int base = begin; base < end; base += THREADS * ITEMS) {
+      const int first = base + threadIdx.x * ITEMS;
+      unsigned keep_bits = 0;
+#pragma unroll
+      for (int j = 0; j < ITEMS; ++j) {
+        const int c = first + j;
+        if (c < end && kept_by_group(logits, first_qo, max_cands, c, row_max, row_threshold)) keep_bits |= 1u << j;
+      }
+      int step_total = 0;
+      int at = written + tw_block_exclusive_sum<THREADS>(__popc(keep_bits), scan_scratch, step_total);
+#pragma unroll
+      for (int j = 0; j < ITEMS; ++j) {
+        if (keep_bits & (1u << j)) out[at++] = cands.slot(first + j);
+      }
+      written += step_total;
+    }
+    // No CTA may leave while another can still read its shared memory.
+    tw_cluster_sync();
   }
 };

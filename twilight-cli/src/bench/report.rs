@@ -29,6 +29,14 @@ pub struct SparseReport {
     pub twilight_overlap_us: Option<f64>,
     #[serde(default)]
     pub twilight_overlap_graph_us: Option<f64>,
+    /// The step with top-p's threshold and compaction fused (one cluster launch), launched and
+    /// as a graph, and the fused stage alone.
+    #[serde(default)]
+    pub twilight_fused_us: Option<f64>,
+    #[serde(default)]
+    pub twilight_fused_graph_us: Option<f64>,
+    #[serde(default)]
+    pub fused_stage_us: Option<f64>,
     pub twilight_floor_us: f64,
     /// DESIGN.md's bytes of one step per (request, KV head): the selector's reads, the 4-bit
     /// estimate of the candidates and K/V of the kept tokens (mean).
@@ -89,6 +97,21 @@ pub fn print(r: &SparseReport) {
         r.twilight_graph_us,
         r.twilight_floor_us,
     );
+    if let Some(t) = r.fused_stage_us {
+        println!("| stage ThresholdCompact (fused) | {t:.1} | - | - |");
+    }
+    if let (Some(t), Some(g)) = (r.twilight_fused_us, r.twilight_fused_graph_us) {
+        row(
+            "twilight step, threshold + compaction fused",
+            t,
+            r.twilight_floor_us,
+        );
+        row(
+            "twilight step, threshold + compaction fused, graph replay",
+            g,
+            r.twilight_floor_us,
+        );
+    }
     if let (Some(t), Some(g)) = (r.twilight_overlap_us, r.twilight_overlap_graph_us) {
         row("twilight step, launches overlapped", t, r.twilight_floor_us);
         row(

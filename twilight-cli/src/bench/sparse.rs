@@ -263,6 +263,9 @@ fn measure_selector<T: KvElement>(
     // The same step with each launch overlapping the previous kernel's end.
     let mut overlapped = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
     overlapped.set_launch_overlap(true);
+    // And with top-p's threshold and compaction fused into one cluster launch.
+    let mut fused = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
+    fused.set_fused_prune(true);
     let twilight_t = time_with_events(stream, warmup, iters, |i| {
         let x = &instances[i % n];
         sparse.run_into(
@@ -318,6 +321,39 @@ fn measure_selector<T: KvElement>(
         overlap_graphs[i % n]
             .launch()
             .map_err(|e| driver_error("launching a graph", e))
+    })?;
+    let fused_t = time_with_events(stream, warmup, iters, |i| {
+        let x = &instances[i % n];
+        fused.run_into(
+            &x.q,
+            &x.cache,
+            &x.table,
+            &mut s_out[i % n],
+            &mut s_ws[i % n],
+        )
+    })?;
+    let mut fused_graphs = Vec::new();
+    for (i, x) in instances.iter().enumerate() {
+        let (out, ws) = (&mut s_out[i], &mut s_ws[i]);
+        fused_graphs.push(capture(stream, &mut || {
+            fused.run_into(&x.q, &x.cache, &x.table, out, ws)
+        })?);
+    }
+    let fused_graph_t = time_with_events(stream, warmup, iters, |i| {
+        fused_graphs[i % n]
+            .launch()
+            .map_err(|e| driver_error("launching a graph", e))
+    })?;
+    let fused_stages = time_stages(stream, warmup, iters, |i, hook| {
+        let x = &instances[i % n];
+        fused.run_instrumented(
+            &x.q,
+            &x.cache,
+            &x.table,
+            &mut s_out[i % n],
+            &mut s_ws[i % n],
+            hook,
+        )
     })?;
     let stages = time_stages(stream, warmup, iters, |i, hook| {
         let x = &instances[i % n];
@@ -376,6 +412,12 @@ fn measure_selector<T: KvElement>(
         twilight_graph_us: graph_t.median_us(),
         twilight_overlap_us: Some(overlap_t.median_us()),
         twilight_overlap_graph_us: Some(overlap_graph_t.median_us()),
+        twilight_fused_us: Some(fused_t.median_us()),
+        twilight_fused_graph_us: Some(fused_graph_t.median_us()),
+        fused_stage_us: fused_stages
+            .iter()
+            .find(|(s, _)| *s == Stage::ThresholdCompact)
+            .map(|(_, t)| t.median_us()),
         step_bytes_per_row: select_bytes + cands * (d / 2.0 + 4.0) + mean * 4.0 * d,
         practical_floor_us: None,
         practical_floor_ctas: None,
