@@ -61,7 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Err(e) => {
             println!("no GPU ({e}); running the CPU reference");
             let kv = step.kv();
-            let quest = QuestMeta::build(&kv, &step.table);
+            let quest = QuestMeta::build(&kv, &step.table)?;
             let quant = Quant4Cache::build(&kv, &step.table)?;
             let inputs = StepInputs {
                 q: &step.q,

@@ -158,12 +158,13 @@ impl LayerSample<'_> {
             if !read {
                 continue;
             }
-            if data.len() != t * heads * d {
+            let want = t.checked_mul(heads).and_then(|n| n.checked_mul(d));
+            if want != Some(data.len()) {
+                let want = want.map_or("more than fit in memory".into(), |n| n.to_string());
                 return Err(calib(format!(
                     "wrong shape: {name} has {} values, expected [tokens, {heads_name}, \
-                     head_dim] = {t} * {heads} * {d} = {}",
+                     head_dim] = {t} * {heads} * {d} = {want}",
                     data.len(),
-                    t * heads * d
                 )));
             }
             if let Some(i) = data.iter().position(|x| !x.is_finite()) {
@@ -357,7 +358,17 @@ pub fn rank_channels(
         .collect())
 }
 
+/// The largest head_dim a channel config may name: far above any model's (64 to 256 today),
+/// small enough that the per-channel tables sized from it are small. It is checked before
+/// anything is allocated from a caller's head_dim.
+pub const MAX_HEAD_DIM: usize = 1 << 16;
+
 fn check_r(r: usize, head_dim: usize) -> Result<()> {
+    if head_dim == 0 || head_dim > MAX_HEAD_DIM {
+        return Err(calib(format!(
+            "head_dim = {head_dim} is outside 1..={MAX_HEAD_DIM}"
+        )));
+    }
     if r == 0 || r > head_dim {
         return Err(calib(format!(
             "r = {r} channels is outside 1..={head_dim} (head_dim)"
@@ -424,11 +435,11 @@ impl ChannelConfig {
     /// heads chose, a tie going to the lower channel id, sorted ascending.
     ///
     /// # Errors
-    /// [`Error::Calibration`] for a missing layer, or a list count that is not a multiple of
-    /// `num_kv_heads`.
+    /// [`Error::Calibration`] for a missing layer, a list count that is not a multiple of
+    /// `num_kv_heads`, or a group whose lists name fewer than `r` distinct channels.
     pub fn kv_head_channels(&self, layer: usize, num_kv_heads: usize) -> Result<Vec<Vec<usize>>> {
         let lists = self.channels_for_layer(layer)?;
-        if num_kv_heads == 0 || lists.len() % num_kv_heads != 0 {
+        if num_kv_heads == 0 || lists.is_empty() || lists.len() % num_kv_heads != 0 {
             return Err(calib(format!(
                 "layer {layer} has {} channel lists, not a multiple of num_kv_heads = \
                  {num_kv_heads}",
@@ -439,17 +450,32 @@ impl ChannelConfig {
         if group == 1 {
             return Ok(lists.to_vec());
         }
-        Ok(lists
+        // Votes are counted in a map, not a table indexed by id: the fields are public, so an
+        // id may be anything, and nothing may be sized or offset from it.
+        lists
             .chunks_exact(group)
-            .map(|heads| {
-                let width = heads.iter().flatten().max().map_or(0, |&c| c + 1);
-                let mut votes = vec![0f64; width];
+            .enumerate()
+            .map(|(kv_head, heads)| {
+                let mut votes = BTreeMap::<usize, usize>::new();
                 for &c in heads.iter().flatten() {
-                    votes[c] += 1.0;
+                    *votes.entry(c).or_default() += 1;
                 }
-                top_channels(&votes, self.r)
+                if votes.len() < self.r {
+                    return Err(calib(format!(
+                        "layer {layer}, KV head {kv_head}: its query heads name {} distinct \
+                         channels, fewer than r = {}",
+                        votes.len(),
+                        self.r
+                    )));
+                }
+                let mut order: Vec<(usize, usize)> = votes.into_iter().collect();
+                // Most votes first, a tie going to the lower channel id.
+                order.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+                let mut ids: Vec<usize> = order.into_iter().take(self.r).map(|(c, _)| c).collect();
+                ids.sort_unstable();
+                Ok(ids)
             })
-            .collect())
+            .collect()
     }
 
     /// The config as the Double Sparsity tooling writes it: one key

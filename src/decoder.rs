@@ -32,23 +32,36 @@ pub struct StepParams {
 }
 
 impl StepParams {
+    /// The largest B0 a step takes: the kernels count tokens in 32-bit signed integers. A
+    /// budget at or beyond a request's length selects every token, so this is "no limit" in
+    /// practice.
+    pub const MAX_BUDGET: usize = i32::MAX as usize;
+
     /// The parameters of a dense step.
     pub fn dense(sm_scale: Option<f32>) -> StepParams {
         StepParams {
-            budget: usize::MAX,
+            budget: StepParams::MAX_BUDGET,
             p: 1.0,
             sm_scale,
         }
     }
 
     /// # Errors
-    /// [`Error::Parameter`] for B0 = 0, p outside (0, 1], or a non-finite or non-positive
-    /// sm_scale.
+    /// [`Error::Parameter`] for B0 = 0 or above [`StepParams::MAX_BUDGET`], p outside (0, 1], or a
+    /// non-finite or non-positive sm_scale.
     pub fn validate(&self) -> Result<()> {
         if self.budget == 0 {
             return Err(Error::Parameter(
                 "the token budget B0 must be at least 1".into(),
             ));
+        }
+        if self.budget > StepParams::MAX_BUDGET {
+            return Err(Error::Parameter(format!(
+                "the token budget B0 = {} is above {}, the most the kernels count \
+                 (a budget of a request's length or more already selects every token)",
+                self.budget,
+                StepParams::MAX_BUDGET
+            )));
         }
         if !(self.p > 0.0 && self.p <= 1.0) {
             return Err(Error::Parameter(format!(

@@ -13,9 +13,10 @@ use crate::host::{CacheShape, HostPageTable};
 use crate::page_table::PageTable;
 use crate::pool::{check_shape, KvPool, KvPoolMut, SidecarView, SidecarViewMut};
 
-/// A handle to one request (sequence) in a [`PagedKvCache`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RequestId(pub usize);
+mod pages;
+
+use pages::PageAllocator;
+pub use pages::RequestId;
 
 /// What a variant derives from K, kept beside it and updated by the same append launch.
 #[derive(Debug)]
@@ -37,12 +38,6 @@ pub struct Derived<T: KvElement> {
     pub label_channels: Vec<Vec<usize>>,
 }
 
-#[derive(Clone, Debug, Default)]
-struct RequestPages {
-    pages: Vec<i32>,
-    len: usize,
-}
-
 /// K and V pools on the device (FlashInfer-compatible paged layout), and which pages each
 /// request owns. Tokens are written through a decoder's `append`, which also maintains every
 /// structure derived from K that its variant reads.
@@ -51,8 +46,7 @@ pub struct PagedKvCache<T: KvElement> {
     k: CudaSlice<T>,
     v: CudaSlice<T>,
     derived: Derived<T>,
-    free_pages: Vec<i32>,
-    requests: Vec<Option<RequestPages>>,
+    pages: PageAllocator,
 }
 
 impl<T: KvElement> std::fmt::Debug for PagedKvCache<T> {
@@ -60,7 +54,7 @@ impl<T: KvElement> std::fmt::Debug for PagedKvCache<T> {
         f.debug_struct("PagedKvCache")
             .field("shape", &self.shape)
             .field("dtype", &T::DTYPE)
-            .field("free_pages", &self.free_pages.len())
+            .field("free_pages", &self.pages.free_pages())
             .finish()
     }
 }
@@ -144,6 +138,7 @@ impl<T: KvElement> PagedKvCache<T> {
         channels: &[Vec<usize>],
     ) -> Result<Self> {
         check_shape(&shape)?;
+        let pages = PageAllocator::new(shape.num_pages, shape.page_size)?;
         let alloc = |what| {
             stream.alloc_zeros::<T>(shape.elements()).map_err(|e| {
                 Error::driver(
@@ -152,6 +147,8 @@ impl<T: KvElement> PagedKvCache<T> {
                 )
             })
         };
+        // check_shape bounded num_pages * num_kv_heads * page_size * head_dim, and every size
+        // below is at most that (labels: r < head_dim; scales: 2 <= head_dim).
         let rows = shape.num_pages * shape.num_kv_heads * shape.page_size;
         let meta = shape.num_pages * shape.num_kv_heads * shape.head_dim;
         let zeros = |what: &str, n: usize| -> Result<CudaSlice<T>> {
@@ -195,9 +192,7 @@ impl<T: KvElement> PagedKvCache<T> {
             derived,
             k: alloc("K")?,
             v: alloc("V")?,
-            // Popped from the end: page 0 is handed out first.
-            free_pages: (0..shape.num_pages as i32).rev().collect(),
-            requests: Vec::new(),
+            pages,
         })
     }
 
@@ -280,34 +275,21 @@ impl<T: KvElement> PagedKvCache<T> {
     }
 
     pub fn free_pages(&self) -> usize {
-        self.free_pages.len()
+        self.pages.free_pages()
     }
 
     /// Starts an empty request.
     pub fn add_request(&mut self) -> RequestId {
-        self.requests.push(Some(RequestPages::default()));
-        RequestId(self.requests.len() - 1)
+        self.pages.add_request()
     }
 
-    /// Ends a request and returns its pages to the pool.
+    /// Ends a request and returns its pages to the pool (its first page is the next handed
+    /// out).
     ///
     /// # Errors
     /// [`Error::UnknownRequest`].
     pub fn remove_request(&mut self, id: RequestId) -> Result<()> {
-        let request = self
-            .requests
-            .get_mut(id.0)
-            .and_then(Option::take)
-            .ok_or(Error::UnknownRequest(id.0))?;
-        self.free_pages.extend(request.pages.iter().rev());
-        Ok(())
-    }
-
-    fn request(&self, id: RequestId) -> Result<&RequestPages> {
-        self.requests
-            .get(id.0)
-            .and_then(Option::as_ref)
-            .ok_or(Error::UnknownRequest(id.0))
+        self.pages.remove_request(id)
     }
 
     /// Tokens held by a request.
@@ -315,50 +297,25 @@ impl<T: KvElement> PagedKvCache<T> {
     /// # Errors
     /// [`Error::UnknownRequest`].
     pub fn len(&self, id: RequestId) -> Result<usize> {
-        Ok(self.request(id)?.len)
+        self.pages.len(id)
+    }
+
+    /// The pages a request owns, in token order.
+    ///
+    /// # Errors
+    /// [`Error::UnknownRequest`].
+    pub fn pages_of(&self, id: RequestId) -> Result<&[i32]> {
+        self.pages.pages(id)
     }
 
     /// Reserves the slots (`page * page_size + offset`) of `count` new tokens for each listed
-    /// request, allocating pages as needed. All or nothing: when the pool runs out, nothing
-    /// is reserved.
+    /// request, allocating pages as needed. All or nothing: on any error (the pool runs out, a
+    /// request is unknown or listed twice, a count overflows) nothing is reserved.
     ///
     /// # Errors
-    /// [`Error::UnknownRequest`], [`Error::OutOfPages`].
+    /// [`Error::UnknownRequest`], [`Error::OutOfPages`], [`Error::Parameter`].
     pub fn reserve(&mut self, appends: &[(RequestId, usize)]) -> Result<Vec<i32>> {
-        let page_size = self.shape.page_size;
-        let mut seen = std::collections::HashSet::new();
-        if let Some(&(id, _)) = appends.iter().find(|(id, _)| !seen.insert(*id)) {
-            return Err(Error::Parameter(format!(
-                "request {} appears twice in one append; give its tokens as one entry",
-                id.0
-            )));
-        }
-        let mut needed = 0;
-        for &(id, count) in appends {
-            let r = self.request(id)?;
-            needed += (r.len + count).div_ceil(page_size) - r.len.div_ceil(page_size);
-        }
-        if needed > self.free_pages.len() {
-            return Err(Error::OutOfPages {
-                needed,
-                free: self.free_pages.len(),
-                total: self.shape.num_pages,
-            });
-        }
-        let mut slots = Vec::new();
-        for &(id, count) in appends {
-            let mut r = self.requests[id.0].take().expect("checked above");
-            for _ in 0..count {
-                if r.len.is_multiple_of(page_size) {
-                    r.pages.push(self.free_pages.pop().expect("counted above"));
-                }
-                let page = *r.pages.last().expect("a page was just ensured") as usize;
-                slots.push((page * page_size + r.len % page_size) as i32);
-                r.len += 1;
-            }
-            self.requests[id.0] = Some(r);
-        }
-        Ok(slots)
+        self.pages.reserve(appends)
     }
 
     /// The host page table of the listed requests, in order.
@@ -366,15 +323,7 @@ impl<T: KvElement> PagedKvCache<T> {
     /// # Errors
     /// [`Error::UnknownRequest`], or an empty request (a table row needs a token).
     pub fn host_page_table(&self, ids: &[RequestId]) -> Result<HostPageTable> {
-        let rows = ids
-            .iter()
-            .map(|&id| self.request(id).map(|r| (r.pages.as_slice(), r.len)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok(HostPageTable::from_requests(
-            &rows,
-            self.shape.page_size,
-            self.shape.num_pages,
-        )?)
+        self.pages.host_page_table(ids)
     }
 
     /// The device page table of the listed requests, in order.

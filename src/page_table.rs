@@ -38,12 +38,12 @@ impl PageTable {
                 .map_err(|e| Error::driver(format!("uploading {what}"), e))
         };
         Ok(PageTable {
-            kv_indptr: copy("kv_indptr", &table.kv_indptr)?,
-            kv_indices: copy("kv_indices", &table.kv_indices)?,
-            kv_last_page_len: copy("kv_last_page_len", &table.kv_last_page_len)?,
+            kv_indptr: copy("kv_indptr", table.kv_indptr())?,
+            kv_indices: copy("kv_indices", table.kv_indices())?,
+            kv_last_page_len: copy("kv_last_page_len", table.kv_last_page_len())?,
             batch: table.batch(),
             max_len: table.max_len(),
-            page_size: table.page_size,
+            page_size: table.page_size(),
             num_pages,
         })
     }

@@ -84,7 +84,8 @@ fn check_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         &step.kv(),
         &step.table,
         sm_scale,
-    );
+    )
+    .unwrap();
     let plan = decoder.plan(case.lens.len(), case.num_kv_heads, step.table.max_len());
     let what = format!(
         "{spec} kv_heads {} lens {:?} plan {plan:?} seed {seed}",
@@ -274,7 +275,8 @@ fn gpu_append_then_decode_matches_reference() {
         },
         &host_table,
         1.0 / (d as f32).sqrt(),
-    );
+    )
+    .unwrap();
     common::assert_close("o after appends", &o, &want.o, 2e-3, 8e-3);
     // The appended values are where the page table says: a zero-filled cache would give a
     // different answer, and the reference reads the downloaded pool through the same table.

@@ -187,7 +187,7 @@ fn check_metadata<T: KvElement>(
         want
     });
     let quest = d.page_max.as_ref().map(|max_dev| {
-        let want = QuestMeta::build(kv, &built.host_table);
+        let want = QuestMeta::build(kv, &built.host_table).unwrap();
         let max: Vec<f32> = stream
             .clone_dtoh(max_dev)
             .unwrap()
@@ -200,7 +200,7 @@ fn check_metadata<T: KvElement>(
             .iter()
             .map(|x| x.to_f32())
             .collect();
-        for page in built.host_table.kv_indices.iter().map(|&p| p as usize) {
+        for page in built.host_table.kv_indices().iter().map(|&p| p as usize) {
             for g in 0..kv.shape.num_kv_heads {
                 let at = want.offset(page, g);
                 let n = kv.shape.head_dim;
@@ -782,7 +782,7 @@ fn gpu_sparse_step_replays_as_a_cuda_graph() {
         .end_capture(cudarc::driver::sys::CUgraphInstantiate_flags(0))
         .unwrap()
         .expect("a captured graph");
-    let quest = QuestMeta::build(&kv, &built.host_table);
+    let quest = QuestMeta::build(&kv, &built.host_table).unwrap();
     let quant = Quant4Cache::build(&kv, &built.host_table).unwrap();
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
     for replay in 0..2 {

@@ -4,7 +4,7 @@
 
 use half::f16;
 use proptest::prelude::*;
-use twilight::reference::quant::{dequantize_row, quantize_row, row_params, Quant4Cache};
+use twilight::reference::quant::{dequantize_row, quantize_row, Quant4Cache};
 use twilight::reference::quest::{
     quest_budget_pages, quest_scores, quest_select, valid_tokens_per_page, QuestMeta,
 };
@@ -118,7 +118,7 @@ fn run(
     params: StepParams,
 ) -> StepResult {
     let kv = s.kv();
-    let meta = QuestMeta::build(&kv, &s.table);
+    let meta = QuestMeta::build(&kv, &s.table).unwrap();
     let quant = Quant4Cache::build(&kv, &s.table).unwrap();
     let inputs = StepInputs {
         q: &s.q,
@@ -232,7 +232,7 @@ proptest! {
     fn full_none_is_dense_and_big_budgets_select_everything(c in case(), p in 0.01f32..=1.0) {
         let s = step_of(&c);
         let scale = sm_scale(&c);
-        let dense = dense_decode(&s.q, s.num_qo_heads, &s.kv(), &s.table, scale);
+        let dense = dense_decode(&s.q, s.num_qo_heads, &s.kv(), &s.table, scale).unwrap();
         let full = run(&c, &s, Selector::Full, Pruning::None, StepParams::new(1, p, scale));
         prop_assert_eq!(&full.o, &dense.o);
         prop_assert_eq!(&full.lse, &dense.lse);
@@ -245,7 +245,7 @@ proptest! {
             let r = run(&c, &s, selector, Pruning::None, StepParams::new(b0, p, scale));
             for b in 0..s.table.batch() {
                 let all: Vec<usize> = (0..s.table.len_of(b)).map(|t| s.table.slot(b, t)).collect();
-                let pages = (s.table.kv_indptr[b + 1] - s.table.kv_indptr[b]) as usize;
+                let pages = s.table.pages_of(b).len();
                 for g in 0..c.num_kv_heads {
                     let i = b * c.num_kv_heads + g;
                     prop_assert_eq!(&r.candidates[i], &all);
@@ -264,11 +264,11 @@ proptest! {
         let s = step_of(&c);
         let r = run(&c, &s, Selector::Quest, Pruning::None, StepParams::new(b0, 0.9, sm_scale(&c)));
         let kv = s.kv();
-        let meta = QuestMeta::build(&kv, &s.table);
+        let meta = QuestMeta::build(&kv, &s.table).unwrap();
         let d = c.head_dim;
         for b in 0..s.table.batch() {
-            let lo = s.table.kv_indptr[b] as usize;
-            let n = s.table.kv_indptr[b + 1] as usize - lo;
+            let req_pages = s.table.pages_of(b);
+            let n = req_pages.len();
             for g in 0..c.num_kv_heads {
                 let i = b * c.num_kv_heads + g;
                 let sel = &r.selected_pages[i];
@@ -288,8 +288,8 @@ proptest! {
                 prop_assert_eq!(sel, &quest_select(&scores, budget));
                 let mut want = Vec::new();
                 for &pos in sel {
-                    let page = s.table.kv_indices[lo + pos] as usize;
-                    let valid = if pos + 1 == n { s.table.kv_last_page_len[b] as usize } else { c.page_size };
+                    let page = req_pages[pos] as usize;
+                    let valid = if pos + 1 == n { s.table.kv_last_page_len()[b] as usize } else { c.page_size };
                     want.extend((0..valid).map(|o| page * c.page_size + o));
                 }
                 prop_assert_eq!(&r.candidates[i], &want);
@@ -303,7 +303,7 @@ proptest! {
     fn incremental_append_matches_batch_build(c in case(), chunk_seed in any::<u64>()) {
         let s = step_of(&c);
         let kv = s.kv();
-        let batch_meta = QuestMeta::build(&kv, &s.table);
+        let batch_meta = QuestMeta::build(&kv, &s.table).unwrap();
         let batch_q4 = Quant4Cache::build(&kv, &s.table).unwrap();
         let sh = s.shape;
         let mut meta = QuestMeta::zeros(sh.num_pages, sh.num_kv_heads, sh.head_dim);
@@ -325,7 +325,7 @@ proptest! {
         }
         prop_assert_eq!(&meta, &batch_meta);
         prop_assert_eq!(&q4, &batch_q4);
-        let valid = valid_tokens_per_page(&s.table, sh.num_pages);
+        let valid = valid_tokens_per_page(&s.table, sh.num_pages).unwrap();
         for (page, &v) in valid.iter().enumerate() {
             if v == 0 {
                 for g in 0..sh.num_kv_heads {
@@ -336,9 +336,11 @@ proptest! {
         }
     }
 
-    /// 4-bit error bound per element, with `scale` the f32 step and `(scale_h, min_h)` the
-    /// stored f16 values:
-    /// `|dequant - k| <= scale / 2 + 15 * |scale - f32(scale_h)| + |kmin - f32(min_h)|
+    /// 4-bit error bound per element, against the exact row parameters computed here in f64
+    /// (not the quantizer's own): `kmin`, `kmax` of the row and `scale = max(kmax - kmin,
+    /// 1e-6) / 15`. The stored f16 `(scale_h, min_h)` must be the exact values to f16's
+    /// half-ulp (plus the f32 rounding of the scale's division before it is stored), and
+    /// `|dequant - k| <= scale / 2 + 15 * |scale - scale_h| + |kmin - min_h|
     ///                   + 4 * eps * (|k| + |kmin| + 15 * scale)`, eps = f32::EPSILON:
     /// half a step from rounding to the grid, the grid's stretch from the f16 scale over at
     /// most 15 steps, the f16 offset, and the f32 roundings of subtract, divide, multiply, add.
@@ -359,19 +361,47 @@ proptest! {
         }
         let mut packed = vec![0u8; k.len() / 2];
         let sm = quantize_row(&k, &mut packed);
-        let (kmin, scale) = row_params(&k);
+        let kmin = k.iter().map(|&x| x as f64).fold(f64::INFINITY, f64::min);
+        let kmax = k.iter().map(|&x| x as f64).fold(f64::NEG_INFINITY, f64::max);
+        let scale = (kmax - kmin).max(1e-6) / 15.0;
         let mut out = vec![0f32; k.len()];
         dequantize_row(&packed, sm, &mut out);
-        let (scale_h, min_h) = (sm[0].to_f32(), sm[1].to_f32());
+        let (scale_h, min_h) = (sm[0].to_f32() as f64, sm[1].to_f32() as f64);
         let eps = f32::EPSILON as f64;
+        // kmin is an f32 value: one rounding to f16. The scale is divided in f32 first.
+        prop_assert!((min_h - kmin).abs() <= f16_half_ulp(kmin), "min {} stored {}", kmin, min_h);
+        prop_assert!(
+            (scale_h - scale).abs() <= f16_half_ulp(scale) + 2.0 * eps * scale,
+            "scale {} stored {}", scale, scale_h
+        );
         for (&x, &y) in k.iter().zip(&out) {
-            let bound = scale as f64 / 2.0
-                + 15.0 * (scale as f64 - scale_h as f64).abs()
-                + (kmin as f64 - min_h as f64).abs()
-                + 4.0 * eps * (x.abs() as f64 + kmin.abs() as f64 + 15.0 * scale as f64);
+            let bound = scale / 2.0
+                + 15.0 * (scale - scale_h).abs()
+                + (kmin - min_h).abs()
+                + 4.0 * eps * (x.abs() as f64 + kmin.abs() + 15.0 * scale);
             let err = (y as f64 - x as f64).abs();
             prop_assert!(err <= bound, "k {} dequant {} err {} bound {}", x, y, err, bound);
         }
+    }
+}
+
+/// Half the spacing of f16 values around `x` (subnormals below 2^-14 are spaced 2^-24).
+fn f16_half_ulp(x: f64) -> f64 {
+    let x = x.abs();
+    let ulp = if x < 2f64.powi(-14) {
+        2f64.powi(-24)
+    } else {
+        2f64.powi(x.log2().floor() as i32 - 10)
+    };
+    ulp / 2.0
+}
+
+#[test]
+fn f16_half_ulp_matches_f16_spacing() {
+    for x in [1.0f64, 1.5, 2.0, 1000.0, 6.1e-5, 1e-7, 0.0] {
+        let h = half::f16::from_f64(x);
+        let up = half::f16::from_bits(h.to_bits() + 1).to_f64();
+        assert_eq!(f16_half_ulp(h.to_f64()), (up - h.to_f64()) / 2.0, "{x}");
     }
 }
 
@@ -422,7 +452,7 @@ fn quest_selection_by_hand() {
         v: &k,
     };
     let table = twilight::HostPageTable::new(vec![0, 2], vec![1, 0], vec![2], 2, 2).unwrap();
-    let meta = QuestMeta::build(&kv, &table);
+    let meta = QuestMeta::build(&kv, &table).unwrap();
     // Page 1: max (1, 1), min (0.5, -2); page 0: max (2, 4), min (-3, -1).
     assert_eq!(meta.max_row(1, 0), &[1.0, 1.0]);
     assert_eq!(meta.min_row(0, 0), &[-3.0, -1.0]);
@@ -446,7 +476,7 @@ fn reference_speed() {
     println!("{params}\ngenerate: {:.2} s", t.elapsed().as_secs_f64());
     let kv = s.kv();
     let t = Instant::now();
-    let meta = QuestMeta::build(&kv, &s.table);
+    let meta = QuestMeta::build(&kv, &s.table).unwrap();
     println!("QuestMeta::build: {:.2} s", t.elapsed().as_secs_f64());
     let t = Instant::now();
     let quant = Quant4Cache::build(&kv, &s.table).unwrap();
@@ -653,7 +683,7 @@ proptest! {
             &dc, &s, &labels, Pruning::None,
             StepParams::new(s.table.max_len() + b0 % 3, 0.9, scale),
         );
-        let dense = dense_decode(&s.q, s.num_qo_heads, &kv, &s.table, scale);
+        let dense = dense_decode(&s.q, s.num_qo_heads, &kv, &s.table, scale).unwrap();
         prop_assert_eq!(&all.o, &dense.o);
         prop_assert_eq!(&all.lse, &dense.lse);
     }
@@ -723,7 +753,7 @@ proptest! {
             }
         }
         prop_assert_eq!(&labels, &built);
-        let valid = valid_tokens_per_page(&s.table, s.shape.num_pages);
+        let valid = valid_tokens_per_page(&s.table, s.shape.num_pages).unwrap();
         for g in 0..c.num_kv_heads {
             for (page, &v) in valid.iter().enumerate() {
                 for off in 0..c.page_size {

@@ -5,7 +5,7 @@
 mod page_table;
 mod shape;
 
-pub use page_table::HostPageTable;
+pub use page_table::{HostPageTable, MAX_REQUEST_TOKENS};
 pub use shape::CacheShape;
 
 use twilight_jit::KvLayout;

@@ -1,27 +1,36 @@
 //! The FlashInfer-style page table of a batch: `kv_indptr [batch + 1]`, `kv_indices [nnz]`,
 //! `kv_last_page_len [batch]`. Request `b` owns pages `kv_indices[kv_indptr[b]..kv_indptr[b+1]]`
 //! and holds `(pages - 1) * page_size + kv_last_page_len[b]` tokens.
+//!
+//! A table is validated when it is built ([`HostPageTable::new`], [`HostPageTable::from_requests`])
+//! and its fields are private, so every table that exists is consistent: the accessors below
+//! never index out of range for a request and token the table has.
 
 use crate::host::HostError as Error;
 
 type Result<T> = std::result::Result<T, Error>;
 
+/// The longest request a table may describe: the kernels index a request's tokens with 32-bit
+/// signed integers and add a page's worth of slack to them.
+pub const MAX_REQUEST_TOKENS: usize = i32::MAX as usize / 2;
+
 /// A page table on the host, checked against the cache it indexes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HostPageTable {
-    pub kv_indptr: Vec<i32>,
-    pub kv_indices: Vec<i32>,
-    pub kv_last_page_len: Vec<i32>,
-    pub page_size: usize,
+    kv_indptr: Vec<i32>,
+    kv_indices: Vec<i32>,
+    kv_last_page_len: Vec<i32>,
+    page_size: usize,
 }
 
 impl HostPageTable {
     /// Builds and validates a table.
     ///
     /// # Errors
-    /// [`Error::PageTable`] naming the first problem: indptr not starting at 0, decreasing or
-    /// not ending at `kv_indices.len()`; a request with no page; a page id outside
-    /// `0..num_pages`; `kv_last_page_len` outside `1..=page_size`; lengths that disagree.
+    /// [`Error::PageTable`] naming the first problem: a page size of 0; indptr not starting at
+    /// 0, not increasing or not ending at `kv_indices.len()`; a request with no page; a page id
+    /// outside `0..num_pages`; `kv_last_page_len` outside `1..=page_size`; lengths that
+    /// disagree; a request longer than [`MAX_REQUEST_TOKENS`].
     pub fn new(
         kv_indptr: Vec<i32>,
         kv_indices: Vec<i32>,
@@ -42,12 +51,16 @@ impl HostPageTable {
     /// A table for requests whose pages are listed in order, with their token counts.
     ///
     /// # Errors
-    /// As [`HostPageTable::new`]; also a request whose page list cannot hold its tokens.
+    /// As [`HostPageTable::new`]; also a request whose page list cannot hold its tokens, and a
+    /// table with more pages than 32-bit indices can count.
     pub fn from_requests(
         requests: &[(&[i32], usize)],
         page_size: usize,
         num_pages: usize,
     ) -> Result<HostPageTable> {
+        if page_size == 0 {
+            return Err(Error::PageTable("page_size is 0".into()));
+        }
         let mut indptr = vec![0i32];
         let mut indices = Vec::new();
         let mut last = Vec::new();
@@ -60,8 +73,18 @@ impl HostPageTable {
                 )));
             }
             indices.extend_from_slice(&pages[..needed]);
-            indptr.push(indices.len() as i32);
-            last.push((len - (needed - 1) * page_size) as i32);
+            let end = i32::try_from(indices.len()).map_err(|_| {
+                Error::PageTable(format!(
+                    "the requests up to {b} hold {} pages, more than 32-bit kv_indptr counts",
+                    indices.len()
+                ))
+            })?;
+            indptr.push(end);
+            // needed >= 1 and (needed - 1) * page_size < len, so this fits in 1..=page_size.
+            let last_len = len - (needed - 1) * page_size;
+            last.push(i32::try_from(last_len).map_err(|_| {
+                Error::PageTable(format!("page_size {page_size} exceeds 32-bit lengths"))
+            })?);
         }
         HostPageTable::new(indptr, indices, last, page_size, num_pages)
     }
@@ -70,10 +93,40 @@ impl HostPageTable {
         self.kv_last_page_len.len()
     }
 
-    /// Token count of request `b`.
+    /// `kv_indptr [batch + 1]`.
+    pub fn kv_indptr(&self) -> &[i32] {
+        &self.kv_indptr
+    }
+
+    /// `kv_indices [nnz_pages]`.
+    pub fn kv_indices(&self) -> &[i32] {
+        &self.kv_indices
+    }
+
+    /// `kv_last_page_len [batch]`.
+    pub fn kv_last_page_len(&self) -> &[i32] {
+        &self.kv_last_page_len
+    }
+
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// The pages of request `b` in token order (empty for a request the table does not have).
+    pub fn pages_of(&self, b: usize) -> &[i32] {
+        if b >= self.batch() {
+            return &[];
+        }
+        &self.kv_indices[self.kv_indptr[b] as usize..self.kv_indptr[b + 1] as usize]
+    }
+
+    /// Token count of request `b` (0 for a request the table does not have).
     pub fn len_of(&self, b: usize) -> usize {
-        let pages = (self.kv_indptr[b + 1] - self.kv_indptr[b]) as usize;
-        (pages - 1) * self.page_size + self.kv_last_page_len[b] as usize
+        match self.pages_of(b).len() {
+            0 => 0,
+            // Validated: at most MAX_REQUEST_TOKENS, so nothing here overflows.
+            pages => (pages - 1) * self.page_size + self.kv_last_page_len[b] as usize,
+        }
     }
 
     /// Every valid token slot of every request, in request then token order.
@@ -85,12 +138,35 @@ impl HostPageTable {
         (0..self.batch()).map(|b| self.len_of(b)).max().unwrap_or(0)
     }
 
-    /// Slot (`page * page_size + offset`) of token `t` of request `b`.
-    pub fn slot(&self, b: usize, t: usize) -> usize {
-        let page = self.kv_indices[self.kv_indptr[b] as usize + t / self.page_size] as usize;
-        page * self.page_size + t % self.page_size
+    /// Slot (`page * page_size + offset`) of token `t` of request `b`, or `None` when the
+    /// table has no such token.
+    pub fn try_slot(&self, b: usize, t: usize) -> Option<usize> {
+        if t >= self.len_of(b) {
+            return None;
+        }
+        let page = self.pages_of(b)[t / self.page_size] as usize;
+        Some(page * self.page_size + t % self.page_size)
     }
 
+    /// Slot (`page * page_size + offset`) of token `t` of request `b`.
+    ///
+    /// # Panics
+    /// When `b` or `t` is out of range, as slice indexing does; [`HostPageTable::try_slot`] is
+    /// the checked form.
+    pub fn slot(&self, b: usize, t: usize) -> usize {
+        match self.try_slot(b, t) {
+            Some(slot) => slot,
+            None => panic!(
+                "token {t} of request {b}: the table has {} requests, that one {} tokens",
+                self.batch(),
+                self.len_of(b)
+            ),
+        }
+    }
+
+    /// Checks the table against a cache of `num_pages` pages (construction already checked
+    /// it against the cache it was built for; this checks it against another).
+    ///
     /// # Errors
     /// See [`HostPageTable::new`].
     pub fn validate(&self, num_pages: usize) -> Result<()> {
@@ -124,8 +200,20 @@ impl HostPageTable {
                     self.page_size
                 ));
             }
+            // kv_indptr starts at 0 and increases, so hi - lo is positive and fits.
+            let tokens = ((hi - lo) as usize - 1)
+                .checked_mul(self.page_size)
+                .and_then(|n| n.checked_add(last as usize));
+            if tokens.is_none_or(|n| n > MAX_REQUEST_TOKENS) {
+                return bad(format!(
+                    "request {b} ({} pages of {}) is longer than the kernels' 32-bit token index allows ({MAX_REQUEST_TOKENS})",
+                    hi - lo,
+                    self.page_size
+                ));
+            }
         }
-        let nnz = *self.kv_indptr.last().unwrap_or(&0) as usize;
+        // Increasing from 0: the last entry is the largest and not negative.
+        let nnz = self.kv_indptr[batch] as usize;
         if nnz != self.kv_indices.len() {
             return bad(format!(
                 "kv_indptr ends at {nnz} but kv_indices has {} entries",
@@ -141,9 +229,6 @@ impl HostPageTable {
             return bad(format!(
                 "kv_indices[{i}] = {p} is outside the cache's pages 0..{num_pages}"
             ));
-        }
-        if self.max_len() > i32::MAX as usize / 2 {
-            return bad("a request is longer than the kernels' 32-bit token index".into());
         }
         Ok(())
     }

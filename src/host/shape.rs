@@ -13,7 +13,16 @@ pub struct CacheShape {
 }
 
 impl CacheShape {
-    /// Elements in one of K or V.
+    /// Elements in one of K or V, or `None` when the count overflows `usize`.
+    pub fn checked_elements(&self) -> Option<usize> {
+        self.num_pages
+            .checked_mul(self.num_kv_heads)?
+            .checked_mul(self.page_size)?
+            .checked_mul(self.head_dim)
+    }
+
+    /// Elements in one of K or V (for a shape that has been checked: see
+    /// [`CacheShape::checked_elements`]).
     pub fn elements(&self) -> usize {
         self.num_pages * self.num_kv_heads * self.page_size * self.head_dim
     }

@@ -93,24 +93,32 @@ impl DsLabels {
     pub fn zeros(shape: CacheShape, channels: Vec<Vec<usize>>) -> Result<DsLabels> {
         let r = channels.first().map_or(0, Vec::len);
         check_channels(&channels, shape.num_kv_heads, shape.head_dim, r)?;
-        let rows = shape.num_pages * shape.num_kv_heads * shape.page_size;
+        let labels = shape
+            .num_pages
+            .checked_mul(shape.num_kv_heads)
+            .and_then(|n| n.checked_mul(shape.page_size))
+            .and_then(|n| n.checked_mul(r))
+            .ok_or_else(|| {
+                Error::Parameter(format!("cache shape {shape:?} does not fit in memory"))
+            })?;
         Ok(DsLabels {
             shape,
             r,
             channels,
-            labels: vec![0.0; rows * r],
+            labels: vec![0.0; labels],
         })
     }
 
     /// The labels of every valid token of every request of the table, for every KV head.
     ///
     /// # Errors
-    /// As [`DsLabels::zeros`].
+    /// As [`DsLabels::zeros`] and [`HostKv::check`].
     pub fn build(
         kv: &HostKv,
         table: &HostPageTable,
         channels: Vec<Vec<usize>>,
     ) -> Result<DsLabels> {
+        kv.check(table)?;
         let mut labels = DsLabels::zeros(kv.shape, channels)?;
         for slot in table.valid_slots() {
             for g in 0..kv.shape.num_kv_heads {

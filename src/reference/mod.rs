@@ -14,7 +14,7 @@ pub use step::{decode_step, HeadDetail, StepInputs, StepParams, StepResult};
 pub use top_p::TopP;
 
 pub use crate::host::CacheShape;
-use crate::host::HostPageTable;
+use crate::host::{HostError, HostPageTable, HostResult};
 
 /// K and V of a paged cache on the host, as f32 (already rounded to the storage dtype).
 #[derive(Clone, Copy, Debug)]
@@ -25,6 +25,41 @@ pub struct HostKv<'a> {
 }
 
 impl HostKv<'_> {
+    /// Checks that K and V fill the shape and that `table` indexes this pool: a shape with no
+    /// zero dimension whose size fits in memory, K and V of exactly that many elements, the
+    /// table's page size and page ids. Every reference entry point that takes a whole cache
+    /// calls this first, so no bad input reaches an index.
+    ///
+    /// # Errors
+    /// [`HostError::Parameter`], [`HostError::Shape`] or [`HostError::PageTable`] naming the
+    /// first problem.
+    pub fn check(&self, table: &HostPageTable) -> HostResult<()> {
+        let s = self.shape;
+        if s.num_pages == 0 || s.num_kv_heads == 0 || s.page_size == 0 || s.head_dim == 0 {
+            return Err(HostError::Parameter(format!(
+                "cache shape has a zero dimension: {s:?}"
+            )));
+        }
+        let elements = s.checked_elements().ok_or_else(|| {
+            HostError::Parameter(format!(
+                "cache shape {s:?} has more elements than fit in memory"
+            ))
+        })?;
+        for (what, data) in [("K elements", self.k), ("V elements", self.v)] {
+            if data.len() != elements {
+                return Err(HostError::shape(what, elements, data.len()));
+            }
+        }
+        if table.page_size() != s.page_size {
+            return Err(HostError::shape(
+                "page_size (cache vs page table)",
+                s.page_size,
+                table.page_size(),
+            ));
+        }
+        table.validate(s.num_pages)
+    }
+
     pub fn k_row(&self, slot: usize, kv_head: usize) -> &[f32] {
         let at = self.shape.offset(slot, kv_head);
         &self.k[at..at + self.shape.head_dim]
@@ -78,14 +113,37 @@ pub fn attend(
 
 /// Dense paged decode: every query head attends to every token of its request, through its
 /// KV head `h / group_size`. `q` is `[batch, num_qo_heads, head_dim]`.
+///
+/// # Errors
+/// As [`HostKv::check`]; also a `num_qo_heads` that is not a positive multiple of the KV head
+/// count, or a `q` of the wrong length.
 pub fn dense_decode(
     q: &[f32],
     num_qo_heads: usize,
     kv: &HostKv,
     table: &HostPageTable,
     sm_scale: f32,
-) -> DecodeResult {
+) -> HostResult<DecodeResult> {
+    kv.check(table)?;
     let d = kv.shape.head_dim;
+    if num_qo_heads == 0 || !num_qo_heads.is_multiple_of(kv.shape.num_kv_heads) {
+        return Err(HostError::shape(
+            "num_qo_heads",
+            format!("a positive multiple of {}", kv.shape.num_kv_heads),
+            num_qo_heads,
+        ));
+    }
+    let want = table
+        .batch()
+        .checked_mul(num_qo_heads)
+        .and_then(|n| n.checked_mul(d));
+    if want != Some(q.len()) {
+        return Err(HostError::shape(
+            "q [batch, num_qo_heads, head_dim]",
+            format!("{} x {num_qo_heads} x {d}", table.batch()),
+            q.len(),
+        ));
+    }
     let group = num_qo_heads / kv.shape.num_kv_heads;
     let batch = table.batch();
     let mut o = Vec::with_capacity(batch * num_qo_heads * d);
@@ -99,7 +157,7 @@ pub fn dense_decode(
             lse.push(l);
         }
     }
-    DecodeResult { o, lse }
+    Ok(DecodeResult { o, lse })
 }
 
 #[cfg(test)]
@@ -122,7 +180,7 @@ mod tests {
             v: &[3.0, -4.0],
         };
         let table = HostPageTable::new(vec![0, 1], vec![0], vec![1], 1, 1).unwrap();
-        let r = dense_decode(&[0.5, 0.25], 1, &kv, &table, 1.0);
+        let r = dense_decode(&[0.5, 0.25], 1, &kv, &table, 1.0).unwrap();
         assert_eq!(r.o, vec![3.0, -4.0]);
         // score = 0.5 * 1 + 0.25 * 2 = 1, one token: lse = 1.
         assert!((r.lse[0] - 1.0).abs() < 1e-6);
@@ -143,9 +201,47 @@ mod tests {
             v: &[1.0, 3.0],
         };
         let table = HostPageTable::new(vec![0, 2], vec![1, 0], vec![1], 1, 2).unwrap();
-        let r = dense_decode(&[1.0], 1, &kv, &table, 0.5);
+        let r = dense_decode(&[1.0], 1, &kv, &table, 0.5).unwrap();
         assert!((r.o[0] - 2.0).abs() < 1e-6);
         assert!((r.lse[0] - (1.0 + 2f32.ln())).abs() < 1e-6);
+    }
+
+    #[test]
+    fn bad_inputs_are_errors_not_panics() {
+        let shape = CacheShape {
+            num_pages: 2,
+            num_kv_heads: 1,
+            page_size: 1,
+            head_dim: 1,
+            layout: KvLayout::Hnd,
+        };
+        let table = HostPageTable::new(vec![0, 2], vec![1, 0], vec![1], 1, 2).unwrap();
+        let short = HostKv {
+            shape,
+            k: &[2.0],
+            v: &[1.0, 3.0],
+        };
+        assert!(dense_decode(&[1.0], 1, &short, &table, 0.5).is_err());
+        let kv = HostKv {
+            shape,
+            k: &[2.0, 2.0],
+            v: &[1.0, 3.0],
+        };
+        // q of the wrong length, heads that are not a multiple, a table for a bigger pool.
+        assert!(dense_decode(&[1.0, 2.0], 1, &kv, &table, 0.5).is_err());
+        assert!(dense_decode(&[], 0, &kv, &table, 0.5).is_err());
+        let wide = HostPageTable::new(vec![0, 1], vec![7], vec![1], 1, 8).unwrap();
+        assert!(dense_decode(&[1.0], 1, &kv, &wide, 0.5).is_err());
+        assert!(QuestMeta::build(&kv, &wide).is_err());
+        assert!(Quant4Cache::build(&kv, &wide).is_err());
+        let huge = HostKv {
+            shape: CacheShape {
+                num_pages: usize::MAX,
+                ..shape
+            },
+            ..kv
+        };
+        assert!(dense_decode(&[1.0], 1, &huge, &table, 0.5).is_err());
     }
 
     #[test]

@@ -95,7 +95,9 @@ impl Quant4Cache {
                 shape.head_dim
             )));
         }
-        let rows = shape.elements() / shape.head_dim.max(1);
+        let rows = shape.checked_elements().ok_or_else(|| {
+            Error::Parameter(format!("cache shape {shape:?} does not fit in memory"))
+        })? / shape.head_dim.max(1);
         Ok(Quant4Cache {
             shape,
             codes: vec![0; rows * shape.head_dim / 2],
@@ -106,8 +108,9 @@ impl Quant4Cache {
     /// Quantizes every valid token of every request of the table, for every KV head.
     ///
     /// # Errors
-    /// As [`Quant4Cache::zeros`].
+    /// As [`Quant4Cache::zeros`] and [`HostKv::check`].
     pub fn build(kv: &HostKv, table: &HostPageTable) -> Result<Quant4Cache> {
+        kv.check(table)?;
         let mut cache = Quant4Cache::zeros(kv.shape)?;
         for slot in table.valid_slots() {
             for g in 0..kv.shape.num_kv_heads {

@@ -4,7 +4,7 @@
 //! are the element-wise max and min of K over the page's valid tokens; they are K values, so
 //! they are exact in the storage dtype.
 
-use crate::host::HostPageTable;
+use crate::host::{HostPageTable, HostResult};
 use crate::reference::HostKv;
 
 /// Quest's per-page bounds of K: `page_max`, `page_min`, each `[num_pages, num_kv_heads,
@@ -21,21 +21,25 @@ pub struct QuestMeta {
 /// The number of valid tokens of every page of the pool as the table references it: a page
 /// that is not a request's last holds `page_size` tokens, a last page `kv_last_page_len`; a page
 /// referenced more than once counts its largest use; an unreferenced page counts 0.
-pub fn valid_tokens_per_page(table: &HostPageTable, num_pages: usize) -> Vec<usize> {
+///
+/// # Errors
+/// A table that references a page outside `0..num_pages`.
+pub fn valid_tokens_per_page(table: &HostPageTable, num_pages: usize) -> HostResult<Vec<usize>> {
+    table.validate(num_pages)?;
     let mut valid = vec![0usize; num_pages];
     for b in 0..table.batch() {
-        let (lo, hi) = (table.kv_indptr[b] as usize, table.kv_indptr[b + 1] as usize);
-        for (pos, &page) in table.kv_indices[lo..hi].iter().enumerate() {
-            let n = if lo + pos + 1 == hi {
-                table.kv_last_page_len[b] as usize
+        let pages = table.pages_of(b);
+        for (pos, &page) in pages.iter().enumerate() {
+            let n = if pos + 1 == pages.len() {
+                table.kv_last_page_len()[b] as usize
             } else {
-                table.page_size
+                table.page_size()
             };
             let slot = &mut valid[page as usize];
             *slot = (*slot).max(n);
         }
     }
-    valid
+    Ok(valid)
 }
 
 impl QuestMeta {
@@ -52,15 +56,22 @@ impl QuestMeta {
     }
 
     /// The bounds of every page the table references, over its valid tokens.
-    pub fn build(kv: &HostKv, table: &HostPageTable) -> QuestMeta {
+    ///
+    /// # Errors
+    /// As [`HostKv::check`]: K and V that do not fill the shape, a table for another pool.
+    pub fn build(kv: &HostKv, table: &HostPageTable) -> HostResult<QuestMeta> {
+        kv.check(table)?;
         let s = kv.shape;
         let mut meta = QuestMeta::zeros(s.num_pages, s.num_kv_heads, s.head_dim);
-        for (page, &n) in valid_tokens_per_page(table, s.num_pages).iter().enumerate() {
+        for (page, &n) in valid_tokens_per_page(table, s.num_pages)?
+            .iter()
+            .enumerate()
+        {
             if n > 0 {
                 meta.append(kv, page, 0, n);
             }
         }
-        meta
+        Ok(meta)
     }
 
     /// Element offset of (page, kv_head, channel 0).
@@ -132,8 +143,8 @@ pub fn quest_scores(
     b: usize,
     kv_head: usize,
 ) -> Vec<f64> {
-    let (lo, hi) = (table.kv_indptr[b] as usize, table.kv_indptr[b + 1] as usize);
-    table.kv_indices[lo..hi]
+    table
+        .pages_of(b)
         .iter()
         .map(|&page| quest_page_score(q_group, meta, page as usize, kv_head))
         .collect()
@@ -202,7 +213,7 @@ mod tests {
             v: &k,
         };
         let table = HostPageTable::new(vec![0, 2], vec![1, 0], vec![1], 2, 2).unwrap();
-        let meta = QuestMeta::build(&kv, &table);
+        let meta = QuestMeta::build(&kv, &table).unwrap();
         assert_eq!(meta.max_row(1, 0), &[3.0, 0.0]);
         assert_eq!(meta.min_row(1, 0), &[1.0, -2.0]);
         // The invalid token (100, 100) of page 0 is not counted.

@@ -143,7 +143,7 @@ fn check(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> Result<()> 
     eq(
         "page_size (cache vs page table)",
         s.page_size,
-        x.table.page_size,
+        x.table.page_size(),
     )?;
     eq(
         "head_dim (variant vs cache)",
@@ -162,13 +162,19 @@ fn check(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> Result<()> 
         spec.group_size as usize,
         x.num_qo_heads / s.num_kv_heads,
     )?;
-    eq("K elements", s.elements(), x.kv.k.len())?;
-    eq("V elements", s.elements(), x.kv.v.len())?;
-    eq(
-        "q elements ([batch, num_qo_heads, head_dim])",
-        x.table.batch() * x.num_qo_heads * s.head_dim,
-        x.q.len(),
-    )?;
+    x.kv.check(x.table)?;
+    let q_len = x
+        .table
+        .batch()
+        .checked_mul(x.num_qo_heads)
+        .and_then(|n| n.checked_mul(s.head_dim));
+    if q_len != Some(x.q.len()) {
+        return Err(Error::shape(
+            "q elements ([batch, num_qo_heads, head_dim])",
+            format!("{} x {} x {}", x.table.batch(), x.num_qo_heads, s.head_dim),
+            x.q.len(),
+        ));
+    }
     x.table.validate(s.num_pages)?;
     if spec.selector == Selector::Quest {
         let meta = x.quest.ok_or_else(|| {
@@ -268,9 +274,9 @@ pub fn decode_step(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> R
     };
     let mut row = vec![0f32; d];
     for b in 0..batch {
-        let lo = x.table.kv_indptr[b] as usize;
-        let n_pages = x.table.kv_indptr[b + 1] as usize - lo;
-        let last_len = x.table.kv_last_page_len[b] as usize;
+        let req_pages = x.table.pages_of(b);
+        let n_pages = req_pages.len();
+        let last_len = x.table.kv_last_page_len()[b] as usize;
         let q_req = &x.q[b * x.num_qo_heads * d..][..x.num_qo_heads * d];
         for g in 0..num_kv {
             let q_group = &q_req[g * group * d..][..group * d];
@@ -278,7 +284,7 @@ pub fn decode_step(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> R
             let page_tokens = |pages: &[usize]| -> Vec<usize> {
                 let mut candidates = Vec::new();
                 for &pos in pages {
-                    let page = x.table.kv_indices[lo + pos] as usize;
+                    let page = req_pages[pos] as usize;
                     let valid = if pos + 1 == n_pages { last_len } else { ps };
                     candidates.extend((0..valid).map(|off| page * ps + off));
                 }
@@ -406,7 +412,7 @@ mod tests {
             k: &k,
             v: &v,
         };
-        let meta = QuestMeta::build(&kv, &table);
+        let meta = QuestMeta::build(&kv, &table).unwrap();
         let q = [1.0f32, 0.0];
         let x = StepInputs {
             q: &q,
@@ -443,7 +449,7 @@ mod tests {
             &x,
         )
         .unwrap();
-        let dense = dense_decode(&q, 1, &kv, &table, 0.7);
+        let dense = dense_decode(&q, 1, &kv, &table, 0.7).unwrap();
         assert_eq!((full.o, full.lse), (dense.o, dense.lse));
     }
 

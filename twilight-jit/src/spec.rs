@@ -124,18 +124,43 @@ impl fmt::Display for SpecField {
 /// can point at it.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum SpecError {
-    #[error("unknown key `{key}`; expected one of page_size, head_dim, dtype, group_size, kv_layout, selector, pruning")]
+    #[error("unknown key `{}`; expected one of page_size, head_dim, dtype, group_size, kv_layout, selector, pruning", printable(.key))]
     UnknownKey { key: String },
     #[error("`{field}` is given more than once")]
     DuplicateKey { field: SpecField },
     #[error("missing `{field}` ({})", field.expected())]
     MissingKey { field: SpecField },
-    #[error("bad value `{value}` for `{field}`: expected {}", field.expected())]
+    #[error("bad value `{}` for `{field}`: expected {}", printable(.value), field.expected())]
     BadValue { field: SpecField, value: String },
     #[error("unsupported combination: {reason}")]
     Unsupported { field: SpecField, reason: String },
-    #[error("`{text}` is not a variant name (like `ps16_hd128_f16_g4_hnd_quest_topp`) nor a key=value list: {reason}")]
+    #[error("`{}` is not a variant name (like `ps16_hd128_f16_g4_hnd_quest_topp`) nor a key=value list: {}", printable(.text), printable(.reason))]
     BadName { text: String, reason: String },
+}
+
+/// `text` with every control character escaped (`\n`, `\u{1b}`), so that an error never
+/// writes raw control characters (terminal escapes, carriage returns) from its input back to
+/// a terminal or a log.
+pub fn printable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A number in its one canonical spelling: ASCII digits, no sign, no leading zero. Anything
+/// else (`016`, `+16`, ` 16`) would give a second name for one variant.
+fn canonical_number(text: &str) -> Option<u32> {
+    let digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    if !digits || (text.len() > 1 && text.starts_with('0')) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 impl SpecError {
@@ -351,7 +376,7 @@ impl VariantSpec {
         };
         let number = |text: &str, prefix: &str, field: SpecField| -> Result<u32, SpecError> {
             text.strip_prefix(prefix)
-                .and_then(|n| n.parse().ok())
+                .and_then(canonical_number)
                 .ok_or_else(|| bad(&format!("`{text}` should be `{prefix}<n>` ({field})")))
         };
         let selector = match sel {
@@ -463,7 +488,7 @@ pub fn parse_value(field: SpecField, text: &str) -> Result<FieldValue, SpecError
     };
     let value = match field {
         SpecField::PageSize | SpecField::HeadDim | SpecField::GroupSize => {
-            FieldValue::Number(text.parse().map_err(|_| bad())?)
+            FieldValue::Number(canonical_number(text).ok_or_else(bad)?)
         }
         SpecField::Dtype => FieldValue::Dtype(match text {
             "f16" => Dtype::F16,
@@ -485,7 +510,7 @@ pub fn parse_value(field: SpecField, text: &str) -> Result<FieldValue, SpecError
                     .and_then(|s| s.strip_prefix('('))
                     .and_then(|s| s.strip_suffix(')'))
                     .ok_or_else(bad)?;
-                let channels = inner.trim().parse().map_err(|_| bad())?;
+                let channels = canonical_number(inner.trim()).ok_or_else(bad)?;
                 Selector::DoubleSparse { channels }
             }
         }),
@@ -566,6 +591,45 @@ impl SpecBuilder {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_canonical_numbers_name_a_variant() {
+        let good = "ps16_hd128_f16_g4_hnd_quest_topp";
+        assert!(VariantSpec::from_name(good).is_ok());
+        for bad in [
+            "ps016_hd128_f16_g4_hnd_quest_topp",
+            "ps+16_hd128_f16_g4_hnd_quest_topp",
+            "ps16_hd0128_f16_g4_hnd_quest_topp",
+            "ps16_hd128_f16_g04_hnd_quest_topp",
+            "ps16_hd128_f16_g4_hnd_ds+16_topp",
+            "ps16_hd128_f16_g4_hnd_ds016_topp",
+            "ps_hd128_f16_g4_hnd_quest_topp",
+        ] {
+            assert!(VariantSpec::from_name(bad).is_err(), "{bad} was accepted");
+        }
+        for bad in [
+            "page_size=016",
+            "page_size=+16",
+            "selector=double_sparse(+16)",
+        ] {
+            let text =
+                format!("{bad},head_dim=128,dtype=f16,group_size=4,selector=quest,pruning=top_p");
+            assert!(text.parse::<VariantSpec>().is_err(), "{text} was accepted");
+        }
+    }
+
+    #[test]
+    fn errors_escape_control_characters() {
+        for text in [
+            "ps16\x1b[31m_hd128_f16_g4_hnd_quest_topp",
+            "\x1b]0;title\x07",
+            "page_size=16\r,pages\x1b=1",
+            "page_size=1\x1b6",
+        ] {
+            let err = text.parse::<VariantSpec>().unwrap_err().to_string();
+            assert!(!err.chars().any(char::is_control), "{err:?}");
+        }
+    }
+
     use super::*;
 
     fn llama() -> VariantSpec {

@@ -654,15 +654,15 @@ pub fn plan<T: KvElement>(
     }
     let mut owner: Vec<Option<(usize, usize, usize)>> = vec![None; num_pages];
     for b in 0..lens.len() {
-        let lo = table.kv_indptr[b] as usize;
-        let n = table.kv_indptr[b + 1] as usize - lo;
-        for pos in 0..n {
+        let pages = table.pages_of(b);
+        let n = pages.len();
+        for (pos, &page) in pages.iter().enumerate() {
             let valid = if pos + 1 == n {
-                table.kv_last_page_len[b] as usize
+                table.kv_last_page_len()[b] as usize
             } else {
                 page_size
             };
-            owner[table.kv_indices[lo + pos] as usize] = Some((b, pos, valid));
+            owner[page as usize] = Some((b, pos, valid));
         }
     }
     Ok(GeneratedPlan {
@@ -806,11 +806,7 @@ impl GeneratedPlan {
         check_request(b, self.table.batch())?;
         let shape = &self.shape;
         let page_elems = self.page_elems();
-        let (lo, hi) = (
-            self.table.kv_indptr[b] as usize,
-            self.table.kv_indptr[b + 1] as usize,
-        );
-        let pages = &self.table.kv_indices[lo..hi];
+        let pages = self.table.pages_of(b);
         let mut k = vec![0f32; pages.len() * page_elems];
         let mut v = vec![0f32; pages.len() * page_elems];
         fill_pages_parallel(&mut k, &mut v, page_elems, &|i, kp, vp| {

@@ -7,7 +7,6 @@
 //! `\n` so that the data starts at a multiple of 64 bytes. The data follows in C order,
 //! little-endian, with no padding.
 
-use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
@@ -112,21 +111,69 @@ pub fn encode<E: NpyElement>(shape: &[usize], data: &[E]) -> Result<Vec<u8>> {
     Ok(out)
 }
 
-/// Writes an array of any [`NpyElement`] to `path`.
+/// Writes an array of any [`NpyElement`] to `path`, as [`write_file`] does.
 ///
 /// # Errors
-/// As [`encode`], or [`Error::Write`] naming the file that cannot be written.
+/// As [`encode`] and [`write_file`].
 pub fn write<E: NpyElement>(path: &Path, shape: &[usize], data: &[E]) -> Result<()> {
-    let bytes = encode(shape, data)?;
-    let write_all = || -> std::io::Result<()> {
-        let mut file = BufWriter::new(File::create(path)?);
-        file.write_all(&bytes)?;
-        file.flush()
-    };
-    write_all().map_err(|source| Error::Write {
+    write_file(path, &encode(shape, data)?)
+}
+
+/// Writes `bytes` to `path` without ever following a link and without leaving a partial file:
+/// the bytes go to a new temporary file in the same directory (created exclusively, so a
+/// planted link or file at that name is refused, not followed), which is then renamed over
+/// `path`. A rename replaces the directory entry itself, so a symbolic link at `path` is
+/// replaced by the file and its target is never written. On any failure the temporary file is
+/// removed and `path` is as it was.
+///
+/// # Errors
+/// [`Error::Write`] naming the file: a `path` with no file name, a directory at `path`, or an
+/// I/O error.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let fail = |source: std::io::Error| Error::Write {
         path: path.to_path_buf(),
         source,
+    };
+    let name = path.file_name().ok_or_else(|| {
+        fail(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "the path names no file",
+        ))
+    })?;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.is_dir()) {
+        return Err(fail(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "a directory is in the way",
+        )));
+    }
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let tmp = temp_name(dir, name);
+    let written = (|| -> std::io::Result<()> {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        let mut out = BufWriter::new(file);
+        out.write_all(bytes)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    written.map_err(|e| {
+        // Only ours to remove: create_new made it, or it does not exist.
+        let _ = std::fs::remove_file(&tmp);
+        fail(e)
     })
+}
+
+/// A temporary name beside the final one, unique to this process and call: `.NAME.tmp.PID.N`.
+fn temp_name(dir: &Path, name: &std::ffi::OsStr) -> std::path::PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let mut tmp = std::ffi::OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".tmp.{}.{n}", std::process::id()));
+    dir.join(tmp)
 }
 
 /// Writes `f16` values as `<f2`.
@@ -155,6 +202,39 @@ pub fn write_i32(path: &Path, shape: &[usize], data: &[i32]) -> Result<()> {
 
 #[cfg(test)]
 mod tests {
+
+    #[cfg(unix)]
+    #[test]
+    fn writes_replace_links_never_follow_them_and_leave_nothing_behind() {
+        let dir = std::env::temp_dir().join(format!("twilight-npy-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let target = dir.join("precious");
+        std::fs::write(&target, b"keep").unwrap();
+        let link = dir.join("q.npy");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_i32(&link, &[2], &[1, 2]).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert!(!std::fs::symlink_metadata(&link).unwrap().is_symlink());
+        assert_eq!(
+            std::fs::read(&link).unwrap(),
+            encode(&[2], &[1i32, 2]).unwrap()
+        );
+        // A directory in the way is an error naming the path, and no temporary file remains.
+        std::fs::create_dir(dir.join("o.npy")).unwrap();
+        let err = write_f32(&dir.join("o.npy"), &[1], &[1.0]).unwrap_err();
+        assert!(err.to_string().contains("o.npy"), "{err}");
+        // A missing directory fails the same way.
+        assert!(write_f32(&dir.join("nope/o.npy"), &[1], &[1.0]).is_err());
+        let mut names: Vec<String> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["o.npy", "precious", "q.npy"]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
 
     #[test]

@@ -120,7 +120,8 @@ pub const SPARE_PAGES: usize = 3;
 /// pool's page count.
 ///
 /// # Errors
-/// [`Error::Parameter`] for a zero page size; a page table error for a zero-length request.
+/// [`Error::Parameter`] for a zero page size or a pool of more than 2^31 token slots; a page
+/// table error for a zero-length request.
 pub fn shuffled_page_table(
     rng: &mut StdRng,
     lens: &[usize],
@@ -129,8 +130,22 @@ pub fn shuffled_page_table(
     if page_size == 0 {
         return Err(Error::Parameter("page_size must be positive".into()));
     }
-    let pages_needed: usize = lens.iter().map(|l| l.div_ceil(page_size)).sum();
-    let num_pages = pages_needed + SPARE_PAGES;
+    let num_pages = lens
+        .iter()
+        .try_fold(SPARE_PAGES, |n, l| n.checked_add(l.div_ceil(page_size)))
+        .filter(|&n| {
+            n.checked_mul(page_size)
+                .is_some_and(|s| s <= i32::MAX as usize)
+        })
+        .ok_or_else(|| {
+            Error::Parameter(format!(
+                "{} requests of up to {} tokens in pages of {page_size} need more than 2^31 \
+                 token slots, beyond the kernels' 32-bit slot ids",
+                lens.len(),
+                lens.iter().max().copied().unwrap_or(0)
+            ))
+        })?;
+    // Bounded above, so the cast is exact.
     let mut page_ids: Vec<i32> = (0..num_pages as i32).collect();
     page_ids.shuffle(rng);
     let mut rows = Vec::new();

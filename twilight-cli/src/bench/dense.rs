@@ -19,7 +19,9 @@ use super::timing::time_with_events;
 use crate::CliResult;
 
 pub fn run(args: ShapeArgs) -> CliResult {
-    let spec = args.shape("cli", 0, 1.0).dense_spec()?;
+    let shape = args.shape("cli", 0, 1.0);
+    shape.check_size(super::shape::host_limit())?;
+    let spec = shape.dense_spec()?;
     let stream = open_device(0)?.default_stream();
     match spec.dtype {
         Dtype::F16 => dense_typed::<half::f16>(&stream, spec, &args),

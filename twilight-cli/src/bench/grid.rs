@@ -70,6 +70,10 @@ pub fn run(args: GridArgs) -> CliResult {
     if shapes.is_empty() {
         return Err("no shape selected".into());
     }
+    let host_limit = super::shape::host_limit();
+    for shape in &shapes {
+        shape.check_size(host_limit)?;
+    }
     let peers = read_peers(args.peers.as_deref())?;
     let stream = graph_ready_stream()?;
     let tools = BenchKernels::new(&stream)?;

@@ -112,10 +112,64 @@ impl BenchShape {
         Ok(spec)
     }
 
-    /// Bytes of K and V of one cache of this shape.
+    /// Bytes of K and V of one cache of this shape (saturating: [`BenchShape::check_size`]
+    /// refuses a shape whose count overflows before anything uses it).
     pub fn kv_bytes(&self) -> usize {
-        2 * self.batch * self.kv_heads * self.len * self.head_dim as usize * self.dtype.size_bytes()
+        [self.batch, self.kv_heads, self.len, self.head_dim as usize]
+            .into_iter()
+            .fold(2 * self.dtype.size_bytes(), usize::saturating_mul)
     }
+
+    /// Refuses, before anything is allocated, a shape the kernels cannot address (more than
+    /// 2^31 token slots in one cache) or whose host copy (K and V drawn as f32, then converted)
+    /// would not fit in `host_limit` bytes; the message names the shape, the estimate and the
+    /// limit.
+    ///
+    /// # Errors
+    /// The message.
+    pub fn check_size(&self, host_limit: f64) -> Result<(), String> {
+        let ps = (self.page_size as usize).max(1);
+        let slots = self
+            .batch
+            .checked_mul(self.len.div_ceil(ps))
+            .and_then(|pages| pages.checked_mul(ps));
+        if self.batch == 0 || self.len == 0 || slots.is_none_or(|s| s > i32::MAX as usize) {
+            return Err(format!(
+                "{}: batch {} x len {} needs 1 to 2^31 token slots per cache",
+                self.name, self.batch, self.len
+            ));
+        }
+        // Twice the f32 values of K and V (drawn, then converted), as f64: no overflow.
+        let host = 2.0
+            * 2.0
+            * 4.0
+            * self.batch as f64
+            * self.len as f64
+            * self.kv_heads as f64
+            * self.head_dim as f64;
+        if host > host_limit {
+            return Err(format!(
+                "{}: the host copy of one cache needs about {:.2} GiB, above the limit of {:.2} \
+                 GiB (80% of the available host memory)",
+                self.name,
+                host / (1u64 << 30) as f64,
+                host_limit / (1u64 << 30) as f64
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// 80% of the host memory the kernel reports available (16 GiB where it cannot be read): the
+/// most a benchmark's host copies may take.
+pub fn host_limit() -> f64 {
+    let available = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+            line.split_whitespace().nth(1)?.parse::<f64>().ok()
+        });
+    available.map_or(16.0 * (1u64 << 30) as f64, |kib| 0.8 * kib * 1024.0)
 }
 
 /// Serde in the declaration spelling, read back by twilight-jit's parser.
@@ -149,6 +203,37 @@ mod spelled {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sizes_that_wrap_or_do_not_fit_are_refused() {
+        let args = |batch: usize, len: usize| {
+            let mut shape: BenchShape = serde_json::from_str(
+                r#"{"name": "t", "batch": 1, "qo_heads": 32, "kv_heads": 8, "head_dim": 128,
+                    "len": 8192, "page_size": 16, "dtype": "f16", "budget": 2048, "p": 0.9}"#,
+            )
+            .unwrap();
+            shape.batch = batch;
+            shape.len = len;
+            shape
+        };
+        let gib = (1u64 << 30) as f64;
+        assert!(args(4, 8192).check_size(64.0 * gib).is_ok());
+        for (batch, len) in [
+            (usize::MAX, 8192),
+            (1, 34_359_738_368),
+            (0, 8),
+            (1, usize::MAX),
+        ] {
+            assert!(
+                args(batch, len).check_size(64.0 * gib).is_err(),
+                "{batch} x {len}"
+            );
+            let _ = args(batch, len).kv_bytes();
+        }
+        let err = args(64, 1 << 20).check_size(64.0 * gib).unwrap_err();
+        assert!(err.contains("GiB"), "{err}");
+    }
+
     use super::*;
 
     #[test]

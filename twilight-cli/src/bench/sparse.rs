@@ -56,6 +56,7 @@ pub struct Method {
 pub fn run(args: SparseArgs) -> CliResult {
     let s = &args.shape;
     let shape = s.shape("cli", args.budget, args.p);
+    shape.check_size(super::shape::host_limit())?;
     let method = Method {
         preset: args.preset,
         rotation: args.rotation,

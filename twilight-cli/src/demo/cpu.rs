@@ -29,7 +29,7 @@ pub(super) fn run(x: &Inputs) -> Result<Outcome, Box<dyn Error>> {
     let step_ms = start.elapsed().as_secs_f64() * 1e3;
 
     let start = Instant::now();
-    let dense = dense_decode(&x.step.q, x.num_qo_heads(), &kv, table, x.sm_scale);
+    let dense = dense_decode(&x.step.q, x.num_qo_heads(), &kv, table, x.sm_scale)?;
     let dense_ms = start.elapsed().as_secs_f64() * 1e3;
     println!(
         "  decode step: {step_ms:.1} ms (select, prune and attend in the reference); dense attention on the same cache: {dense_ms:.1} ms"

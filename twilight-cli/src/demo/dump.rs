@@ -42,9 +42,9 @@ pub(super) fn write(dir: &Path, x: &Inputs, out: &Outcome) -> Result<(), Box<dyn
     write_values(&path("k_cache.npy"), &pool, kv.k, dtype)?;
     write_values(&path("v_cache.npy"), &pool, kv.v, dtype)?;
     for (name, data) in [
-        ("kv_indptr.npy", &table.kv_indptr),
-        ("kv_indices.npy", &table.kv_indices),
-        ("kv_last_page_len.npy", &table.kv_last_page_len),
+        ("kv_indptr.npy", table.kv_indptr()),
+        ("kv_indices.npy", table.kv_indices()),
+        ("kv_last_page_len.npy", table.kv_last_page_len()),
     ] {
         npy::write_i32(&path(name), &[data.len()], data)?;
     }
@@ -120,17 +120,47 @@ pub(super) fn write(dir: &Path, x: &Inputs, out: &Outcome) -> Result<(), Box<dyn
             "the r calibrated channels of each KV head ([num_kv_heads][r], ascending), {source}; double_sparse(r) scores token t of KV head g as sum over the group's query heads h and i < r of q[h, c_i] * k[t, g, c_i] with c = ds_channels[g], in f64, and selects the newest token and the B0 - 1 highest-scoring others (a tie to the lower position)"
         ));
     }
-    std::fs::write(
-        path("params.json"),
-        serde_json::to_string_pretty(&params)? + "\n",
-    )
-    .map_err(io("params.json"))?;
+    npy::write_file(
+        &path("params.json"),
+        (serde_json::to_string_pretty(&params)? + "\n").as_bytes(),
+    )?;
     Ok(())
 }
 
-/// The error of writing one file, naming it.
-fn io(name: &'static str) -> impl Fn(std::io::Error) -> String {
-    move |e| format!("writing {name}: {e}")
+/// Checks the dump directory before anything runs, so that a bad one fails in a second and not
+/// after the whole step: it must be a real directory (not a symbolic link, whose target an
+/// attacker could choose), created here when missing, and writable (a probe file is created
+/// exclusively and removed). Each file is then written by [`npy::write_file`]: to a temporary
+/// name, renamed into place, never through a link, never left half-written.
+///
+/// # Errors
+/// A message naming the directory and what is wrong with it.
+pub(super) fn prepare_dir(dir: &Path) -> Result<(), String> {
+    let shown = dir.display();
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_symlink() => {
+            return Err(format!(
+                "the dump directory {shown} is a symbolic link; name the real directory"
+            ))
+        }
+        Ok(m) if !m.is_dir() => {
+            return Err(format!(
+                "the dump directory {shown} exists and is not a directory"
+            ))
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create the dump directory {shown}: {e}"))?,
+        Err(e) => return Err(format!("cannot inspect the dump directory {shown}: {e}")),
+    }
+    let probe = dir.join(format!(".twilight-dump-probe.{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .map_err(|e| format!("the dump directory {shown} is not writable: {e}"))?;
+    std::fs::remove_file(&probe)
+        .map_err(|e| format!("cannot remove the probe file {}: {e}", probe.display()))
 }
 
 /// Writes values that are exact in `dtype` (or are rounded to it here): f16 as `<f2`, bf16

@@ -90,7 +90,7 @@ pub(super) fn run<T: KvElement>(stream: &Arc<CudaStream>, x: &Inputs) -> Res<Out
         v: &host.v,
     };
     let start = Instant::now();
-    let want_dense = dense_decode(&x.step.q, x.num_qo_heads(), &kv, &host.table, x.sm_scale);
+    let want_dense = dense_decode(&x.step.q, x.num_qo_heads(), &kv, &host.table, x.sm_scale)?;
     let dense_ms = start.elapsed().as_secs_f64() * 1e3;
 
     let mut failures = Vec::new();

@@ -16,6 +16,7 @@ mod check;
 mod cpu;
 mod dump;
 mod gpu;
+mod memory;
 mod reference;
 mod report;
 
@@ -90,6 +91,10 @@ pub struct Args {
     /// Run the CPU reference even where a GPU is present.
     #[arg(long)]
     cpu: bool,
+    /// Refuse a shape whose estimated host or device memory is above this many GiB (default:
+    /// 80% of the host's available memory, 90% of the device's free memory).
+    #[arg(long, value_name = "GIB", value_parser = parse_gib)]
+    max_gib: Option<f64>,
     /// Write every input and output of the step as NumPy files (and params.json) into DIR.
     #[arg(long, value_name = "DIR")]
     dump: Option<PathBuf>,
@@ -203,10 +208,13 @@ pub fn run(args: Args) -> CliResult {
         }
     };
     let outcome = match stream {
-        Some(stream) => match args.dtype {
-            Dtype::F16 => gpu::run::<half::f16>(&stream, &inputs)?,
-            Dtype::Bf16 => gpu::run::<half::bf16>(&stream, &inputs)?,
-        },
+        Some(stream) => {
+            check_device_memory(&args, &stream)?;
+            match args.dtype {
+                Dtype::F16 => gpu::run::<half::f16>(&stream, &inputs)?,
+                Dtype::Bf16 => gpu::run::<half::bf16>(&stream, &inputs)?,
+            }
+        }
         None => cpu::run(&inputs)?,
     };
     let oracle = baselines::Oracle::compute(&inputs, &outcome)?;
@@ -226,6 +234,58 @@ pub fn run(args: Args) -> CliResult {
     }
 }
 
+fn memory_request(args: &Args, spec: VariantSpec) -> memory::Request {
+    memory::Request {
+        spec,
+        batch: args.batch,
+        max_len: args.max_len,
+        kv_heads: args.kv_heads,
+    }
+}
+
+/// Refuses a run whose device estimate is above the limit, before the cache is uploaded.
+fn check_device_memory(
+    args: &Args,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+) -> Result<(), String> {
+    let spec = VariantSpec {
+        page_size: args.page_size,
+        head_dim: args.head_dim,
+        dtype: args.dtype,
+        group_size: args.group_size,
+        kv_layout: args.layout,
+        selector: args.selector,
+        pruning: args.pruning,
+    };
+    let need = memory::estimate(&memory_request(args, spec))?;
+    let (free, _) = stream
+        .context()
+        .mem_get_info()
+        .map_err(|e| format!("cannot read the device's free memory: {e}"))?;
+    memory::check(
+        "device",
+        need.device,
+        memory::device_limit(args.max_gib, free as f64),
+    )
+}
+
+/// The request lengths as printed: all of them for a small batch, else the first few.
+fn shown_lengths(lens: &[usize]) -> String {
+    const SHOWN: usize = 16;
+    if lens.len() <= SHOWN {
+        return format!("{lens:?}");
+    }
+    let head: Vec<String> = lens[..SHOWN].iter().map(usize::to_string).collect();
+    format!("[{}, ... ({} more)]", head.join(", "), lens.len() - SHOWN)
+}
+
+fn parse_gib(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(g) if g.is_finite() && g > 0.0 => Ok(g),
+        _ => Err(format!("`{text}` is not a positive number of GiB")),
+    }
+}
+
 /// Checks the flags, generates the inputs and prints what will run.
 fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
     let spec = VariantSpec {
@@ -241,6 +301,9 @@ fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
     if args.batch == 0 || args.max_len == 0 || args.kv_heads == 0 {
         return Err("--batch, --max-len and --kv-heads must be at least 1".into());
     }
+    // Before anything is allocated: a shape that cannot fit is refused with its estimate.
+    let need = memory::estimate(&memory_request(args, spec))?;
+    memory::check("host", need.host, memory::host_limit(args.max_gib))?;
     let sm_scale = 1.0 / (args.head_dim as f32).sqrt();
     SparseParams {
         budget: args.budget,
@@ -249,8 +312,7 @@ fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
     }
     .validate()?;
     if let Some(dir) = &args.dump {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create the dump directory {}: {e}", dir.display()))?;
+        dump::prepare_dir(dir)?;
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
     let lens = ragged_lengths(&mut rng, args.batch, args.max_len)?;
@@ -265,8 +327,9 @@ fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
         )
     };
     println!(
-        "twilight demo: {what}, variant {spec}\n  batch {} with lengths {lens:?}, {} KV heads x group {} = {} query heads, head_dim {}, page_size {}",
+        "twilight demo: {what}, variant {spec}\n  batch {} with lengths {}, {} KV heads x group {} = {} query heads, head_dim {}, page_size {}",
         args.batch,
+        shown_lengths(&lens),
         args.kv_heads,
         args.group_size,
         args.kv_heads * args.group_size as usize,

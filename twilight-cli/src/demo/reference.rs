@@ -28,7 +28,9 @@ impl Derived {
         kv: &HostKv,
         table: &HostPageTable,
     ) -> Result<Derived> {
-        let quest = (spec.selector == Selector::Quest).then(|| QuestMeta::build(kv, table));
+        let quest = (spec.selector == Selector::Quest)
+            .then(|| QuestMeta::build(kv, table))
+            .transpose()?;
         let ds = match (spec.selector, &x.ds_channels) {
             (Selector::DoubleSparse { .. }, Some(channels)) => {
                 Some(DsLabels::build(kv, table, channels.clone())?)
