@@ -283,13 +283,25 @@ impl<'a, T> From<&'a mut DeviceMut<'_, T>> for DeviceMut<'a, T> {
 
 impl<T> std::fmt::Debug for DeviceRef<'_, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        debug(f, "DeviceRef", self.view().is_some(), self.address, self.len)
+        debug(
+            f,
+            "DeviceRef",
+            self.view().is_some(),
+            self.address,
+            self.len,
+        )
     }
 }
 
 impl<T> std::fmt::Debug for DeviceMut<'_, T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        debug(f, "DeviceMut", self.view().is_some(), self.address, self.len)
+        debug(
+            f,
+            "DeviceMut",
+            self.view().is_some(),
+            self.address,
+            self.len,
+        )
     }
 }
 

@@ -152,7 +152,12 @@ impl<T: KvElement> PagedKvCache<T> {
 
     /// The pool as an append writes it (the caller reserves the slots first).
     pub(crate) fn pool_mut(&mut self) -> KvPoolMut<'_, T> {
-        KvPoolMut::owned(self.shape, &mut self.k, &mut self.v, self.derived.view_mut())
+        KvPoolMut::owned(
+            self.shape,
+            &mut self.k,
+            &mut self.v,
+            self.derived.view_mut(),
+        )
     }
 
     /// The structures derived from K that this cache keeps.

@@ -114,7 +114,9 @@ impl<'a> Launcher<'a> {
     /// A borrowed buffer the kernel reads: a cudarc view (its guard is kept) or a raw address.
     pub fn read_ref<T>(&mut self, buffer: &'a DeviceRef<'_, T>) -> ConstPtr<T> {
         let address = match buffer.view() {
-            Some((view, start)) => self.guarded(view.device_ptr(self.stream), start, size_of::<T>()),
+            Some((view, start)) => {
+                self.guarded(view.device_ptr(self.stream), start, size_of::<T>())
+            }
             None => buffer.address(),
         };
         // SAFETY: a live buffer borrowed for as long as the launcher: a cudarc view, or a raw
@@ -140,7 +142,9 @@ impl<'a> Launcher<'a> {
     /// A borrowed buffer the kernel writes, read by this launch (kept lists written earlier).
     pub fn read_mut<T>(&mut self, buffer: &'a DeviceMut<'_, T>) -> ConstPtr<T> {
         let address = match buffer.view() {
-            Some((view, start)) => self.guarded(view.device_ptr(self.stream), start, size_of::<T>()),
+            Some((view, start)) => {
+                self.guarded(view.device_ptr(self.stream), start, size_of::<T>())
+            }
             None => buffer.address(),
         };
         // SAFETY: as in `read_ref`.
@@ -162,7 +166,12 @@ impl<'a> Launcher<'a> {
         unsafe { MutPtr::from_raw(self.write_mut(buffer).address()) }
     }
 
-    fn guarded(&mut self, (address, guard): (u64, SyncOnDrop<'a>), start: usize, size: usize) -> u64 {
+    fn guarded(
+        &mut self,
+        (address, guard): (u64, SyncOnDrop<'a>),
+        start: usize,
+        size: usize,
+    ) -> u64 {
         self.guards.push(guard);
         address + (start * size) as u64
     }

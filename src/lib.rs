@@ -32,11 +32,11 @@ pub use twilight_jit;
 pub use twilight_jit::{Dtype, KvLayout, Pruning, Selector, SpecError, VariantSpec};
 pub use twilight_macros::twilight_kernel;
 
+pub use buffer::{DeviceMut, DeviceRef};
 pub use decoder::{DecodeOutput, Decoder, DenseDecoder, StepParams};
 pub use element::KvElement;
 pub use error::{Error, Result};
 pub use host::{CacheShape, HostError, HostPageTable};
-pub use buffer::{DeviceMut, DeviceRef};
 pub use kv_cache::{Derived, DerivedKinds, PagedKvCache, RequestId};
 pub use page_table::{PageTable, PageTableView};
 pub use plan::{SparsePlan, SplitPlan, StepPlan};

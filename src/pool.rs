@@ -118,8 +118,16 @@ pub fn check_layer(
     let start = (offset as u64)
         .checked_mul(elem_size as u64)
         .and_then(|bytes| address.checked_add(bytes))
-        .ok_or_else(|| Error::Parameter(format!("{what} layer offset {offset} overflows the address space")))?;
-    check_alignment(&format!("{what} layer at element offset {offset}"), start, VECTOR_ALIGN)
+        .ok_or_else(|| {
+            Error::Parameter(format!(
+                "{what} layer offset {offset} overflows the address space"
+            ))
+        })?;
+    check_alignment(
+        &format!("{what} layer at element offset {offset}"),
+        start,
+        VECTOR_ALIGN,
+    )
 }
 
 /// Checks that a sidecar allocated for `sidecar` serves a pool of `pool`.

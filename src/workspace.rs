@@ -41,28 +41,19 @@ impl Workspace {
         num_kv_heads: usize,
     ) -> Result<()> {
         let n = WorkspaceSizes::new(spec, plan, batch, num_kv_heads)?;
-        let buffers: [(&mut Option<CudaSlice<f32>>, Option<usize>, &str); 5] = [
-            (&mut self.scores, n.scores, "selector scores"),
-            (&mut self.logits, n.logits, "logits"),
-            (&mut self.stats, n.stats, "top-p thresholds"),
-            (&mut self.partial_o, Some(n.partial_o), "partial o"),
-            (&mut self.partial_lse, Some(n.partial_lse), "partial lse"),
-        ];
-        for (slot, len, what) in buffers {
-            if let Some(len) = len {
-                ensure_len(stream, slot, len, what)?;
-            }
-        }
-        let buffers: [(&mut Option<CudaSlice<i32>>, Option<usize>, &str); 3] = [
-            (&mut self.selected, n.selected, "selected positions"),
-            (&mut self.selected_count, n.selected_count, "selected counts"),
-            (&mut self.done, Some(n.done), "split counters"),
-        ];
-        for (slot, len, what) in buffers {
-            if let Some(len) = len {
-                ensure_len(stream, slot, len, what)?;
-            }
-        }
+        ensure_some(stream, &mut self.scores, n.scores, "selector scores")?;
+        ensure_some(stream, &mut self.selected, n.selected, "selected positions")?;
+        ensure_some(
+            stream,
+            &mut self.selected_count,
+            n.selected_count,
+            "selected counts",
+        )?;
+        ensure_some(stream, &mut self.logits, n.logits, "logits")?;
+        ensure_some(stream, &mut self.stats, n.stats, "top-p thresholds")?;
+        ensure_len(stream, &mut self.partial_o, n.partial_o, "partial o")?;
+        ensure_len(stream, &mut self.partial_lse, n.partial_lse, "partial lse")?;
+        ensure_len(stream, &mut self.done, n.done, "split counters")?;
         Ok(())
     }
 
@@ -86,6 +77,16 @@ impl Workspace {
             _ => Ok(None),
         }
     }
+}
+
+/// [`ensure_len`] for a buffer the pipeline may not use (`None`).
+fn ensure_some<E: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    slot: &mut Option<CudaSlice<E>>,
+    len: Option<usize>,
+    what: &str,
+) -> Result<()> {
+    len.map_or(Ok(()), |len| ensure_len(stream, slot, len, what))
 }
 
 /// Grows a reusable device buffer to at least `len` elements (allocating only when it is too

@@ -36,7 +36,10 @@ fn layer_pool(k: DeviceRef<'static, E>, offset: usize) -> twilight::Result<KvPoo
 
 fn expect(result: twilight::Result<impl std::fmt::Debug>, needle: &str) -> Error {
     let err = result.expect_err(needle);
-    assert!(err.to_string().contains(needle), "expected {needle:?} in: {err}");
+    assert!(
+        err.to_string().contains(needle),
+        "expected {needle:?} in: {err}"
+    );
     err
 }
 
@@ -49,11 +52,17 @@ fn layers_of_a_shared_allocation() {
         assert_eq!(pool.shape(), shape());
     }
     // The last layer ends exactly at the end; one past it does not fit.
-    let err = expect(layer_pool(raw(BASE, 4 * layer), 4 * layer), "at element offset");
+    let err = expect(
+        layer_pool(raw(BASE, 4 * layer), 4 * layer),
+        "at element offset",
+    );
     assert!(matches!(err, Error::Shape { .. }), "{err}");
     expect(layer_pool(raw(BASE, 4 * layer), 3 * layer + 8), "elements");
     // An offset so large that offset + layer overflows is refused, not wrapped.
-    expect(layer_pool(raw(BASE, 4 * layer), usize::MAX - 3), "at element offset");
+    expect(
+        layer_pool(raw(BASE, 4 * layer), usize::MAX - 3),
+        "at element offset",
+    );
 }
 
 #[test]
@@ -65,7 +74,10 @@ fn short_buffers_are_refused() {
     let err = KvPool::from_layer(shape(), raw(BASE, layer), raw(BASE, layer - 8), 0).unwrap_err();
     assert!(err.to_string().starts_with("V pool buffer"), "{err}");
     // KvPool::new wants exactly one layer.
-    expect(KvPool::new(shape(), raw(BASE, 2 * layer), raw(BASE, 2 * layer)), "K pool of");
+    expect(
+        KvPool::new(shape(), raw(BASE, 2 * layer), raw(BASE, 2 * layer)),
+        "K pool of",
+    );
     // Writable views are checked the same way.
     // SAFETY: never launched.
     let (k, v) = unsafe {
@@ -144,9 +156,15 @@ fn table(
 #[test]
 fn page_table_lengths_are_checked() {
     let t = table(4, 7, 3, 3, 100).unwrap();
-    assert_eq!((t.batch(), t.max_len(), t.page_size(), t.num_pages()), (3, 100, 16, 10));
+    assert_eq!(
+        (t.batch(), t.max_len(), t.page_size(), t.num_pages()),
+        (3, 100, 16, 10)
+    );
     for (result, needle) in [
-        (table(3, 7, 3, 3, 100), "kv_indptr has 3 entries for a batch of 3; expected 4"),
+        (
+            table(3, 7, 3, 3, 100),
+            "kv_indptr has 3 entries for a batch of 3; expected 4",
+        ),
         (table(4, 7, 2, 3, 100), "kv_last_page_len has 2 entries"),
         (table(4, 2, 3, 3, 100), "fewer than one page per request"),
         (table(1, 0, 0, 0, 100), "batch = 0"),
@@ -161,7 +179,10 @@ fn page_table_lengths_are_checked() {
     // Page ids are checked where the table is built on the host (PageTable::upload); an
     // engine's device table carries them under PageTableView::from_device's contract.
     let err = HostPageTable::new(vec![0, 2], vec![3, 10], vec![5], 16, 10).unwrap_err();
-    assert!(err.to_string().contains("outside the cache's pages 0..10"), "{err}");
+    assert!(
+        err.to_string().contains("outside the cache's pages 0..10"),
+        "{err}"
+    );
 }
 
 #[test]

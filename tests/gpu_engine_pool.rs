@@ -140,12 +140,20 @@ impl Engine {
     /// slice of the device allocation.
     fn upload_layer(&mut self, stream: &Arc<CudaStream>, layer: usize) {
         let range = self.layer_offset(layer)..self.layer_offset(layer + 1);
-        let k: Vec<E> = self.host_k[range.clone()].iter().map(|&x| E::from_f32(x)).collect();
-        let v: Vec<E> = self.host_v[range.clone()].iter().map(|&x| E::from_f32(x)).collect();
+        let k: Vec<E> = self.host_k[range.clone()]
+            .iter()
+            .map(|&x| E::from_f32(x))
+            .collect();
+        let v: Vec<E> = self.host_v[range.clone()]
+            .iter()
+            .map(|&x| E::from_f32(x))
+            .collect();
         stream
             .memcpy_htod(&k, &mut self.k.slice_mut(range.clone()))
             .unwrap();
-        stream.memcpy_htod(&v, &mut self.v.slice_mut(range)).unwrap();
+        stream
+            .memcpy_htod(&v, &mut self.v.slice_mut(range))
+            .unwrap();
     }
 
     fn host_kv(&self, layer: usize) -> HostKv<'_> {
@@ -213,21 +221,16 @@ fn write_tokens(
             Path::Append => {
                 let k_new = stream.clone_htod(&k).unwrap();
                 let v_new = stream.clone_htod(&v).unwrap();
-                let pool = KvPoolMut::from_layer(
-                    engine.shape,
-                    &mut engine.k,
-                    &mut engine.v,
-                    offset,
-                )
-                .unwrap()
-                .with_sidecar(sidecar)
-                .unwrap();
+                let pool =
+                    KvPoolMut::from_layer(engine.shape, &mut engine.k, &mut engine.v, offset)
+                        .unwrap()
+                        .with_sidecar(sidecar)
+                        .unwrap();
                 decoder.append_slots(pool, slots, &k_new, &v_new).unwrap();
             }
             Path::Update => {
                 engine.upload_layer(stream, layer);
-                let pool =
-                    KvPool::from_layer(engine.shape, &engine.k, &engine.v, offset).unwrap();
+                let pool = KvPool::from_layer(engine.shape, &engine.k, &engine.v, offset).unwrap();
                 decoder.update_sidecar(&pool, sidecar, slots).unwrap();
             }
         }
@@ -251,13 +254,25 @@ fn check_sidecar(
     let quest = sidecar.page_max.as_ref().map(|max_dev| {
         let want = QuestMeta::build(kv, table);
         let max = to_f32(stream.clone_dtoh(max_dev).unwrap());
-        let min = to_f32(stream.clone_dtoh(sidecar.page_min.as_ref().unwrap()).unwrap());
+        let min = to_f32(
+            stream
+                .clone_dtoh(sidecar.page_min.as_ref().unwrap())
+                .unwrap(),
+        );
         for page in table.kv_indices.iter().map(|&p| p as usize) {
             for g in 0..heads {
                 let at = want.offset(page, g);
                 let n = kv.shape.head_dim;
-                assert_eq!(&max[at..at + n], want.max_row(page, g), "{what}: page_max of page {page} head {g}");
-                assert_eq!(&min[at..at + n], want.min_row(page, g), "{what}: page_min of page {page} head {g}");
+                assert_eq!(
+                    &max[at..at + n],
+                    want.max_row(page, g),
+                    "{what}: page_max of page {page} head {g}"
+                );
+                assert_eq!(
+                    &min[at..at + n],
+                    want.min_row(page, g),
+                    "{what}: page_min of page {page} head {g}"
+                );
             }
         }
         want
@@ -268,7 +283,11 @@ fn check_sidecar(
         for slot in table.valid_slots() {
             for g in 0..heads {
                 let at = want.row(slot, g) * want.r;
-                assert_eq!(&got[at..at + want.r], want.label_row(slot, g), "{what}: labels of slot {slot} head {g}");
+                assert_eq!(
+                    &got[at..at + want.r],
+                    want.label_row(slot, g),
+                    "{what}: labels of slot {slot} head {g}"
+                );
             }
         }
         want
@@ -282,8 +301,16 @@ fn check_sidecar(
     for slot in table.valid_slots() {
         for g in 0..heads {
             let row = want.row(slot, g);
-            assert_eq!(&codes[row * n..row * n + n], want.codes_row(slot, g), "{what}: 4-bit codes of slot {slot} head {g}");
-            assert_eq!([scales[2 * row], scales[2 * row + 1]], want.scale_min_row(slot, g), "{what}: scale/min of slot {slot} head {g}");
+            assert_eq!(
+                &codes[row * n..row * n + n],
+                want.codes_row(slot, g),
+                "{what}: 4-bit codes of slot {slot} head {g}"
+            );
+            assert_eq!(
+                [scales[2 * row], scales[2 * row + 1]],
+                want.scale_min_row(slot, g),
+                "{what}: scale/min of slot {slot} head {g}"
+            );
         }
     }
     (quest, want, labels)
@@ -341,12 +368,20 @@ struct Outputs {
 }
 
 impl Outputs {
-    fn poisoned(stream: &Arc<CudaStream>, heads: usize, d: usize, rows: usize, max_cands: usize) -> Outputs {
+    fn poisoned(
+        stream: &Arc<CudaStream>,
+        heads: usize,
+        d: usize,
+        rows: usize,
+        max_cands: usize,
+    ) -> Outputs {
         Outputs {
             o: stream.clone_htod(&vec![E::poison(); heads * d]).unwrap(),
             lse: stream.clone_htod(&vec![f32::NAN; heads]).unwrap(),
             counts: stream.clone_htod(&vec![-1i32; rows.max(1)]).unwrap(),
-            kept: stream.clone_htod(&vec![-7i32; (rows * max_cands).max(1)]).unwrap(),
+            kept: stream
+                .clone_htod(&vec![-7i32; (rows * max_cands).max(1)])
+                .unwrap(),
         }
     }
 
@@ -388,15 +423,26 @@ fn check_sparse(
         for g in 0..heads {
             let row = b * heads + g;
             let count = counts[row];
-            assert!(count >= 1 && count as usize <= max_cands, "{what}: kept count {count} of row {row}");
+            assert!(
+                count >= 1 && count as usize <= max_cands,
+                "{what}: kept count {count} of row {row}"
+            );
             let list: Vec<usize> = kept[row * max_cands..][..count as usize]
                 .iter()
                 .map(|&s| s as usize)
                 .collect();
             let set: std::collections::BTreeSet<usize> = list.iter().copied().collect();
-            assert_eq!(set.len(), list.len(), "{what}: row {row} keeps a slot twice");
-            assert!(set.iter().all(|s| valid.contains(s)), "{what}: row {row} keeps a slot outside request {b}");
-            let want_set: std::collections::BTreeSet<usize> = want.kept[row].iter().copied().collect();
+            assert_eq!(
+                set.len(),
+                list.len(),
+                "{what}: row {row} keeps a slot twice"
+            );
+            assert!(
+                set.iter().all(|s| valid.contains(s)),
+                "{what}: row {row} keeps a slot outside request {b}"
+            );
+            let want_set: std::collections::BTreeSet<usize> =
+                want.kept[row].iter().copied().collect();
             if set != want_set {
                 differing += 1;
                 let cands = &want.candidates[row];
@@ -410,19 +456,35 @@ fn check_sparse(
                             .filter(|(s, _)| set.contains(s))
                             .map(|(_, w)| w)
                             .sum();
-                        assert!(mass >= p as f64 * (1.0 - 1e-4), "{what}: row {row} head {h} keeps mass {mass} < p");
+                        assert!(
+                            mass >= p as f64 * (1.0 - 1e-4),
+                            "{what}: row {row} head {h} keeps mass {mass} < p"
+                        );
                     }
                 }
             }
             for h in 0..g_size {
                 let head = (b * heads + g) * g_size + h;
                 let (ref_o, ref_lse) = attend(&q[head * d..][..d], kv, g, &list, sm_scale as f64);
-                assert_close_to_norm(&format!("{what}: o of head {head}"), &o[head * d..][..d], &ref_o);
-                common::assert_close(&format!("{what}: lse of head {head}"), &lse[head..head + 1], &[ref_lse], 1e-3, 1e-4);
+                assert_close_to_norm(
+                    &format!("{what}: o of head {head}"),
+                    &o[head * d..][..d],
+                    &ref_o,
+                );
+                common::assert_close(
+                    &format!("{what}: lse of head {head}"),
+                    &lse[head..head + 1],
+                    &[ref_lse],
+                    1e-3,
+                    1e-4,
+                );
             }
         }
     }
-    assert!(differing <= 1, "{what}: {differing} rows keep another set than the reference");
+    assert!(
+        differing <= 1,
+        "{what}: {differing} rows keep another set than the reference"
+    );
     if differing == 0 {
         assert_close_to_norm(&format!("{what}: o vs the reference step"), o, &want.o);
         let counts: Vec<usize> = counts.iter().map(|&c| c as usize).collect();
@@ -440,10 +502,20 @@ fn run_layout(stream: &Arc<CudaStream>, layout: KvLayout, seed: u64) {
         layout,
     };
     let quest_spec = spec(layout, Selector::Quest, Pruning::TopP);
-    let ds_spec = spec(layout, Selector::DoubleSparse { channels: R }, Pruning::TopP);
+    let ds_spec = spec(
+        layout,
+        Selector::DoubleSparse { channels: R },
+        Pruning::TopP,
+    );
     let mut engine = Engine::new(stream, shape, seed);
     let channels: Vec<Vec<usize>> = (0..shape.num_kv_heads)
-        .map(|h| (0..R as usize).map(|i| (i * 4 + h) % shape.head_dim).collect::<std::collections::BTreeSet<_>>().into_iter().collect())
+        .map(|h| {
+            (0..R as usize)
+                .map(|i| (i * 4 + h) % shape.head_dim)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        })
         .collect();
     let mut model = Model {
         dense: Decoder::new(stream.clone(), spec(layout, Selector::Full, Pruning::None)).unwrap(),
@@ -462,18 +534,36 @@ fn run_layout(stream: &Arc<CudaStream>, layout: KvLayout, seed: u64) {
         let len = engine.rng.random_range(40..=300);
         slots.extend(engine.reserve(id, len));
     }
-    write_tokens(stream, &mut engine, &mut model, &slots, Path::Append, Path::Update);
+    write_tokens(
+        stream,
+        &mut engine,
+        &mut model,
+        &slots,
+        Path::Append,
+        Path::Update,
+    );
     // The second request ends; a fourth reuses its pages (freed last, handed out first).
     engine.remove_request(ids[1]);
     let late = engine.add_request();
     let len = engine.rng.random_range(20..=200);
     let slots = engine.reserve(late, len);
-    write_tokens(stream, &mut engine, &mut model, &slots, Path::Update, Path::Append);
+    write_tokens(
+        stream,
+        &mut engine,
+        &mut model,
+        &slots,
+        Path::Update,
+        Path::Append,
+    );
     // Decode tokens round-robin, one per live request per step, alternating the paths.
     let live = [ids[0], ids[2], late];
     for step in 0..5 {
         let slots: Vec<i32> = live.iter().flat_map(|&id| engine.reserve(id, 1)).collect();
-        let (a, b) = if step % 2 == 0 { (Path::Append, Path::Update) } else { (Path::Update, Path::Append) };
+        let (a, b) = if step % 2 == 0 {
+            (Path::Append, Path::Update)
+        } else {
+            (Path::Update, Path::Append)
+        };
         write_tokens(stream, &mut engine, &mut model, &slots, a, b);
     }
 
@@ -484,7 +574,9 @@ fn run_layout(stream: &Arc<CudaStream>, layout: KvLayout, seed: u64) {
     let g_size = 4;
     let qo = heads * g_size;
     let d = shape.head_dim;
-    let q_host: Vec<E> = (0..batch * qo * d).map(|_| E::from_f32(engine.rng.random::<f32>() * 2.0 - 1.0)).collect();
+    let q_host: Vec<E> = (0..batch * qo * d)
+        .map(|_| E::from_f32(engine.rng.random::<f32>() * 2.0 - 1.0))
+        .collect();
     let q_f32 = to_f32(q_host.clone());
     let q = stream.clone_htod(&q_host).unwrap();
     let sm_scale = 0.7 / (d as f32).sqrt();
@@ -492,28 +584,55 @@ fn run_layout(stream: &Arc<CudaStream>, layout: KvLayout, seed: u64) {
     // Dense layer.
     let kv = engine.host_kv(DENSE_LAYER);
     let want = dense_decode(&q_f32, qo, &kv, &host_table, sm_scale);
-    let pool = KvPool::from_layer(shape, &engine.k, &engine.v, engine.layer_offset(DENSE_LAYER)).unwrap();
+    let pool = KvPool::from_layer(
+        shape,
+        &engine.k,
+        &engine.v,
+        engine.layer_offset(DENSE_LAYER),
+    )
+    .unwrap();
     let plan = model.dense.plan(batch, heads, host_table.max_len(), 1);
     let mut ws = model.dense.alloc_workspace(&plan, batch, heads).unwrap();
     assert!(model.dense.workspace_bytes(&plan, batch, heads).unwrap() > 0);
     let mut out = Outputs::poisoned(stream, batch * qo, d, 0, 0);
     model
         .dense
-        .run_into(&q, &pool, &table.view(&shape), &StepParams::dense(Some(sm_scale)), StepOutputs::new(&mut out.o, &mut out.lse), &mut ws, &mut |_| Ok(()))
+        .run_into(
+            &q,
+            &pool,
+            table.view(&shape),
+            &StepParams::dense(Some(sm_scale)),
+            StepOutputs::new(&mut out.o, &mut out.lse),
+            &mut ws,
+            &mut |_| Ok(()),
+        )
         .unwrap();
     let (o, lse, _, _) = out.read(stream);
     assert_close_to_norm(&format!("dense layer o, {what}"), &o, &want.o);
-    common::assert_close(&format!("dense layer lse, {what}"), &lse, &want.lse, 1e-3, 1e-4);
+    common::assert_close(
+        &format!("dense layer lse, {what}"),
+        &lse,
+        &want.lse,
+        1e-3,
+        1e-4,
+    );
 
     // Sparse layers.
     let mut quest_result = None;
     for (layer, decoder, sidecar, budget, p) in [
-        (QUEST_LAYER, &model.quest, &model.quest_sidecar, 64usize, 0.9f32),
+        (
+            QUEST_LAYER,
+            &model.quest,
+            &model.quest_sidecar,
+            64usize,
+            0.9f32,
+        ),
         (DS_LAYER, &model.ds, &model.ds_sidecar, 80, 0.85),
     ] {
         let what = format!("layer {layer} ({}), {what}", decoder.spec());
         let kv = engine.host_kv(layer);
-        let (quest, quant, labels) = check_sidecar(stream, sidecar, &kv, &host_table, &model.channels, &what);
+        let (quest, quant, labels) =
+            check_sidecar(stream, sidecar, &kv, &host_table, &model.channels, &what);
         let mut ref_params = RefParams::new(budget, p, sm_scale);
         ref_params.record_weights = true;
         let inputs = StepInputs {
@@ -526,7 +645,11 @@ fn run_layout(stream: &Arc<CudaStream>, layout: KvLayout, seed: u64) {
             ds: labels.as_ref(),
         };
         let want = decode_step(decoder.spec(), &ref_params, &inputs).unwrap();
-        let params = StepParams { budget, p, sm_scale: Some(sm_scale) };
+        let params = StepParams {
+            budget,
+            p,
+            sm_scale: Some(sm_scale),
+        };
         let plan = decoder.plan(batch, heads, host_table.max_len(), budget);
         let mut ws = decoder.alloc_workspace(&plan, batch, heads).unwrap();
         let pool = KvPool::from_layer(shape, &engine.k, &engine.v, engine.layer_offset(layer))
@@ -534,12 +657,32 @@ fn run_layout(stream: &Arc<CudaStream>, layout: KvLayout, seed: u64) {
             .with_sidecar(sidecar)
             .unwrap();
         let mut out = Outputs::poisoned(stream, batch * qo, d, batch * heads, plan.max_cands);
-        let outputs = StepOutputs::new(&mut out.o, &mut out.lse).with_kept(&mut out.counts, &mut out.kept);
+        let outputs =
+            StepOutputs::new(&mut out.o, &mut out.lse).with_kept(&mut out.counts, &mut out.kept);
         decoder
-            .run_into(&q, &pool, &table.view(&shape), &params, outputs, &mut ws, &mut |_| Ok(()))
+            .run_into(
+                &q,
+                &pool,
+                table.view(&shape),
+                &params,
+                outputs,
+                &mut ws,
+                &mut |_| Ok(()),
+            )
             .unwrap();
         let got = out.read(stream);
-        check_sparse(decoder.spec(), &got, plan.max_cands, &q_f32, &inputs.kv, &host_table, &want, sm_scale, p, &what);
+        check_sparse(
+            decoder.spec(),
+            &got,
+            plan.max_cands,
+            &q_f32,
+            &inputs.kv,
+            &host_table,
+            &want,
+            sm_scale,
+            p,
+            &what,
+        );
         if layer == QUEST_LAYER {
             quest_result = Some((got, params, plan));
         }
@@ -596,7 +739,15 @@ fn run_layout(stream: &Arc<CudaStream>, layout: KvLayout, seed: u64) {
         let mut ws = model.quest.alloc_workspace(&plan, batch, heads).unwrap();
         model
             .quest
-            .run_into(DeviceRef::from_raw(address(&q), q.len()), &pool, &table, &params, outputs, &mut ws, &mut |_| Ok(()))
+            .run_into(
+                DeviceRef::from_raw(address(&q), q.len()),
+                &pool,
+                &table,
+                &params,
+                outputs,
+                &mut ws,
+                &mut |_| Ok(()),
+            )
             .unwrap();
     }
     stream.synchronize().unwrap();
@@ -608,7 +759,11 @@ fn run_layout(stream: &Arc<CudaStream>, layout: KvLayout, seed: u64) {
     for row in 0..rows {
         let n = got.2[row] as usize;
         let at = row * plan.max_cands;
-        assert_eq!(got.3[at..at + n], views_result.3[at..at + n], "raw pointers: kept slots of row {row}, {what}");
+        assert_eq!(
+            got.3[at..at + n],
+            views_result.3[at..at + n],
+            "raw pointers: kept slots of row {row}, {what}"
+        );
     }
 }
 
