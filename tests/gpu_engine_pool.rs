@@ -752,16 +752,27 @@ fn run_layout(stream: &Arc<CudaStream>, layout: KvLayout, seed: u64) {
     }
     stream.synchronize().unwrap();
     let got = out.read(stream);
-    assert_eq!(got.0, views_result.0, "raw pointers: o, {what}");
-    assert_eq!(got.1, views_result.1, "raw pointers: lse, {what}");
+    // The same kernels on the same inputs: the same kept sets and counts; o and lse equal up
+    // to the order in which a row's kept tokens were accumulated.
+    assert_close_to_norm(&format!("raw pointers: o, {what}"), &got.0, &views_result.0);
+    common::assert_close(
+        &format!("raw pointers: lse, {what}"),
+        &got.1,
+        &views_result.1,
+        1e-4,
+        1e-5,
+    );
     assert_eq!(got.2, views_result.2, "raw pointers: kept counts, {what}");
-    let rows = batch * heads;
-    for row in 0..rows {
+    let sorted = |kept: &[i32], row: usize, n: usize| {
+        let mut list = kept[row * plan.max_cands..][..n].to_vec();
+        list.sort_unstable();
+        list
+    };
+    for row in 0..batch * heads {
         let n = got.2[row] as usize;
-        let at = row * plan.max_cands;
         assert_eq!(
-            got.3[at..at + n],
-            views_result.3[at..at + n],
+            sorted(&got.3, row, n),
+            sorted(&views_result.3, row, n),
             "raw pointers: kept slots of row {row}, {what}"
         );
     }
