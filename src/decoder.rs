@@ -10,15 +10,17 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream};
 use twilight_jit::{pipeline_of, Jit, LoadedProgram, Stage, VariantSpec};
 
+use crate::buffer::{DeviceRef, VECTOR_ALIGN};
 use crate::element::KvElement;
 use crate::error::{Error, Result};
 use crate::kv_cache::{PagedKvCache, RequestId};
-use crate::page_table::PageTable;
+use crate::page_table::{PageTable, PageTableView};
 use crate::plan::{SplitPlan, StepPlan};
-use crate::pool::KvPool;
+use crate::pool::{KvPool, KvPoolMut};
+use crate::sidecar::Sidecar;
 use crate::stages::{self, Step, StepOutputs};
 use crate::variant::Variant;
-use crate::workspace::Workspace;
+use crate::workspace::{Workspace, WorkspaceSizes};
 
 /// What a step takes besides its tensors. Dense variants read `sm_scale` only.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -214,25 +216,106 @@ impl Decoder {
         crate::append::append(&self.stream, &self.program, cache, appends, k_new, v_new)
     }
 
+    /// The scratch a step of `plan` over `batch` requests and `num_kv_heads` KV heads uses:
+    /// what [`Decoder::alloc_workspace`] allocates, so an engine can budget it once.
+    ///
+    /// # Errors
+    /// A size that overflows.
+    pub fn workspace_bytes(
+        &self,
+        plan: &StepPlan,
+        batch: usize,
+        num_kv_heads: usize,
+    ) -> Result<usize> {
+        Ok(WorkspaceSizes::new(&self.spec, plan, batch, num_kv_heads)?.bytes())
+    }
+
+    /// A workspace sized for steps of `plan` over `batch` requests and `num_kv_heads` KV
+    /// heads: such steps allocate nothing (and can be captured in a CUDA graph). A step of
+    /// another shape grows it when it needs more.
+    ///
+    /// # Errors
+    /// A size that overflows, or a failed allocation.
+    pub fn alloc_workspace(
+        &self,
+        plan: &StepPlan,
+        batch: usize,
+        num_kv_heads: usize,
+    ) -> Result<Workspace> {
+        let mut workspace = Workspace::default();
+        workspace.ensure(&self.stream, &self.spec, plan, batch, num_kv_heads)?;
+        Ok(workspace)
+    }
+
+    /// Writes new K/V rows into an engine's pool and updates its sidecar, in one launch:
+    /// row `i` of `k_new`/`v_new` (`[slots.len(), num_kv_heads, head_dim]`) goes to
+    /// `slots[i]` (vLLM's slot mapping: `page * page_size + offset`).
+    ///
+    /// The slots of one page must be consecutive offsets, given in one run (as a step's
+    /// decode tokens or a prefill's are), each page at most once per call: one block owns a
+    /// page and merges its Quest bounds. A run that starts at offset 0 starts the page afresh
+    /// (a freed page that is reused gets new bounds); a run that starts later extends what
+    /// earlier appends of that page's tokens wrote.
+    ///
+    /// # Errors
+    /// A pool or sidecar that does not fit the variant; bad slots (see
+    /// [`crate::append::check_slots`]); rows of the wrong length or alignment; driver errors.
+    pub fn append_slots<'k, T: KvElement>(
+        &self,
+        pool: KvPoolMut<'_, T>,
+        slots: &[i32],
+        k_new: impl Into<DeviceRef<'k, T>>,
+        v_new: impl Into<DeviceRef<'k, T>>,
+    ) -> Result<()> {
+        check_pool_for(&self.spec, pool.shape(), T::DTYPE)?;
+        pool.check_sidecar_for(&self.spec)?;
+        let rows = crate::append::Rows::new(pool.shape(), slots.len(), k_new.into(), v_new.into())?;
+        crate::append::write_slots(&self.stream, &self.program, pool, slots, rows)
+    }
+
+    /// Updates `sidecar` from K the engine already wrote into its pool (after its own
+    /// prefill or append kernel) at `slots`, in one launch that reads those keys in place and
+    /// writes nothing but the sidecar. The slot rules of [`Decoder::append_slots`] apply; the
+    /// pool's own sidecar, if any, is ignored.
+    ///
+    /// # Errors
+    /// As [`Decoder::append_slots`], and a sidecar of another shape.
+    pub fn update_sidecar<T: KvElement>(
+        &self,
+        pool: &KvPool<'_, T>,
+        sidecar: &mut Sidecar<T>,
+        slots: &[i32],
+    ) -> Result<()> {
+        check_pool_for(&self.spec, pool.shape(), T::DTYPE)?;
+        crate::pool::check_sidecar_shape(&pool.shape(), &sidecar.shape())?;
+        crate::pool::check_kinds(&self.spec, sidecar.kinds())?;
+        crate::append::update_in_place(&self.stream, &self.program, pool, sidecar, slots)
+    }
+
     /// One step of the pipeline into `out`, calling `before` with each stage just before its
     /// launch and with `None` after the last (to record CUDA events between stages, say).
-    /// With a workspace already sized (after one step of the same shape) it allocates and
-    /// synchronizes nothing: it can be captured in a CUDA graph.
+    /// `q` is `[batch, num_qo_heads, head_dim]`; q, the table and the outputs may be twilight's
+    /// buffers or an engine's (cudarc slices and views, raw pointers through
+    /// [`DeviceRef::from_raw`]). With a workspace already sized ([`Decoder::alloc_workspace`],
+    /// or one step of the same shape) it allocates and synchronizes nothing: it can be
+    /// captured in a CUDA graph.
     ///
     /// # Errors
     /// Mismatches between the variant, q, the pool (and its sidecar), the table and the
-    /// outputs; bad parameters; driver errors; what `before` returns.
+    /// outputs; misaligned q or o; bad parameters; driver errors; what `before` returns.
     #[allow(clippy::too_many_arguments)]
-    pub fn run_into<T: KvElement>(
+    pub fn run_into<'q, 't, T: KvElement>(
         &self,
-        q: &CudaSlice<T>,
+        q: impl Into<DeviceRef<'q, T>>,
         pool: &KvPool<'_, T>,
-        table: &PageTable,
+        table: impl Into<PageTableView<'t>>,
         params: &StepParams,
         mut out: StepOutputs<'_, T>,
         workspace: &mut Workspace,
         before: &mut dyn FnMut(Option<Stage>) -> Result<()>,
     ) -> Result<()> {
+        let (q, table) = (q.into(), table.into());
+        let (q, table) = (&q, &table);
         let spec = &self.spec;
         params.validate()?;
         let (batch, num_kv_heads, num_qo_heads, sm_scale) =
@@ -240,6 +323,8 @@ impl Decoder {
         pool.check_sidecar_for(spec)?;
         let plan = self.plan(batch, num_kv_heads, table.max_len(), params.budget);
         let rows = batch * num_kv_heads;
+        out.o.check_aligned("o", VECTOR_ALIGN)?;
+        out.lse.check_aligned("lse", 4)?;
         if out.o.len() != q.len() || out.lse.len() != batch * num_qo_heads {
             return Err(Error::shape(
                 "o and lse",
@@ -250,6 +335,8 @@ impl Decoder {
         match (&out.kept, spec.is_dense()) {
             (None, true) => {}
             (Some((counts, slots)), false) => {
+                counts.check_aligned("kept counts", 4)?;
+                slots.check_aligned("kept slots", 4)?;
                 if counts.len() != rows || slots.len() != rows * plan.max_cands {
                     return Err(Error::shape(
                         "kept lists (allocate outputs with SparseDecoder::alloc_output for this table)",
@@ -422,11 +509,7 @@ impl DenseDecoder {
         out: &mut DecodeOutput<T>,
         workspace: &mut Workspace,
     ) -> Result<()> {
-        let outputs = StepOutputs {
-            o: &mut out.o,
-            lse: &mut out.lse,
-            kept: None,
-        };
+        let outputs = StepOutputs::new(&mut out.o, &mut out.lse);
         self.decoder.run_into(
             q,
             &cache.pool(),
@@ -458,9 +541,9 @@ impl DenseDecoder {
 /// num_kv_heads, num_qo_heads, sm_scale)`.
 fn check_step_inputs<T: KvElement>(
     spec: &VariantSpec,
-    q: &CudaSlice<T>,
+    q: &DeviceRef<'_, T>,
     pool: &KvPool<'_, T>,
-    table: &PageTable,
+    table: &PageTableView<'_>,
     sm_scale: Option<f32>,
 ) -> Result<(usize, usize, usize, f32)> {
     check_pool_for(spec, pool.shape(), T::DTYPE)?;
@@ -491,6 +574,7 @@ fn check_step_inputs<T: KvElement>(
             q.len(),
         ));
     }
+    q.check_aligned("q", VECTOR_ALIGN)?;
     let sm_scale = sm_scale.unwrap_or(1.0 / (head_dim as f32).sqrt());
     check_sm_scale(sm_scale)?;
     Ok((batch, num_kv_heads, num_qo_heads, sm_scale))

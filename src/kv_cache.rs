@@ -11,32 +11,14 @@ use crate::element::KvElement;
 use crate::error::{Error, Result};
 use crate::host::{CacheShape, HostPageTable};
 use crate::page_table::PageTable;
-use crate::pool::{check_shape, KvPool, KvPoolMut, SidecarView, SidecarViewMut};
+use crate::pool::{KvPool, KvPoolMut};
+pub use crate::sidecar::Derived;
+use crate::sidecar::Sidecar;
 
 mod pages;
 
 use pages::PageAllocator;
 pub use pages::RequestId;
-
-/// What a variant derives from K, kept beside it and updated by the same append launch.
-#[derive(Debug)]
-pub struct Derived<T: KvElement> {
-    /// Quest: `[num_pages, num_kv_heads, head_dim]` element-wise max and min over each page's
-    /// valid tokens.
-    pub page_max: Option<CudaSlice<T>>,
-    pub page_min: Option<CudaSlice<T>>,
-    /// Top-p: 4-bit K, one row of `head_dim / 2` bytes per (token, head) in the K layout.
-    pub k_q4: Option<CudaSlice<u8>>,
-    /// Top-p: `(scale, min)` per (token, head) in the K layout.
-    pub k_q4_scale_min: Option<CudaSlice<half::f16>>,
-    /// Double Sparsity: the label of every (token, head), its key's values at the head's `r`
-    /// calibrated channels, in the K layout with `r` values per row.
-    pub k_label: Option<CudaSlice<T>>,
-    /// Double Sparsity: `[num_kv_heads, r]` channel ids, each row ascending.
-    pub ds_channels: Option<CudaSlice<i32>>,
-    /// The same channels on the host, one list per KV head (empty without labels).
-    pub label_channels: Vec<Vec<usize>>,
-}
 
 /// K and V pools on the device (FlashInfer-compatible paged layout), and which pages each
 /// request owns. Tokens are written through a decoder's `append`, which also maintains every
@@ -45,7 +27,7 @@ pub struct PagedKvCache<T: KvElement> {
     shape: CacheShape,
     k: CudaSlice<T>,
     v: CudaSlice<T>,
-    derived: Derived<T>,
+    derived: Sidecar<T>,
     pages: PageAllocator,
 }
 
@@ -97,19 +79,8 @@ impl<T: KvElement> PagedKvCache<T> {
         spec: &twilight_jit::VariantSpec,
         channels: &[Vec<usize>],
     ) -> Result<Self> {
-        let kinds = spec.derived_kinds();
-        if kinds.labels == 0 {
-            return Err(Error::Parameter(format!(
-                "variant {spec} does not select with double_sparse: use PagedKvCache::for_variant"
-            )));
-        }
-        crate::reference::double_sparse::check_channels(
-            channels,
-            shape.num_kv_heads,
-            shape.head_dim,
-            kinds.labels,
-        )?;
-        Self::build(stream, shape, kinds, channels)
+        let derived = Sidecar::for_double_sparse(stream, shape, spec, channels)?;
+        Self::build(stream, derived)
     }
 
     /// A cache with the given derived structures (labels need channels: see
@@ -122,22 +93,13 @@ impl<T: KvElement> PagedKvCache<T> {
         shape: CacheShape,
         kinds: DerivedKinds,
     ) -> Result<Self> {
-        if kinds.labels > 0 {
-            return Err(Error::Parameter(format!(
-                "a cache with double_sparse({}) labels needs its calibrated channels: create it with PagedKvCache::for_double_sparse",
-                kinds.labels
-            )));
-        }
-        Self::build(stream, shape, kinds, &[])
+        let derived = Sidecar::with_kinds(stream, shape, kinds)?;
+        Self::build(stream, derived)
     }
 
-    fn build(
-        stream: &Arc<CudaStream>,
-        shape: CacheShape,
-        kinds: DerivedKinds,
-        channels: &[Vec<usize>],
-    ) -> Result<Self> {
-        check_shape(&shape)?;
+    /// K and V beside a sidecar allocated for the same shape (which checked it).
+    fn build(stream: &Arc<CudaStream>, derived: Sidecar<T>) -> Result<Self> {
+        let shape = derived.shape();
         let pages = PageAllocator::new(shape.num_pages, shape.page_size)?;
         let alloc = |what| {
             stream.alloc_zeros::<T>(shape.elements()).map_err(|e| {
@@ -146,46 +108,6 @@ impl<T: KvElement> PagedKvCache<T> {
                     e,
                 )
             })
-        };
-        // check_shape bounded num_pages * num_kv_heads * page_size * head_dim, and every size
-        // below is at most that (labels: r < head_dim; scales: 2 <= head_dim).
-        let rows = shape.num_pages * shape.num_kv_heads * shape.page_size;
-        let meta = shape.num_pages * shape.num_kv_heads * shape.head_dim;
-        let zeros = |what: &str, n: usize| -> Result<CudaSlice<T>> {
-            stream
-                .alloc_zeros::<T>(n)
-                .map_err(|e| Error::driver(format!("allocating {what}"), e))
-        };
-        let derived = Derived {
-            page_max: kinds
-                .quest
-                .then(|| zeros("Quest page max", meta))
-                .transpose()?,
-            page_min: kinds
-                .quest
-                .then(|| zeros("Quest page min", meta))
-                .transpose()?,
-            k_q4: kinds
-                .quant4
-                .then(|| stream.alloc_zeros::<u8>(rows * shape.head_dim / 2))
-                .transpose()
-                .map_err(|e| Error::driver("allocating 4-bit K", e))?,
-            k_q4_scale_min: kinds
-                .quant4
-                .then(|| stream.alloc_zeros::<half::f16>(rows * 2))
-                .transpose()
-                .map_err(|e| Error::driver("allocating 4-bit K scales", e))?,
-            k_label: (kinds.labels > 0)
-                .then(|| zeros("Double Sparsity labels", rows * kinds.labels))
-                .transpose()?,
-            ds_channels: (kinds.labels > 0)
-                .then(|| {
-                    let ids: Vec<i32> = channels.iter().flatten().map(|&c| c as i32).collect();
-                    stream.clone_htod(&ids)
-                })
-                .transpose()
-                .map_err(|e| Error::driver("uploading Double Sparsity channels", e))?,
-            label_channels: channels.to_vec(),
         };
         Ok(PagedKvCache {
             shape,
@@ -218,41 +140,17 @@ impl<T: KvElement> PagedKvCache<T> {
 
     /// The pool as a step reads it.
     pub fn pool(&self) -> KvPool<'_, T> {
-        let d = &self.derived;
-        KvPool {
-            shape: self.shape,
-            k: self.k.as_view(),
-            v: self.v.as_view(),
-            sidecar: SidecarView {
-                page_max: d.page_max.as_ref().map(CudaSlice::as_view),
-                page_min: d.page_min.as_ref().map(CudaSlice::as_view),
-                k_q4: d.k_q4.as_ref().map(CudaSlice::as_view),
-                k_q4_scale_min: d.k_q4_scale_min.as_ref().map(CudaSlice::as_view),
-                k_label: d.k_label.as_ref().map(CudaSlice::as_view),
-                ds_channels: d.ds_channels.as_ref().map(CudaSlice::as_view),
-                kinds: self.derived_kinds(),
-            },
-        }
+        KvPool::owned(self.shape, &self.k, &self.v, self.derived.view())
     }
 
     /// The pool as an append writes it (the caller reserves the slots first).
     pub(crate) fn pool_mut(&mut self) -> KvPoolMut<'_, T> {
-        let kinds = self.derived_kinds();
-        let d = &mut self.derived;
-        KvPoolMut {
-            shape: self.shape,
-            k: self.k.as_view_mut(),
-            v: self.v.as_view_mut(),
-            sidecar: SidecarViewMut {
-                page_max: d.page_max.as_mut().map(CudaSlice::as_view_mut),
-                page_min: d.page_min.as_mut().map(CudaSlice::as_view_mut),
-                k_q4: d.k_q4.as_mut().map(CudaSlice::as_view_mut),
-                k_q4_scale_min: d.k_q4_scale_min.as_mut().map(CudaSlice::as_view_mut),
-                k_label: d.k_label.as_mut().map(CudaSlice::as_view_mut),
-                ds_channels: d.ds_channels.as_ref().map(CudaSlice::as_view),
-                kinds,
-            },
-        }
+        KvPoolMut::owned(
+            self.shape,
+            &mut self.k,
+            &mut self.v,
+            self.derived.view_mut(),
+        )
     }
 
     /// The structures derived from K that this cache keeps.
@@ -261,11 +159,7 @@ impl<T: KvElement> PagedKvCache<T> {
     }
 
     pub fn derived_kinds(&self) -> DerivedKinds {
-        DerivedKinds {
-            quest: self.derived.page_max.is_some(),
-            quant4: self.derived.k_q4.is_some(),
-            labels: self.derived.label_channels.first().map_or(0, Vec::len),
-        }
+        self.derived.kinds()
     }
 
     /// K and V for writing in place (an engine's own kernels, benchmark fills). Nothing

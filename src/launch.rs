@@ -16,6 +16,7 @@ use cudarc::driver::sys;
 use cudarc::driver::{CudaFunction, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, SyncOnDrop};
 use twilight_jit::params::{ConstPtr, Elem, KernelParams, MutPtr};
 
+use crate::buffer::{DeviceMut, DeviceRef};
 use crate::element::KvElement;
 use crate::error::{Error, Result};
 
@@ -107,6 +108,71 @@ impl<'a> Launcher<'a> {
     ) -> MutPtr<Elem> {
         // SAFETY: as in `read_elem`.
         unsafe { MutPtr::from_raw(self.write(buffer).address()) }
+    }
+
+    /// A borrowed buffer the kernel reads: a cudarc view (its guard is kept) or a raw address.
+    pub fn read_ref<T>(&mut self, buffer: &'a DeviceRef<'_, T>) -> ConstPtr<T> {
+        let address = match buffer.view() {
+            Some((view, start)) => {
+                self.guarded(view.device_ptr(self.stream), start, size_of::<T>())
+            }
+            None => buffer.address(),
+        };
+        // SAFETY: a live buffer borrowed for as long as the launcher: a cudarc view, or a raw
+        // address whose contract `DeviceRef::from_raw`'s caller accepted.
+        unsafe { ConstPtr::from_raw(address) }
+    }
+
+    /// A borrowed buffer the kernel writes.
+    pub fn write_mut<T>(&mut self, buffer: &'a mut DeviceMut<'_, T>) -> MutPtr<T> {
+        let raw = buffer.address();
+        let address = match buffer.view_mut() {
+            Some((view, start)) => {
+                let (address, guard) = view.device_ptr_mut(self.stream);
+                self.guards.push(guard);
+                address + (start * size_of::<T>()) as u64
+            }
+            None => raw,
+        };
+        // SAFETY: as in `read_ref`, and borrowed mutably.
+        unsafe { MutPtr::from_raw(address) }
+    }
+
+    /// A borrowed buffer the kernel writes, read by this launch (kept lists written earlier).
+    pub fn read_mut<T>(&mut self, buffer: &'a DeviceMut<'_, T>) -> ConstPtr<T> {
+        let address = match buffer.view() {
+            Some((view, start)) => {
+                self.guarded(view.device_ptr(self.stream), start, size_of::<T>())
+            }
+            None => buffer.address(),
+        };
+        // SAFETY: as in `read_ref`.
+        unsafe { ConstPtr::from_raw(address) }
+    }
+
+    /// A borrowed buffer of the variant's element type the kernel reads.
+    pub fn read_ref_elem<T: KvElement>(&mut self, buffer: &'a DeviceRef<'_, T>) -> ConstPtr<Elem> {
+        // SAFETY: the same address, typed as the program's element, which is `T`.
+        unsafe { ConstPtr::from_raw(self.read_ref(buffer).address()) }
+    }
+
+    /// A borrowed buffer of the variant's element type the kernel writes.
+    pub fn write_mut_elem<T: KvElement>(
+        &mut self,
+        buffer: &'a mut DeviceMut<'_, T>,
+    ) -> MutPtr<Elem> {
+        // SAFETY: as in `read_ref_elem`.
+        unsafe { MutPtr::from_raw(self.write_mut(buffer).address()) }
+    }
+
+    fn guarded(
+        &mut self,
+        (address, guard): (u64, SyncOnDrop<'a>),
+        start: usize,
+        size: usize,
+    ) -> u64 {
+        self.guards.push(guard);
+        address + (start * size) as u64
     }
 
     /// Queues `function` with `params` on `grid`.

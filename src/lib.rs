@@ -7,7 +7,8 @@
 // Lets `#[twilight_kernel]` expand to `::twilight::...` paths inside this crate too.
 extern crate self as twilight;
 
-mod append;
+pub mod append;
+pub mod buffer;
 pub mod calibration;
 pub mod decoder;
 pub mod element;
@@ -19,6 +20,7 @@ pub mod page_table;
 pub mod plan;
 pub mod pool;
 pub mod reference;
+pub mod sidecar;
 pub mod sparse;
 mod stages;
 pub mod variant;
@@ -30,15 +32,17 @@ pub use twilight_jit;
 pub use twilight_jit::{Dtype, KvLayout, Pruning, Selector, SpecError, VariantSpec};
 pub use twilight_macros::twilight_kernel;
 
+pub use buffer::{DeviceMut, DeviceRef};
 pub use decoder::{DecodeOutput, Decoder, DenseDecoder, StepParams};
 pub use element::KvElement;
 pub use error::{Error, Result};
 pub use host::{CacheShape, HostError, HostPageTable};
 pub use kv_cache::{Derived, DerivedKinds, PagedKvCache, RequestId};
-pub use page_table::PageTable;
+pub use page_table::{PageTable, PageTableView};
 pub use plan::{SparsePlan, SplitPlan, StepPlan};
 pub use pool::{KvPool, KvPoolMut, SidecarView, SidecarViewMut};
+pub use sidecar::Sidecar;
 pub use sparse::{SparseDecoder, SparseOutput, SparseParams};
 pub use stages::StepOutputs;
 pub use variant::{declared_variants, DeclaredVariant, Variant};
-pub use workspace::{SparseWorkspace, Workspace};
+pub use workspace::{SparseWorkspace, Workspace, WorkspaceSizes};

@@ -1,13 +1,16 @@
 //! Borrowed views of a paged KV pool and of its sidecar (what a variant derives from K): what
-//! every step and append runs over, whoever owns the memory. [`crate::PagedKvCache`] is one
-//! owner that hands such views out.
+//! every step and append runs over, whoever owns the memory. An engine builds one per layer
+//! over its own K/V buffers ([`KvPool::from_layer`]) beside a [`Sidecar`] twilight allocated;
+//! [`crate::PagedKvCache`] is one owner that hands such views out.
 
-use cudarc::driver::{CudaView, CudaViewMut};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 use twilight_jit::{DerivedKinds, VariantSpec};
 
+use crate::buffer::{check_alignment, DeviceMut, DeviceRef, VECTOR_ALIGN};
 use crate::element::KvElement;
 use crate::error::{Error, Result};
 use crate::host::CacheShape;
+use crate::sidecar::Sidecar;
 
 /// The sidecar of a pool for reading: each structure its variant keeps (see [`DerivedKinds`]).
 #[derive(Debug)]
@@ -38,12 +41,13 @@ pub struct SidecarViewMut<'a, T> {
     pub kinds: DerivedKinds,
 }
 
-/// A borrowed paged KV pool: K and V (FlashInfer layout, see [`CacheShape`]) and its sidecar.
+/// A borrowed paged KV pool: K and V (FlashInfer layout, see [`CacheShape`]) of one layer and
+/// its sidecar. K and V may be windows of allocations that hold every layer.
 #[derive(Debug)]
 pub struct KvPool<'a, T> {
     pub(crate) shape: CacheShape,
-    pub(crate) k: CudaView<'a, T>,
-    pub(crate) v: CudaView<'a, T>,
+    pub(crate) k: DeviceRef<'a, T>,
+    pub(crate) v: DeviceRef<'a, T>,
     pub(crate) sidecar: SidecarView<'a, T>,
 }
 
@@ -51,20 +55,112 @@ pub struct KvPool<'a, T> {
 #[derive(Debug)]
 pub struct KvPoolMut<'a, T> {
     pub(crate) shape: CacheShape,
-    pub(crate) k: CudaViewMut<'a, T>,
-    pub(crate) v: CudaViewMut<'a, T>,
+    pub(crate) k: DeviceMut<'a, T>,
+    pub(crate) v: DeviceMut<'a, T>,
     pub(crate) sidecar: SidecarViewMut<'a, T>,
 }
 
+fn empty_sidecar<'a, T>() -> SidecarView<'a, T> {
+    SidecarView {
+        page_max: None,
+        page_min: None,
+        k_q4: None,
+        k_q4_scale_min: None,
+        k_label: None,
+        ds_channels: None,
+        kinds: DerivedKinds::default(),
+    }
+}
+
+fn empty_sidecar_mut<'a, T>() -> SidecarViewMut<'a, T> {
+    SidecarViewMut {
+        page_max: None,
+        page_min: None,
+        k_q4: None,
+        k_q4_scale_min: None,
+        k_label: None,
+        ds_channels: None,
+        kinds: DerivedKinds::default(),
+    }
+}
+
+/// Checks that a buffer of `len` elements holds one layer of `shape` from element `offset`
+/// (an engine keeping `[layers, pages, ...]` in one allocation passes `layer *
+/// shape.elements()`), and that the layer starts on a 16-byte boundary (the kernels move K and
+/// V 16 bytes at a time) given the buffer's `address` and element size.
+///
+/// # Errors
+/// [`Error::Parameter`] for a shape the kernels cannot address or a misaligned layer,
+/// [`Error::Shape`] for a buffer too short for the layer at that offset.
+pub fn check_layer(
+    what: &str,
+    shape: &CacheShape,
+    len: usize,
+    offset: usize,
+    address: u64,
+    elem_size: usize,
+) -> Result<()> {
+    check_shape(shape)?;
+    let layer = shape.elements();
+    match offset.checked_add(layer) {
+        Some(end) if end <= len => {}
+        _ => {
+            return Err(Error::shape(
+                format!(
+                    "{what} pool buffer for a layer of {layer} elements ({} pages x {} KV heads x {} tokens x {} channels) at element offset {offset}",
+                    shape.num_pages, shape.num_kv_heads, shape.page_size, shape.head_dim
+                ),
+                format!("at least {} elements", offset.saturating_add(layer)),
+                format!("{len} elements"),
+            ))
+        }
+    }
+    let start = (offset as u64)
+        .checked_mul(elem_size as u64)
+        .and_then(|bytes| address.checked_add(bytes))
+        .ok_or_else(|| {
+            Error::Parameter(format!(
+                "{what} layer offset {offset} overflows the address space"
+            ))
+        })?;
+    check_alignment(
+        &format!("{what} layer at element offset {offset}"),
+        start,
+        VECTOR_ALIGN,
+    )
+}
+
+/// Checks that a sidecar allocated for `sidecar` serves a pool of `pool`.
+///
+/// # Errors
+/// [`Error::Shape`] naming both shapes.
+pub fn check_sidecar_shape(pool: &CacheShape, sidecar: &CacheShape) -> Result<()> {
+    if pool != sidecar {
+        return Err(Error::shape(
+            "sidecar (allocate one per layer for the pool's shape)",
+            format!("{pool:?}"),
+            format!("{sidecar:?}"),
+        ));
+    }
+    Ok(())
+}
+
 impl<'a, T: KvElement> KvPool<'a, T> {
-    /// A view of K and V with no sidecar: enough for dense (`full`/`none`) variants.
+    /// A view of K and V, each exactly one layer, with no sidecar: enough for dense
+    /// (`full`/`none`) variants.
     ///
     /// # Errors
-    /// A shape the kernels cannot address, or K or V not holding `shape.elements()`.
-    pub fn new(shape: CacheShape, k: CudaView<'a, T>, v: CudaView<'a, T>) -> Result<Self> {
-        check_shape(&shape)?;
+    /// A shape the kernels cannot address, K or V not holding `shape.elements()`, a buffer not
+    /// on a 16-byte boundary.
+    pub fn new(
+        shape: CacheShape,
+        k: impl Into<DeviceRef<'a, T>>,
+        v: impl Into<DeviceRef<'a, T>>,
+    ) -> Result<Self> {
+        let (k, v) = (k.into(), v.into());
         for (what, len) in [("K", k.len()), ("V", v.len())] {
             if len != shape.elements() {
+                check_shape(&shape)?;
                 return Err(Error::shape(
                     format!("{what} pool of {shape:?}"),
                     shape.elements(),
@@ -72,20 +168,59 @@ impl<'a, T: KvElement> KvPool<'a, T> {
                 ));
             }
         }
+        Self::from_layer(shape, k, v, 0)
+    }
+
+    /// One layer of an engine's pool: K and V are device buffers (a cudarc view or slice, or
+    /// [`DeviceRef::from_raw`]) holding the layer's `shape.elements()` elements from element
+    /// `offset` on (`layer * shape.elements()` for buffers laid out `[layers, pages, ...]`).
+    /// Attach the layer's sidecar with [`KvPool::with_sidecar`] for sparse variants.
+    ///
+    /// # Errors
+    /// As [`check_layer`], for K and for V.
+    pub fn from_layer(
+        shape: CacheShape,
+        k: impl Into<DeviceRef<'a, T>>,
+        v: impl Into<DeviceRef<'a, T>>,
+        offset: usize,
+    ) -> Result<Self> {
+        let (k, v) = (k.into(), v.into());
+        let size = std::mem::size_of::<T>();
+        check_layer("K", &shape, k.len(), offset, k.address(), size)?;
+        check_layer("V", &shape, v.len(), offset, v.address(), size)?;
         Ok(KvPool {
             shape,
-            k,
-            v,
-            sidecar: SidecarView {
-                page_max: None,
-                page_min: None,
-                k_q4: None,
-                k_q4_scale_min: None,
-                k_label: None,
-                ds_channels: None,
-                kinds: DerivedKinds::default(),
-            },
+            k: k.window(offset, shape.elements())?,
+            v: v.window(offset, shape.elements())?,
+            sidecar: empty_sidecar(),
         })
+    }
+
+    /// The pool with `sidecar` beside it, which must have been allocated for this shape.
+    ///
+    /// # Errors
+    /// As [`check_sidecar_shape`].
+    pub fn with_sidecar(self, sidecar: &'a Sidecar<T>) -> Result<Self> {
+        check_sidecar_shape(&self.shape, &sidecar.shape())?;
+        Ok(KvPool {
+            sidecar: sidecar.view(),
+            ..self
+        })
+    }
+
+    /// A whole owned pool with its sidecar (the owner checked the shapes).
+    pub(crate) fn owned(
+        shape: CacheShape,
+        k: &'a CudaSlice<T>,
+        v: &'a CudaSlice<T>,
+        sidecar: SidecarView<'a, T>,
+    ) -> Self {
+        KvPool {
+            shape,
+            k: k.into(),
+            v: v.into(),
+            sidecar,
+        }
     }
 
     pub fn shape(&self) -> CacheShape {
@@ -105,7 +240,55 @@ impl<'a, T: KvElement> KvPool<'a, T> {
     }
 }
 
-impl<T: KvElement> KvPoolMut<'_, T> {
+impl<'a, T: KvElement> KvPoolMut<'a, T> {
+    /// One layer of an engine's pool for an append, as [`KvPool::from_layer`].
+    ///
+    /// # Errors
+    /// As [`KvPool::from_layer`].
+    pub fn from_layer(
+        shape: CacheShape,
+        k: impl Into<DeviceMut<'a, T>>,
+        v: impl Into<DeviceMut<'a, T>>,
+        offset: usize,
+    ) -> Result<Self> {
+        let (k, v) = (k.into(), v.into());
+        let size = std::mem::size_of::<T>();
+        check_layer("K", &shape, k.len(), offset, k.address(), size)?;
+        check_layer("V", &shape, v.len(), offset, v.address(), size)?;
+        Ok(KvPoolMut {
+            shape,
+            k: k.window(offset, shape.elements())?,
+            v: v.window(offset, shape.elements())?,
+            sidecar: empty_sidecar_mut(),
+        })
+    }
+
+    /// The pool with `sidecar` beside it, as [`KvPool::with_sidecar`].
+    ///
+    /// # Errors
+    /// As [`check_sidecar_shape`].
+    pub fn with_sidecar(self, sidecar: &'a mut Sidecar<T>) -> Result<Self> {
+        check_sidecar_shape(&self.shape, &sidecar.shape())?;
+        Ok(KvPoolMut {
+            sidecar: sidecar.view_mut(),
+            ..self
+        })
+    }
+
+    pub(crate) fn owned(
+        shape: CacheShape,
+        k: &'a mut CudaSlice<T>,
+        v: &'a mut CudaSlice<T>,
+        sidecar: SidecarViewMut<'a, T>,
+    ) -> Self {
+        KvPoolMut {
+            shape,
+            k: k.into(),
+            v: v.into(),
+            sidecar,
+        }
+    }
+
     pub fn shape(&self) -> CacheShape {
         self.shape
     }
@@ -119,14 +302,14 @@ impl<T: KvElement> KvPoolMut<'_, T> {
     }
 }
 
-fn check_kinds(spec: &VariantSpec, kept: DerivedKinds) -> Result<()> {
+pub(crate) fn check_kinds(spec: &VariantSpec, kept: DerivedKinds) -> Result<()> {
     let needed = spec.derived_kinds();
     if (needed.quest && !kept.quest)
         || (needed.quant4 && !kept.quant4)
         || (needed.labels > 0 && kept.labels != needed.labels)
     {
         return Err(Error::Parameter(format!(
-            "variant {spec} reads {needed:?} metadata but the pool keeps {kept:?}; create it with PagedKvCache::for_variant (for_double_sparse) and fill it through append"
+            "variant {spec} reads {needed:?} metadata but the pool keeps {kept:?}; allocate it with Sidecar::for_variant (for_double_sparse), or PagedKvCache::for_variant, and fill it through an append"
         )));
     }
     Ok(())

@@ -196,11 +196,8 @@ impl SparseDecoder {
                 format!("rows of {}", out.max_cands),
             ));
         }
-        let outputs = StepOutputs {
-            o: &mut out.o,
-            lse: &mut out.lse,
-            kept: Some((&mut out.kept_counts, &mut out.kept)),
-        };
+        let outputs = StepOutputs::new(&mut out.o, &mut out.lse)
+            .with_kept(&mut out.kept_counts, &mut out.kept);
         self.decoder.run_into(
             q,
             &cache.pool(),

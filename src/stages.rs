@@ -10,10 +10,11 @@ use twilight_jit::params::{
 };
 use twilight_jit::{Stage, Tiling, VariantSpec};
 
+use crate::buffer::{DeviceMut, DeviceRef};
 use crate::element::KvElement;
 use crate::error::{Error, Result};
 use crate::launch::{Grid, Launcher};
-use crate::page_table::PageTable;
+use crate::page_table::PageTableView;
 use crate::plan::StepPlan;
 use crate::pool::KvPool;
 use crate::workspace::Workspace;
@@ -27,9 +28,9 @@ pub(crate) struct Step<'a, T> {
     pub tiling: Tiling,
     pub plan: StepPlan,
     pub stream: &'a Arc<CudaStream>,
-    pub q: &'a CudaSlice<T>,
+    pub q: &'a DeviceRef<'a, T>,
     pub pool: &'a KvPool<'a, T>,
-    pub table: &'a PageTable,
+    pub table: &'a PageTableView<'a>,
     pub batch: usize,
     pub num_kv_heads: usize,
     pub sm_scale: f32,
@@ -40,15 +41,40 @@ pub(crate) struct Step<'a, T> {
     pub overlap: bool,
 }
 
-/// Where a step's results go.
+/// Where a step's results go: buffers twilight allocated or an engine's own (any
+/// [`DeviceMut`]: cudarc slices and views, or raw device pointers).
 pub struct StepOutputs<'a, T> {
-    /// `[batch, num_qo_heads, head_dim]`.
-    pub o: &'a mut CudaSlice<T>,
+    /// `[batch, num_qo_heads, head_dim]`, on a 16-byte boundary.
+    pub o: DeviceMut<'a, T>,
     /// `[batch, num_qo_heads]`, natural log.
-    pub lse: &'a mut CudaSlice<f32>,
+    pub lse: DeviceMut<'a, f32>,
     /// Sparse variants: the kept count per (request, KV head) and the kept token slots in
     /// rows of the plan's `max_cands`.
-    pub kept: Option<(&'a mut CudaSlice<i32>, &'a mut CudaSlice<i32>)>,
+    pub kept: Option<(DeviceMut<'a, i32>, DeviceMut<'a, i32>)>,
+}
+
+impl<'a, T> StepOutputs<'a, T> {
+    /// The outputs of a dense step.
+    pub fn new(o: impl Into<DeviceMut<'a, T>>, lse: impl Into<DeviceMut<'a, f32>>) -> Self {
+        StepOutputs {
+            o: o.into(),
+            lse: lse.into(),
+            kept: None,
+        }
+    }
+
+    /// With the kept lists of a sparse step: `kept_counts [batch * num_kv_heads]` and
+    /// `kept [batch * num_kv_heads * plan.max_cands]`.
+    pub fn with_kept(
+        self,
+        kept_counts: impl Into<DeviceMut<'a, i32>>,
+        kept: impl Into<DeviceMut<'a, i32>>,
+    ) -> Self {
+        StepOutputs {
+            kept: Some((kept_counts.into(), kept.into())),
+            ..self
+        }
+    }
 }
 
 /// A stage's kernel in the loaded program.
@@ -96,11 +122,11 @@ pub(crate) fn quest_score<T: KvElement>(
     };
     let mut l = Launcher::new(s.stream, s.overlap);
     let params = QuestScoreParams {
-        q: l.read_elem(s.q),
+        q: l.read_ref_elem(s.q),
         page_max: l.read_elem(page_max),
         page_min: l.read_elem(page_min),
-        kv_indptr: l.read(&s.table.kv_indptr),
-        kv_indices: l.read(&s.table.kv_indices),
+        kv_indptr: l.read_ref(&s.table.kv_indptr),
+        kv_indices: l.read_ref(&s.table.kv_indices),
         scores: l.write(ensured(&mut ws.scores, "selector scores")?),
         num_kv_heads: s.num_kv_heads as i32,
         max_pages: s.plan.max_pages as i32,
@@ -121,7 +147,7 @@ pub(crate) fn quest_select<T: KvElement>(
     let mut l = Launcher::new(s.stream, s.overlap);
     let params = QuestSelectParams {
         scores: l.read(ensured_ref(&ws.scores, "selector scores")?),
-        kv_indptr: l.read(&s.table.kv_indptr),
+        kv_indptr: l.read_ref(&s.table.kv_indptr),
         selected: l.write(ensured(&mut ws.selected, "selected positions")?),
         selected_count: l.write(ensured(&mut ws.selected_count, "selected counts")?),
         num_kv_heads: s.num_kv_heads as i32,
@@ -145,12 +171,12 @@ pub(crate) fn ds_score<T: KvElement>(
     };
     let mut l = Launcher::new(s.stream, s.overlap);
     let params = DsScoreParams {
-        q: l.read_elem(s.q),
+        q: l.read_ref_elem(s.q),
         k_label: l.read_elem(labels),
         ds_channels: l.read(channels),
-        kv_indptr: l.read(&s.table.kv_indptr),
-        kv_indices: l.read(&s.table.kv_indices),
-        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        kv_indptr: l.read_ref(&s.table.kv_indptr),
+        kv_indices: l.read_ref(&s.table.kv_indices),
+        kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
         scores: l.write(ensured(&mut ws.scores, "selector scores")?),
         num_kv_heads: s.num_kv_heads as i32,
         max_tokens: s.plan.max_tokens as i32,
@@ -175,8 +201,8 @@ pub(crate) fn ds_select<T: KvElement>(
     let mut l = Launcher::new(s.stream, s.overlap);
     let params = DsSelectParams {
         scores: l.read(ensured_ref(&ws.scores, "selector scores")?),
-        kv_indptr: l.read(&s.table.kv_indptr),
-        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        kv_indptr: l.read_ref(&s.table.kv_indptr),
+        kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
         selected: l.write(ensured(&mut ws.selected, "selected positions")?),
         selected_count: l.write(ensured(&mut ws.selected_count, "selected counts")?),
         num_kv_heads: s.num_kv_heads as i32,
@@ -211,12 +237,12 @@ pub(crate) fn estimate<T: KvElement>(
         _ => (ConstPtr::NULL, ConstPtr::NULL),
     };
     let params = EstimateParams {
-        q: l.read_elem(s.q),
+        q: l.read_ref_elem(s.q),
         k_q4: l.read(codes),
         k_q4_scale_min: l.read(scales),
-        kv_indptr: l.read(&s.table.kv_indptr),
-        kv_indices: l.read(&s.table.kv_indices),
-        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        kv_indptr: l.read_ref(&s.table.kv_indptr),
+        kv_indices: l.read_ref(&s.table.kv_indices),
+        kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
         selected,
         selected_count,
         logits: l.write(ensured(logits, "logits")?),
@@ -252,9 +278,9 @@ pub(crate) fn threshold<T: KvElement>(
     };
     let params = ThresholdParams {
         logits: l.read(ensured_ref(logits, "logits")?),
-        kv_indptr: l.read(&s.table.kv_indptr),
-        kv_indices: l.read(&s.table.kv_indices),
-        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        kv_indptr: l.read_ref(&s.table.kv_indptr),
+        kv_indices: l.read_ref(&s.table.kv_indices),
+        kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
         selected,
         selected_count,
         stats: l.write(ensured(stats, "top-p thresholds")?),
@@ -274,8 +300,8 @@ pub(crate) fn threshold_compact<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
     ws: &mut Workspace,
-    kept_counts: &mut CudaSlice<i32>,
-    kept: &mut CudaSlice<i32>,
+    kept_counts: &mut DeviceMut<'_, i32>,
+    kept: &mut DeviceMut<'_, i32>,
 ) -> Result<()> {
     let Workspace {
         selected,
@@ -291,14 +317,14 @@ pub(crate) fn threshold_compact<T: KvElement>(
     };
     let params = ThresholdCompactParams {
         logits: l.read(ensured_ref(logits, "logits")?),
-        kv_indptr: l.read(&s.table.kv_indptr),
-        kv_indices: l.read(&s.table.kv_indices),
-        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        kv_indptr: l.read_ref(&s.table.kv_indptr),
+        kv_indices: l.read_ref(&s.table.kv_indices),
+        kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
         selected,
         selected_count,
         stats: l.write(ensured(stats, "top-p thresholds")?),
-        kept: l.write(kept),
-        kept_count: l.write(kept_counts),
+        kept: l.write_mut(kept),
+        kept_count: l.write_mut(kept_counts),
         num_kv_heads: s.num_kv_heads as i32,
         selected_stride: s.plan.selected_stride as i32,
         max_cands: s.plan.max_cands as i32,
@@ -318,8 +344,8 @@ pub(crate) fn compact<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
     ws: &Workspace,
-    kept_counts: &mut CudaSlice<i32>,
-    kept: &mut CudaSlice<i32>,
+    kept_counts: &mut DeviceMut<'_, i32>,
+    kept: &mut DeviceMut<'_, i32>,
 ) -> Result<()> {
     let mut l = Launcher::new(s.stream, s.overlap);
     let (selected, selected_count) = selection(&mut l, ws);
@@ -333,13 +359,13 @@ pub(crate) fn compact<T: KvElement>(
     let params = CompactParams {
         logits,
         stats,
-        kv_indptr: l.read(&s.table.kv_indptr),
-        kv_indices: l.read(&s.table.kv_indices),
-        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        kv_indptr: l.read_ref(&s.table.kv_indptr),
+        kv_indices: l.read_ref(&s.table.kv_indices),
+        kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
         selected,
         selected_count,
-        kept: l.write(kept),
-        kept_count: l.write(kept_counts),
+        kept: l.write_mut(kept),
+        kept_count: l.write_mut(kept_counts),
         num_kv_heads: s.num_kv_heads as i32,
         selected_stride: s.plan.selected_stride as i32,
         max_cands: s.plan.max_cands as i32,
@@ -365,20 +391,20 @@ pub(crate) fn attend<T: KvElement>(
     } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
     let (kept, kept_count) = match &out.kept {
-        Some((counts, slots)) => (l.read(&**slots), l.read(&**counts)),
+        Some((counts, slots)) => (l.read_mut(slots), l.read_mut(counts)),
         None => (ConstPtr::NULL, ConstPtr::NULL),
     };
     let params = AttendParams {
-        q: l.read_elem(s.q),
-        k_cache: l.read_elem(&s.pool.k),
-        v_cache: l.read_elem(&s.pool.v),
-        kv_indptr: l.read(&s.table.kv_indptr),
-        kv_indices: l.read(&s.table.kv_indices),
-        kv_last_page_len: l.read(&s.table.kv_last_page_len),
+        q: l.read_ref_elem(s.q),
+        k_cache: l.read_ref_elem(&s.pool.k),
+        v_cache: l.read_ref_elem(&s.pool.v),
+        kv_indptr: l.read_ref(&s.table.kv_indptr),
+        kv_indices: l.read_ref(&s.table.kv_indices),
+        kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
         kept,
         kept_count,
-        o: l.write_elem(&mut *out.o),
-        lse: l.write(&mut *out.lse),
+        o: l.write_mut_elem(&mut out.o),
+        lse: l.write_mut(&mut out.lse),
         partial_o: l.write(ensured(partial_o, "partial o")?),
         partial_lse: l.write(ensured(partial_lse, "partial lse")?),
         done: l.write(ensured(done, "split counters")?),

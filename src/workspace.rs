@@ -40,43 +40,21 @@ impl Workspace {
         batch: usize,
         num_kv_heads: usize,
     ) -> Result<()> {
-        let rows = batch * num_kv_heads;
-        let heads = rows * spec.group_size as usize;
-        let size = |what: &str, factors: &[usize]| -> Result<usize> {
-            factors
-                .iter()
-                .try_fold(1usize, |n, &f| n.checked_mul(f))
-                .ok_or_else(|| Error::Parameter(format!("the {what} of this step overflow")))
-        };
-        match spec.selector {
-            Selector::Full => {}
-            Selector::Quest | Selector::DoubleSparse { .. } => {
-                let score_rows = if spec.selector == Selector::Quest {
-                    plan.max_pages
-                } else {
-                    plan.max_tokens
-                };
-                let scores = size("selector scores", &[rows, score_rows])?;
-                ensure_len(stream, &mut self.scores, scores, "selector scores")?;
-                let selected = size("selected positions", &[rows, plan.selected_stride])?;
-                ensure_len(stream, &mut self.selected, selected, "selected positions")?;
-                ensure_len(stream, &mut self.selected_count, rows, "selected counts")?;
-            }
-        }
-        if spec.pruning == Pruning::TopP {
-            let logits = size("logits", &[heads, plan.max_cands])?;
-            ensure_len(stream, &mut self.logits, logits, "logits")?;
-            ensure_len(stream, &mut self.stats, heads * 2, "top-p thresholds")?;
-        }
-        let partials = if plan.num_chunks > 1 {
-            size("attention partials", &[heads, plan.num_chunks])?
-        } else {
-            1
-        };
-        let partial_o = size("attention partials", &[partials, spec.head_dim as usize])?;
-        ensure_len(stream, &mut self.partial_o, partial_o, "partial o")?;
-        ensure_len(stream, &mut self.partial_lse, partials, "partial lse")?;
-        ensure_len(stream, &mut self.done, rows, "split counters")
+        let n = WorkspaceSizes::new(spec, plan, batch, num_kv_heads)?;
+        ensure_some(stream, &mut self.scores, n.scores, "selector scores")?;
+        ensure_some(stream, &mut self.selected, n.selected, "selected positions")?;
+        ensure_some(
+            stream,
+            &mut self.selected_count,
+            n.selected_count,
+            "selected counts",
+        )?;
+        ensure_some(stream, &mut self.logits, n.logits, "logits")?;
+        ensure_some(stream, &mut self.stats, n.stats, "top-p thresholds")?;
+        ensure_len(stream, &mut self.partial_o, n.partial_o, "partial o")?;
+        ensure_len(stream, &mut self.partial_lse, n.partial_lse, "partial lse")?;
+        ensure_len(stream, &mut self.done, n.done, "split counters")?;
+        Ok(())
     }
 
     /// The selector's choice in the last step, copied to the host: positions, ascending, in
@@ -101,6 +79,16 @@ impl Workspace {
     }
 }
 
+/// [`ensure_len`] for a buffer the pipeline may not use (`None`).
+fn ensure_some<E: DeviceRepr + ValidAsZeroBits>(
+    stream: &Arc<CudaStream>,
+    slot: &mut Option<CudaSlice<E>>,
+    len: Option<usize>,
+    what: &str,
+) -> Result<()> {
+    len.map_or(Ok(()), |len| ensure_len(stream, slot, len, what))
+}
+
 /// Grows a reusable device buffer to at least `len` elements (allocating only when it is too
 /// small, so steps of a shape seen before allocate nothing).
 pub(crate) fn ensure_len<E: DeviceRepr + ValidAsZeroBits>(
@@ -117,4 +105,96 @@ pub(crate) fn ensure_len<E: DeviceRepr + ValidAsZeroBits>(
         );
     }
     Ok(())
+}
+
+/// The element counts of a step's scratch (every element is 4 bytes: f32 or i32); `None` for
+/// a buffer the variant's pipeline does not use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WorkspaceSizes {
+    pub scores: Option<usize>,
+    pub selected: Option<usize>,
+    pub selected_count: Option<usize>,
+    pub logits: Option<usize>,
+    pub stats: Option<usize>,
+    pub partial_o: usize,
+    pub partial_lse: usize,
+    pub done: usize,
+}
+
+impl WorkspaceSizes {
+    /// The scratch of `spec`'s pipeline for `plan` over `batch` requests and `num_kv_heads`
+    /// KV heads.
+    ///
+    /// # Errors
+    /// [`Error::Parameter`] for a size that overflows.
+    pub fn new(
+        spec: &VariantSpec,
+        plan: &StepPlan,
+        batch: usize,
+        num_kv_heads: usize,
+    ) -> Result<WorkspaceSizes> {
+        let size = |what: &str, factors: &[usize]| -> Result<usize> {
+            factors
+                .iter()
+                .try_fold(1usize, |n, &f| n.checked_mul(f))
+                .ok_or_else(|| Error::Parameter(format!("the {what} of this step overflow")))
+        };
+        let rows = size("rows", &[batch, num_kv_heads])?;
+        let heads = size("query heads", &[rows, spec.group_size as usize])?;
+        let (scores, selected, selected_count) = match spec.selector {
+            Selector::Full => (None, None, None),
+            Selector::Quest | Selector::DoubleSparse { .. } => {
+                let score_rows = if spec.selector == Selector::Quest {
+                    plan.max_pages
+                } else {
+                    plan.max_tokens
+                };
+                (
+                    Some(size("selector scores", &[rows, score_rows])?),
+                    Some(size("selected positions", &[rows, plan.selected_stride])?),
+                    Some(rows),
+                )
+            }
+        };
+        let (logits, stats) = if spec.pruning == Pruning::TopP {
+            (
+                Some(size("logits", &[heads, plan.max_cands])?),
+                Some(size("top-p thresholds", &[heads, 2])?),
+            )
+        } else {
+            (None, None)
+        };
+        let partials = if plan.num_chunks > 1 {
+            size("attention partials", &[heads, plan.num_chunks])?
+        } else {
+            1
+        };
+        Ok(WorkspaceSizes {
+            scores,
+            selected,
+            selected_count,
+            logits,
+            stats,
+            partial_o: size("attention partials", &[partials, spec.head_dim as usize])?,
+            partial_lse: partials,
+            done: rows,
+        })
+    }
+
+    /// Bytes of device memory the scratch takes.
+    pub fn bytes(&self) -> usize {
+        let optional = [
+            self.scores,
+            self.selected,
+            self.selected_count,
+            self.logits,
+            self.stats,
+        ];
+        optional
+            .iter()
+            .flatten()
+            .chain([&self.partial_o, &self.partial_lse, &self.done])
+            .fold(0usize, |n, &len| n.saturating_add(len))
+            .saturating_mul(4)
+    }
 }

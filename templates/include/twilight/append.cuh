@@ -5,6 +5,9 @@
 // can be updated without atomics, from its old value when the page already held tokens.
 // LABELS > 0 also writes Double Sparsity's label of each new key: its values at the KV head's
 // LABELS calibrated channels `ds_channels[head]`.
+// With k_new == nullptr the keys are already in the cache (an engine wrote them with its own
+// kernel): each is read where it lies, K and V are not written, and only the derived
+// structures are, exactly as an append of the same rows would write them.
 
 template <typename T, int HEAD_DIM, int PAGE_SIZE, bool HND, bool QUEST, bool QUANT4, int LABELS, int THREADS>
 struct tw_append {
@@ -15,6 +18,13 @@ struct tw_append {
   typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM / 2> q4_layout;  // bytes: two codes each
   typedef tw_paged_layout<HND, PAGE_SIZE, 2> scale_layout;           // (scale, min) pairs
   typedef tw_paged_layout<HND, PAGE_SIZE, (LABELS > 0 ? LABELS : 1)> label_layout;
+
+  // Row i of a job's new keys for one head: in k_new, or in the cache when k_new is null.
+  TW_DEVICE static const T* key_row(const T* k_new, const T* k_cache, int page, int first, int src_row, int i,
+                                    int head, int num_kv_heads) {
+    return k_new != nullptr ? k_new + (tw_i64(src_row + i) * num_kv_heads + head) * HEAD_DIM
+                            : k_cache + kv_layout::offset(page, head, first + i, num_kv_heads);
+  }
 
   TW_DEVICE static void run(const T* __restrict__ k_new, const T* __restrict__ v_new, const int* __restrict__ jobs,
                             T* __restrict__ k_cache, T* __restrict__ v_cache, T* __restrict__ page_max,
@@ -28,7 +38,8 @@ struct tw_append {
     const int count = jobs[4 * job_id + 2];
     const int src_row = jobs[4 * job_id + 3];
 
-    for (int e = threadIdx.x; e < count * num_kv_heads * TX; e += THREADS) {
+    const bool in_place = k_new == nullptr;
+    for (int e = threadIdx.x; !in_place && e < count * num_kv_heads * TX; e += THREADS) {
       const int i = e / (num_kv_heads * TX);
       const int head = e / TX % num_kv_heads;
       const int lane = e % TX;
@@ -48,7 +59,7 @@ struct tw_append {
         const int j = e % LABELS;
         const int channel = ds_channels[head * LABELS + j];
         k_label[label_layout::offset(page, head, first + i, num_kv_heads) + j] =
-            k_new[(tw_i64(src_row + i) * num_kv_heads + head) * HEAD_DIM + channel];
+            key_row(k_new, k_cache, page, first, src_row, i, head, num_kv_heads)[channel];
       }
     }
 
@@ -59,7 +70,7 @@ struct tw_append {
       for (int row = warp; row < count * num_kv_heads; row += WARPS) {
         const int i = row / num_kv_heads;
         const int head = row % num_kv_heads;
-        const T* src = k_new + (tw_i64(src_row + i) * num_kv_heads + head) * HEAD_DIM + lane * PER_LANE;
+        const T* src = key_row(k_new, k_cache, page, first, src_row, i, head, num_kv_heads) + lane * PER_LANE;
         float x[PER_LANE];
         float lo = 3.402823466e38f, hi = -3.402823466e38f;
 #pragma unroll
@@ -89,6 +100,7 @@ struct tw_append {
     if (QUEST) {
       // Element-wise max/min over the page's valid tokens: the old bound (if the page held
       // tokens) merged with the new rows, read from k_new rather than the cache just written.
+      // A job from offset 0 starts the page: a freed page that is reused forgets its bounds.
       for (int e = threadIdx.x; e < num_kv_heads * HEAD_DIM; e += THREADS) {
         const int head = e / HEAD_DIM;
         const int d = e % HEAD_DIM;
@@ -96,7 +108,7 @@ struct tw_append {
         float mx = first > 0 ? tw_to_float(page_max[meta]) : -3.402823466e38f;
         float mn = first > 0 ? tw_to_float(page_min[meta]) : 3.402823466e38f;
         for (int i = 0; i < count; ++i) {
-          const float x = tw_to_float(k_new[(tw_i64(src_row + i) * num_kv_heads + head) * HEAD_DIM + d]);
+          const float x = tw_to_float(key_row(k_new, k_cache, page, first, src_row, i, head, num_kv_heads)[d]);
           mx = fmaxf(mx, x);
           mn = fminf(mn, x);
         }
