@@ -95,13 +95,32 @@ pub struct DecodeOutput<T: KvElement> {
     pub lse: CudaSlice<f32>,
 }
 
+/// How top-p's threshold and compaction are launched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PruneLaunch {
+    /// Two kernels: one CTA per query head, then one per (request, KV head).
+    Separate,
+    /// One kernel, a thread-block cluster of the group's query heads per (request, KV head)
+    /// (sm_90 and later).
+    Fused,
+    /// Fused when every row's cluster is resident at once (rows <= the device's active
+    /// clusters for the kernel), else separate: a second round of clusters costs more than the
+    /// launch the fusion saves (bench/PERF-NOTES.md, v13).
+    FusedWhenResident,
+}
+
 /// Any variant's pipeline, loaded once, on one stream.
 pub struct Decoder {
     spec: VariantSpec,
     stream: Arc<CudaStream>,
     program: Arc<LoadedProgram>,
-    /// The step's stages in launch order (the append is not one).
-    stages: Vec<Stage>,
+    /// The step's stages in launch order (the append is not one), with threshold and
+    /// compaction apart, and fused.
+    separate: Vec<Stage>,
+    fused: Vec<Stage>,
+    prune_launch: PruneLaunch,
+    /// Clusters of the fused kernel the device holds at once (0 where it has none).
+    resident_clusters: usize,
     num_sms: usize,
     launch_overlap: bool,
 }
@@ -110,7 +129,8 @@ impl std::fmt::Debug for Decoder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Decoder")
             .field("spec", &self.spec.name())
-            .field("stages", &self.stages)
+            .field("stages", &self.separate)
+            .field("prune_launch", &self.prune_launch)
             .finish()
     }
 }
@@ -129,16 +149,53 @@ impl Decoder {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(|e| Error::driver("reading the SM count", e))? as usize;
-        let stages = pipeline_of(&spec, false);
-        tracing::debug!(variant = %spec, stages = ?stages, origin = ?program.origin, "decoder ready");
+        let separate = pipeline_of(&spec, false);
+        let fused = pipeline_of(&spec, true);
+        let resident_clusters = match program.function(Stage::ThresholdCompact) {
+            Some(f) => crate::launch::resident_clusters(
+                &stream,
+                f,
+                spec.group_size,
+                program.tiling.threshold_threads,
+            ),
+            None => 0,
+        };
+        tracing::debug!(variant = %spec, stages = ?separate, resident_clusters, origin = ?program.origin, "decoder ready");
         Ok(Decoder {
             spec,
             stream,
             program,
-            stages,
+            separate,
+            fused,
+            prune_launch: PruneLaunch::FusedWhenResident,
+            resident_clusters,
             num_sms,
             launch_overlap: false,
         })
+    }
+
+    /// How top-p's threshold and compaction are launched; [`PruneLaunch::FusedWhenResident`]
+    /// by default.
+    pub fn set_prune_launch(&mut self, how: PruneLaunch) {
+        self.prune_launch = how;
+    }
+
+    pub fn prune_launch(&self) -> PruneLaunch {
+        self.prune_launch
+    }
+
+    /// The stages a step over `rows` (request, KV head) pairs launches, in order.
+    pub fn stages_for(&self, rows: usize) -> &[Stage] {
+        let fuse = match self.prune_launch {
+            PruneLaunch::Separate => false,
+            PruneLaunch::Fused => true,
+            PruneLaunch::FusedWhenResident => rows <= self.resident_clusters,
+        };
+        if fuse {
+            &self.fused
+        } else {
+            &self.separate
+        }
     }
 
     /// Whether each stage's kernel may be scheduled while the previous one finishes
@@ -153,15 +210,14 @@ impl Decoder {
         self.launch_overlap
     }
 
-    /// Whether top-p's threshold and compaction run as one launch, a thread-block cluster of
-    /// the group's query heads per (request, KV head) (sm_90 and later), instead of two. Off
-    /// by default; bench/PERF-NOTES.md has what it measured.
+    /// Threshold and compaction always fused (`true`) or always apart (`false`); see
+    /// [`Decoder::set_prune_launch`] for the default, which chooses per step.
     pub fn set_fused_prune(&mut self, on: bool) {
-        self.stages = pipeline_of(&self.spec, on);
-    }
-
-    pub fn fused_prune(&self) -> bool {
-        self.stages.contains(&Stage::ThresholdCompact)
+        self.set_prune_launch(if on {
+            PruneLaunch::Fused
+        } else {
+            PruneLaunch::Separate
+        });
     }
 
     pub fn spec(&self) -> &VariantSpec {
@@ -176,9 +232,10 @@ impl Decoder {
         &self.stream
     }
 
-    /// The stages a step launches, in order.
+    /// The stages a step launches with threshold and compaction apart, in order (see
+    /// [`Decoder::stages_for`] for what a given step launches).
     pub fn stages(&self) -> &[Stage] {
-        &self.stages
+        &self.separate
     }
 
     /// The bounds of a step over `batch` requests of at most `max_len` tokens with budget B0.
@@ -372,7 +429,7 @@ impl Decoder {
             p: params.p,
             overlap: self.launch_overlap,
         };
-        for &stage in &self.stages {
+        for &stage in self.stages_for(batch * num_kv_heads) {
             before(Some(stage))?;
             let f = stages::function(&self.program, spec, stage)?;
             match stage {

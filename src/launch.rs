@@ -227,3 +227,39 @@ impl<'a> Launcher<'a> {
         Ok(())
     }
 }
+
+/// How many thread-block clusters of `cluster_size` CTAs of `threads` threads running
+/// `function` (compiled with that cluster size) the device holds at once; 0 when the driver
+/// cannot say (a device without clusters).
+pub(crate) fn resident_clusters(
+    stream: &Arc<CudaStream>,
+    function: &CudaFunction,
+    cluster_size: u32,
+    threads: u32,
+) -> usize {
+    if stream.context().bind_to_thread().is_err() {
+        return 0;
+    }
+    let config = sys::CUlaunchConfig {
+        gridDimX: cluster_size,
+        gridDimY: 1,
+        gridDimZ: 1,
+        blockDimX: threads,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: 0,
+        hStream: stream.cu_stream(),
+        attrs: std::ptr::null_mut(),
+        numAttrs: 0,
+    };
+    let mut clusters: std::ffi::c_int = 0;
+    // SAFETY: `config` and `clusters` outlive the call, which only reads the function's
+    // attributes (its cluster size is compiled in, so the config names none).
+    let status = unsafe {
+        sys::cuOccupancyMaxActiveClusters(&mut clusters, function.cu_function(), &config)
+    };
+    if status.result().is_err() {
+        return 0;
+    }
+    clusters.max(0) as usize
+}

@@ -33,7 +33,7 @@ pub use twilight_jit::{Dtype, KvLayout, Pruning, Selector, SpecError, VariantSpe
 pub use twilight_macros::twilight_kernel;
 
 pub use buffer::{DeviceMut, DeviceRef};
-pub use decoder::{DecodeOutput, Decoder, DenseDecoder, StepParams};
+pub use decoder::{DecodeOutput, Decoder, DenseDecoder, PruneLaunch, StepParams};
 pub use element::KvElement;
 pub use error::{Error, Result};
 pub use host::{CacheShape, HostError, HostPageTable};

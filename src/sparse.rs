@@ -76,6 +76,11 @@ impl SparseDecoder {
         self.decoder.set_fused_prune(on);
     }
 
+    /// See [`Decoder::set_prune_launch`].
+    pub fn set_prune_launch(&mut self, how: crate::decoder::PruneLaunch) {
+        self.decoder.set_prune_launch(how);
+    }
+
     pub fn spec(&self) -> &VariantSpec {
         self.decoder.spec()
     }

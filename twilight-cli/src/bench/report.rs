@@ -37,6 +37,12 @@ pub struct SparseReport {
     pub twilight_fused_graph_us: Option<f64>,
     #[serde(default)]
     pub fused_stage_us: Option<f64>,
+    /// The step with threshold and compaction always apart, and whether the default (fused
+    /// when every row's cluster is resident) fused them at this shape.
+    #[serde(default)]
+    pub twilight_separate_us: Option<f64>,
+    #[serde(default)]
+    pub default_fuses_prune: Option<bool>,
     pub twilight_floor_us: f64,
     /// DESIGN.md's bytes of one step per (request, KV head): the selector's reads, the 4-bit
     /// estimate of the candidates and K/V of the kept tokens (mean).
@@ -97,6 +103,17 @@ pub fn print(r: &SparseReport) {
         r.twilight_graph_us,
         r.twilight_floor_us,
     );
+    if let (Some(t), Some(fuses)) = (r.twilight_separate_us, r.default_fuses_prune) {
+        row(
+            "twilight step, threshold + compaction apart",
+            t,
+            r.twilight_floor_us,
+        );
+        println!(
+            "|   (the default step above ran them {}) | | | |",
+            if fuses { "fused" } else { "apart" }
+        );
+    }
     if let Some(t) = r.fused_stage_us {
         println!("| stage ThresholdCompact (fused) | {t:.1} | - | - |");
     }

@@ -267,6 +267,14 @@ fn measure_selector<T: KvElement>(
     // And with top-p's threshold and compaction fused into one cluster launch.
     let mut fused = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
     fused.set_fused_prune(true);
+    // And with them always apart, for the default's choice to be judged against.
+    let mut separate = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
+    separate.set_fused_prune(false);
+    let rows = shape.batch * shape.kv_heads;
+    let default_fuses = sparse
+        .decoder()
+        .stages_for(rows)
+        .contains(&Stage::ThresholdCompact);
     let twilight_t = time_with_events(stream, warmup, iters, |i| {
         let x = &instances[i % n];
         sparse.run_into(
@@ -322,6 +330,16 @@ fn measure_selector<T: KvElement>(
         overlap_graphs[i % n]
             .launch()
             .map_err(|e| driver_error("launching a graph", e))
+    })?;
+    let separate_t = time_with_events(stream, warmup, iters, |i| {
+        let x = &instances[i % n];
+        separate.run_into(
+            &x.q,
+            &x.cache,
+            &x.table,
+            &mut s_out[i % n],
+            &mut s_ws[i % n],
+        )
     })?;
     let fused_t = time_with_events(stream, warmup, iters, |i| {
         let x = &instances[i % n];
@@ -414,6 +432,8 @@ fn measure_selector<T: KvElement>(
         twilight_overlap_us: Some(overlap_t.median_us()),
         twilight_overlap_graph_us: Some(overlap_graph_t.median_us()),
         twilight_fused_us: Some(fused_t.median_us()),
+        twilight_separate_us: Some(separate_t.median_us()),
+        default_fuses_prune: Some(default_fuses),
         twilight_fused_graph_us: Some(fused_graph_t.median_us()),
         fused_stage_us: fused_stages
             .iter()

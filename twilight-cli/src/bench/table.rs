@@ -180,6 +180,8 @@ mod tests {
             twilight_fused_us: None,
             twilight_fused_graph_us: None,
             fused_stage_us: None,
+            twilight_separate_us: None,
+            default_fuses_prune: None,
             twilight_floor_us: 23.6,
             step_bytes_per_row: 1.6e6,
             practical_floor_us: None,
