@@ -65,6 +65,13 @@ impl PageTable {
     pub fn num_pages(&self) -> usize {
         self.num_pages
     }
+
+    /// The device buffers `(kv_indptr, kv_indices, kv_last_page_len)`, read only: for code
+    /// that hands them on as an engine's own table ([`PageTableView::from_device`], e.g.
+    /// through raw pointers). Their contents were validated on upload.
+    pub fn buffers(&self) -> (&CudaSlice<i32>, &CudaSlice<i32>, &CudaSlice<i32>) {
+        (&self.kv_indptr, &self.kv_indices, &self.kv_last_page_len)
+    }
 }
 
 /// A page table on the device as a step reads it: borrowed buffers and the bounds that size

@@ -24,6 +24,14 @@ pub struct SparseReport {
     pub stages_us: Vec<(String, f64, Option<f64>)>,
     pub twilight_us: f64,
     pub twilight_graph_us: f64,
+    /// The same twilight step as an engine runs it over a pool it owns, launched and as a
+    /// graph: the same K/V, sidecar, device table, q and outputs borrowed through raw device
+    /// pointers (`KvPool`, `PageTableView::from_device`, `StepOutputs` of `DeviceRef`s and
+    /// `DeviceMut`s made with `from_raw`, rebuilt every step) and run by `Decoder::run_into`.
+    #[serde(default)]
+    pub twilight_engine_pool_us: Option<f64>,
+    #[serde(default)]
+    pub twilight_engine_pool_graph_us: Option<f64>,
     /// The step with launch overlap (programmatic dependent launch), launched and as a graph.
     #[serde(default)]
     pub twilight_overlap_us: Option<f64>,
@@ -103,6 +111,20 @@ pub fn print(r: &SparseReport) {
         r.twilight_graph_us,
         r.twilight_floor_us,
     );
+    if let Some(t) = r.twilight_engine_pool_us {
+        row(
+            "twilight step, engine-owned pool (raw pointers)",
+            t,
+            r.twilight_floor_us,
+        );
+    }
+    if let Some(g) = r.twilight_engine_pool_graph_us {
+        row(
+            "twilight step, engine-owned pool (raw pointers), graph replay",
+            g,
+            r.twilight_floor_us,
+        );
+    }
     if let (Some(t), Some(fuses)) = (r.twilight_separate_us, r.default_fuses_prune) {
         row(
             "twilight step, threshold + compaction apart",
@@ -153,6 +175,9 @@ pub fn print(r: &SparseReport) {
             r.twilight_graph_us / floor
         );
     }
+    if let Some(line) = engine_pool_line(r) {
+        println!("{line}");
+    }
     println!(
         "  speedup of the twilight step: {:.2}x over {} alone, {:.2}x over our dense decode (graph replay: {:.2}x, {:.2}x)",
         r.base_none_us / r.twilight_us,
@@ -161,4 +186,24 @@ pub fn print(r: &SparseReport) {
         r.base_none_us / r.twilight_graph_us,
         r.dense_us / r.twilight_graph_us
     );
+}
+
+/// The engine-owned pool's step against the owning path's (`PagedKvCache`): time ratios,
+/// launched and as a graph; `None` for reports without the engine path.
+pub fn engine_pool_line(r: &SparseReport) -> Option<String> {
+    let t = r.twilight_engine_pool_us?;
+    let mut line = format!(
+        "  engine-owned pool (raw pointers) vs PagedKvCache: {:.3}x the step's time ({:+.1}%)",
+        t / r.twilight_us,
+        100.0 * (t / r.twilight_us - 1.0)
+    );
+    if let Some(g) = r.twilight_engine_pool_graph_us {
+        line.push_str(&format!(
+            ", {:.3}x as a graph replay ({:+.1}%)",
+            g / r.twilight_graph_us,
+            100.0 * (g / r.twilight_graph_us - 1.0)
+        ));
+    }
+    line.push_str("; the target is within 3%");
+    Some(line)
 }

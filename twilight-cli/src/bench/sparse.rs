@@ -1,16 +1,19 @@
 //! `twilight bench sparse`: one Select-then-Prune shape measured side by side with its base
 //! selector alone (`quest` or `double_sparse(r)` with `none`) and dense decode on the same
 //! caches, per stage and per step (plain launches and CUDA-graph replay), against DESIGN.md's
-//! byte floors. [`measure`] is also what `bench grid` runs per shape; the caches come from
+//! byte floors. The twilight step is also timed as an engine runs it, over the same memory
+//! borrowed through raw device pointers (an engine-owned pool, see [`engine_step`]).
+//! [`measure`] is also what `bench grid` runs per shape; the caches come from
 //! [`super::caches`].
 
 use std::sync::Arc;
 
-use cudarc::driver::{CudaGraph, CudaStream};
+use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use twilight::twilight_jit::{open_device, Stage};
 use twilight::{
-    DecodeOutput, DenseDecoder, Dtype, KvElement, Pruning, Selector, SparseDecoder, SparseOutput,
-    SparseParams, SparseWorkspace, VariantSpec, Workspace,
+    DecodeOutput, Decoder, DenseDecoder, DeviceMut, DeviceRef, Dtype, KvElement, KvPool,
+    PageTableView, Pruning, Selector, SparseDecoder, SparseOutput, SparseParams, SparseWorkspace,
+    StepOutputs, StepParams, VariantSpec, Workspace,
 };
 use twilight_synth::generator::{GeneratorParams, Preset};
 
@@ -285,6 +288,21 @@ fn measure_selector<T: KvElement>(
             &mut s_ws[i % n],
         )
     })?;
+    // The same step as an engine runs it (see `engine_step`), right after the owning path so
+    // both see the same clocks: the same K/V, sidecar, table and outputs, borrowed through raw
+    // device pointers, and workspaces sized from the plan as an engine sizes them.
+    let raw: Vec<RawBuffers> = instances
+        .iter()
+        .zip(s_out.iter_mut())
+        .map(|(x, out)| RawBuffers::new(stream, x, out))
+        .collect();
+    let mut e_ws = instances
+        .iter()
+        .map(|x| engine_workspace(sparse, x))
+        .collect::<twilight::Result<Vec<_>>>()?;
+    let engine_t = time_with_events(stream, warmup, iters, |i| {
+        engine_step(sparse, &instances[i % n], &raw[i % n], &mut e_ws[i % n])
+    })?;
     let base_t = time_with_events(stream, warmup, iters, |i| {
         let x = &instances[i % n];
         base.run_into(
@@ -306,6 +324,15 @@ fn measure_selector<T: KvElement>(
     }
     let graph_t = time_with_events(stream, warmup, iters, |i| {
         graphs[i % n]
+            .launch()
+            .map_err(|e| driver_error("launching a graph", e))
+    })?;
+    let mut engine_graphs = Vec::new();
+    for ((x, r), ws) in instances.iter().zip(&raw).zip(e_ws.iter_mut()) {
+        engine_graphs.push(capture(stream, &mut || engine_step(sparse, x, r, ws))?);
+    }
+    let engine_graph_t = time_with_events(stream, warmup, iters, |i| {
+        engine_graphs[i % n]
             .launch()
             .map_err(|e| driver_error("launching a graph", e))
     })?;
@@ -429,6 +456,8 @@ fn measure_selector<T: KvElement>(
             .collect(),
         twilight_us: twilight_t.median_us(),
         twilight_graph_us: graph_t.median_us(),
+        twilight_engine_pool_us: Some(engine_t.median_us()),
+        twilight_engine_pool_graph_us: Some(engine_graph_t.median_us()),
         twilight_overlap_us: Some(overlap_t.median_us()),
         twilight_overlap_graph_us: Some(overlap_graph_t.median_us()),
         twilight_fused_us: Some(fused_t.median_us()),
@@ -448,6 +477,140 @@ fn measure_selector<T: KvElement>(
         dense_us: dense_t.median_us(),
         dense_floor_us: floor_us(shape.len as f64 * 4.0 * d),
     })
+}
+
+/// One cache's buffers as an engine on another cudarc line holds them: device addresses with
+/// element counts, read once before any step. K and V are the cache's own, the table the
+/// cache's device table, q the instance's, the outputs the owning path's (`SparseOutput`), so
+/// the two paths run over the very same memory and differ only in how it is borrowed.
+struct RawBuffers {
+    q: (u64, usize),
+    k: (u64, usize),
+    v: (u64, usize),
+    kv_indptr: (u64, usize),
+    kv_indices: (u64, usize),
+    kv_last_page_len: (u64, usize),
+    o: (u64, usize),
+    lse: (u64, usize),
+    kept_counts: (u64, usize),
+    kept: (u64, usize),
+}
+
+impl RawBuffers {
+    fn new<T: KvElement>(
+        stream: &Arc<CudaStream>,
+        x: &Instance<T>,
+        out: &mut SparseOutput<T>,
+    ) -> RawBuffers {
+        let (kv_indptr, kv_indices, kv_last_page_len) = x.table.buffers();
+        RawBuffers {
+            q: address(stream, &x.q),
+            k: address(stream, x.cache.k()),
+            v: address(stream, x.cache.v()),
+            kv_indptr: address(stream, kv_indptr),
+            kv_indices: address(stream, kv_indices),
+            kv_last_page_len: address(stream, kv_last_page_len),
+            o: address_mut(stream, &mut out.o),
+            lse: address_mut(stream, &mut out.lse),
+            kept_counts: address_mut(stream, &mut out.kept_counts),
+            kept: address_mut(stream, &mut out.kept),
+        }
+    }
+}
+
+/// The address and length of a buffer a step reads. cudarc's guard, dropped here, records a
+/// read event on `stream` only while cudarc tracks events across streams; the benchmarks turn
+/// that off ([`graph_ready_stream`]) and queue all their work on that one stream, so stream
+/// order alone orders every later step after the writes that filled the buffer, and dropping
+/// the guard now orders nothing away.
+fn address<T>(stream: &Arc<CudaStream>, s: &CudaSlice<T>) -> (u64, usize) {
+    let (ptr, _guard) = s.device_ptr(stream);
+    (ptr, s.len())
+}
+
+/// The address and length of a buffer a step writes (as [`address`]).
+fn address_mut<T>(stream: &Arc<CudaStream>, s: &mut CudaSlice<T>) -> (u64, usize) {
+    let len = s.len();
+    let (ptr, _guard) = s.device_ptr_mut(stream);
+    (ptr, len)
+}
+
+/// The workspace an engine allocates for steps of `x`'s shape: sized once from the plan, so
+/// no step allocates (and each can be captured).
+fn engine_workspace<T: KvElement>(
+    sparse: &SparseDecoder,
+    x: &Instance<T>,
+) -> twilight::Result<Workspace> {
+    let (decoder, table) = (sparse.decoder(), &x.table);
+    let heads = x.cache.shape().num_kv_heads;
+    let plan = decoder.plan(
+        table.batch(),
+        heads,
+        table.max_len(),
+        sparse.params().budget,
+    );
+    decoder.alloc_workspace(&plan, table.batch(), heads)
+}
+
+/// `sparse`'s step over `x` as an engine runs it over a pool it owns, through the engine entry
+/// point ([`Decoder::run_into`]): every call builds the layer's pool view from K and V's raw
+/// addresses ([`KvPool::new`] over `DeviceRef::from_raw`) with the cache's sidecar beside it,
+/// the table view from the device table's raw addresses ([`PageTableView::from_device`]) and
+/// the outputs from raw addresses (`DeviceMut::from_raw`), so the time includes every check
+/// an engine's step pays for these views.
+fn engine_step<T: KvElement>(
+    sparse: &SparseDecoder,
+    x: &Instance<T>,
+    raw: &RawBuffers,
+    workspace: &mut Workspace,
+) -> twilight::Result<()> {
+    let shape = x.cache.shape();
+    let params: &StepParams = sparse.params();
+    // SAFETY: every address is a live allocation of this benchmark (the cache's K, V and
+    // device table, q, and the owning path's outputs), given with the length it was allocated
+    // with, all of which outlive every step and graph made over them. All work runs on the
+    // one stream of the decoder, in order, so nothing writes K, V, q or the table while a step
+    // reads them, and nothing touches the outputs while a step writes them. The table was
+    // validated on the host when it was uploaded (`PageTable::upload`) and `max_len` is its
+    // own.
+    let (q, pool, table, outputs) = unsafe {
+        let ref_of = |(ptr, len): (u64, usize)| DeviceRef::<i32>::from_raw(ptr, len);
+        (
+            DeviceRef::<T>::from_raw(raw.q.0, raw.q.1),
+            KvPool::new(
+                shape,
+                DeviceRef::<T>::from_raw(raw.k.0, raw.k.1),
+                DeviceRef::<T>::from_raw(raw.v.0, raw.v.1),
+            )?
+            .with_sidecar(x.cache.derived())?,
+            PageTableView::from_device(
+                ref_of(raw.kv_indptr),
+                ref_of(raw.kv_indices),
+                ref_of(raw.kv_last_page_len),
+                x.table.batch(),
+                x.table.max_len(),
+                &shape,
+            )?,
+            StepOutputs::new(
+                DeviceMut::<T>::from_raw(raw.o.0, raw.o.1),
+                DeviceMut::<f32>::from_raw(raw.lse.0, raw.lse.1),
+            )
+            .with_kept(
+                DeviceMut::<i32>::from_raw(raw.kept_counts.0, raw.kept_counts.1),
+                DeviceMut::<i32>::from_raw(raw.kept.0, raw.kept.1),
+            ),
+        )
+    };
+    let decoder: &Decoder = sparse.decoder();
+    decoder.run_into(
+        q,
+        &pool,
+        &table,
+        params,
+        outputs,
+        workspace,
+        &mut |_| Ok(()),
+    )
 }
 
 /// The report with its practical floor: a bare read of the step's bytes per (request, KV

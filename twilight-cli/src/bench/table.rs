@@ -175,6 +175,8 @@ mod tests {
             stages_us: vec![("Estimate".into(), 37.2, Some(8.0))],
             twilight_us: 124.6,
             twilight_graph_us: 116.0,
+            twilight_engine_pool_us: Some(125.8),
+            twilight_engine_pool_graph_us: Some(116.5),
             twilight_overlap_us: None,
             twilight_overlap_graph_us: None,
             twilight_fused_us: None,
@@ -191,6 +193,26 @@ mod tests {
             dense_us: 380.5,
             dense_floor_us: 239.4,
         }
+    }
+
+    #[test]
+    fn the_engine_pool_step_is_compared_with_the_owning_path() {
+        let r = report("a", "quest");
+        let line = crate::bench::report::engine_pool_line(&r).unwrap();
+        // 125.8 / 124.6 launched, 116.5 / 116.0 as a graph.
+        assert!(
+            line.contains("1.010x the step's time (+1.0%)")
+                && line.contains("1.004x as a graph replay (+0.4%)"),
+            "{line}"
+        );
+        // Results written before the engine path was measured still read, without it.
+        let mut json = serde_json::to_value(&r).unwrap();
+        let fields = json.as_object_mut().unwrap();
+        fields.remove("twilight_engine_pool_us");
+        fields.remove("twilight_engine_pool_graph_us");
+        let old: SparseReport = serde_json::from_value(json).unwrap();
+        assert_eq!(old.twilight_engine_pool_us, None);
+        assert!(crate::bench::report::engine_pool_line(&old).is_none());
     }
 
     #[test]
