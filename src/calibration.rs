@@ -216,13 +216,12 @@ impl DecodeSample {
     }
 
     /// The positions of a request of `len` tokens that go into the sample: every one up to
-    /// `per_request`, else evenly spread, ascending and distinct.
-    pub fn positions(&self, len: usize) -> Vec<usize> {
+    /// `per_request`, else evenly spread, ascending and distinct. An iterator, so nothing is
+    /// sized from `len` or `per_request`.
+    pub fn positions(&self, len: usize) -> impl Iterator<Item = usize> {
         let n = len.min(self.per_request);
         // In u128, `i * len` cannot wrap for any usize length; the quotient is below `len`.
-        (0..n)
-            .map(|i| (i as u128 * len as u128 / n as u128) as usize)
-            .collect()
+        (0..n).map(move |i| (i as u128 * len as u128 / n as u128) as usize)
     }
 
     /// Adds one request of `len` tokens: `q_request` is its query `[num_qo_heads, head_dim]`,
@@ -727,9 +726,9 @@ mod tests {
     #[test]
     fn decode_samples_take_evenly_spread_positions_of_each_request() {
         let mut sample = DecodeSample::new(2, 1, 2, 4);
-        assert_eq!(sample.positions(3), vec![0, 1, 2]);
+        assert_eq!(sample.positions(3).collect::<Vec<_>>(), vec![0, 1, 2]);
         for len in [1, 3, 4, 5, 700, 8192] {
-            let p = sample.positions(len);
+            let p: Vec<usize> = sample.positions(len).collect();
             assert_eq!(p.len(), len.min(4));
             assert!(p.windows(2).all(|w| w[0] < w[1]), "{len}");
             assert!(*p.last().unwrap() < len);
@@ -751,7 +750,9 @@ mod tests {
         assert!(sample.view(reversed).is_err());
         assert_eq!(sample.view(6..6).unwrap().tokens, 0);
         let huge = DecodeSample::new(usize::MAX, 1, 2, 4);
-        assert_eq!(huge.positions(usize::MAX).len(), 4);
+        assert_eq!(huge.positions(usize::MAX).count(), 4);
+        let every = DecodeSample::new(1, 1, 1, usize::MAX);
+        assert_eq!(every.positions(usize::MAX).nth(1), Some(1));
         let mut huge = huge;
         assert!(huge.add_request(&[], 1, key).is_err());
         assert!(sample.add_request(&[1.0; 3], 8, key).is_err());

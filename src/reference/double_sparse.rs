@@ -17,7 +17,7 @@
 
 use crate::host::CacheShape;
 use crate::host::HostPageTable;
-use crate::host::{HostError as Error, HostResult as Result};
+use crate::host::{zeroed, HostError as Error, HostResult as Result};
 use crate::reference::quest::quest_select;
 use crate::reference::HostKv;
 
@@ -89,7 +89,7 @@ impl DsLabels {
     ///
     /// # Errors
     /// [`Error::Parameter`] when the lists break [`check_channels`] (an empty list of lists
-    /// included).
+    /// included), or when the labels' size overflows or cannot be allocated.
     pub fn zeros(shape: CacheShape, channels: Vec<Vec<usize>>) -> Result<DsLabels> {
         let r = channels.first().map_or(0, Vec::len);
         check_channels(&channels, shape.num_kv_heads, shape.head_dim, r)?;
@@ -105,7 +105,7 @@ impl DsLabels {
             shape,
             r,
             channels,
-            labels: vec![0.0; labels],
+            labels: zeroed("double-sparse labels", labels)?,
         })
     }
 

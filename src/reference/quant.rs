@@ -16,7 +16,7 @@ use half::f16;
 
 use crate::host::CacheShape;
 use crate::host::HostPageTable;
-use crate::host::{HostError as Error, HostResult as Result};
+use crate::host::{zeroed, HostError as Error, HostResult as Result};
 use crate::reference::HostKv;
 
 /// The number of steps of the 4-bit grid (codes 0..=15).
@@ -114,7 +114,8 @@ impl Quant4Cache {
     /// An all-zero cache for a pool of this geometry.
     ///
     /// # Errors
-    /// [`Error::Parameter`] for an odd `head_dim` (two codes share a byte).
+    /// [`Error::Parameter`] for an odd `head_dim` (two codes share a byte), or a shape whose
+    /// size overflows or cannot be allocated.
     pub fn zeros(shape: CacheShape) -> Result<Quant4Cache> {
         if !shape.head_dim.is_multiple_of(2) {
             return Err(Error::Parameter(format!(
@@ -127,8 +128,8 @@ impl Quant4Cache {
         })? / shape.head_dim.max(1);
         Ok(Quant4Cache {
             shape,
-            codes: vec![0; rows * shape.head_dim / 2],
-            scale_min: vec![f16::ZERO; rows * 2],
+            codes: zeroed("4-bit K codes", rows * shape.head_dim / 2)?,
+            scale_min: zeroed("4-bit K scales", rows * 2)?,
         })
     }
 

@@ -4,7 +4,7 @@
 //! are the element-wise max and min of K over the page's valid tokens; they are K values, so
 //! they are exact in the storage dtype.
 
-use crate::host::{HostError as Error, HostPageTable, HostResult};
+use crate::host::{zeroed, HostError as Error, HostPageTable, HostResult};
 use crate::reference::HostKv;
 
 /// Quest's per-page bounds of K: `page_max`, `page_min`, each `[num_pages, num_kv_heads,
@@ -23,10 +23,11 @@ pub struct QuestMeta {
 /// referenced more than once counts its largest use; an unreferenced page counts 0.
 ///
 /// # Errors
-/// A table that references a page outside `0..num_pages`.
+/// A table that references a page outside `0..num_pages`; a `num_pages` that cannot be
+/// allocated.
 pub fn valid_tokens_per_page(table: &HostPageTable, num_pages: usize) -> HostResult<Vec<usize>> {
     table.validate(num_pages)?;
-    let mut valid = vec![0usize; num_pages];
+    let mut valid: Vec<usize> = zeroed("valid tokens per page", num_pages)?;
     for b in 0..table.batch() {
         let pages = table.pages_of(b);
         for (pos, &page) in pages.iter().enumerate() {
@@ -46,7 +47,8 @@ impl QuestMeta {
     /// All-zero metadata for a pool of this geometry.
     ///
     /// # Errors
-    /// [`Error::Parameter`] when `num_pages * num_kv_heads * head_dim` overflows.
+    /// [`Error::Parameter`] when `num_pages * num_kv_heads * head_dim` overflows or cannot be
+    /// allocated.
     pub fn zeros(num_pages: usize, num_kv_heads: usize, head_dim: usize) -> HostResult<QuestMeta> {
         let n = num_pages
             .checked_mul(num_kv_heads)
@@ -61,8 +63,8 @@ impl QuestMeta {
             num_pages,
             num_kv_heads,
             head_dim,
-            page_max: vec![0.0; n],
-            page_min: vec![0.0; n],
+            page_max: zeroed("Quest page_max", n)?,
+            page_min: zeroed("Quest page_min", n)?,
         })
     }
 
