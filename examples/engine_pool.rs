@@ -68,7 +68,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // host and one copy); for the sparse layer twilight then derives its sidecar from the keys
     // the engine wrote, reading them in place.
     for layer in 0..LAYERS {
-        let (k, v) = engine_prefill(shape, &slots, layer);
+        let (k, v) = engine_prefill(shape, &slots, layer)?;
         let range = layer_offset(layer)..layer_offset(layer + 1);
         stream.memcpy_htod(&k, &mut k_pool.slice_mut(range.clone()))?;
         stream.memcpy_htod(&v, &mut v_pool.slice_mut(range))?;
@@ -102,7 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     for (t, &slot) in new_slots.iter().enumerate() {
         for h in 0..shape.num_kv_heads {
-            let at = layer_offset(0) + shape.offset(slot as usize, h);
+            let at = layer_offset(0) + shape.try_offset(slot as usize, h)?;
             let src = (t * shape.num_kv_heads + h) * shape.head_dim;
             let (dst, d) = (at..at + shape.head_dim, shape.head_dim);
             stream.memcpy_htod(&k_new0[src..src + d], &mut k_pool.slice_mut(dst.clone()))?;
@@ -188,7 +188,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// What the engine's prefill kernel would write for one layer: each token's rows at its slot
 /// of a layer laid out HND. Returns the whole layer (zeros where no token lies).
-fn engine_prefill(shape: CacheShape, slots: &[i32], layer: usize) -> (Vec<E>, Vec<E>) {
+fn engine_prefill(
+    shape: CacheShape,
+    slots: &[i32],
+    layer: usize,
+) -> Result<(Vec<E>, Vec<E>), twilight::HostError> {
     let row = shape.num_kv_heads * shape.head_dim;
     let k_rows = random(slots.len() * row, 2 * layer as u64);
     let v_rows = random(slots.len() * row, 2 * layer as u64 + 1);
@@ -196,13 +200,13 @@ fn engine_prefill(shape: CacheShape, slots: &[i32], layer: usize) -> (Vec<E>, Ve
     let mut v = vec![E::ZERO; shape.elements()];
     for (t, &slot) in slots.iter().enumerate() {
         for h in 0..shape.num_kv_heads {
-            let dst = shape.offset(slot as usize, h);
+            let dst = shape.try_offset(slot as usize, h)?;
             let src = (t * shape.num_kv_heads + h) * shape.head_dim;
             k[dst..dst + shape.head_dim].copy_from_slice(&k_rows[src..src + shape.head_dim]);
             v[dst..dst + shape.head_dim].copy_from_slice(&v_rows[src..src + shape.head_dim]);
         }
     }
-    (k, v)
+    Ok((k, v))
 }
 
 /// Deterministic values in [-1, 1) (a small linear congruential generator).

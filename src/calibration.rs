@@ -216,10 +216,12 @@ impl DecodeSample {
     }
 
     /// The positions of a request of `len` tokens that go into the sample: every one up to
-    /// `per_request`, else evenly spread, ascending and distinct.
-    pub fn positions(&self, len: usize) -> Vec<usize> {
+    /// `per_request`, else evenly spread, ascending and distinct. An iterator, so nothing is
+    /// sized from `len` or `per_request`.
+    pub fn positions(&self, len: usize) -> impl Iterator<Item = usize> {
         let n = len.min(self.per_request);
-        (0..n).map(|i| i * len / n).collect()
+        // In u128, `i * len` cannot wrap for any usize length; the quotient is below `len`.
+        (0..n).map(move |i| (i as u128 * len as u128 / n as u128) as usize)
     }
 
     /// Adds one request of `len` tokens: `q_request` is its query `[num_qo_heads, head_dim]`,
@@ -227,17 +229,15 @@ impl DecodeSample {
     /// request's range of sample tokens.
     ///
     /// # Errors
-    /// [`Error::Calibration`] when `q_request` or a key has the wrong length.
+    /// [`Error::Calibration`] when `q_request` or a key has the wrong length, or a row size
+    /// (`num_qo_heads * head_dim`, `num_kv_heads * head_dim`) overflows.
     pub fn add_request<'k>(
         &mut self,
         q_request: &[f32],
         len: usize,
         mut key: impl FnMut(usize) -> std::borrow::Cow<'k, [f32]>,
     ) -> Result<std::ops::Range<usize>> {
-        let (q_len, k_len) = (
-            self.num_qo_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        );
+        let (q_len, k_len) = self.row_lens()?;
         if q_request.len() != q_len {
             return Err(calib(format!(
                 "a request's query has {} values, expected {q_len} ([num_qo_heads, head_dim])",
@@ -265,15 +265,40 @@ impl DecodeSample {
         self.tokens
     }
 
+    /// The values of one sample token of q and of k: `num_qo_heads * head_dim` and
+    /// `num_kv_heads * head_dim`.
+    fn row_lens(&self) -> Result<(usize, usize)> {
+        let q = self.num_qo_heads.checked_mul(self.head_dim);
+        let k = self.num_kv_heads.checked_mul(self.head_dim);
+        q.zip(k).ok_or_else(|| {
+            calib(format!(
+                "a sample token of {} query heads, {} KV heads and head_dim {} has more values \
+                 than fit in memory",
+                self.num_qo_heads, self.num_kv_heads, self.head_dim
+            ))
+        })
+    }
+
     /// The sample tokens in `range` as a [`LayerSample`].
     ///
-    /// # Panics
-    /// When the range reaches past [`DecodeSample::tokens`].
-    pub fn view(&self, range: std::ops::Range<usize>) -> LayerSample<'_> {
-        let (q_row, k_row) = (
-            self.num_qo_heads * self.head_dim,
-            self.num_kv_heads * self.head_dim,
-        );
+    /// # Errors
+    /// [`Error::Calibration`] when the range is reversed or reaches past
+    /// [`DecodeSample::tokens`].
+    pub fn view(&self, range: std::ops::Range<usize>) -> Result<LayerSample<'_>> {
+        if range.start > range.end || range.end > self.tokens {
+            return Err(calib(format!(
+                "sample tokens {}..{} of a sample of {} tokens",
+                range.start, range.end, self.tokens
+            )));
+        }
+        Ok(self.slice(range))
+    }
+
+    /// [`DecodeSample::view`] for a range already checked. Every token in the sample was
+    /// added with rows of the checked lengths, so the products stay within `q` and `k`; when
+    /// the row lengths overflow no token can have been added, and the range is empty.
+    fn slice(&self, range: std::ops::Range<usize>) -> LayerSample<'_> {
+        let (q_row, k_row) = self.row_lens().unwrap_or((0, 0));
         LayerSample {
             q: &self.q[range.start * q_row..range.end * q_row],
             k: &self.k[range.start * k_row..range.end * k_row],
@@ -286,7 +311,7 @@ impl DecodeSample {
 
     /// The whole sample.
     pub fn all(&self) -> LayerSample<'_> {
-        self.view(0..self.tokens)
+        self.slice(0..self.tokens)
     }
 }
 
@@ -701,9 +726,9 @@ mod tests {
     #[test]
     fn decode_samples_take_evenly_spread_positions_of_each_request() {
         let mut sample = DecodeSample::new(2, 1, 2, 4);
-        assert_eq!(sample.positions(3), vec![0, 1, 2]);
+        assert_eq!(sample.positions(3).collect::<Vec<_>>(), vec![0, 1, 2]);
         for len in [1, 3, 4, 5, 700, 8192] {
-            let p = sample.positions(len);
+            let p: Vec<usize> = sample.positions(len).collect();
             assert_eq!(p.len(), len.min(4));
             assert!(p.windows(2).all(|w| w[0] < w[1]), "{len}");
             assert!(*p.last().unwrap() < len);
@@ -718,7 +743,18 @@ mod tests {
         let all = sample.all();
         assert_eq!(all.tokens, 6);
         assert_eq!(&all.k[..8], &[0.0, 0.0, 2.0, -2.0, 4.0, -4.0, 6.0, -6.0]);
-        assert_eq!(&sample.view(4..6).q, &[5.0; 8]);
+        assert_eq!(&sample.view(4..6).unwrap().q, &[5.0; 8]);
+        assert!(sample.view(4..7).is_err());
+        #[allow(clippy::reversed_empty_ranges)]
+        let reversed = 5..4;
+        assert!(sample.view(reversed).is_err());
+        assert_eq!(sample.view(6..6).unwrap().tokens, 0);
+        let huge = DecodeSample::new(usize::MAX, 1, 2, 4);
+        assert_eq!(huge.positions(usize::MAX).count(), 4);
+        let every = DecodeSample::new(1, 1, 1, usize::MAX);
+        assert_eq!(every.positions(usize::MAX).nth(1), Some(1));
+        let mut huge = huge;
+        assert!(huge.add_request(&[], 1, key).is_err());
         assert!(sample.add_request(&[1.0; 3], 8, key).is_err());
         assert!(sample
             .add_request(&[1.0; 4], 8, |_| std::borrow::Cow::Owned(vec![0.0]))

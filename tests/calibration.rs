@@ -546,7 +546,7 @@ fn calibrated_channels_drive_the_ds_step() {
         for g in 0..kv_heads {
             let exact: Vec<f64> = (0..n)
                 .map(|t| {
-                    let k = kv.k_row(s.table.slot(b, t), g);
+                    let k = kv.try_k_row(s.table.try_slot(b, t).unwrap(), g).unwrap();
                     (g * group..(g + 1) * group)
                         .map(|h| {
                             let q = &s.q[(b * hq + h) * d..][..d];
@@ -563,7 +563,10 @@ fn calibrated_channels_drive_the_ds_step() {
             let mut want: Vec<usize> = others[..b0 - 1].to_vec();
             want.push(n - 1);
             want.sort_unstable();
-            let want: Vec<usize> = want.iter().map(|&t| s.table.slot(b, t)).collect();
+            let want: Vec<usize> = want
+                .iter()
+                .map(|&t| s.table.try_slot(b, t).unwrap())
+                .collect();
             assert_eq!(
                 result.candidates[b * kv_heads + g],
                 want,

@@ -1,13 +1,24 @@
 //! Generated inputs for every parser and validator an engine or a user reaches: variant names,
 //! key=value lists, channel configs (the Double Sparsity tooling's JSON), page tables, the
-//! page allocator's appends and the CPU reference's entry points. Each property says what must
-//! hold for any input: an answer or an error, never a panic, and an error never echoes a
-//! control character. Thousands of cases run in CI (a few hundred per property).
+//! page allocator's appends, the CPU reference's entry points and its per-row helpers, and the
+//! calibration sample. Each property says what must hold for any input: an answer or an error,
+//! never a panic, and an error never echoes a control character. Thousands of cases run in CI
+//! (a few hundred per property).
 
+use half::f16;
 use proptest::prelude::*;
-use twilight::calibration::{CalibrationMode, ChannelConfig};
-use twilight::reference::{dense_decode, HostKv, Quant4Cache, QuestMeta};
-use twilight::{CacheShape, HostPageTable, KvLayout, VariantSpec};
+use twilight::calibration::{CalibrationMode, ChannelConfig, DecodeSample};
+use twilight::reference::double_sparse::{ds_scores, ds_token_score};
+use twilight::reference::quant::{dequantize_row, packed_code, quantize_row};
+use twilight::reference::quest::{
+    quest_budget_pages, quest_page_score, quest_scores, valid_tokens_per_page,
+};
+use twilight::reference::top_p::{estimated_logits, group_union, top_p_head};
+use twilight::reference::{
+    attend, decode_step, dense_decode, DsLabels, HostKv, Quant4Cache, QuestMeta, StepInputs,
+    StepParams,
+};
+use twilight::{CacheShape, Dtype, HostPageTable, KvLayout, Pruning, Selector, VariantSpec};
 
 const NAME: &str = "ps16_hd128_f16_g4_hnd_quest_topp";
 const PIECES: &[&str] = &[
@@ -249,5 +260,310 @@ proptest! {
             let _ = QuestMeta::build(&kv, &table);
             let _ = Quant4Cache::build(&kv, &table);
         }
+    }
+}
+
+/// A size: mostly small (0 included), sometimes one whose products overflow or whose
+/// allocation no allocator grants.
+fn size() -> impl Strategy<Value = usize> {
+    prop_oneof![8 => 0usize..4, 1 => Just(usize::MAX), 1 => Just(1usize << 62)]
+}
+
+/// An index: mostly near the small sizes above, sometimes far past them.
+fn index() -> impl Strategy<Value = usize> {
+    prop_oneof![8 => 0usize..6, 1 => Just(usize::MAX), 1 => Just(usize::MAX / 2 + 1)]
+}
+
+fn values(max: usize) -> impl Strategy<Value = Vec<f32>> {
+    prop::collection::vec(
+        prop_oneof![-4.0f32..4.0, Just(f32::NAN), Just(f32::INFINITY)],
+        0..max,
+    )
+}
+
+/// A cache whose data may or may not fill its shape, and a table that may or may not fit it.
+#[derive(Clone, Debug)]
+struct Pool {
+    shape: CacheShape,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    table: Option<HostPageTable>,
+}
+
+impl Pool {
+    fn kv(&self) -> HostKv<'_> {
+        HostKv {
+            shape: self.shape,
+            k: &self.k,
+            v: &self.v,
+        }
+    }
+}
+
+fn pool() -> impl Strategy<Value = Pool> {
+    let layout = prop_oneof![Just(KvLayout::Hnd), Just(KvLayout::Nhd)];
+    (
+        (size(), size(), size(), size(), layout),
+        any::<bool>(),
+        values(40),
+        prop::collection::vec(0i32..5, 1..4),
+        1usize..7,
+    )
+        .prop_map(
+            |((pages, heads, ps, d, layout), fill, data, table_pages, len)| {
+                let shape = CacheShape {
+                    num_pages: pages,
+                    num_kv_heads: heads,
+                    page_size: ps,
+                    head_dim: d,
+                    layout,
+                };
+                // Half the cases fill the shape exactly (when it is small), so that the checks
+                // pass and the indices are what is tried.
+                let k = match shape.checked_elements() {
+                    Some(n) if fill && n <= 64 => (0..n)
+                        .map(|i| data.get(i).copied().unwrap_or(0.5))
+                        .collect(),
+                    _ => data,
+                };
+                let table = HostPageTable::from_requests(
+                    &[(&table_pages, len)],
+                    ps.clamp(1, 8),
+                    pages.min(8),
+                )
+                .ok();
+                Pool {
+                    shape,
+                    v: k.clone(),
+                    k,
+                    table,
+                }
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Rows of K and V, their addresses, and attention over any slots: an answer or an error.
+    #[test]
+    fn cache_rows_and_attention_check_their_indices(
+        p in pool(),
+        slot in index(),
+        kv_head in index(),
+        q in values(6),
+        slots in prop::collection::vec(index(), 0..4),
+        b in index(),
+    ) {
+        let kv = p.kv();
+        let _ = p.shape.elements();
+        if let Ok(at) = p.shape.try_offset(slot, kv_head) {
+            prop_assert!(at < p.shape.elements());
+            prop_assert_eq!(p.shape.try_row(slot, kv_head).ok(), Some(at / p.shape.head_dim));
+        }
+        if let Ok(row) = kv.try_k_row(slot, kv_head) {
+            prop_assert_eq!(row.len(), p.shape.head_dim);
+            prop_assert_eq!(kv.try_v_row(slot, kv_head).map(<[f32]>::len).ok(), Some(row.len()));
+        }
+        if let Ok((o, _)) = attend(&q, &kv, kv_head, &slots, 0.5) {
+            prop_assert_eq!(o.len(), p.shape.head_dim);
+        }
+        if let Some(table) = &p.table {
+            prop_assert_eq!(table.slots_of(b).count(), table.len_of(b));
+            let _ = valid_tokens_per_page(table, p.shape.num_pages);
+            let _ = dense_decode(&q, kv_head, &kv, table, 1.0);
+        }
+    }
+
+    /// Quest metadata of any geometry, built or written by hand, and any page, head, piece of a
+    /// page and query group.
+    #[test]
+    fn quest_rows_scores_and_appends_check_their_indices(
+        p in pool(),
+        hand in any::<bool>(),
+        lens in (0usize..40, 0usize..40),
+        page in index(),
+        kv_head in index(),
+        first in index(),
+        count in index(),
+        q in values(8),
+        b in index(),
+        b0 in index(),
+    ) {
+        let kv = p.kv();
+        let built = p.table.as_ref().and_then(|t| QuestMeta::build(&kv, t).ok());
+        let mut meta = match (built, hand) {
+            (Some(meta), false) => meta,
+            _ => match QuestMeta::zeros(p.shape.num_pages, p.shape.num_kv_heads, p.shape.head_dim) {
+                Ok(mut meta) => {
+                    // Fields are public: lengths that disagree with the geometry.
+                    meta.page_max.resize(lens.0, 0.0);
+                    meta.page_min.truncate(lens.1);
+                    meta
+                }
+                Err(_) => QuestMeta {
+                    num_pages: p.shape.num_pages,
+                    num_kv_heads: p.shape.num_kv_heads,
+                    head_dim: p.shape.head_dim,
+                    page_max: vec![0.0; lens.0],
+                    page_min: vec![0.0; lens.1],
+                },
+            },
+        };
+        if let Ok(row) = meta.try_max_row(page, kv_head) {
+            prop_assert_eq!(row.len(), meta.head_dim);
+        }
+        let _ = meta.try_min_row(page, kv_head);
+        let _ = meta.try_offset(page, kv_head);
+        let _ = quest_page_score(&q, &meta, page, kv_head);
+        if let Some(table) = &p.table {
+            if let Ok(scores) = quest_scores(&q, &meta, table, b, kv_head) {
+                prop_assert_eq!(scores.len(), table.pages_of(b).len());
+            }
+        }
+        let _ = quest_budget_pages(b0, p.shape.page_size);
+        let _ = meta.append(&kv, page, first, count);
+    }
+
+    /// 4-bit rows: quantizing, reading and dequantizing any row of any cache, packed rows of
+    /// any length, and top-p over any candidates.
+    #[test]
+    fn four_bit_rows_check_their_indices(
+        p in pool(),
+        hand in (any::<bool>(), 0usize..40, 0usize..40),
+        slot in index(),
+        kv_head in index(),
+        first in index(),
+        count in index(),
+        out_len in 0usize..8,
+        row in values(9),
+        packed_len in 0usize..6,
+        c in index(),
+        q in values(6),
+        candidates in prop::collection::vec(index(), 0..4),
+        kept in prop::collection::vec(prop::collection::vec(index(), 0..3), 0..3),
+        n in index(),
+    ) {
+        let kv = p.kv();
+        let built = p.table.as_ref().and_then(|t| Quant4Cache::build(&kv, t).ok());
+        let mut quant = match (built, hand.0) {
+            (Some(quant), false) => quant,
+            _ => Quant4Cache {
+                shape: p.shape,
+                codes: vec![0x5a; hand.1],
+                scale_min: vec![f16::ONE; hand.2],
+            },
+        };
+        if let Ok(codes) = quant.try_codes_row(slot, kv_head) {
+            prop_assert_eq!(codes.len() * 2, quant.shape.head_dim);
+        }
+        let _ = quant.try_scale_min_row(slot, kv_head);
+        let mut out = vec![0f32; out_len];
+        let _ = quant.dequantize(slot, kv_head, &mut out);
+        let _ = estimated_logits(&q, &quant, kv_head, &candidates, 1.0);
+        let _ = top_p_head(&q, &quant, kv_head, &candidates, 1.0, 0.9);
+        let _ = quant.update(&kv, slot, kv_head);
+        let _ = quant.append(&kv, slot, first, count);
+        let mut packed = vec![0u8; packed_len];
+        if let Ok(sm) = quantize_row(&row, &mut packed) {
+            let mut back = vec![0f32; row.len()];
+            prop_assert!(dequantize_row(&packed, sm, &mut back).is_ok());
+        }
+        let _ = dequantize_row(&packed, [f16::ONE, f16::ZERO], &mut out);
+        prop_assert_eq!(packed_code(&packed, c).is_ok(), c / 2 < packed.len());
+        let heads: Vec<&[usize]> = kept.iter().map(Vec::as_slice).collect();
+        if let Ok(union) = group_union(heads, n) {
+            prop_assert!(union.windows(2).all(|w| w[0] < w[1]) && union.iter().all(|&i| i < n));
+        }
+    }
+
+    /// Double-sparse labels of any geometry and channel lists, any row, piece of a page and
+    /// query group.
+    #[test]
+    fn label_rows_and_scores_check_their_indices(
+        p in pool(),
+        channels in prop::collection::vec(prop::collection::vec(index(), 0..3), 0..3),
+        labels_len in 0usize..40,
+        slot in index(),
+        kv_head in index(),
+        first in index(),
+        count in index(),
+        q in values(8),
+        b in index(),
+    ) {
+        let kv = p.kv();
+        let r = channels.first().map_or(0, Vec::len);
+        let mut labels = match DsLabels::zeros(p.shape, channels.clone()) {
+            Ok(labels) if labels_len % 2 == 0 => labels,
+            _ => DsLabels { shape: p.shape, r, channels, labels: vec![0.0; labels_len] },
+        };
+        if let Ok(row) = labels.try_label_row(slot, kv_head) {
+            prop_assert_eq!(row.len(), labels.r);
+        }
+        let _ = labels.try_row(slot, kv_head);
+        let _ = ds_token_score(&q, &labels, slot, kv_head);
+        if let Some(table) = &p.table {
+            if let Ok(scores) = ds_scores(&q, &labels, table, b, kv_head) {
+                prop_assert_eq!(scores.len(), table.len_of(b));
+            }
+        }
+        let _ = labels.update(&kv, slot, kv_head);
+        let _ = labels.append(&kv, slot, first, count);
+    }
+
+    /// A decode step whose Quest, 4-bit and label structures were edited by hand after they
+    /// were built: the step refuses them instead of indexing past their ends.
+    #[test]
+    fn decode_step_checks_hand_edited_structures(
+        cut in (0usize..3, 0usize..40),
+        selector in 0usize..3,
+        pruning in any::<bool>(),
+    ) {
+        let shape = CacheShape { num_pages: 3, num_kv_heads: 1, page_size: 2, head_dim: 4, layout: KvLayout::Hnd };
+        let k: Vec<f32> = (0..shape.elements()).map(|i| (i % 5) as f32 - 2.0).collect();
+        let kv = HostKv { shape, k: &k, v: &k };
+        let table = HostPageTable::new(vec![0, 3], vec![2, 0, 1], vec![1], 2, 3).unwrap();
+        let mut quest = QuestMeta::build(&kv, &table).unwrap();
+        let mut quant = Quant4Cache::build(&kv, &table).unwrap();
+        let mut ds = DsLabels::build(&kv, &table, vec![vec![0, 3]]).unwrap();
+        match cut.0 {
+            0 => quest.page_max.truncate(cut.1),
+            1 => quant.codes.truncate(cut.1),
+            _ => ds.labels.truncate(cut.1),
+        }
+        let spec = VariantSpec {
+            page_size: 2,
+            head_dim: 4,
+            dtype: Dtype::F16,
+            group_size: 1,
+            kv_layout: KvLayout::Hnd,
+            selector: [Selector::Full, Selector::Quest, Selector::DoubleSparse { channels: 2 }][selector],
+            pruning: if pruning { Pruning::TopP } else { Pruning::None },
+        };
+        let q = [1.0f32, -1.0, 0.5, 2.0];
+        let x = StepInputs { q: &q, num_qo_heads: 1, kv, table: &table, quest: Some(&quest), quant: Some(&quant), ds: Some(&ds) };
+        let _ = decode_step(&spec, &StepParams::new(2, 0.9, 0.5), &x);
+    }
+
+    /// The calibration sample: any geometry, request and range.
+    #[test]
+    fn decode_samples_check_their_ranges(
+        dims in (size(), size(), size(), 0usize..5),
+        q in values(8),
+        key_len in 0usize..6,
+        len in prop_oneof![0usize..9, Just(usize::MAX)],
+        range in (index(), index()),
+    ) {
+        let (qo, kvh, d, per_request) = dims;
+        let mut sample = DecodeSample::new(qo, kvh, d, per_request);
+        let _ = sample.positions(len).take(16).count();
+        let key = |_| std::borrow::Cow::Owned(vec![1.0f32; key_len]);
+        // At most `per_request` keys are read, whatever `len` says.
+        let _ = sample.add_request(&q, len, key);
+        let tokens = sample.tokens();
+        prop_assert!(tokens <= per_request.max(1));
+        let view = sample.view(range.0..range.1);
+        prop_assert_eq!(view.is_ok(), range.0 <= range.1 && range.1 <= tokens);
+        let _ = sample.all();
     }
 }

@@ -127,7 +127,7 @@ impl Engine {
         for (i, &slot) in slots.iter().enumerate() {
             for h in 0..heads {
                 let src = (i * heads + h) * d;
-                let dst = base + self.shape.offset(slot as usize, h);
+                let dst = base + self.shape.try_offset(slot as usize, h).unwrap();
                 for c in 0..d {
                     self.host_k[dst + c] = k[src + c].to_f32();
                     self.host_v[dst + c] = v[src + c].to_f32();
@@ -261,16 +261,16 @@ fn check_sidecar(
         );
         for page in table.kv_indices().iter().map(|&p| p as usize) {
             for g in 0..heads {
-                let at = want.offset(page, g);
+                let at = want.try_offset(page, g).unwrap();
                 let n = kv.shape.head_dim;
                 assert_eq!(
                     &max[at..at + n],
-                    want.max_row(page, g),
+                    want.try_max_row(page, g).unwrap(),
                     "{what}: page_max of page {page} head {g}"
                 );
                 assert_eq!(
                     &min[at..at + n],
-                    want.min_row(page, g),
+                    want.try_min_row(page, g).unwrap(),
                     "{what}: page_min of page {page} head {g}"
                 );
             }
@@ -282,10 +282,10 @@ fn check_sidecar(
         let got = to_f32(stream.clone_dtoh(labels_dev).unwrap());
         for slot in table.valid_slots() {
             for g in 0..heads {
-                let at = want.row(slot, g) * want.r;
+                let at = want.try_row(slot, g).unwrap() * want.r;
                 assert_eq!(
                     &got[at..at + want.r],
-                    want.label_row(slot, g),
+                    want.try_label_row(slot, g).unwrap(),
                     "{what}: labels of slot {slot} head {g}"
                 );
             }
@@ -300,15 +300,15 @@ fn check_sidecar(
     let n = kv.shape.head_dim / 2;
     for slot in table.valid_slots() {
         for g in 0..heads {
-            let row = want.row(slot, g);
+            let row = want.try_row(slot, g).unwrap();
             assert_eq!(
                 &codes[row * n..row * n + n],
-                want.codes_row(slot, g),
+                want.try_codes_row(slot, g).unwrap(),
                 "{what}: 4-bit codes of slot {slot} head {g}"
             );
             assert_eq!(
                 [scales[2 * row], scales[2 * row + 1]],
-                want.scale_min_row(slot, g),
+                want.try_scale_min_row(slot, g).unwrap(),
                 "{what}: scale/min of slot {slot} head {g}"
             );
         }
@@ -418,8 +418,9 @@ fn check_sparse(
     let d = kv.shape.head_dim;
     let mut differing = 0;
     for b in 0..table.batch() {
-        let valid: std::collections::HashSet<usize> =
-            (0..table.len_of(b)).map(|t| table.slot(b, t)).collect();
+        let valid: std::collections::HashSet<usize> = (0..table.len_of(b))
+            .map(|t| table.try_slot(b, t).unwrap())
+            .collect();
         for g in 0..heads {
             let row = b * heads + g;
             let count = counts[row];
@@ -465,7 +466,8 @@ fn check_sparse(
             }
             for h in 0..g_size {
                 let head = (b * heads + g) * g_size + h;
-                let (ref_o, ref_lse) = attend(&q[head * d..][..d], kv, g, &list, sm_scale as f64);
+                let (ref_o, ref_lse) =
+                    attend(&q[head * d..][..d], kv, g, &list, sm_scale as f64).unwrap();
                 assert_close_to_norm(
                     &format!("{what}: o of head {head}"),
                     &o[head * d..][..d],

@@ -214,9 +214,9 @@ fn build_engine<T: KvElement>(
     for (b, (kr, vr)) in rows.iter().enumerate() {
         assert_eq!(table.len_of(b), lens[b]);
         for t in 0..lens[b] {
-            let slot = table.slot(b, t);
+            let slot = table.try_slot(b, t).unwrap();
             for g in 0..kvh {
-                let at = shape.offset(slot, g);
+                let at = shape.try_offset(slot, g).unwrap();
                 let src = (t * kvh + g) * d;
                 for c in 0..d {
                     k[at + c] = kr[src + c].to_f32();
@@ -250,7 +250,7 @@ fn check_appends<T: KvElement>(stream: &Arc<CudaStream>, e: &Engine<T>, what: &s
     let (k, v) = e.cache.download(stream).unwrap();
     for slot in e.table.valid_slots() {
         for g in 0..s.num_kv_heads {
-            let at = s.offset(slot, g);
+            let at = s.try_offset(slot, g).unwrap();
             for c in 0..d {
                 assert_eq!(
                     k[at + c].to_f32(),
@@ -274,7 +274,7 @@ fn check_appends<T: KvElement>(stream: &Arc<CudaStream>, e: &Engine<T>, what: &s
         let valid = valid_tokens_per_page(&e.table, s.num_pages).unwrap();
         for (page, _) in valid.iter().enumerate().filter(|(_, &n)| n > 0) {
             for g in 0..s.num_kv_heads {
-                let at = want.offset(page, g);
+                let at = want.try_offset(page, g).unwrap();
                 for c in 0..d {
                     assert_eq!(
                         got_max[at + c].to_f32(),
@@ -296,13 +296,13 @@ fn check_appends<T: KvElement>(stream: &Arc<CudaStream>, e: &Engine<T>, what: &s
         let sm = stream.clone_dtoh(sm_dev).unwrap();
         for slot in e.table.valid_slots() {
             for g in 0..s.num_kv_heads {
-                let r = s.row(slot, g);
+                let r = s.try_row(slot, g).unwrap();
                 assert_eq!(
                     &codes[r * d / 2..][..d / 2],
-                    want.codes_row(slot, g),
+                    want.try_codes_row(slot, g).unwrap(),
                     "{what}: codes slot {slot} g{g}"
                 );
-                let w = want.scale_min_row(slot, g);
+                let w = want.try_scale_min_row(slot, g).unwrap();
                 assert_eq!(
                     [sm[2 * r].to_bits(), sm[2 * r + 1].to_bits()],
                     [w[0].to_bits(), w[1].to_bits()],
@@ -316,11 +316,11 @@ fn check_appends<T: KvElement>(stream: &Arc<CudaStream>, e: &Engine<T>, what: &s
         let got = stream.clone_dtoh(labels_dev).unwrap();
         for slot in e.table.valid_slots() {
             for g in 0..s.num_kv_heads {
-                let at = s.row(slot, g) * want.r;
+                let at = s.try_row(slot, g).unwrap() * want.r;
                 let got: Vec<f32> = got[at..at + want.r].iter().map(|x| x.to_f32()).collect();
                 assert_eq!(
                     got.as_slice(),
-                    want.label_row(slot, g),
+                    want.try_label_row(slot, g).unwrap(),
                     "{what}: labels slot {slot} g{g}"
                 );
             }
@@ -433,8 +433,9 @@ fn sparse_check<T: KvElement>(
     let sm_scale = params.sm_scale.unwrap();
     let kv = e.kv();
     for b in 0..e.table.batch() {
-        let valid: std::collections::HashSet<usize> =
-            (0..e.table.len_of(b)).map(|t| e.table.slot(b, t)).collect();
+        let valid: std::collections::HashSet<usize> = (0..e.table.len_of(b))
+            .map(|t| e.table.try_slot(b, t).unwrap())
+            .collect();
         for g in 0..kvh {
             let row = b * kvh + g;
             let n = counts[row];
@@ -466,7 +467,7 @@ fn sparse_check<T: KvElement>(
                 if qh.iter().any(|x| x.is_nan()) {
                     continue;
                 }
-                let (want_o, want_lse) = attend(qh, &kv, g, &slots, sm_scale as f64);
+                let (want_o, want_lse) = attend(qh, &kv, g, &slots, sm_scale as f64).unwrap();
                 assert_close_to_norm(
                     &format!("sparse o row ({b}, {h}), {what}"),
                     &o[at..at + d],

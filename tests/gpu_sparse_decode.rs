@@ -176,10 +176,10 @@ fn check_metadata<T: KvElement>(
         assert_eq!(got.len(), want.labels.len(), "{what}: label cache size");
         for slot in built.host_table.valid_slots() {
             for g in 0..kv.shape.num_kv_heads {
-                let at = want.row(slot, g) * want.r;
+                let at = want.try_row(slot, g).unwrap() * want.r;
                 assert_eq!(
                     &got[at..at + want.r],
-                    want.label_row(slot, g),
+                    want.try_label_row(slot, g).unwrap(),
                     "{what}: labels of slot {slot} head {g}"
                 );
             }
@@ -202,16 +202,16 @@ fn check_metadata<T: KvElement>(
             .collect();
         for page in built.host_table.kv_indices().iter().map(|&p| p as usize) {
             for g in 0..kv.shape.num_kv_heads {
-                let at = want.offset(page, g);
+                let at = want.try_offset(page, g).unwrap();
                 let n = kv.shape.head_dim;
                 assert_eq!(
                     &max[at..at + n],
-                    want.max_row(page, g),
+                    want.try_max_row(page, g).unwrap(),
                     "{what}: page_max of page {page} head {g}"
                 );
                 assert_eq!(
                     &min[at..at + n],
-                    want.min_row(page, g),
+                    want.try_min_row(page, g).unwrap(),
                     "{what}: page_min of page {page} head {g}"
                 );
             }
@@ -226,18 +226,18 @@ fn check_metadata<T: KvElement>(
             .unwrap();
         for b in 0..built.host_table.batch() {
             for t in 0..built.host_table.len_of(b) {
-                let slot = built.host_table.slot(b, t);
+                let slot = built.host_table.try_slot(b, t).unwrap();
                 for g in 0..kv.shape.num_kv_heads {
-                    let row = want.row(slot, g);
+                    let row = want.try_row(slot, g).unwrap();
                     let n = kv.shape.head_dim / 2;
                     assert_eq!(
                         &codes[row * n..row * n + n],
-                        want.codes_row(slot, g),
+                        want.try_codes_row(slot, g).unwrap(),
                         "{what}: 4-bit codes of slot {slot} head {g}"
                     );
                     assert_eq!(
                         [scales[2 * row], scales[2 * row + 1]],
-                        want.scale_min_row(slot, g),
+                        want.try_scale_min_row(slot, g).unwrap(),
                         "{what}: scale/min of slot {slot} head {g}"
                     );
                 }
@@ -376,7 +376,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     let positions_of: Vec<std::collections::HashMap<usize, usize>> = (0..case.lens.len())
         .map(|b| {
             (0..built.host_table.len_of(b))
-                .map(|t| (built.host_table.slot(b, t), t))
+                .map(|t| (built.host_table.try_slot(b, t).unwrap(), t))
                 .collect()
         })
         .collect();
@@ -386,7 +386,9 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
             gpu,
             stride,
             &want.selected_pages,
-            &|row| quest_scores(q_group(row), meta, &built.host_table, row / kvh, row % kvh),
+            &|row| {
+                quest_scores(q_group(row), meta, &built.host_table, row / kvh, row % kvh).unwrap()
+            },
             &what,
         ),
         (_, Some(ds), Some(gpu)) => {
@@ -404,7 +406,9 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
                 gpu,
                 stride,
                 &want_positions,
-                &|row| ds_scores(q_group(row), ds, &built.host_table, row / kvh, row % kvh),
+                &|row| {
+                    ds_scores(q_group(row), ds, &built.host_table, row / kvh, row % kvh).unwrap()
+                },
                 &what,
             )
         }
@@ -501,7 +505,8 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
                     g,
                     &got,
                     sm_scale as f64,
-                );
+                )
+                .unwrap();
                 common::assert_close(
                     &format!("o of head {head}, {what}"),
                     &o[head * d..][..d],
@@ -841,7 +846,8 @@ fn gpu_sparse_step_replays_as_a_cuda_graph() {
                     row % 2,
                     &got,
                     sm_scale as f64,
-                );
+                )
+                .unwrap();
                 common::assert_close(
                     &format!("replay {replay} head {head}"),
                     &o[head * d..][..d],

@@ -244,7 +244,7 @@ proptest! {
             let b0 = max_len + (c.seed % 5) as usize;
             let r = run(&c, &s, selector, Pruning::None, StepParams::new(b0, p, scale));
             for b in 0..s.table.batch() {
-                let all: Vec<usize> = (0..s.table.len_of(b)).map(|t| s.table.slot(b, t)).collect();
+                let all: Vec<usize> = (0..s.table.len_of(b)).map(|t| s.table.try_slot(b, t).unwrap()).collect();
                 let pages = s.table.pages_of(b).len();
                 for g in 0..c.num_kv_heads {
                     let i = b * c.num_kv_heads + g;
@@ -272,11 +272,11 @@ proptest! {
             for g in 0..c.num_kv_heads {
                 let i = b * c.num_kv_heads + g;
                 let sel = &r.selected_pages[i];
-                let budget = quest_budget_pages(b0, c.page_size);
+                let budget = quest_budget_pages(b0, c.page_size).unwrap();
                 prop_assert_eq!(sel.len(), n.min(budget));
                 prop_assert_eq!(*sel.last().unwrap(), n - 1);
                 let q_group = &s.q[(b * s.num_qo_heads + g * c.group_size) * d..][..c.group_size * d];
-                let scores = quest_scores(q_group, &meta, &s.table, b, g);
+                let scores = quest_scores(q_group, &meta, &s.table, b, g).unwrap();
                 for &a in &sel[..sel.len() - 1] {
                     for out in (0..n - 1).filter(|x| sel.binary_search(x).is_err()) {
                         prop_assert!(
@@ -306,7 +306,7 @@ proptest! {
         let batch_meta = QuestMeta::build(&kv, &s.table).unwrap();
         let batch_q4 = Quant4Cache::build(&kv, &s.table).unwrap();
         let sh = s.shape;
-        let mut meta = QuestMeta::zeros(sh.num_pages, sh.num_kv_heads, sh.head_dim);
+        let mut meta = QuestMeta::zeros(sh.num_pages, sh.num_kv_heads, sh.head_dim).unwrap();
         let mut q4 = Quant4Cache::zeros(sh).unwrap();
         let mut rng = chunk_seed;
         for b in 0..s.table.batch() {
@@ -317,9 +317,9 @@ proptest! {
                 rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let off = t % c.page_size;
                 let n = (1 + (rng >> 60) as usize % 5).min(c.page_size - off).min(len - t);
-                let page = s.table.slot(b, t) / c.page_size;
-                meta.append(&kv, page, off, n);
-                q4.append(&kv, page, off, n);
+                let page = s.table.try_slot(b, t).unwrap() / c.page_size;
+                meta.append(&kv, page, off, n).unwrap();
+                q4.append(&kv, page, off, n).unwrap();
                 t += n;
             }
         }
@@ -329,8 +329,8 @@ proptest! {
         for (page, &v) in valid.iter().enumerate() {
             if v == 0 {
                 for g in 0..sh.num_kv_heads {
-                    prop_assert!(meta.max_row(page, g).iter().all(|&x| x == 0.0));
-                    prop_assert!(meta.min_row(page, g).iter().all(|&x| x == 0.0));
+                    prop_assert!(meta.try_max_row(page, g).unwrap().iter().all(|&x| x == 0.0));
+                    prop_assert!(meta.try_min_row(page, g).unwrap().iter().all(|&x| x == 0.0));
                 }
             }
         }
@@ -360,12 +360,12 @@ proptest! {
             k.iter_mut().for_each(|x| *x = first);
         }
         let mut packed = vec![0u8; k.len() / 2];
-        let sm = quantize_row(&k, &mut packed);
+        let sm = quantize_row(&k, &mut packed).unwrap();
         let kmin = k.iter().map(|&x| x as f64).fold(f64::INFINITY, f64::min);
         let kmax = k.iter().map(|&x| x as f64).fold(f64::NEG_INFINITY, f64::max);
         let scale = (kmax - kmin).max(1e-6) / 15.0;
         let mut out = vec![0f32; k.len()];
-        dequantize_row(&packed, sm, &mut out);
+        dequantize_row(&packed, sm, &mut out).unwrap();
         let (scale_h, min_h) = (sm[0].to_f32() as f64, sm[1].to_f32() as f64);
         let eps = f32::EPSILON as f64;
         // kmin is an f32 value: one rounding to f16. The scale is divided in f32 first.
@@ -436,7 +436,7 @@ fn quest_selection_by_hand() {
     assert_eq!(quest_select(&[5.0, -1.0, 2.0], 2), vec![0, 2]);
     assert_eq!(quest_select(&[-1.0, 5.0, 2.0], 1), vec![2]);
     assert_eq!(quest_select(&[4.0, 4.0, 4.0, 4.0, 0.0], 3), vec![0, 1, 4]);
-    assert_eq!(quest_budget_pages(33, 16), 3);
+    assert_eq!(quest_budget_pages(33, 16).unwrap(), 3);
     // A tiny cache: one KV head, head_dim 2, pages of 2 tokens, request pages [1, 0].
     let shape = CacheShape {
         num_pages: 2,
@@ -454,11 +454,11 @@ fn quest_selection_by_hand() {
     let table = twilight::HostPageTable::new(vec![0, 2], vec![1, 0], vec![2], 2, 2).unwrap();
     let meta = QuestMeta::build(&kv, &table).unwrap();
     // Page 1: max (1, 1), min (0.5, -2); page 0: max (2, 4), min (-3, -1).
-    assert_eq!(meta.max_row(1, 0), &[1.0, 1.0]);
-    assert_eq!(meta.min_row(0, 0), &[-3.0, -1.0]);
+    assert_eq!(meta.try_max_row(1, 0).unwrap(), &[1.0, 1.0]);
+    assert_eq!(meta.try_min_row(0, 0).unwrap(), &[-3.0, -1.0]);
     // q = (-1, 1): page 1: max(-1, -0.5) + max(1, -2) = 0.5; page 0: max(-2, 3) + max(4, -1) = 7.
     assert_eq!(
-        quest_scores(&[-1.0, 1.0], &meta, &table, 0, 0),
+        quest_scores(&[-1.0, 1.0], &meta, &table, 0, 0).unwrap(),
         vec![0.5, 7.0]
     );
 }
@@ -606,7 +606,7 @@ fn positions_of(table: &twilight::HostPageTable, b: usize, slots: &[usize]) -> V
         .iter()
         .map(|&slot| {
             (0..table.len_of(b))
-                .find(|&t| table.slot(b, t) == slot)
+                .find(|&t| table.try_slot(b, t).unwrap() == slot)
                 .expect("a slot of the request")
         })
         .collect()
@@ -640,7 +640,7 @@ proptest! {
                     prop_assert_eq!(&sel, &(0..n).collect::<Vec<_>>());
                 }
                 let q_group = &s.q[(b * s.num_qo_heads + g * c.group_size) * d..][..c.group_size * d];
-                let scores = ds_scores(q_group, &labels, &s.table, b, g);
+                let scores = ds_scores(q_group, &labels, &s.table, b, g).unwrap();
                 for &a in &sel[..sel.len() - 1] {
                     for out in (0..n - 1).filter(|x| sel.binary_search(x).is_err()) {
                         prop_assert!(
@@ -674,7 +674,7 @@ proptest! {
             for h in 0..s.num_qo_heads {
                 let g = h / c.group_size;
                 let q = &s.q[(b * s.num_qo_heads + h) * d..][..d];
-                let (o, lse) = attend(q, &kv, g, &r.candidates[b * c.num_kv_heads + g], scale as f64);
+                let (o, lse) = attend(q, &kv, g, &r.candidates[b * c.num_kv_heads + g], scale as f64).unwrap();
                 prop_assert_eq!(&r.o[(b * s.num_qo_heads + h) * d..][..d], &o[..]);
                 prop_assert_eq!(r.lse[b * s.num_qo_heads + h], lse);
             }
@@ -747,8 +747,8 @@ proptest! {
                 rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
                 let off = t % c.page_size;
                 let n = (1 + (rng >> 60) as usize % 5).min(c.page_size - off).min(len - t);
-                let page = s.table.slot(b, t) / c.page_size;
-                labels.append(&kv, page, off, n);
+                let page = s.table.try_slot(b, t).unwrap() / c.page_size;
+                labels.append(&kv, page, off, n).unwrap();
                 t += n;
             }
         }
@@ -757,9 +757,9 @@ proptest! {
         for g in 0..c.num_kv_heads {
             for (page, &v) in valid.iter().enumerate() {
                 for off in 0..c.page_size {
-                    let row = labels.label_row(page * c.page_size + off, g);
+                    let row = labels.try_label_row(page * c.page_size + off, g).unwrap();
                     if off < v {
-                        let k = kv.k_row(page * c.page_size + off, g);
+                        let k = kv.try_k_row(page * c.page_size + off, g).unwrap();
                         let want: Vec<f32> = built.channels[g].iter().map(|&ch| k[ch]).collect();
                         prop_assert_eq!(row, &want[..]);
                     } else {
@@ -797,16 +797,16 @@ proptest! {
                 let q_group = &s.q[(b * s.num_qo_heads + g * c.group_size) * d..][..c.group_size * d];
                 let exact: Vec<f64> = (0..n)
                     .map(|t| {
-                        let k = kv.k_row(s.table.slot(b, t), g);
+                        let k = kv.try_k_row(s.table.try_slot(b, t).unwrap(), g).unwrap();
                         q_group
                             .chunks_exact(d)
                             .map(|qh| qh.iter().zip(k).map(|(&x, &y)| x as f64 * y as f64).sum::<f64>())
                             .sum()
                     })
                     .collect();
-                prop_assert_eq!(&ds_scores(q_group, &labels, &s.table, b, g), &exact);
+                prop_assert_eq!(&ds_scores(q_group, &labels, &s.table, b, g).unwrap(), &exact);
                 let want: Vec<usize> =
-                    ds_select(&exact, b0).iter().map(|&t| s.table.slot(b, t)).collect();
+                    ds_select(&exact, b0).iter().map(|&t| s.table.try_slot(b, t).unwrap()).collect();
                 prop_assert_eq!(&r.candidates[b * c.num_kv_heads + g], &want);
             }
         }
@@ -897,7 +897,7 @@ fn ds_step_by_hand() {
     let mut k = vec![0f32; shape.elements()];
     let mut v = vec![0f32; shape.elements()];
     for (t, &x) in key0.iter().enumerate() {
-        let at = shape.offset(table.slot(0, t), 0);
+        let at = shape.try_offset(table.try_slot(0, t).unwrap(), 0).unwrap();
         k[at] = x;
         v[at] = t as f32;
     }
@@ -932,7 +932,10 @@ fn ds_step_by_hand() {
     };
     let r = decode_step(&spec, &StepParams::new(3, 1.0, 1.0), &inputs).unwrap();
     // Newest (t = 5) plus the best two others: t = 1 (4.0) and t = 3 (3.0).
-    let want: Vec<usize> = [1, 3, 5].iter().map(|&t| table.slot(0, t)).collect();
+    let want: Vec<usize> = [1, 3, 5]
+        .iter()
+        .map(|&t| table.try_slot(0, t).unwrap())
+        .collect();
     assert_eq!(r.candidates, vec![want.clone()]);
     assert_eq!(r.selected_pages, vec![Vec::<usize>::new()]);
     let mut sorted = want.clone();

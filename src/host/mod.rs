@@ -49,3 +49,14 @@ impl HostError {
 
 /// The reference's and the host checks' result.
 pub type HostResult<T> = std::result::Result<T, HostError>;
+
+/// `n` copies of `T::default()`, or an error naming `what` when the allocator refuses them
+/// (a count whose bytes overflow included): `vec![x; n]` panics or aborts instead, and `n`
+/// here comes from a caller's sizes.
+pub(crate) fn zeroed<T: Clone + Default>(what: &str, n: usize) -> HostResult<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|e| HostError::Parameter(format!("{what}: cannot allocate {n} elements ({e})")))?;
+    v.resize(n, T::default());
+    Ok(v)
+}

@@ -131,7 +131,7 @@ impl HostPageTable {
 
     /// Every valid token slot of every request, in request then token order.
     pub fn valid_slots(&self) -> impl Iterator<Item = usize> + '_ {
-        (0..self.batch()).flat_map(move |b| (0..self.len_of(b)).map(move |t| self.slot(b, t)))
+        (0..self.batch()).flat_map(move |b| self.slots_of(b))
     }
 
     pub fn max_len(&self) -> usize {
@@ -148,12 +148,16 @@ impl HostPageTable {
         Some(page * self.page_size + t % self.page_size)
     }
 
-    /// Slot (`page * page_size + offset`) of token `t` of request `b`.
-    ///
-    /// # Panics
-    /// When `b` or `t` is out of range, as slice indexing does; [`HostPageTable::try_slot`] is
-    /// the checked form.
-    pub fn slot(&self, b: usize, t: usize) -> usize {
+    /// The slots of request `b`'s tokens in token order (none for a request the table does not
+    /// have): the checked way to walk a request, token by token.
+    pub fn slots_of(&self, b: usize) -> impl Iterator<Item = usize> + '_ {
+        (0..self.len_of(b)).map(move |t| self.slot(b, t))
+    }
+
+    /// [`HostPageTable::try_slot`] for a token known to exist. Crate-private: a caller outside
+    /// the crate gets an `Option` from `try_slot` or walks a request with
+    /// [`HostPageTable::slots_of`], so no index it passes can panic.
+    pub(crate) fn slot(&self, b: usize, t: usize) -> usize {
         match self.try_slot(b, t) {
             Some(slot) => slot,
             None => panic!(

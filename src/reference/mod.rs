@@ -25,15 +25,12 @@ pub struct HostKv<'a> {
 }
 
 impl HostKv<'_> {
-    /// Checks that K and V fill the shape and that `table` indexes this pool: a shape with no
-    /// zero dimension whose size fits in memory, K and V of exactly that many elements, the
-    /// table's page size and page ids. Every reference entry point that takes a whole cache
-    /// calls this first, so no bad input reaches an index.
+    /// Checks that K and V fill the shape: a shape with no zero dimension whose size fits in
+    /// memory, K and V of exactly that many elements.
     ///
     /// # Errors
-    /// [`HostError::Parameter`], [`HostError::Shape`] or [`HostError::PageTable`] naming the
-    /// first problem.
-    pub fn check(&self, table: &HostPageTable) -> HostResult<()> {
+    /// [`HostError::Parameter`] or [`HostError::Shape`] naming the first problem.
+    pub fn check_shape(&self) -> HostResult<()> {
         let s = self.shape;
         if s.num_pages == 0 || s.num_kv_heads == 0 || s.page_size == 0 || s.head_dim == 0 {
             return Err(HostError::Parameter(format!(
@@ -50,6 +47,19 @@ impl HostKv<'_> {
                 return Err(HostError::shape(what, elements, data.len()));
             }
         }
+        Ok(())
+    }
+
+    /// Checks that K and V fill the shape ([`HostKv::check_shape`]) and that `table` indexes
+    /// this pool: the table's page size and page ids. Every reference entry point that takes a
+    /// whole cache calls this first, so no bad input reaches an index.
+    ///
+    /// # Errors
+    /// [`HostError::Parameter`], [`HostError::Shape`] or [`HostError::PageTable`] naming the
+    /// first problem.
+    pub fn check(&self, table: &HostPageTable) -> HostResult<()> {
+        self.check_shape()?;
+        let s = self.shape;
         if table.page_size() != s.page_size {
             return Err(HostError::shape(
                 "page_size (cache vs page table)",
@@ -60,13 +70,62 @@ impl HostKv<'_> {
         table.validate(s.num_pages)
     }
 
-    pub fn k_row(&self, slot: usize, kv_head: usize) -> &[f32] {
+    /// The `head_dim` values of K at (slot, kv_head).
+    ///
+    /// # Errors
+    /// As [`HostKv::check_shape`] and [`CacheShape::check_row`].
+    pub fn try_k_row(&self, slot: usize, kv_head: usize) -> HostResult<&[f32]> {
+        self.check_shape()?;
+        self.shape.check_row(slot, kv_head)?;
+        Ok(self.k_row(slot, kv_head))
+    }
+
+    /// The `head_dim` values of V at (slot, kv_head).
+    ///
+    /// # Errors
+    /// As [`HostKv::try_k_row`].
+    pub fn try_v_row(&self, slot: usize, kv_head: usize) -> HostResult<&[f32]> {
+        self.check_shape()?;
+        self.shape.check_row(slot, kv_head)?;
+        Ok(self.v_row(slot, kv_head))
+    }
+
+    // The unchecked rows the reference reads once its entry point has checked the inputs; the
+    // fields are public, so outside the crate only the checked forms above are offered.
+    pub(crate) fn k_row(&self, slot: usize, kv_head: usize) -> &[f32] {
         let at = self.shape.offset(slot, kv_head);
         &self.k[at..at + self.shape.head_dim]
     }
-    pub fn v_row(&self, slot: usize, kv_head: usize) -> &[f32] {
+    pub(crate) fn v_row(&self, slot: usize, kv_head: usize) -> &[f32] {
         let at = self.shape.offset(slot, kv_head);
         &self.v[at..at + self.shape.head_dim]
+    }
+
+    /// Checks one query row, KV head and slot list against this cache: what [`attend`] reads.
+    fn check_attend(&self, q: &[f32], kv_head: usize, slots: &[usize]) -> HostResult<()> {
+        self.check_shape()?;
+        let s = self.shape;
+        if q.len() != s.head_dim {
+            return Err(HostError::shape(
+                "query row (head_dim)",
+                s.head_dim,
+                q.len(),
+            ));
+        }
+        // check_shape proved num_pages * page_size fits.
+        let capacity = s.num_pages * s.page_size;
+        if let Some(&slot) = slots.iter().find(|&&slot| slot >= capacity) {
+            return Err(HostError::Parameter(format!(
+                "slot {slot} is outside the pool's {capacity} token slots"
+            )));
+        }
+        if kv_head >= s.num_kv_heads {
+            return Err(HostError::Parameter(format!(
+                "KV head {kv_head} is outside the pool's {} KV heads",
+                s.num_kv_heads
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -78,14 +137,21 @@ pub struct DecodeResult {
     pub lse: Vec<f32>,
 }
 
-/// Exact softmax attention of one query row over the given token slots.
+/// Exact softmax attention of one query row (`head_dim` values) over the given token slots,
+/// through KV head `kv_head`: the output row and the log of the softmax denominator. An empty
+/// slot list attends to nothing (NaN output, `-inf` lse).
+///
+/// # Errors
+/// K or V that do not fill the shape, a query row that is not `head_dim` long, a slot or KV
+/// head outside the pool.
 pub fn attend(
     q: &[f32],
     kv: &HostKv,
     kv_head: usize,
     slots: &[usize],
     sm_scale: f64,
-) -> (Vec<f32>, f32) {
+) -> HostResult<(Vec<f32>, f32)> {
+    kv.check_attend(q, kv_head, slots)?;
     let d = kv.shape.head_dim;
     let scores: Vec<f64> = slots
         .iter()
@@ -108,7 +174,7 @@ pub fn attend(
         }
     }
     let o = o.iter().map(|x| (x / denom) as f32).collect();
-    (o, (max + denom.ln()) as f32)
+    Ok((o, (max + denom.ln()) as f32))
 }
 
 /// Dense paged decode: every query head attends to every token of its request, through its
@@ -149,10 +215,10 @@ pub fn dense_decode(
     let mut o = Vec::with_capacity(batch * num_qo_heads * d);
     let mut lse = Vec::with_capacity(batch * num_qo_heads);
     for b in 0..batch {
-        let slots: Vec<usize> = (0..table.len_of(b)).map(|t| table.slot(b, t)).collect();
+        let slots: Vec<usize> = table.slots_of(b).collect();
         for h in 0..num_qo_heads {
             let qh = &q[(b * num_qo_heads + h) * d..][..d];
-            let (oh, l) = attend(qh, kv, h / group, &slots, sm_scale as f64);
+            let (oh, l) = attend(qh, kv, h / group, &slots, sm_scale as f64)?;
             o.extend(oh);
             lse.push(l);
         }

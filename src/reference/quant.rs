@@ -16,7 +16,7 @@ use half::f16;
 
 use crate::host::CacheShape;
 use crate::host::HostPageTable;
-use crate::host::{HostError as Error, HostResult as Result};
+use crate::host::{zeroed, HostError as Error, HostResult as Result};
 use crate::reference::HostKv;
 
 /// The number of steps of the 4-bit grid (codes 0..=15).
@@ -39,24 +39,41 @@ pub fn code_of(x: f32, kmin: f32, scale: f32) -> u8 {
 
 /// Quantizes one row of `head_dim` (even) values into `head_dim / 2` packed bytes (low nibble
 /// = even channel); returns the stored `[scale_h, min_h]`.
-pub fn quantize_row(k: &[f32], packed: &mut [u8]) -> [f16; 2] {
-    assert!(
-        k.len().is_multiple_of(2) && packed.len() == k.len() / 2,
-        "a row of {} values packs into {} bytes, got {}",
-        k.len(),
-        k.len() / 2,
-        packed.len()
-    );
+///
+/// # Errors
+/// [`Error::Shape`] for an odd row length or `packed` not half its length.
+pub fn quantize_row(k: &[f32], packed: &mut [u8]) -> Result<[f16; 2]> {
+    if !k.len().is_multiple_of(2) || packed.len() != k.len() / 2 {
+        return Err(Error::shape(
+            format!("packed bytes of a row of {} values", k.len()),
+            format!("{} (an even row length, two codes a byte)", k.len() / 2),
+            packed.len(),
+        ));
+    }
     let (kmin, scale) = row_params(k);
     for (byte, pair) in packed.iter_mut().zip(k.chunks_exact(2)) {
         *byte = code_of(pair[0], kmin, scale) | (code_of(pair[1], kmin, scale) << 4);
     }
-    [f16::from_f32(scale), f16::from_f32(kmin)]
+    Ok([f16::from_f32(scale), f16::from_f32(kmin)])
 }
 
 /// The code of channel `c` of a packed row.
-pub fn packed_code(packed: &[u8], c: usize) -> u8 {
-    (packed[c / 2] >> (4 * (c % 2))) & 0xF
+///
+/// # Errors
+/// [`Error::Parameter`] for a channel past the row's `2 * packed.len()`.
+pub fn packed_code(packed: &[u8], c: usize) -> Result<u8> {
+    let byte = packed.get(c / 2).ok_or_else(|| {
+        Error::Parameter(format!(
+            "channel {c} of a packed row of {} channels",
+            2 * packed.len()
+        ))
+    })?;
+    Ok(nibble(*byte, c))
+}
+
+/// The code of channel `c` within its byte (low nibble = even channel).
+fn nibble(byte: u8, c: usize) -> u8 {
+    (byte >> (4 * (c % 2))) & 0xF
 }
 
 /// The dequantized value of one code: `code * f32(scale_h) + f32(min_h)` in f32, multiply
@@ -67,11 +84,21 @@ pub fn dequantize_code(code: u8, scale_min: [f16; 2]) -> f32 {
 }
 
 /// Dequantizes one packed row into `out` (`2 * packed.len()` values).
-pub fn dequantize_row(packed: &[u8], scale_min: [f16; 2], out: &mut [f32]) {
-    assert_eq!(out.len(), packed.len() * 2, "dequantize_row: output length");
-    for (c, o) in out.iter_mut().enumerate() {
-        *o = dequantize_code(packed_code(packed, c), scale_min);
+///
+/// # Errors
+/// [`Error::Shape`] when `out` is not `2 * packed.len()` long.
+pub fn dequantize_row(packed: &[u8], scale_min: [f16; 2], out: &mut [f32]) -> Result<()> {
+    if out.len() != packed.len() * 2 {
+        return Err(Error::shape(
+            "dequantized row (two values a packed byte)",
+            packed.len() * 2,
+            out.len(),
+        ));
     }
+    for (c, o) in out.iter_mut().enumerate() {
+        *o = dequantize_code(nibble(packed[c / 2], c), scale_min);
+    }
+    Ok(())
 }
 
 /// The 4-bit copy of K of a whole pool: `codes` and `scale_min` as described in the module
@@ -87,7 +114,8 @@ impl Quant4Cache {
     /// An all-zero cache for a pool of this geometry.
     ///
     /// # Errors
-    /// [`Error::Parameter`] for an odd `head_dim` (two codes share a byte).
+    /// [`Error::Parameter`] for an odd `head_dim` (two codes share a byte), or a shape whose
+    /// size overflows or cannot be allocated.
     pub fn zeros(shape: CacheShape) -> Result<Quant4Cache> {
         if !shape.head_dim.is_multiple_of(2) {
             return Err(Error::Parameter(format!(
@@ -100,8 +128,8 @@ impl Quant4Cache {
         })? / shape.head_dim.max(1);
         Ok(Quant4Cache {
             shape,
-            codes: vec![0; rows * shape.head_dim / 2],
-            scale_min: vec![f16::ZERO; rows * 2],
+            codes: zeroed("4-bit K codes", rows * shape.head_dim / 2)?,
+            scale_min: zeroed("4-bit K scales", rows * 2)?,
         })
     }
 
@@ -114,54 +142,160 @@ impl Quant4Cache {
         let mut cache = Quant4Cache::zeros(kv.shape)?;
         for slot in table.valid_slots() {
             for g in 0..kv.shape.num_kv_heads {
-                cache.update(kv, slot, g);
+                cache.update(kv, slot, g)?;
             }
         }
         Ok(cache)
     }
 
+    /// Checks that the fields agree: a shape with no zero dimension and an even `head_dim`
+    /// whose size fits in memory, `head_dim / 2` code bytes and two f16 values per row. (The
+    /// fields are public, so a value built by hand is checked before anything indexes it.)
+    ///
+    /// # Errors
+    /// [`Error::Parameter`] or [`Error::Shape`] naming the first problem.
+    pub fn check(&self) -> Result<()> {
+        let s = self.shape;
+        if s.num_pages == 0 || s.num_kv_heads == 0 || s.page_size == 0 || s.head_dim == 0 {
+            return Err(Error::Parameter(format!(
+                "4-bit K shape has a zero dimension: {s:?}"
+            )));
+        }
+        if !s.head_dim.is_multiple_of(2) {
+            return Err(Error::Parameter(format!(
+                "4-bit K needs an even head_dim, got {}",
+                s.head_dim
+            )));
+        }
+        let elements = s
+            .checked_elements()
+            .ok_or_else(|| Error::Parameter(format!("cache shape {s:?} does not fit in memory")))?;
+        let rows = elements / s.head_dim;
+        if self.codes.len() != elements / 2 {
+            return Err(Error::shape(
+                "4-bit K code bytes",
+                elements / 2,
+                self.codes.len(),
+            ));
+        }
+        // rows * 2 <= elements, so it fits.
+        if self.scale_min.len() != rows * 2 {
+            return Err(Error::shape(
+                "4-bit K scale/min values",
+                rows * 2,
+                self.scale_min.len(),
+            ));
+        }
+        Ok(())
+    }
+
     /// Row index of (slot, kv_head): K's row addressing.
-    pub fn row(&self, slot: usize, kv_head: usize) -> usize {
-        self.shape.row(slot, kv_head)
+    ///
+    /// # Errors
+    /// As [`Quant4Cache::check`] and [`CacheShape::check_row`].
+    pub fn try_row(&self, slot: usize, kv_head: usize) -> Result<usize> {
+        self.check()?;
+        self.shape.try_row(slot, kv_head)
     }
 
     /// The packed codes of (slot, kv_head).
-    pub fn codes_row(&self, slot: usize, kv_head: usize) -> &[u8] {
+    ///
+    /// # Errors
+    /// As [`Quant4Cache::try_row`].
+    pub fn try_codes_row(&self, slot: usize, kv_head: usize) -> Result<&[u8]> {
+        self.try_row(slot, kv_head)?;
+        Ok(self.codes_row(slot, kv_head))
+    }
+
+    /// The stored `[scale_h, min_h]` of (slot, kv_head).
+    ///
+    /// # Errors
+    /// As [`Quant4Cache::try_row`].
+    pub fn try_scale_min_row(&self, slot: usize, kv_head: usize) -> Result<[f16; 2]> {
+        self.try_row(slot, kv_head)?;
+        Ok(self.scale_min_row(slot, kv_head))
+    }
+
+    // Unchecked forms for rows the caller has checked (the fields are public, so only the
+    // checked forms above leave the crate).
+    pub(crate) fn row(&self, slot: usize, kv_head: usize) -> usize {
+        self.shape.row(slot, kv_head)
+    }
+
+    pub(crate) fn codes_row(&self, slot: usize, kv_head: usize) -> &[u8] {
         let half = self.shape.head_dim / 2;
         &self.codes[self.row(slot, kv_head) * half..][..half]
     }
 
-    /// The stored `[scale_h, min_h]` of (slot, kv_head).
-    pub fn scale_min_row(&self, slot: usize, kv_head: usize) -> [f16; 2] {
+    pub(crate) fn scale_min_row(&self, slot: usize, kv_head: usize) -> [f16; 2] {
         let r = self.row(slot, kv_head);
         [self.scale_min[2 * r], self.scale_min[2 * r + 1]]
     }
 
     /// (Re)quantizes the row of (slot, kv_head) from `kv`.
-    pub fn update(&mut self, kv: &HostKv, slot: usize, kv_head: usize) {
-        let r = self.row(slot, kv_head);
+    ///
+    /// # Errors
+    /// As [`Quant4Cache::try_row`] and [`HostKv::check_shape`]; a `kv` of another geometry.
+    pub fn update(&mut self, kv: &HostKv, slot: usize, kv_head: usize) -> Result<()> {
+        kv.check_shape()?;
+        if kv.shape != self.shape {
+            return Err(Error::shape(
+                "4-bit K geometry (vs the cache)",
+                format!("{:?}", kv.shape),
+                format!("{:?}", self.shape),
+            ));
+        }
+        let r = self.try_row(slot, kv_head)?;
         let half = self.shape.head_dim / 2;
-        let sm = quantize_row(kv.k_row(slot, kv_head), &mut self.codes[r * half..][..half]);
+        let sm = quantize_row(kv.k_row(slot, kv_head), &mut self.codes[r * half..][..half])?;
         self.scale_min[2 * r..2 * r + 2].copy_from_slice(&sm);
+        Ok(())
     }
 
     /// Quantizes tokens `first_new_offset .. first_new_offset + new_count` of `page`, every
     /// KV head (the incremental form of [`Quant4Cache::build`]).
-    pub fn append(&mut self, kv: &HostKv, page: usize, first_new_offset: usize, new_count: usize) {
+    ///
+    /// # Errors
+    /// Tokens that do not fit the page, and as [`Quant4Cache::update`].
+    pub fn append(
+        &mut self,
+        kv: &HostKv,
+        page: usize,
+        first_new_offset: usize,
+        new_count: usize,
+    ) -> Result<()> {
+        let ps = self.shape.page_size;
+        let end = first_new_offset.checked_add(new_count);
+        if end.is_none_or(|end| end > ps) {
+            return Err(Error::Parameter(format!(
+                "tokens {first_new_offset} (+{new_count}) do not fit a page of {ps}"
+            )));
+        }
         for off in first_new_offset..first_new_offset + new_count {
+            // The row check in `update` refuses a page outside the pool; the product only
+            // needs to not wrap into one.
+            let slot = page
+                .checked_mul(ps)
+                .and_then(|s| s.checked_add(off))
+                .ok_or_else(|| Error::Parameter(format!("page {page} is outside the pool")))?;
             for g in 0..self.shape.num_kv_heads {
-                self.update(kv, page * self.shape.page_size + off, g);
+                self.update(kv, slot, g)?;
             }
         }
+        Ok(())
     }
 
     /// Dequantizes the row of (slot, kv_head) into `out` (`head_dim` values).
-    pub fn dequantize(&self, slot: usize, kv_head: usize, out: &mut [f32]) {
+    ///
+    /// # Errors
+    /// As [`Quant4Cache::try_row`]; an `out` that is not `head_dim` long.
+    pub fn dequantize(&self, slot: usize, kv_head: usize, out: &mut [f32]) -> Result<()> {
+        self.try_row(slot, kv_head)?;
         dequantize_row(
             self.codes_row(slot, kv_head),
             self.scale_min_row(slot, kv_head),
             out,
-        );
+        )
     }
 }
 
@@ -176,21 +310,25 @@ mod tests {
         // rounds away from zero to 8, (0 + 1) / 0.2 = 5.
         let k = [-1.0f32, 2.0, 0.5, 0.0];
         let mut packed = [0u8; 2];
-        let sm = quantize_row(&k, &mut packed);
-        assert_eq!(packed_code(&packed, 0), 0);
-        assert_eq!(packed_code(&packed, 1), 15);
+        let sm = quantize_row(&k, &mut packed).unwrap();
+        assert_eq!(packed_code(&packed, 0).unwrap(), 0);
+        assert_eq!(packed_code(&packed, 1).unwrap(), 15);
+        assert!(packed_code(&packed, 4).is_err());
         assert_eq!(packed[0], 0xF0);
         assert_eq!(sm[1], f16::from_f32(-1.0));
         assert_eq!(sm[0], f16::from_f32(3.0f32 / 15.0));
         let mut out = [0f32; 4];
-        dequantize_row(&packed, sm, &mut out);
+        dequantize_row(&packed, sm, &mut out).unwrap();
+        assert!(dequantize_row(&packed, sm, &mut out[..3]).is_err());
         let s = f16::from_f32(0.2).to_f32();
         assert_eq!(out[0], -1.0);
         assert_eq!(out[1], 15.0 * s - 1.0);
         let (kmin, scale) = row_params(&k);
         assert_eq!(code_of(0.5, kmin, scale), ((1.5f32) / scale).round() as u8);
         // A constant row: range clamps to 1e-6, every code is 0, value = f16(kmin).
-        let sm = quantize_row(&[3.0, 3.0], &mut packed[..1]);
+        let sm = quantize_row(&[3.0, 3.0], &mut packed[..1]).unwrap();
+        assert!(quantize_row(&[3.0, 3.0, 1.0], &mut packed[..1]).is_err());
+        assert!(quantize_row(&[3.0, 3.0], &mut packed).is_err());
         assert_eq!(packed[0], 0);
         assert_eq!(dequantize_code(0, sm), 3.0);
     }
@@ -218,13 +356,24 @@ mod tests {
                 let slot = table.slot(0, t);
                 for g in 0..2 {
                     let mut packed = [0u8; 2];
-                    let sm = quantize_row(kv.k_row(slot, g), &mut packed);
-                    assert_eq!(q.codes_row(slot, g), &packed);
-                    assert_eq!(q.scale_min_row(slot, g), sm);
+                    let sm = quantize_row(kv.k_row(slot, g), &mut packed).unwrap();
+                    assert_eq!(q.try_codes_row(slot, g).unwrap(), &packed);
+                    assert_eq!(q.try_scale_min_row(slot, g).unwrap(), sm);
                 }
             }
             // Slot 1 (page 0, offset 1) is past the end of the request: untouched.
-            assert_eq!(q.scale_min_row(1, 0), [f16::ZERO; 2]);
+            assert_eq!(q.try_scale_min_row(1, 0).unwrap(), [f16::ZERO; 2]);
+            // Rows outside the pool, short buffers and pieces past a page are errors.
+            assert!(q.try_codes_row(4, 0).is_err());
+            assert!(q.try_scale_min_row(0, 2).is_err());
+            let mut out = [0f32; 3];
+            assert!(q.dequantize(0, 0, &mut out).is_err());
+            let mut q = q;
+            assert!(q.append(&kv, 0, 1, 2).is_err());
+            assert!(q.append(&kv, 2, 0, 1).is_err());
+            assert!(q.append(&kv, usize::MAX, 0, 1).is_err());
+            q.codes.pop();
+            assert!(q.update(&kv, 0, 0).is_err());
         }
     }
 }

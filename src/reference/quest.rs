@@ -4,7 +4,7 @@
 //! are the element-wise max and min of K over the page's valid tokens; they are K values, so
 //! they are exact in the storage dtype.
 
-use crate::host::{HostPageTable, HostResult};
+use crate::host::{zeroed, HostError as Error, HostPageTable, HostResult};
 use crate::reference::HostKv;
 
 /// Quest's per-page bounds of K: `page_max`, `page_min`, each `[num_pages, num_kv_heads,
@@ -23,10 +23,11 @@ pub struct QuestMeta {
 /// referenced more than once counts its largest use; an unreferenced page counts 0.
 ///
 /// # Errors
-/// A table that references a page outside `0..num_pages`.
+/// A table that references a page outside `0..num_pages`; a `num_pages` that cannot be
+/// allocated.
 pub fn valid_tokens_per_page(table: &HostPageTable, num_pages: usize) -> HostResult<Vec<usize>> {
     table.validate(num_pages)?;
-    let mut valid = vec![0usize; num_pages];
+    let mut valid: Vec<usize> = zeroed("valid tokens per page", num_pages)?;
     for b in 0..table.batch() {
         let pages = table.pages_of(b);
         for (pos, &page) in pages.iter().enumerate() {
@@ -44,15 +45,27 @@ pub fn valid_tokens_per_page(table: &HostPageTable, num_pages: usize) -> HostRes
 
 impl QuestMeta {
     /// All-zero metadata for a pool of this geometry.
-    pub fn zeros(num_pages: usize, num_kv_heads: usize, head_dim: usize) -> QuestMeta {
-        let n = num_pages * num_kv_heads * head_dim;
-        QuestMeta {
+    ///
+    /// # Errors
+    /// [`Error::Parameter`] when `num_pages * num_kv_heads * head_dim` overflows or cannot be
+    /// allocated.
+    pub fn zeros(num_pages: usize, num_kv_heads: usize, head_dim: usize) -> HostResult<QuestMeta> {
+        let n = num_pages
+            .checked_mul(num_kv_heads)
+            .and_then(|n| n.checked_mul(head_dim))
+            .ok_or_else(|| {
+                Error::Parameter(format!(
+                    "Quest metadata of {num_pages} pages x {num_kv_heads} KV heads x {head_dim} \
+                     channels has more elements than fit in memory"
+                ))
+            })?;
+        Ok(QuestMeta {
             num_pages,
             num_kv_heads,
             head_dim,
-            page_max: vec![0.0; n],
-            page_min: vec![0.0; n],
-        }
+            page_max: zeroed("Quest page_max", n)?,
+            page_min: zeroed("Quest page_min", n)?,
+        })
     }
 
     /// The bounds of every page the table references, over its valid tokens.
@@ -62,28 +75,88 @@ impl QuestMeta {
     pub fn build(kv: &HostKv, table: &HostPageTable) -> HostResult<QuestMeta> {
         kv.check(table)?;
         let s = kv.shape;
-        let mut meta = QuestMeta::zeros(s.num_pages, s.num_kv_heads, s.head_dim);
+        let mut meta = QuestMeta::zeros(s.num_pages, s.num_kv_heads, s.head_dim)?;
         for (page, &n) in valid_tokens_per_page(table, s.num_pages)?
             .iter()
             .enumerate()
         {
             if n > 0 {
-                meta.append(kv, page, 0, n);
+                meta.append(kv, page, 0, n)?;
             }
         }
         Ok(meta)
     }
 
+    /// Checks that the fields agree: no zero dimension, and `page_max` and `page_min` each of
+    /// `num_pages * num_kv_heads * head_dim` elements. (The fields are public, so a value
+    /// built by hand is checked before anything indexes it.)
+    ///
+    /// # Errors
+    /// [`Error::Parameter`] or [`Error::Shape`] naming the first problem.
+    pub fn check(&self) -> HostResult<()> {
+        let (p, h, d) = (self.num_pages, self.num_kv_heads, self.head_dim);
+        if p == 0 || h == 0 || d == 0 {
+            return Err(Error::Parameter(format!(
+                "Quest metadata has a zero dimension: {p} pages, {h} KV heads, head_dim {d}"
+            )));
+        }
+        let n = p.checked_mul(h).and_then(|n| n.checked_mul(d));
+        for (what, len) in [
+            ("Quest page_max elements", self.page_max.len()),
+            ("Quest page_min elements", self.page_min.len()),
+        ] {
+            if n != Some(len) {
+                return Err(Error::shape(what, format!("{p} x {h} x {d}"), len));
+            }
+        }
+        Ok(())
+    }
+
     /// Element offset of (page, kv_head, channel 0).
-    pub fn offset(&self, page: usize, kv_head: usize) -> usize {
+    ///
+    /// # Errors
+    /// As [`QuestMeta::check`]; a page or KV head outside the metadata.
+    pub fn try_offset(&self, page: usize, kv_head: usize) -> HostResult<usize> {
+        self.check()?;
+        if page >= self.num_pages || kv_head >= self.num_kv_heads {
+            return Err(Error::Parameter(format!(
+                "Quest metadata row (page {page}, KV head {kv_head}) is outside its {} pages x \
+                 {} KV heads",
+                self.num_pages, self.num_kv_heads
+            )));
+        }
+        Ok(self.offset(page, kv_head))
+    }
+
+    /// The upper bounds of (page, kv_head), `head_dim` values.
+    ///
+    /// # Errors
+    /// As [`QuestMeta::try_offset`].
+    pub fn try_max_row(&self, page: usize, kv_head: usize) -> HostResult<&[f32]> {
+        self.try_offset(page, kv_head)?;
+        Ok(self.max_row(page, kv_head))
+    }
+
+    /// The lower bounds of (page, kv_head), `head_dim` values.
+    ///
+    /// # Errors
+    /// As [`QuestMeta::try_offset`].
+    pub fn try_min_row(&self, page: usize, kv_head: usize) -> HostResult<&[f32]> {
+        self.try_offset(page, kv_head)?;
+        Ok(self.min_row(page, kv_head))
+    }
+
+    // Unchecked forms for rows the caller has checked (the fields are public, so only the
+    // checked forms above leave the crate).
+    pub(crate) fn offset(&self, page: usize, kv_head: usize) -> usize {
         (page * self.num_kv_heads + kv_head) * self.head_dim
     }
 
-    pub fn max_row(&self, page: usize, kv_head: usize) -> &[f32] {
+    pub(crate) fn max_row(&self, page: usize, kv_head: usize) -> &[f32] {
         &self.page_max[self.offset(page, kv_head)..][..self.head_dim]
     }
 
-    pub fn min_row(&self, page: usize, kv_head: usize) -> &[f32] {
+    pub(crate) fn min_row(&self, page: usize, kv_head: usize) -> &[f32] {
         &self.page_min[self.offset(page, kv_head)..][..self.head_dim]
     }
 
@@ -91,13 +164,41 @@ impl QuestMeta {
     /// `kv`) into the page's bounds, for every KV head. When `first_new_offset == 0` the page
     /// starts afresh (a page being filled from its first slot), so appending a page's tokens in
     /// order, in any number of pieces, gives exactly what [`QuestMeta::build`] gives.
-    pub fn append(&mut self, kv: &HostKv, page: usize, first_new_offset: usize, new_count: usize) {
-        let ps = kv.shape.page_size;
-        assert!(
-            first_new_offset + new_count <= ps,
-            "tokens {first_new_offset}..{} do not fit a page of {ps}",
-            first_new_offset + new_count
-        );
+    ///
+    /// # Errors
+    /// As [`HostKv::check_shape`] and [`QuestMeta::check`]; metadata of another geometry than
+    /// `kv`; a page outside the pool; tokens that do not fit the page.
+    pub fn append(
+        &mut self,
+        kv: &HostKv,
+        page: usize,
+        first_new_offset: usize,
+        new_count: usize,
+    ) -> HostResult<()> {
+        kv.check_shape()?;
+        self.check()?;
+        let s = kv.shape;
+        if (self.num_pages, self.num_kv_heads, self.head_dim)
+            != (s.num_pages, s.num_kv_heads, s.head_dim)
+        {
+            return Err(Error::shape(
+                "Quest metadata [num_pages, num_kv_heads, head_dim] (vs the cache)",
+                format!("{} x {} x {}", s.num_pages, s.num_kv_heads, s.head_dim),
+                format!(
+                    "{} x {} x {}",
+                    self.num_pages, self.num_kv_heads, self.head_dim
+                ),
+            ));
+        }
+        let ps = s.page_size;
+        let end = first_new_offset.checked_add(new_count);
+        if page >= s.num_pages || end.is_none_or(|end| end > ps) {
+            return Err(Error::Parameter(format!(
+                "tokens {first_new_offset} (+{new_count}) of page {page} do not fit a pool of \
+                 {} pages of {ps}",
+                s.num_pages
+            )));
+        }
         for g in 0..self.num_kv_heads {
             let at = self.offset(page, g);
             let d = self.head_dim;
@@ -117,13 +218,37 @@ impl QuestMeta {
                 }
             }
         }
+        Ok(())
     }
+}
+
+/// Checks that `q_group` is a group's query rows for this metadata: a positive multiple of
+/// `head_dim` values.
+fn check_q_group(q_group: &[f32], head_dim: usize) -> HostResult<()> {
+    if q_group.is_empty() || head_dim == 0 || !q_group.len().is_multiple_of(head_dim) {
+        return Err(Error::shape(
+            "query group [group_size, head_dim]",
+            format!("a positive multiple of head_dim {head_dim}"),
+            q_group.len(),
+        ));
+    }
+    Ok(())
 }
 
 /// Quest's score of one page for one KV head: `sum_h sum_d max(q[h,d] * max[d], q[h,d] *
 /// min[d])` over the group's query heads, in f64 (every product is exact in f64).
 /// `q_group` holds the group's query rows back to back, `[group_size, head_dim]`.
-pub fn quest_page_score(q_group: &[f32], meta: &QuestMeta, page: usize, kv_head: usize) -> f64 {
+///
+/// # Errors
+/// As [`QuestMeta::try_offset`]; a `q_group` that is not a positive multiple of `head_dim`.
+pub fn quest_page_score(
+    q_group: &[f32],
+    meta: &QuestMeta,
+    page: usize,
+    kv_head: usize,
+) -> HostResult<f64> {
+    meta.try_offset(page, kv_head)?;
+    check_q_group(q_group, meta.head_dim)?;
     let (mx, mn) = (meta.max_row(page, kv_head), meta.min_row(page, kv_head));
     let mut score = 0f64;
     for qh in q_group.chunks_exact(meta.head_dim) {
@@ -132,17 +257,27 @@ pub fn quest_page_score(q_group: &[f32], meta: &QuestMeta, page: usize, kv_head:
             score += (q * mx[c] as f64).max(q * mn[c] as f64);
         }
     }
-    score
+    Ok(score)
 }
 
 /// Scores of every page of request `b` for KV head `kv_head`, in the request's page order.
+///
+/// # Errors
+/// A request the table does not have, and as [`quest_page_score`] (a page of the table outside
+/// the metadata included).
 pub fn quest_scores(
     q_group: &[f32],
     meta: &QuestMeta,
     table: &HostPageTable,
     b: usize,
     kv_head: usize,
-) -> Vec<f64> {
+) -> HostResult<Vec<f64>> {
+    if b >= table.batch() {
+        return Err(Error::Parameter(format!(
+            "request {b} of a table of {} requests",
+            table.batch()
+        )));
+    }
     table
         .pages_of(b)
         .iter()
@@ -151,8 +286,14 @@ pub fn quest_scores(
 }
 
 /// Quest's page budget for a token budget: `ceil(b0 / page_size)`, at least 1.
-pub fn quest_budget_pages(b0: usize, page_size: usize) -> usize {
-    b0.div_ceil(page_size).max(1)
+///
+/// # Errors
+/// [`Error::Parameter`] for a page size of 0.
+pub fn quest_budget_pages(b0: usize, page_size: usize) -> HostResult<usize> {
+    if page_size == 0 {
+        return Err(Error::Parameter("page_size is 0".into()));
+    }
+    Ok(b0.div_ceil(page_size).max(1))
 }
 
 /// Quest's choice among a request's pages, given their scores in page order. With no more
@@ -191,8 +332,9 @@ mod tests {
         assert_eq!(quest_select(&scores, 4), vec![1, 2, 3, 5]);
         assert_eq!(quest_select(&scores, 6), vec![0, 1, 2, 3, 4, 5]);
         assert_eq!(quest_select(&scores, 100), vec![0, 1, 2, 3, 4, 5]);
-        assert_eq!(quest_budget_pages(17, 16), 2);
-        assert_eq!(quest_budget_pages(16, 16), 1);
+        assert_eq!(quest_budget_pages(17, 16).unwrap(), 2);
+        assert_eq!(quest_budget_pages(16, 16).unwrap(), 1);
+        assert!(quest_budget_pages(16, 0).is_err());
     }
 
     #[test]
@@ -214,16 +356,34 @@ mod tests {
         };
         let table = HostPageTable::new(vec![0, 2], vec![1, 0], vec![1], 2, 2).unwrap();
         let meta = QuestMeta::build(&kv, &table).unwrap();
-        assert_eq!(meta.max_row(1, 0), &[3.0, 0.0]);
-        assert_eq!(meta.min_row(1, 0), &[1.0, -2.0]);
+        assert_eq!(meta.try_max_row(1, 0).unwrap(), &[3.0, 0.0]);
+        assert_eq!(meta.try_min_row(1, 0).unwrap(), &[1.0, -2.0]);
         // The invalid token (100, 100) of page 0 is not counted.
-        assert_eq!(meta.max_row(0, 0), &[5.0, 5.0]);
+        assert_eq!(meta.try_max_row(0, 0).unwrap(), &[5.0, 5.0]);
         // Group of two query heads: (1, -1) and (-2, 0.5).
         let q = [1.0, -1.0, -2.0, 0.5];
         // page 1: max(3, 1) + max(0, 2) + max(-6, -2) + max(0, -1) = 3 + 2 - 2 + 0 = 3
-        assert_eq!(quest_page_score(&q, &meta, 1, 0), 3.0);
+        assert_eq!(quest_page_score(&q, &meta, 1, 0).unwrap(), 3.0);
         // page 0: 5 - 5 - 10 + 2.5 = -7.5
-        assert_eq!(quest_page_score(&q, &meta, 0, 0), -7.5);
-        assert_eq!(quest_scores(&q, &meta, &table, 0, 0), vec![3.0, -7.5]);
+        assert_eq!(quest_page_score(&q, &meta, 0, 0).unwrap(), -7.5);
+        assert_eq!(
+            quest_scores(&q, &meta, &table, 0, 0).unwrap(),
+            vec![3.0, -7.5]
+        );
+        // Rows, requests and query groups the metadata does not have are errors.
+        assert!(quest_page_score(&q, &meta, 2, 0).is_err());
+        assert!(quest_page_score(&q, &meta, 0, 1).is_err());
+        assert!(quest_page_score(&q[..3], &meta, 0, 0).is_err());
+        assert!(quest_page_score(&[], &meta, 0, 0).is_err());
+        assert!(quest_scores(&q, &meta, &table, 1, 0).is_err());
+        assert!(meta.try_max_row(0, 1).is_err());
+        let mut short = meta.clone();
+        short.page_min.pop();
+        assert!(short.try_min_row(0, 0).is_err());
+        let mut appended = meta.clone();
+        assert!(appended.append(&kv, 1, 1, 2).is_err());
+        assert!(appended.append(&kv, 2, 0, 1).is_err());
+        assert!(appended.append(&kv, 0, usize::MAX, 2).is_err());
+        assert!(QuestMeta::zeros(usize::MAX, 2, 2).is_err());
     }
 }

@@ -182,6 +182,7 @@ fn check(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> Result<()> 
                 "variant {name} selects with Quest but no QuestMeta was given"
             ))
         })?;
+        meta.check()?;
         eq(
             "Quest metadata [num_pages, num_kv_heads, head_dim]",
             s.num_pages * s.num_kv_heads * s.head_dim,
@@ -189,6 +190,7 @@ fn check(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> Result<()> 
         )?;
         eq("Quest metadata pages", s.num_pages, meta.num_pages)?;
         eq("Quest metadata heads", s.num_kv_heads, meta.num_kv_heads)?;
+        eq("Quest metadata head_dim", s.head_dim, meta.head_dim)?;
         eq(
             "Quest page_max elements",
             meta.page_max.len(),
@@ -222,6 +224,7 @@ fn check(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> Result<()> 
             )));
         }
         check_channels(&ds.channels, s.num_kv_heads, s.head_dim, r as usize)?;
+        ds.check()?;
         eq(
             "double-sparse labels [rows of K, r]",
             s.num_pages * s.num_kv_heads * s.page_size * ds.r,
@@ -241,6 +244,7 @@ fn check(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> Result<()> 
                 format!("{:?}", quant.shape),
             ));
         }
+        quant.check()?;
     }
     Ok(())
 }
@@ -298,14 +302,14 @@ pub fn decode_step(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> R
                 }
                 Selector::Quest => {
                     let meta = x.quest.expect("checked");
-                    let scores = quest_scores(q_group, meta, x.table, b, g);
-                    let pages = quest_select(&scores, quest_budget_pages(params.b0, ps));
+                    let scores = quest_scores(q_group, meta, x.table, b, g)?;
+                    let pages = quest_select(&scores, quest_budget_pages(params.b0, ps)?);
                     let candidates = page_tokens(&pages);
                     (pages, candidates)
                 }
                 Selector::DoubleSparse { .. } => {
                     let ds = x.ds.expect("checked");
-                    let scores = ds_scores(q_group, ds, x.table, b, g);
+                    let scores = ds_scores(q_group, ds, x.table, b, g)?;
                     let tokens = ds_select(&scores, params.b0);
                     let candidates = tokens.iter().map(|&t| x.table.slot(b, t)).collect();
                     // Tokens, not pages: no page list.
@@ -320,7 +324,7 @@ pub fn decode_step(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> R
                     // Each candidate is dequantized once and serves every head of the group.
                     let mut logits = vec![Vec::with_capacity(candidates.len()); group];
                     for &slot in &candidates {
-                        quant.dequantize(slot, g, &mut row);
+                        quant.dequantize(slot, g, &mut row)?;
                         for (h, l) in logits.iter_mut().enumerate() {
                             l.push(sm_scale * dot(&q_group[h * d..][..d], &row));
                         }
@@ -349,7 +353,7 @@ pub fn decode_step(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> R
             // 3. Attend.
             for h in 0..group {
                 let qo = g * group + h;
-                let (o, lse) = attend(&q_group[h * d..][..d], &x.kv, g, &kept_in_order, sm_scale);
+                let (o, lse) = attend(&q_group[h * d..][..d], &x.kv, g, &kept_in_order, sm_scale)?;
                 r.o[(b * x.num_qo_heads + qo) * d..][..d].copy_from_slice(&o);
                 r.lse[b * x.num_qo_heads + qo] = lse;
             }
@@ -481,7 +485,7 @@ mod tests {
         assert_eq!(r.heads[0].kept_count, 1);
         assert_eq!(r.heads[0].weights.as_ref().unwrap().len(), 5);
         // Attention over slot 5 alone returns its value row.
-        assert_eq!(r.o, kv.v_row(5, 0).to_vec());
+        assert_eq!(r.o, kv.try_v_row(5, 0).unwrap().to_vec());
     }
 
     #[test]

@@ -81,19 +81,30 @@ pub fn top_p_keep(weights: &[f64], p: f64) -> Result<(Vec<usize>, f64)> {
 
 /// The estimated logit of each candidate slot for query row `q` through KV head `kv_head`:
 /// `sm_scale * sum_d q[d] * dequant[d]`, accumulated in f64 in channel order.
+///
+/// # Errors
+/// A query row that is not `head_dim` long, and as [`Quant4Cache::dequantize`] (a candidate
+/// or KV head outside the pool).
 pub fn estimated_logits(
     q: &[f32],
     quant: &Quant4Cache,
     kv_head: usize,
     candidates: &[usize],
     sm_scale: f64,
-) -> Vec<f64> {
+) -> Result<Vec<f64>> {
+    if q.len() != quant.shape.head_dim {
+        return Err(Error::shape(
+            "query row (head_dim)",
+            quant.shape.head_dim,
+            q.len(),
+        ));
+    }
     let mut row = vec![0f32; quant.shape.head_dim];
     candidates
         .iter()
         .map(|&slot| {
-            quant.dequantize(slot, kv_head, &mut row);
-            sm_scale * dot(q, &row)
+            quant.dequantize(slot, kv_head, &mut row)?;
+            Ok(sm_scale * dot(q, &row))
         })
         .collect()
 }
@@ -106,7 +117,7 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
 /// Top-p for one query head over candidate slots, with the 4-bit estimate of K.
 ///
 /// # Errors
-/// `p` outside (0, 1].
+/// `p` outside (0, 1], and as [`estimated_logits`].
 pub fn top_p_head(
     q: &[f32],
     quant: &Quant4Cache,
@@ -115,7 +126,7 @@ pub fn top_p_head(
     sm_scale: f64,
     p: f64,
 ) -> Result<TopP> {
-    let weights = softmax(&estimated_logits(q, quant, kv_head, candidates, sm_scale));
+    let weights = softmax(&estimated_logits(q, quant, kv_head, candidates, sm_scale)?);
     let (kept, threshold) = top_p_keep(&weights, p)?;
     Ok(TopP {
         kept,
@@ -125,17 +136,26 @@ pub fn top_p_head(
 }
 
 /// The group's kept set: a candidate index is kept when any head keeps it. Ascending.
+///
+/// # Errors
+/// [`Error::Parameter`] for an index at or past `candidates`.
 pub fn group_union<'a>(
     heads: impl IntoIterator<Item = &'a [usize]>,
     candidates: usize,
-) -> Vec<usize> {
-    let mut mask = vec![false; candidates];
-    for kept in heads {
-        for &i in kept {
-            mask[i] = true;
+) -> Result<Vec<usize>> {
+    // Nothing is sized from `candidates`: it only bounds the indices.
+    let mut union = Vec::new();
+    for &i in heads.into_iter().flatten() {
+        if i >= candidates {
+            return Err(Error::Parameter(format!(
+                "kept index {i} is outside the {candidates} candidates"
+            )));
         }
+        union.push(i);
     }
-    (0..candidates).filter(|&i| mask[i]).collect()
+    union.sort_unstable();
+    union.dedup();
+    Ok(union)
 }
 
 #[cfg(test)]
@@ -185,6 +205,7 @@ mod tests {
         let w = softmax(&[0.0, 2f64.ln()]);
         assert!((w[0] - 1.0 / 3.0).abs() < 1e-15 && (w[1] - 2.0 / 3.0).abs() < 1e-15);
         let (a, b) = ([0usize, 3], [3usize, 1]);
-        assert_eq!(group_union([&a[..], &b[..]], 5), vec![0, 1, 3]);
+        assert_eq!(group_union([&a[..], &b[..]], 5).unwrap(), vec![0, 1, 3]);
+        assert!(group_union([&a[..], &b[..]], 3).is_err());
     }
 }

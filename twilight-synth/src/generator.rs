@@ -55,7 +55,7 @@ use twilight::element::round_to;
 use twilight::{CacheShape, HostPageTable, KvElement, KvLayout};
 
 use crate::error::{Error, Result};
-use crate::synthetic::{check_request, shuffled_page_table, SyntheticStep};
+use crate::synthetic::{check_request, shuffled_page_table, step_sizes, SyntheticStep};
 
 /// A named attention shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -586,6 +586,9 @@ fn build_group(
 /// its own random stream, so both give the same values.
 pub struct GeneratedPlan {
     params: GeneratorParams,
+    /// The shape the private tables below were made for; `shape` is public, so it is checked
+    /// against this before a page is drawn.
+    planned_shape: CacheShape,
     pub shape: CacheShape,
     pub num_qo_heads: usize,
     pub table: HostPageTable,
@@ -636,12 +639,12 @@ pub fn plan<T: KvElement>(
         head_dim,
         layout,
     };
-    let num_qo_heads = num_kv_heads * group_size;
+    let (num_qo_heads, q_len) = step_sizes(&shape, lens.len(), group_size)?;
     let d = head_dim;
 
     // Structure and q per (request, KV head).
     let mut groups = Vec::with_capacity(lens.len() * num_kv_heads);
-    let mut q = vec![0f32; lens.len() * num_qo_heads * d];
+    let mut q = vec![0f32; q_len];
     for (b, &len) in lens.iter().enumerate() {
         for g in 0..num_kv_heads {
             let (group, qg) = build_group(params, b, g, len, group_size, d);
@@ -667,6 +670,7 @@ pub fn plan<T: KvElement>(
     }
     Ok(GeneratedPlan {
         params: params.clone(),
+        planned_shape: shape,
         shape,
         num_qo_heads,
         table,
@@ -690,7 +694,7 @@ pub fn generate<T: KvElement>(
     head_dim: usize,
     layout: KvLayout,
 ) -> Result<SyntheticStep> {
-    Ok(plan::<T>(
+    plan::<T>(
         params,
         lens,
         num_kv_heads,
@@ -699,7 +703,7 @@ pub fn generate<T: KvElement>(
         head_dim,
         layout,
     )?
-    .into_step::<T>())
+    .into_step::<T>()
 }
 
 /// Fills one page: `(page index, K of the page, V of the page)`.
@@ -733,13 +737,53 @@ fn fill_pages_parallel(k: &mut [f32], v: &mut [f32], page_elems: usize, fill: &P
 }
 
 impl GeneratedPlan {
+    /// Checks that the public fields still describe the plan: the shape it was made for, and
+    /// a table of that pool. Drawing a page indexes private tables sized from them.
+    fn check(&self) -> Result<()> {
+        if self.shape != self.planned_shape {
+            return Err(Error::Parameter(format!(
+                "the plan was made for {:?}, its shape is now {:?}",
+                self.planned_shape, self.shape
+            )));
+        }
+        if self.table.page_size() != self.shape.page_size {
+            return Err(Error::Parameter(format!(
+                "the plan's table has pages of {}, its pool pages of {}",
+                self.table.page_size(),
+                self.shape.page_size
+            )));
+        }
+        self.table.validate(self.shape.num_pages)?;
+        Ok(())
+    }
+
+    /// Where each (KV head g, token offset off) row starts within a page, at `g * page_size +
+    /// off`: the same in every page, since both layouts keep a page's rows together, so page
+    /// 0's addresses serve them all.
+    fn page_offsets(&self) -> Result<Vec<usize>> {
+        let s = &self.shape;
+        let mut offsets = Vec::with_capacity(s.num_kv_heads * s.page_size);
+        for g in 0..s.num_kv_heads {
+            for off in 0..s.page_size {
+                offsets.push(s.try_offset(off, g)?);
+            }
+        }
+        Ok(offsets)
+    }
+
     fn page_elems(&self) -> usize {
         self.shape.num_kv_heads * self.shape.page_size * self.shape.head_dim
     }
 
     /// Draws page `pid` (its K and V in the cache's layout, rounded to `T`) from the page's own
     /// random stream.
-    fn fill_page<T: KvElement>(&self, pid: usize, kp: &mut [f32], vp: &mut [f32]) {
+    fn fill_page<T: KvElement>(
+        &self,
+        pid: usize,
+        offsets: &[usize],
+        kp: &mut [f32],
+        vp: &mut [f32],
+    ) {
         let params = &self.params;
         let shape = &self.shape;
         let d = shape.head_dim;
@@ -749,10 +793,9 @@ impl GeneratedPlan {
             params.background_spread as f32
         };
         let mut rng = SplitMix64::new(derive_seed(params.seed, &[STREAM_PAGE, pid as u64]));
-        let base = pid * self.page_elems();
         for g in 0..shape.num_kv_heads {
             for off in 0..shape.page_size {
-                let at = shape.offset(pid * shape.page_size + off, g) - base;
+                let at = offsets[g * shape.page_size + off];
                 let krow = &mut kp[at..at + d];
                 let token =
                     self.owner[pid]
@@ -801,28 +844,35 @@ impl GeneratedPlan {
     /// (what `append` takes), drawing only that request's pages.
     ///
     /// # Errors
-    /// [`Error::Parameter`] when the plan has no request `b`.
+    /// [`Error::Parameter`] when the plan has no request `b`, or when its public fields no
+    /// longer describe the plan.
     pub fn request_rows<T: KvElement>(&self, b: usize) -> Result<(Vec<T>, Vec<T>)> {
         check_request(b, self.table.batch())?;
+        self.check()?;
         let shape = &self.shape;
         let page_elems = self.page_elems();
+        let offsets = self.page_offsets()?;
         let pages = self.table.pages_of(b);
-        let mut k = vec![0f32; pages.len() * page_elems];
-        let mut v = vec![0f32; pages.len() * page_elems];
+        // A table may name a page twice, so a request's pages are not bounded by the pool's.
+        let values = pages.len().checked_mul(page_elems).ok_or_else(|| {
+            Error::Parameter(format!(
+                "request {b}: {} pages of {page_elems} values do not fit in memory",
+                pages.len()
+            ))
+        })?;
+        let mut k = vec![0f32; values];
+        let mut v = vec![0f32; values];
         fill_pages_parallel(&mut k, &mut v, page_elems, &|i, kp, vp| {
-            self.fill_page::<T>(pages[i] as usize, kp, vp)
+            self.fill_page::<T>(pages[i] as usize, &offsets, kp, vp)
         });
         // From the pages' own layout to token rows.
         let len = self.table.len_of(b);
-        let row = shape.num_kv_heads * shape.head_dim;
-        let (mut k_rows, mut v_rows) =
-            (Vec::with_capacity(len * row), Vec::with_capacity(len * row));
+        // `len` tokens fit in the pages drawn above.
+        let (mut k_rows, mut v_rows) = (Vec::with_capacity(values), Vec::with_capacity(values));
         for t in 0..len {
             let (i, off) = (t / shape.page_size, t % shape.page_size);
-            let base = pages[i] as usize * page_elems;
             for g in 0..shape.num_kv_heads {
-                let at = shape.offset(pages[i] as usize * shape.page_size + off, g) - base
-                    + i * page_elems;
+                let at = offsets[g * shape.page_size + off] + i * page_elems;
                 k_rows.extend(k[at..at + shape.head_dim].iter().map(|&x| T::from_f32(x)));
                 v_rows.extend(v[at..at + shape.head_dim].iter().map(|&x| T::from_f32(x)));
             }
@@ -831,21 +881,26 @@ impl GeneratedPlan {
     }
 
     /// The whole step: every page of the pool drawn on every core.
-    pub fn into_step<T: KvElement>(self) -> SyntheticStep {
+    ///
+    /// # Errors
+    /// [`Error::Parameter`] when the plan's public fields no longer describe the plan.
+    pub fn into_step<T: KvElement>(self) -> Result<SyntheticStep> {
+        self.check()?;
         let page_elems = self.page_elems();
+        let offsets = self.page_offsets()?;
         let mut k = vec![0f32; self.shape.elements()];
         let mut v = vec![0f32; self.shape.elements()];
         fill_pages_parallel(&mut k, &mut v, page_elems, &|pid, kp, vp| {
-            self.fill_page::<T>(pid, kp, vp)
+            self.fill_page::<T>(pid, &offsets, kp, vp)
         });
-        SyntheticStep {
+        Ok(SyntheticStep {
             shape: self.shape,
             num_qo_heads: self.num_qo_heads,
             table: self.table,
             q: self.q,
             k,
             v,
-        }
+        })
     }
 }
 
@@ -941,7 +996,7 @@ mod tests {
                 let streamed: Vec<_> = (0..lens.len())
                     .map(|b| planned.request_rows::<f16>(b).unwrap())
                     .collect();
-                let step = planned.into_step::<f16>();
+                let step = planned.into_step::<f16>().unwrap();
                 for (b, (k, v)) in streamed.iter().enumerate() {
                     let (k_pool, v_pool) = step.request_rows::<f16>(b).unwrap();
                     assert_eq!(k, &k_pool, "{layout:?} {preset:?} request {b}: K");

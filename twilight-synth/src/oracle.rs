@@ -45,10 +45,15 @@ impl<'a> OracleInputs<'a> {
                 "oracle: {qo} query heads are not a positive multiple of {kvh} KV heads"
             )));
         }
-        let want = self.table.batch() * qo * d;
-        if self.q.len() != want {
+        self.kv.check(self.table)?;
+        let want = self
+            .table
+            .batch()
+            .checked_mul(qo)
+            .and_then(|n| n.checked_mul(d));
+        if want != Some(self.q.len()) {
             return Err(Error::Parameter(format!(
-                "oracle: q holds {} values, [batch {}, {qo} heads, head_dim {d}] is {want}",
+                "oracle: q holds {} values, expected [batch {}, {qo} heads, head_dim {d}]",
                 self.q.len(),
                 self.table.batch()
             )));
@@ -62,7 +67,8 @@ impl<'a> OracleInputs<'a> {
 /// [`top_p_keep`]), ascending.
 ///
 /// # Errors
-/// `p` outside (0, 1], or a query that does not fit the cache.
+/// `p` outside (0, 1], a query that does not fit the cache, K or V that do not fill the shape,
+/// a table for another pool.
 pub fn oracle_top_p_heads(x: &OracleInputs, p: f64) -> Result<Vec<Vec<usize>>> {
     check_p(p)?;
     x.check()?;
@@ -74,11 +80,14 @@ pub fn oracle_top_p_heads(x: &OracleInputs, p: f64) -> Result<Vec<Vec<usize>>> {
         .collect();
     let kept = |&(b, h): &(usize, usize)| -> Result<Vec<usize>> {
         let qh = &x.q[(b * qo + h) * d..][..d];
-        let logits: Vec<f64> = (0..table.len_of(b))
-            .map(|t| x.sm_scale as f64 * dot(qh, x.kv.k_row(table.slot(b, t), h / group)))
-            .collect();
+        let all: Vec<usize> = table.slots_of(b).collect();
+        let logits = all
+            .iter()
+            .map(|&slot| Ok(x.sm_scale as f64 * dot(qh, x.kv.try_k_row(slot, h / group)?)))
+            .collect::<Result<Vec<f64>>>()?;
         let (tokens, _) = top_p_keep(&softmax(&logits), p)?;
-        let mut slots: Vec<usize> = tokens.into_iter().map(|t| table.slot(b, t)).collect();
+        // top_p_keep returns indices into `all`.
+        let mut slots: Vec<usize> = tokens.into_iter().map(|t| all[t]).collect();
         slots.sort_unstable();
         Ok(slots)
     };
@@ -162,9 +171,7 @@ mod tests {
         let all = oracle_top_p_kept(&x, 1.0).unwrap();
         for (i, kept) in all.iter().enumerate() {
             let b = i / 2;
-            let mut want: Vec<usize> = (0..step.table.len_of(b))
-                .map(|t| step.table.slot(b, t))
-                .collect();
+            let mut want: Vec<usize> = step.table.slots_of(b).collect();
             want.sort_unstable();
             assert_eq!(kept, &want, "row {i}");
         }

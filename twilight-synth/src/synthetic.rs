@@ -58,13 +58,13 @@ impl SyntheticStep {
             head_dim,
             layout,
         };
-        let num_qo_heads = num_kv_heads * group_size;
+        let (num_qo_heads, q_len) = step_sizes(&shape, lens.len(), group_size)?;
         let mut normal = |n: usize, scale: f32| -> Vec<f32> {
             (0..n)
                 .map(|_| round_to::<T>(scale * standard_normal(&mut rng)))
                 .collect()
         };
-        let q = normal(lens.len() * num_qo_heads * head_dim, 1.0);
+        let q = normal(q_len, 1.0);
         let k = normal(shape.elements(), key_scale);
         let v = normal(shape.elements(), 1.0);
         Ok(SyntheticStep {
@@ -89,18 +89,22 @@ impl SyntheticStep {
     /// an engine would hand to `append` to build the same cache.
     ///
     /// # Errors
-    /// [`Error::Parameter`] when the step has no request `b`.
+    /// [`Error::Parameter`] when the step has no request `b`; a host error when the (public)
+    /// fields no longer agree: K or V that do not fill the shape, a table for another pool.
     pub fn request_rows<T: KvElement>(&self, b: usize) -> Result<(Vec<T>, Vec<T>)> {
         check_request(b, self.table.batch())?;
-        let len = self.table.len_of(b);
-        let row = self.shape.num_kv_heads * self.shape.head_dim;
-        let (mut k, mut v) = (Vec::with_capacity(len * row), Vec::with_capacity(len * row));
         let kv = self.kv();
-        for t in 0..len {
-            let slot = self.table.slot(b, t);
+        kv.check(&self.table)?;
+        // Only a capacity hint: a table may name a page more than once, so the product is not
+        // bounded by the pool's size.
+        let values = (self.table.len_of(b))
+            .checked_mul(self.shape.num_kv_heads * self.shape.head_dim)
+            .unwrap_or(0);
+        let (mut k, mut v) = (Vec::with_capacity(values), Vec::with_capacity(values));
+        for slot in self.table.slots_of(b) {
             for h in 0..self.shape.num_kv_heads {
-                k.extend(kv.k_row(slot, h).iter().map(|&x| T::from_f32(x)));
-                v.extend(kv.v_row(slot, h).iter().map(|&x| T::from_f32(x)));
+                k.extend(kv.try_k_row(slot, h)?.iter().map(|&x| T::from_f32(x)));
+                v.extend(kv.try_v_row(slot, h)?.iter().map(|&x| T::from_f32(x)));
             }
         }
         Ok((k, v))
@@ -184,6 +188,28 @@ pub fn ragged_lengths(rng: &mut impl Rng, batch: usize, max_len: usize) -> Resul
     }
     lens.shuffle(rng);
     Ok(lens)
+}
+
+/// The query heads and q's element count of a step of `batch` requests over `shape`, and a
+/// check that the pool's element count fits in memory: every size a step allocates from its
+/// caller's numbers, computed before anything is allocated.
+pub(crate) fn step_sizes(
+    shape: &CacheShape,
+    batch: usize,
+    group_size: usize,
+) -> Result<(usize, usize)> {
+    let num_qo_heads = shape.num_kv_heads.checked_mul(group_size);
+    let q_len = num_qo_heads
+        .and_then(|n| n.checked_mul(batch))
+        .and_then(|n| n.checked_mul(shape.head_dim));
+    match (num_qo_heads, q_len, shape.checked_elements()) {
+        (Some(heads), Some(q_len), Some(_)) => Ok((heads, q_len)),
+        _ => Err(Error::Parameter(format!(
+            "a step of {batch} requests, {} KV heads of group {group_size}, head_dim {} over \
+             {} pages of {} has more values than fit in memory",
+            shape.num_kv_heads, shape.head_dim, shape.num_pages, shape.page_size
+        ))),
+    }
 }
 
 /// Checks that a step of `batch` requests has request `b`.

@@ -90,7 +90,7 @@ pub(super) fn compute(
         return Ok(Vec::new());
     }
     let kv = out.kv(x);
-    let (o, lse) = attend_kept(x, &kv, &oracle.kept);
+    let (o, lse) = attend_kept(x, &kv, &oracle.kept)?;
     let mut rows = vec![Baseline {
         label: format!(
             "oracle top-p, exact weights (p = {}, {:.1} tokens)",

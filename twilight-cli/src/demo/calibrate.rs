@@ -54,13 +54,16 @@ pub(super) fn calibrate(step: &SyntheticStep, r: usize) -> Result<Calibration, B
     let batch = step.table.batch();
     let mut sample = DecodeSample::new(qo, kvh, d, TOKENS_PER_REQUEST);
     let mut spans = Vec::with_capacity(batch);
+    kv.check(&step.table)?;
     for b in 0..batch {
         let q_req = &step.q[b * qo * d..][..qo * d];
-        let slot = |t| step.table.slot(b, t);
-        spans.push(sample.add_request(q_req, step.table.len_of(b), |t| {
+        let slots: Vec<usize> = step.table.slots_of(b).collect();
+        spans.push(sample.add_request(q_req, slots.len(), |t| {
+            // Checked above, so every row exists; were one missing, its empty key would be
+            // refused by add_request as a key of the wrong length.
             Cow::Owned(
                 (0..kvh)
-                    .flat_map(|g| kv.k_row(slot(t), g).to_vec())
+                    .flat_map(|g| kv.try_k_row(slots[t], g).unwrap_or(&[]).to_vec())
                     .collect(),
             )
         })?);
@@ -73,7 +76,7 @@ pub(super) fn calibrate(step: &SyntheticStep, r: usize) -> Result<Calibration, B
 
     let mut captured = Vec::with_capacity(batch * kvh);
     for span in spans {
-        let scores = channel_scores(&sample.view(span), CalibrationMode::Qk)?;
+        let scores = channel_scores(&sample.view(span)?, CalibrationMode::Qk)?;
         for (list, s) in channels.iter().zip(&scores) {
             let total: f64 = s.iter().sum();
             let held: f64 = list.iter().map(|&c| s[c]).sum();

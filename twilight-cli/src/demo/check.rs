@@ -27,7 +27,8 @@ pub(super) fn kept_lists(
     let mut kept = Vec::with_capacity(counts.len());
     for b in 0..x.batch() {
         let len = table.len_of(b);
-        let tokens: HashMap<usize, usize> = (0..len).map(|t| (table.slot(b, t), t)).collect();
+        let tokens: HashMap<usize, usize> =
+            table.slots_of(b).enumerate().map(|(t, s)| (s, t)).collect();
         for g in 0..kvh {
             let row = b * kvh + g;
             let n = counts[row];
@@ -59,7 +60,11 @@ pub(super) fn kept_lists(
 }
 
 /// The reference attention of every query head over its KV head's kept list.
-pub(super) fn attend_kept(x: &Inputs, kv: &HostKv, kept: &[Vec<usize>]) -> (Vec<f32>, Vec<f32>) {
+pub(super) fn attend_kept(
+    x: &Inputs,
+    kv: &HostKv,
+    kept: &[Vec<usize>],
+) -> Res<(Vec<f32>, Vec<f32>)> {
     let (qo, d, group) = (x.num_qo_heads(), x.head_dim(), x.group());
     let mut o = Vec::with_capacity(x.step.q.len());
     let mut lse = Vec::with_capacity(x.batch() * qo);
@@ -73,12 +78,12 @@ pub(super) fn attend_kept(x: &Inputs, kv: &HostKv, kept: &[Vec<usize>]) -> (Vec<
                 g,
                 &kept[b * x.num_kv_heads() + g],
                 x.sm_scale as f64,
-            );
+            )?;
             o.extend(oh);
             lse.push(l);
         }
     }
-    (o, lse)
+    Ok((o, lse))
 }
 
 /// Prints how far `o`/`lse` are from the reference, and returns a failure when any element is
