@@ -278,16 +278,8 @@ fn measure_selector<T: KvElement>(
         .decoder()
         .stages_for(rows)
         .contains(&Stage::ThresholdCompact);
-    let twilight_t = time_with_events(stream, warmup, iters, |i| {
-        let x = &instances[i % n];
-        sparse.run_into(
-            &x.q,
-            &x.cache,
-            &x.table,
-            &mut s_out[i % n],
-            &mut s_ws[i % n],
-        )
-    })?;
+    let (twilight_t, graph_t) =
+        time_launched_and_replayed(stream, sparse, instances, &mut s_out, &mut s_ws, method)?;
     // The same step as an engine runs it (see `engine_step`), right after the owning path so
     // both see the same clocks: the same K/V, sidecar, table and outputs, borrowed through raw
     // device pointers, and workspaces sized from the plan as an engine sizes them.
@@ -314,19 +306,6 @@ fn measure_selector<T: KvElement>(
         )
     })?;
 
-    // The same twilight steps replayed as CUDA graphs (one per cache).
-    let mut graphs = Vec::new();
-    for (i, x) in instances.iter().enumerate() {
-        let (out, ws) = (&mut s_out[i], &mut s_ws[i]);
-        graphs.push(capture(stream, &mut || {
-            sparse.run_into(&x.q, &x.cache, &x.table, out, ws)
-        })?);
-    }
-    let graph_t = time_with_events(stream, warmup, iters, |i| {
-        graphs[i % n]
-            .launch()
-            .map_err(|e| driver_error("launching a graph", e))
-    })?;
     let mut engine_graphs = Vec::new();
     for ((x, r), ws) in instances.iter().zip(&raw).zip(e_ws.iter_mut()) {
         engine_graphs.push(capture(stream, &mut || engine_step(sparse, x, r, ws))?);
@@ -336,60 +315,18 @@ fn measure_selector<T: KvElement>(
             .launch()
             .map_err(|e| driver_error("launching a graph", e))
     })?;
-    let overlap_t = time_with_events(stream, warmup, iters, |i| {
-        let x = &instances[i % n];
-        overlapped.run_into(
-            &x.q,
-            &x.cache,
-            &x.table,
-            &mut s_out[i % n],
-            &mut s_ws[i % n],
-        )
-    })?;
-    let mut overlap_graphs = Vec::new();
-    for (i, x) in instances.iter().enumerate() {
-        let (out, ws) = (&mut s_out[i], &mut s_ws[i]);
-        overlap_graphs.push(capture(stream, &mut || {
-            overlapped.run_into(&x.q, &x.cache, &x.table, out, ws)
-        })?);
-    }
-    let overlap_graph_t = time_with_events(stream, warmup, iters, |i| {
-        overlap_graphs[i % n]
-            .launch()
-            .map_err(|e| driver_error("launching a graph", e))
-    })?;
-    let separate_t = time_with_events(stream, warmup, iters, |i| {
-        let x = &instances[i % n];
-        separate.run_into(
-            &x.q,
-            &x.cache,
-            &x.table,
-            &mut s_out[i % n],
-            &mut s_ws[i % n],
-        )
-    })?;
-    let fused_t = time_with_events(stream, warmup, iters, |i| {
-        let x = &instances[i % n];
-        fused.run_into(
-            &x.q,
-            &x.cache,
-            &x.table,
-            &mut s_out[i % n],
-            &mut s_ws[i % n],
-        )
-    })?;
-    let mut fused_graphs = Vec::new();
-    for (i, x) in instances.iter().enumerate() {
-        let (out, ws) = (&mut s_out[i], &mut s_ws[i]);
-        fused_graphs.push(capture(stream, &mut || {
-            fused.run_into(&x.q, &x.cache, &x.table, out, ws)
-        })?);
-    }
-    let fused_graph_t = time_with_events(stream, warmup, iters, |i| {
-        fused_graphs[i % n]
-            .launch()
-            .map_err(|e| driver_error("launching a graph", e))
-    })?;
+    let (overlap_t, overlap_graph_t) = time_launched_and_replayed(
+        stream,
+        &overlapped,
+        instances,
+        &mut s_out,
+        &mut s_ws,
+        method,
+    )?;
+    let (separate_t, _) =
+        time_launched_and_replayed(stream, &separate, instances, &mut s_out, &mut s_ws, method)?;
+    let (fused_t, fused_graph_t) =
+        time_launched_and_replayed(stream, &fused, instances, &mut s_out, &mut s_ws, method)?;
     let fused_stages = time_stages(stream, warmup, iters, |i, hook| {
         let x = &instances[i % n];
         fused.run_instrumented(
@@ -630,6 +567,45 @@ fn with_practical_floor(
     report.practical_floor_us = Some(us);
     report.practical_floor_ctas = Some(ctas);
     Ok(report)
+}
+
+/// A decoder's step over every cache, launched, then replayed as CUDA graphs (one captured per
+/// cache).
+fn time_launched_and_replayed<T: KvElement>(
+    stream: &Arc<CudaStream>,
+    decoder: &SparseDecoder,
+    instances: &[Instance<T>],
+    outs: &mut [SparseOutput<T>],
+    workspaces: &mut [SparseWorkspace],
+    method: &Method,
+) -> Result<(Timing, Timing), Box<dyn std::error::Error>> {
+    let n = instances.len();
+    let launched = time_with_events(stream, method.warmup, method.iters, |i| {
+        let x = &instances[i % n];
+        decoder.run_into(
+            &x.q,
+            &x.cache,
+            &x.table,
+            &mut outs[i % n],
+            &mut workspaces[i % n],
+        )
+    })?;
+    let mut graphs = Vec::new();
+    for ((x, out), ws) in instances
+        .iter()
+        .zip(outs.iter_mut())
+        .zip(workspaces.iter_mut())
+    {
+        graphs.push(capture(stream, &mut || {
+            decoder.run_into(&x.q, &x.cache, &x.table, out, ws)
+        })?);
+    }
+    let replayed = time_with_events(stream, method.warmup, method.iters, |i| {
+        graphs[i % n]
+            .launch()
+            .map_err(|e| driver_error("launching a graph", e))
+    })?;
+    Ok((launched, replayed))
 }
 
 fn capture(
