@@ -90,12 +90,8 @@ pub(crate) fn function<'p>(
 }
 
 /// The selector's choice as the candidate stages read it (null for `full`).
-fn selection<'a>(
-    l: &mut Launcher<'a>,
-    selected: &'a Option<CudaSlice<i32>>,
-    selected_count: &'a Option<CudaSlice<i32>>,
-) -> (ConstPtr<i32>, ConstPtr<i32>) {
-    match (selected, selected_count) {
+fn selection<'a>(l: &mut Launcher<'a>, ws: &'a Workspace) -> (ConstPtr<i32>, ConstPtr<i32>) {
+    match (&ws.selected, &ws.selected_count) {
         (Some(selected), Some(count)) => (l.read(selected), l.read(count)),
         _ => (ConstPtr::NULL, ConstPtr::NULL),
     }
@@ -236,7 +232,10 @@ pub(crate) fn estimate<T: KvElement>(
         ..
     } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
-    let (selected, selected_count) = selection(&mut l, selected, selected_count);
+    let (selected, selected_count) = match (&*selected, &*selected_count) {
+        (Some(a), Some(b)) => (l.read(a), l.read(b)),
+        _ => (ConstPtr::NULL, ConstPtr::NULL),
+    };
     let params = EstimateParams {
         q: l.read_ref_elem(s.q),
         k_q4: l.read(codes),
@@ -273,7 +272,10 @@ pub(crate) fn threshold<T: KvElement>(
         ..
     } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
-    let (selected, selected_count) = selection(&mut l, selected, selected_count);
+    let (selected, selected_count) = match (&*selected, &*selected_count) {
+        (Some(a), Some(b)) => (l.read(a), l.read(b)),
+        _ => (ConstPtr::NULL, ConstPtr::NULL),
+    };
     let params = ThresholdParams {
         logits: l.read(ensured_ref(logits, "logits")?),
         kv_indptr: l.read_ref(&s.table.kv_indptr),
@@ -309,7 +311,10 @@ pub(crate) fn threshold_compact<T: KvElement>(
         ..
     } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
-    let (selected, selected_count) = selection(&mut l, selected, selected_count);
+    let (selected, selected_count) = match (&*selected, &*selected_count) {
+        (Some(a), Some(b)) => (l.read(a), l.read(b)),
+        _ => (ConstPtr::NULL, ConstPtr::NULL),
+    };
     let params = ThresholdCompactParams {
         logits: l.read(ensured_ref(logits, "logits")?),
         kv_indptr: l.read_ref(&s.table.kv_indptr),
@@ -343,7 +348,7 @@ pub(crate) fn compact<T: KvElement>(
     kept: &mut DeviceMut<'_, i32>,
 ) -> Result<()> {
     let mut l = Launcher::new(s.stream, s.overlap);
-    let (selected, selected_count) = selection(&mut l, &ws.selected, &ws.selected_count);
+    let (selected, selected_count) = selection(&mut l, ws);
     // Without pruning the kernel keeps every candidate and reads no logits.
     let (logits, stats) = match (&ws.logits, &ws.stats) {
         (Some(logits), Some(stats)) if s.spec.pruning == twilight_jit::Pruning::TopP => {
