@@ -15,7 +15,7 @@ use crate::element::KvElement;
 use crate::error::{Error, Result};
 use crate::kv_cache::{PagedKvCache, RequestId};
 use crate::page_table::{PageTable, PageTableView};
-use crate::plan::{SplitPlan, StepPlan};
+use crate::plan::{AttentionGrid, SplitPlan, StepPlan};
 use crate::pool::{KvPool, KvPoolMut};
 use crate::sidecar::Sidecar;
 use crate::stages::{self, Step, StepOutputs};
@@ -109,6 +109,37 @@ pub enum PruneLaunch {
     FusedWhenResident,
 }
 
+/// Which kernel runs a step's attention.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// CUDA cores: lanes of a block share each K/V row through registers and shuffles.
+    CudaCores,
+    /// Tensor cores: the group's query heads as one MMA operand, K and V streamed through
+    /// shared memory by asynchronous copies, the dense split balanced over the blocks the
+    /// device holds at once (bench/PERF-NOTES.md, v15).
+    TensorCores,
+}
+
+impl AttentionKernel {
+    /// The kernel a decoder of `spec` starts with: tensor cores for dense decode, CUDA cores
+    /// for the short kept lists of sparse steps (bench/PERF-NOTES.md, v15).
+    pub fn default_for(spec: &VariantSpec) -> AttentionKernel {
+        if spec.is_dense() {
+            AttentionKernel::TensorCores
+        } else {
+            AttentionKernel::CudaCores
+        }
+    }
+
+    /// The stage (program entry) of the kernel.
+    pub fn stage(self) -> Stage {
+        match self {
+            AttentionKernel::CudaCores => Stage::Attend,
+            AttentionKernel::TensorCores => Stage::AttendMma,
+        }
+    }
+}
+
 /// Any variant's pipeline, loaded once, on one stream.
 pub struct Decoder {
     spec: VariantSpec,
@@ -121,6 +152,9 @@ pub struct Decoder {
     prune_launch: PruneLaunch,
     /// Clusters of the fused kernel the device holds at once (0 where it has none).
     resident_clusters: usize,
+    attention: AttentionKernel,
+    /// Blocks of the tensor-core attention the device holds at once (0 if unknown).
+    resident_attend_mma_blocks: usize,
     num_sms: usize,
     launch_overlap: bool,
 }
@@ -160,8 +194,22 @@ impl Decoder {
             ),
             None => 0,
         };
-        tracing::debug!(variant = %spec, stages = ?separate, resident_clusters, origin = ?program.origin, "decoder ready");
-        Ok(Decoder {
+        let resident_attend_mma_blocks = match program.function(Stage::AttendMma) {
+            Some(f) => {
+                let tiling = &program.tiling;
+                crate::launch::allow_dynamic_shared(&stream, f, tiling.attend_mma_shared_bytes)?;
+                num_sms
+                    * crate::launch::resident_blocks_per_sm(
+                        &stream,
+                        f,
+                        tiling.attend_mma_threads,
+                        tiling.attend_mma_shared_bytes,
+                    )
+            }
+            None => 0,
+        };
+        tracing::debug!(variant = %spec, stages = ?separate, resident_clusters, resident_attend_mma_blocks, origin = ?program.origin, "decoder ready");
+        let mut decoder = Decoder {
             spec,
             stream,
             program,
@@ -169,9 +217,28 @@ impl Decoder {
             fused,
             prune_launch: PruneLaunch::FusedWhenResident,
             resident_clusters,
+            attention: AttentionKernel::CudaCores,
+            resident_attend_mma_blocks,
             num_sms,
             launch_overlap: false,
-        })
+        };
+        decoder.set_attention_kernel(AttentionKernel::default_for(&spec));
+        Ok(decoder)
+    }
+
+    /// Which kernel runs the attention; by default [`AttentionKernel::default_for`] the variant.
+    pub fn set_attention_kernel(&mut self, kernel: AttentionKernel) {
+        self.attention = kernel;
+        let stage = kernel.stage();
+        for pipeline in [&mut self.separate, &mut self.fused] {
+            if let Some(last) = pipeline.last_mut() {
+                *last = stage;
+            }
+        }
+    }
+
+    pub fn attention_kernel(&self) -> AttentionKernel {
+        self.attention
     }
 
     /// How top-p's threshold and compaction are launched; [`PruneLaunch::FusedWhenResident`]
@@ -246,11 +313,24 @@ impl Decoder {
         max_len: usize,
         budget: usize,
     ) -> StepPlan {
+        let tiling = &self.program.tiling;
+        let grid = match self.attention {
+            AttentionKernel::CudaCores => AttentionGrid {
+                tile: tiling.decode_tile_tokens(self.spec.head_dim) as usize,
+                num_sms: self.num_sms,
+                resident_blocks: None,
+            },
+            AttentionKernel::TensorCores => AttentionGrid {
+                tile: tiling.attend_mma_tile_tokens() as usize,
+                num_sms: self.num_sms,
+                resident_blocks: (self.resident_attend_mma_blocks > 0)
+                    .then_some(self.resident_attend_mma_blocks),
+            },
+        };
         StepPlan::new(
             &self.spec,
             budget,
-            self.program.tiling.decode_tile_tokens(self.spec.head_dim) as usize,
-            self.num_sms,
+            grid,
             batch.saturating_mul(num_kv_heads),
             max_len,
         )
@@ -449,7 +529,15 @@ impl Decoder {
                         stages::threshold_compact(&step, f, workspace, counts, slots)?
                     }
                 }
-                Stage::Attend => stages::attend(&step, f, workspace, &mut out)?,
+                Stage::Attend => {
+                    let threads = step.tiling.decode_threads;
+                    stages::attend(&step, f, threads, 0, workspace, &mut out)?
+                }
+                Stage::AttendMma => {
+                    let threads = step.tiling.attend_mma_threads;
+                    let shared = step.tiling.attend_mma_shared_bytes;
+                    stages::attend(&step, f, threads, shared, workspace, &mut out)?
+                }
                 Stage::Append => unreachable!("the append is not a step stage"),
             }
         }
@@ -494,6 +582,11 @@ impl DenseDecoder {
     /// The pipeline underneath.
     pub fn decoder(&self) -> &Decoder {
         &self.decoder
+    }
+
+    /// See [`Decoder::set_attention_kernel`].
+    pub fn set_attention_kernel(&mut self, kernel: AttentionKernel) {
+        self.decoder.set_attention_kernel(kernel);
     }
 
     /// See [`Decoder::set_launch_overlap`].

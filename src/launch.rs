@@ -30,9 +30,19 @@ pub(crate) struct Grid {
     pub heads: u32,
     pub requests: u32,
     pub threads: u32,
+    /// Dynamic shared memory per block, in bytes.
+    pub shared_bytes: u32,
 }
 
 impl Grid {
+    /// The same grid with `bytes` of dynamic shared memory per block.
+    pub fn with_shared_bytes(self, bytes: u32) -> Grid {
+        Grid {
+            shared_bytes: bytes,
+            ..self
+        }
+    }
+
     /// One block per row.
     pub fn rows(heads: usize, requests: usize, threads: u32) -> Grid {
         Grid::parts(1, heads, requests, threads)
@@ -45,6 +55,7 @@ impl Grid {
             heads: heads as u32,
             requests: requests as u32,
             threads,
+            shared_bytes: 0,
         }
     }
 
@@ -55,6 +66,7 @@ impl Grid {
             heads: 1,
             requests: 1,
             threads,
+            shared_bytes: 0,
         }
     }
 }
@@ -203,7 +215,7 @@ impl<'a> Launcher<'a> {
             blockDimX: grid.threads,
             blockDimY: 1,
             blockDimZ: 1,
-            sharedMemBytes: 0,
+            sharedMemBytes: grid.shared_bytes,
             hStream: self.stream.cu_stream(),
             attrs: &mut overlap,
             numAttrs: u32::from(self.overlap),
@@ -262,4 +274,60 @@ pub(crate) fn resident_clusters(
         return 0;
     }
     clusters.max(0) as usize
+}
+
+/// How many blocks of `threads` threads running `function` with `shared_bytes` of dynamic
+/// shared memory one multiprocessor holds at once; 0 when the driver cannot say.
+pub(crate) fn resident_blocks_per_sm(
+    stream: &Arc<CudaStream>,
+    function: &CudaFunction,
+    threads: u32,
+    shared_bytes: u32,
+) -> usize {
+    if stream.context().bind_to_thread().is_err() {
+        return 0;
+    }
+    let mut blocks: std::ffi::c_int = 0;
+    // SAFETY: `blocks` outlives the call, which only reads the function's attributes.
+    let status = unsafe {
+        sys::cuOccupancyMaxActiveBlocksPerMultiprocessor(
+            &mut blocks,
+            function.cu_function(),
+            threads as std::ffi::c_int,
+            shared_bytes as usize,
+        )
+    };
+    if status.result().is_err() {
+        return 0;
+    }
+    blocks.max(0) as usize
+}
+
+/// Lets `function` take `bytes` of dynamic shared memory per block (above 48 KB a kernel must
+/// opt in).
+///
+/// # Errors
+/// A driver error: the device offers less shared memory per block.
+pub(crate) fn allow_dynamic_shared(
+    stream: &Arc<CudaStream>,
+    function: &CudaFunction,
+    bytes: u32,
+) -> Result<()> {
+    let failed = |e| {
+        Error::driver(
+            format!("allowing {bytes} bytes of shared memory per block"),
+            e,
+        )
+    };
+    stream.context().bind_to_thread().map_err(failed)?;
+    // SAFETY: a plain attribute write on a loaded function.
+    unsafe {
+        sys::cuFuncSetAttribute(
+            function.cu_function(),
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes as std::ffi::c_int,
+        )
+    }
+    .result()
+    .map_err(failed)
 }

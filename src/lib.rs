@@ -33,13 +33,13 @@ pub use twilight_jit::{Dtype, KvLayout, Pruning, Selector, SpecError, VariantSpe
 pub use twilight_macros::twilight_kernel;
 
 pub use buffer::{DeviceMut, DeviceRef};
-pub use decoder::{DecodeOutput, Decoder, DenseDecoder, PruneLaunch, StepParams};
+pub use decoder::{AttentionKernel, DecodeOutput, Decoder, DenseDecoder, PruneLaunch, StepParams};
 pub use element::KvElement;
 pub use error::{Error, Result};
 pub use host::{CacheShape, HostError, HostPageTable};
 pub use kv_cache::{Derived, DerivedKinds, PagedKvCache, RequestId};
 pub use page_table::{PageTable, PageTableView};
-pub use plan::{SparsePlan, SplitPlan, StepPlan};
+pub use plan::{AttentionGrid, SparsePlan, SplitPlan, StepPlan};
 pub use pool::{KvPool, KvPoolMut, SidecarView, SidecarViewMut};
 pub use sidecar::Sidecar;
 pub use sparse::{SparseDecoder, SparseOutput, SparseParams};

@@ -34,6 +34,61 @@ impl SplitPlan {
     }
 }
 
+impl SplitPlan {
+    /// The split for `rows` rows of at most `max_len` tokens, when `resident_blocks` blocks of
+    /// the kernel fit on the device at once and a block's partial result costs as many bytes
+    /// as `merge_tokens` tokens of K and V: the number of chunks whose blocks fill the
+    /// resident slots most evenly (the fewest tokens per slot, counting each wave's longest
+    /// chunk), chunks never below [`MIN_CHUNK_TOKENS`] unless the longest request is shorter.
+    pub fn balanced(
+        tile: usize,
+        resident_blocks: usize,
+        rows: usize,
+        max_len: usize,
+        merge_tokens: usize,
+    ) -> SplitPlan {
+        let tile = tile.max(1);
+        let slots = resident_blocks.max(1);
+        let rows = rows.max(1);
+        let split = |wanted: usize| {
+            let chunk = max_len
+                .div_ceil(wanted)
+                .max(MIN_CHUNK_TOKENS.min(max_len))
+                .max(1)
+                .next_multiple_of(tile);
+            SplitPlan {
+                chunk_tokens: chunk,
+                num_chunks: max_len.div_ceil(chunk).max(1),
+            }
+        };
+        // Beyond eight waves a finer split only adds merges.
+        let most = max_len
+            .div_ceil(MIN_CHUNK_TOKENS)
+            .min(slots.saturating_mul(8).div_ceil(rows))
+            .clamp(1, MAX_BALANCED_CHUNKS);
+        let cost = |plan: &SplitPlan| {
+            let blocks = rows.saturating_mul(plan.num_chunks);
+            let waves = blocks.div_ceil(slots);
+            let merge = if plan.num_chunks > 1 {
+                blocks.saturating_mul(merge_tokens) / slots
+            } else {
+                0
+            };
+            waves
+                .saturating_mul(plan.chunk_tokens)
+                .saturating_add(merge)
+        };
+        (1..=most)
+            .map(split)
+            .min_by_key(|plan| (cost(plan), plan.num_chunks))
+            .unwrap_or_else(|| split(1))
+    }
+}
+
+/// The most chunks the balanced split considers per row (at MIN_CHUNK_TOKENS each, a 1M-token
+/// request).
+const MAX_BALANCED_CHUNKS: usize = 4096;
+
 fn wanted_blocks_per_row(num_sms: usize, rows: usize) -> usize {
     (num_sms * TARGET_BLOCKS_PER_SM)
         .div_ceil(rows.max(1))
@@ -61,21 +116,36 @@ pub struct StepPlan {
     pub num_chunks: usize,
 }
 
+/// How the attention kernel of a step fills the device: its tile (chunks are whole tiles) and
+/// how a dense split is chosen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionGrid {
+    /// Tokens one round of the kernel's block consumes.
+    pub tile: usize,
+    pub num_sms: usize,
+    /// Blocks of the kernel the device holds at once, when known: dense splits are then
+    /// [`SplitPlan::balanced`] over them, else [`SplitPlan::new`].
+    pub resident_blocks: Option<usize>,
+}
+
 /// The plan of a sparse step (the same type: every variant has one plan).
 pub type SparsePlan = StepPlan;
 
 impl StepPlan {
     /// The bounds for `rows` (request, KV head) pairs of at most `max_len` tokens and a token
-    /// budget B0 of `budget` (ignored by dense variants), with attention tiles of `tile` tokens
-    /// on `num_sms` multiprocessors.
+    /// budget B0 of `budget` (ignored by dense variants), with attention laid out as `grid`.
     pub fn new(
         spec: &VariantSpec,
         budget: usize,
-        tile: usize,
-        num_sms: usize,
+        grid: AttentionGrid,
         rows: usize,
         max_len: usize,
     ) -> StepPlan {
+        let AttentionGrid {
+            tile,
+            num_sms,
+            resident_blocks,
+        } = grid;
         let page_size = spec.page_size as usize;
         let max_pages = max_len.div_ceil(page_size).max(1);
         // A budget beyond the longest request selects every page either way.
@@ -91,7 +161,13 @@ impl StepPlan {
         };
         let tile = tile.max(1);
         let (chunk_tokens, num_chunks) = if spec.is_dense() {
-            let split = SplitPlan::new(tile, num_sms, rows, max_len);
+            // A chunk's partial output and its merge move 2 * group * head_dim floats: as many
+            // bytes as 2 * group tokens of K and V.
+            let merge_tokens = 2 * spec.group_size as usize;
+            let split = match resident_blocks {
+                Some(slots) => SplitPlan::balanced(tile, slots, rows, max_len, merge_tokens),
+                None => SplitPlan::new(tile, num_sms, rows, max_len),
+            };
             (split.chunk_tokens, split.num_chunks)
         } else {
             // Kept lists are of unknown length here: the kernel spreads each over num_chunks
@@ -127,6 +203,55 @@ mod tests {
     use super::*;
     use twilight_jit::{Dtype, KvLayout, Pruning};
 
+    fn fill(tile: usize) -> AttentionGrid {
+        AttentionGrid {
+            tile,
+            num_sms: 132,
+            resident_blocks: None,
+        }
+    }
+
+    #[test]
+    fn balanced_splits_cover_the_longest_request_in_whole_tiles() {
+        for max_len in [1, 31, 32, 255, 256, 257, 20_000, 32768, 131072, 1 << 20] {
+            for rows in [1, 8, 64, 256, 2048] {
+                for slots in [1, 132, 792] {
+                    let plan = SplitPlan::balanced(32, slots, rows, max_len, 8);
+                    let at = format!("len {max_len} rows {rows} slots {slots}: {plan:?}");
+                    assert_eq!(plan.chunk_tokens % 32, 0, "{at}");
+                    assert!(plan.num_chunks >= 1, "{at}");
+                    assert!(plan.num_chunks * plan.chunk_tokens >= max_len, "{at}");
+                    assert!(
+                        (plan.num_chunks - 1) * plan.chunk_tokens < max_len.max(1),
+                        "{at}"
+                    );
+                    // Chunks stay above the minimum unless one chunk holds the whole request.
+                    assert!(
+                        plan.chunk_tokens >= MIN_CHUNK_TOKENS.min(max_len.next_multiple_of(32))
+                            || plan.num_chunks == 1,
+                        "{at}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn balanced_splits_fill_the_resident_slots() {
+        // The headline (64 rows of 32k) on 792 slots: every wave but the last is full and the
+        // blocks use at least 90% of the slots they occupy.
+        let plan = SplitPlan::balanced(32, 792, 64, 32768, 8);
+        let blocks = 64 * plan.num_chunks;
+        let waves = blocks.div_ceil(792);
+        assert!(blocks * 10 >= waves * 792 * 9, "{plan:?}");
+        // Batch 1 (8 rows) still spreads over the whole device.
+        let plan = SplitPlan::balanced(32, 792, 8, 32768, 8);
+        assert!(8 * plan.num_chunks >= 700, "{plan:?}");
+        // Many rows fill the device by themselves: chunks stay long.
+        let plan = SplitPlan::balanced(32, 792, 4096, 8192, 8);
+        assert!(plan.chunk_tokens >= 4096, "{plan:?}");
+    }
+
     #[test]
     fn split_plans_cover_the_longest_request_in_whole_tiles() {
         for max_len in [1, 255, 256, 257, 20_000, 32768, 131072] {
@@ -152,7 +277,7 @@ mod tests {
         );
         let dense = VariantSpec::dense(16, 128, Dtype::F16, 4, KvLayout::Hnd);
         assert_eq!(
-            StepPlan::new(&dense, 0, 32, 132, 64, 32768).split(),
+            StepPlan::new(&dense, 0, fill(32), 64, 32768).split(),
             SplitPlan::new(32, 132, 64, 32768)
         );
     }
@@ -175,7 +300,7 @@ mod tests {
                 for max_len in [1, 15, 16, 17, 1000, 32768, 131072] {
                     for budget in [1, 64, 8192, 1 << 20, usize::MAX] {
                         for rows in [1, 64, 4096] {
-                            let plan = StepPlan::new(&spec, budget, 32, 132, rows, max_len);
+                            let plan = StepPlan::new(&spec, budget, fill(32), rows, max_len);
                             let ps = page_size as usize;
                             let pages = max_len.div_ceil(ps);
                             // The longest request's candidates: its selected pages, full.

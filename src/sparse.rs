@@ -71,6 +71,11 @@ impl SparseDecoder {
         self.decoder.set_launch_overlap(on);
     }
 
+    /// See [`Decoder::set_attention_kernel`].
+    pub fn set_attention_kernel(&mut self, kernel: crate::AttentionKernel) {
+        self.decoder.set_attention_kernel(kernel);
+    }
+
     /// See [`Decoder::set_fused_prune`].
     pub fn set_fused_prune(&mut self, on: bool) {
         self.decoder.set_fused_prune(on);

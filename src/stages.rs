@@ -380,6 +380,8 @@ pub(crate) fn compact<T: KvElement>(
 pub(crate) fn attend<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
+    threads: u32,
+    shared_bytes: u32,
     ws: &mut Workspace,
     out: &mut StepOutputs<'_, T>,
 ) -> Result<()> {
@@ -414,13 +416,9 @@ pub(crate) fn attend<T: KvElement>(
         num_chunks: s.plan.num_chunks as i32,
         sm_scale: s.sm_scale,
     };
-    let grid = Grid::parts(
-        s.plan.num_chunks,
-        s.num_kv_heads,
-        s.batch,
-        s.tiling.decode_threads,
-    );
-    // SAFETY: `f` is `_attend`; q, o and lse hold batch * num_qo_heads rows (checked), K/V
+    let grid = Grid::parts(s.plan.num_chunks, s.num_kv_heads, s.batch, threads)
+        .with_shared_bytes(shared_bytes);
+    // SAFETY: `f` is `_attend` or `_attend_mma` (one parameter struct) on its block size; q, o and lse hold batch * num_qo_heads rows (checked), K/V
     // hold the pool the validated table (or the kept lists compact wrote from it) indexes,
     // partials hold batch * num_qo_heads * num_chunks rows when split, counters one per row.
     unsafe { l.launch(f, grid, params, "attend") }

@@ -9,7 +9,8 @@ use cudarc::driver::CudaStream;
 use rand::{Rng, SeedableRng};
 use twilight::reference::dense_decode;
 use twilight::{
-    DecodeOutput, DenseDecoder, Dtype, KvElement, KvLayout, PagedKvCache, VariantSpec, Workspace,
+    AttentionKernel, DecodeOutput, DenseDecoder, Dtype, KvElement, KvLayout, PagedKvCache,
+    VariantSpec, Workspace,
 };
 use twilight_synth::synthetic::{ragged_lengths, SyntheticStep};
 
@@ -56,28 +57,7 @@ fn check_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         .clone_htod(&SyntheticStep::to_elements::<T>(&step.q))
         .unwrap();
     let heads = case.lens.len() * step.num_qo_heads;
-    let mut out = DecodeOutput {
-        o: stream.clone_htod(&vec![T::poison(); q.len()]).unwrap(),
-        lse: stream.clone_htod(&vec![f32::NAN; heads]).unwrap(),
-    };
     let sm_scale = 1.0 / (spec.head_dim as f32).sqrt();
-    decoder
-        .run_into(
-            &q,
-            &cache,
-            &table,
-            Some(sm_scale),
-            &mut out,
-            &mut Workspace::default(),
-        )
-        .unwrap();
-    let o: Vec<f32> = stream
-        .clone_dtoh(&out.o)
-        .unwrap()
-        .iter()
-        .map(|x| x.to_f32())
-        .collect();
-    let lse = stream.clone_dtoh(&out.lse).unwrap();
     let want = dense_decode(
         &step.q,
         step.num_qo_heads,
@@ -86,19 +66,44 @@ fn check_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         sm_scale,
     )
     .unwrap();
-    let plan = decoder.plan(case.lens.len(), case.num_kv_heads, step.table.max_len());
-    let what = format!(
-        "{spec} kv_heads {} lens {:?} plan {plan:?} seed {seed}",
-        case.num_kv_heads,
-        if case.lens.len() > 6 {
-            &case.lens[..6]
-        } else {
-            &case.lens[..]
-        }
-    );
-    let (atol, rtol) = tolerance(spec.dtype);
-    common::assert_close(&format!("o of {what}"), &o, &want.o, atol, rtol);
-    common::assert_close(&format!("lse of {what}"), &lse, &want.lse, 1e-3, 1e-4);
+    // Both attention kernels, each into freshly poisoned outputs.
+    for kernel in [AttentionKernel::TensorCores, AttentionKernel::CudaCores] {
+        decoder.set_attention_kernel(kernel);
+        let mut out = DecodeOutput {
+            o: stream.clone_htod(&vec![T::poison(); q.len()]).unwrap(),
+            lse: stream.clone_htod(&vec![f32::NAN; heads]).unwrap(),
+        };
+        decoder
+            .run_into(
+                &q,
+                &cache,
+                &table,
+                Some(sm_scale),
+                &mut out,
+                &mut Workspace::default(),
+            )
+            .unwrap();
+        let o: Vec<f32> = stream
+            .clone_dtoh(&out.o)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_f32())
+            .collect();
+        let lse = stream.clone_dtoh(&out.lse).unwrap();
+        let plan = decoder.plan(case.lens.len(), case.num_kv_heads, step.table.max_len());
+        let what = format!(
+            "{spec} {kernel:?} kv_heads {} lens {:?} plan {plan:?} seed {seed}",
+            case.num_kv_heads,
+            if case.lens.len() > 6 {
+                &case.lens[..6]
+            } else {
+                &case.lens[..]
+            }
+        );
+        let (atol, rtol) = tolerance(spec.dtype);
+        common::assert_close(&format!("o of {what}"), &o, &want.o, atol, rtol);
+        common::assert_close(&format!("lse of {what}"), &lse, &want.lse, 1e-3, 1e-4);
+    }
 }
 
 fn check<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {

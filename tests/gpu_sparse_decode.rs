@@ -20,8 +20,8 @@ use twilight::reference::quest::{quest_scores, QuestMeta};
 use twilight::reference::step::{decode_step, StepInputs, StepParams};
 use twilight::reference::{attend, HostKv};
 use twilight::{
-    Dtype, KvElement, KvLayout, PageTable, PagedKvCache, Pruning, Selector, SparseDecoder,
-    SparseOutput, SparseParams, SparseWorkspace, VariantSpec,
+    AttentionKernel, Dtype, KvElement, KvLayout, PageTable, PagedKvCache, Pruning, Selector,
+    SparseDecoder, SparseOutput, SparseParams, SparseWorkspace, VariantSpec,
 };
 use twilight_synth::synthetic::{ragged_lengths, SyntheticStep};
 
@@ -303,8 +303,14 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     // launch path meets every part of the matrix over the runs.
     let overlap = seed % 2 == 1;
     let fused = (seed / 2) % 2 == 1;
+    // And the attention alternates between its two kernels, out of step with both.
+    let kernel = if (seed / 4) % 2 == 1 {
+        AttentionKernel::TensorCores
+    } else {
+        AttentionKernel::CudaCores
+    };
     let what = format!(
-        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap} fused prune {fused}",
+        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap} fused prune {fused} attention {kernel:?}",
         case.budget,
         case.p,
         case.num_kv_heads,
@@ -319,6 +325,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     let mut decoder = SparseDecoder::new(stream.clone(), spec, params).unwrap();
     decoder.set_launch_overlap(overlap);
     decoder.set_fused_prune(fused);
+    decoder.set_attention_kernel(kernel);
     let built = build::<T>(stream, &decoder, case, seed);
     let kv = HostKv {
         shape: built.step.shape,
@@ -759,9 +766,10 @@ fn gpu_sparse_step_replays_as_a_cuda_graph() {
     )
     .unwrap();
     // Captured with overlapped launches (the graph keeps their programmatic dependencies) and
-    // the fused threshold and compaction (a cluster launch).
+    // the fused threshold and compaction (a cluster launch), and the tensor-core attention.
     decoder.set_launch_overlap(true);
     decoder.set_fused_prune(true);
+    decoder.set_attention_kernel(AttentionKernel::TensorCores);
     let built = build::<half::bf16>(&stream, &decoder, &case, seed);
     let kv = HostKv {
         shape: built.step.shape,

@@ -376,7 +376,7 @@ impl Stage {
             Stage::Threshold => ThresholdParams::cpp_definition(elem),
             Stage::ThresholdCompact => ThresholdCompactParams::cpp_definition(elem),
             Stage::Compact => CompactParams::cpp_definition(elem),
-            Stage::Attend => AttendParams::cpp_definition(elem),
+            Stage::Attend | Stage::AttendMma => AttendParams::cpp_definition(elem),
         }
     }
 }

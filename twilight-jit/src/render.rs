@@ -43,6 +43,9 @@ pub enum Stage {
     /// Attention: over every token (dense variants) or over the kept list (sparse ones); a
     /// list split over blocks is merged by (o, lse) in the same launch.
     Attend,
+    /// The same attention on tensor cores, K and V streamed through shared memory by
+    /// asynchronous copies (sm_80 and later); the decoder picks one of the two per step.
+    AttendMma,
 }
 
 impl Stage {
@@ -59,6 +62,7 @@ impl Stage {
             Stage::ThresholdCompact => "threshold_compact",
             Stage::Compact => "compact",
             Stage::Attend => "attend",
+            Stage::AttendMma => "attend_mma",
         }
     }
 
@@ -71,16 +75,17 @@ impl Stage {
             Stage::Estimate | Stage::Threshold | Stage::ThresholdCompact | Stage::Compact => {
                 "prune.cu.tera"
             }
-            Stage::Attend => "attend.cu.tera",
+            Stage::Attend | Stage::AttendMma => "attend.cu.tera",
         }
     }
 }
 
 /// Headers in dependency order, prepended to every program.
-const HEADERS: [&str; 11] = [
+const HEADERS: [&str; 12] = [
     "common.cuh",
     "dtype.cuh",
     "vec.cuh",
+    "mma.cuh",
     "reduce.cuh",
     "paging.cuh",
     "append.cuh",
@@ -99,10 +104,11 @@ macro_rules! embed {
 }
 
 /// Every template file, relative to `templates/`, with its embedded text.
-const EMBEDDED: [(&str, &str); 16] = embed![
+const EMBEDDED: [(&str, &str); 17] = embed![
     "include/twilight/common.cuh",
     "include/twilight/dtype.cuh",
     "include/twilight/vec.cuh",
+    "include/twilight/mma.cuh",
     "include/twilight/reduce.cuh",
     "include/twilight/paging.cuh",
     "include/twilight/append.cuh",
@@ -189,6 +195,15 @@ pub struct Tiling {
     pub decode_threads: u32,
     /// Tokens each row of lanes loads before it computes, to keep loads in flight.
     pub decode_unroll: u32,
+    /// Warps per block of the tensor-core attention, each streaming its own 16-token tiles,
+    /// and the depth of each warp's copy pipeline: warps * stages tiles of K and V
+    /// (warps * stages * 64 * head_dim bytes) sit in shared memory.
+    pub attend_mma_warps: u32,
+    pub attend_mma_stages: u32,
+    pub attend_mma_threads: u32,
+    /// Dynamic shared memory of a tensor-core attention block: its tile buffers, or the
+    /// warps' states merged over them at the end, whichever is larger.
+    pub attend_mma_shared_bytes: u32,
     pub append_threads: u32,
     pub select_threads: u32,
     /// Tokens each block of the Double Sparsity scoring walks.
@@ -212,6 +227,14 @@ impl Tiling {
             // Eight query heads per KV head already hold 128 accumulators per lane; a deeper
             // unroll would spill.
             decode_unroll: if spec.group_size >= 8 { 2 } else { 4 },
+            attend_mma_warps: attend_mma_warps(spec.head_dim),
+            attend_mma_stages: attend_mma_stages(),
+            attend_mma_threads: 32 * attend_mma_warps(spec.head_dim),
+            attend_mma_shared_bytes: attend_mma_shared_bytes(
+                spec,
+                attend_mma_warps(spec.head_dim),
+                attend_mma_stages(),
+            ),
             append_threads: 128,
             select_threads: 256,
             ds_score_tokens: 1024,
@@ -228,6 +251,39 @@ impl Tiling {
     pub fn decode_tile_tokens(&self, head_dim: u32) -> u32 {
         self.decode_threads / (head_dim / 8) * self.decode_unroll
     }
+
+    /// Tokens one round of the tensor-core attention's warps consumes (16 per warp).
+    pub fn attend_mma_tile_tokens(&self) -> u32 {
+        16 * self.attend_mma_warps
+    }
+}
+
+fn attend_mma_stages() -> u32 {
+    std::env::var("TW_EXP_STAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+}
+
+/// The kernel's `shared_state` (attend.cuh, tw_attend_mma): `warps * stages` tiles of 16 rows
+/// of K and V, or the merge state (per warp and head: max, sum and head_dim outputs; a ticket;
+/// per head: two floats), whichever is larger, rounded to 16 bytes. The kernel checks it
+/// with a static_assert.
+fn attend_mma_shared_bytes(spec: &VariantSpec, warps: u32, stages: u32) -> u32 {
+    let (head_dim, group) = (spec.head_dim, spec.group_size);
+    let tiles = warps * stages * 2 * 16 * head_dim * 2;
+    let merge = 4 * (warps * group * (2 + head_dim) + 1 + 2 * group);
+    tiles.max(merge).next_multiple_of(16)
+}
+
+fn attend_mma_warps(head_dim: u32) -> u32 {
+    if let Some(w) = std::env::var("TW_EXP_WARPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return w;
+    }
+    (384 / head_dim.max(1)).max(1)
 }
 
 /// The typed context every stage template sees.
@@ -278,7 +334,8 @@ impl RenderedProgram {
 }
 
 /// The entries a variant's program holds: the append and every stage of [`pipeline_of`], with
-/// the top-p pruner's threshold and compaction both apart and fused.
+/// the top-p pruner's threshold and compaction both apart and fused, and the attention both on
+/// CUDA cores and on tensor cores.
 pub fn stages_of(spec: &VariantSpec) -> Vec<Stage> {
     let mut stages = vec![Stage::Append];
     stages.extend(pipeline_of(spec, false));
@@ -286,6 +343,7 @@ pub fn stages_of(spec: &VariantSpec) -> Vec<Stage> {
         let at = stages.len() - 1;
         stages.insert(at, Stage::ThresholdCompact);
     }
+    stages.push(Stage::AttendMma);
     stages
 }
 
@@ -392,8 +450,14 @@ pub fn render_with(
         variant_part,
         "\n#line 1 \"twilight/params (rendered from the Rust parameter structs)\""
     );
+    // Entries that share a parameter struct (the two attentions) define it once.
+    let mut definitions: Vec<String> = Vec::new();
     for stage in &stages {
-        variant_part.push_str(&stage.params_cpp(spec.dtype.cpp()));
+        let definition = stage.params_cpp(spec.dtype.cpp());
+        if !definitions.contains(&definition) {
+            variant_part.push_str(&definition);
+            definitions.push(definition);
+        }
     }
     let mut templates_used: Vec<&str> = Vec::new();
     for stage in &stages {

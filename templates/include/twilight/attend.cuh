@@ -29,6 +29,165 @@ struct tw_listed_tokens {
   TW_DEVICE int slot(int t) const { return slots[t]; }
 };
 
+// What the blocks of one list share at the end: each of ROWS independent walkers of a block
+// (rows of lanes, or warps) leaves its online-softmax state (max m and sum d per query head, in
+// base 2, and its unnormalized output) here; `finish` merges them into the block's (o, lse). A
+// block whose chunk is the list's only one writes o and lse directly; otherwise it writes its
+// normalized partial output and lse, and the last block of the list to finish merges all of
+// them. `done` counts finished blocks per (request, KV head); the merging block resets it to 0,
+// so it is all zeros between steps (and across graph replays).
+template <int ROWS, int GROUP, int HEAD_DIM>
+struct tw_split_merge {
+  float walker_m[ROWS][GROUP];
+  float walker_d[ROWS][GROUP];
+  float walker_o[ROWS][GROUP][HEAD_DIM];
+  int ticket;
+  // Per query head of the group: the largest chunk lse, and sum_c exp(lse_c - largest).
+  float chunk_lse_max[GROUP];
+  float chunk_weight_sum[GROUP];
+
+  // The merge of `used` chunks' partials of the group's heads (the first is `first_head`).
+  // Its time is a chain of L2 reads over the chunks, so each thread keeps several in flight:
+  // one warp per head reduces the chunks' lse, then every thread accumulates 4-channel
+  // vectors, VECTORS_PER_THREAD of them over UNROLL chunks at a time.
+  template <typename T, int BLOCK_THREADS>
+  TW_DEVICE void merge_chunks(T* __restrict__ o, float* __restrict__ lse, const float* __restrict__ partial_o,
+                              const float* __restrict__ partial_lse, int first_head, int used, int num_chunks) {
+    constexpr int WARPS = BLOCK_THREADS / 32;
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    for (int g = warp; g < GROUP; g += WARPS) {
+      // L2 reads (__ldcg): the partials were written by other blocks.
+      const float* lse_in = partial_lse + tw_i64(first_head + g) * num_chunks;
+      float m = tw_neg_inf();
+      for (int k = lane; k < used; k += 32) m = fmaxf(m, __ldcg(lse_in + k));
+      m = tw_group_max<32>(m);
+      float total = 0.f;
+      for (int k = lane; k < used; k += 32) total += __expf(__ldcg(lse_in + k) - m);
+      total = tw_group_sum<32>(total);
+      if (lane == 0) {
+        chunk_lse_max[g] = m;
+        chunk_weight_sum[g] = total;
+      }
+    }
+    __syncthreads();
+    constexpr int VECTORS = GROUP * HEAD_DIM / 4;
+    constexpr int VECTORS_PER_THREAD = (VECTORS + BLOCK_THREADS - 1) / BLOCK_THREADS;
+    constexpr int UNROLL = 8;
+    int head[VECTORS_PER_THREAD];
+    const float4* in[VECTORS_PER_THREAD];
+    float4 acc[VECTORS_PER_THREAD];
+#pragma unroll
+    for (int j = 0; j < VECTORS_PER_THREAD; ++j) {
+      const int v = min(threadIdx.x + j * BLOCK_THREADS, VECTORS - 1);
+      head[j] = v / (HEAD_DIM / 4);
+      in[j] = reinterpret_cast<const float4*>(partial_o + tw_i64(first_head + head[j]) * num_chunks * HEAD_DIM) +
+              v % (HEAD_DIM / 4);
+      acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    for (int k0 = 0; k0 < used; k0 += UNROLL) {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int k = k0 + u;
+        if (k < used) {
+#pragma unroll
+          for (int j = 0; j < VECTORS_PER_THREAD; ++j) {
+            const float w = __expf(__ldcg(partial_lse + tw_i64(first_head + head[j]) * num_chunks + k) -
+                                   chunk_lse_max[head[j]]);
+            const float4 x = __ldcg(in[j] + tw_i64(k) * (HEAD_DIM / 4));
+            acc[j].x = fmaf(x.x, w, acc[j].x);
+            acc[j].y = fmaf(x.y, w, acc[j].y);
+            acc[j].z = fmaf(x.z, w, acc[j].z);
+            acc[j].w = fmaf(x.w, w, acc[j].w);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < VECTORS_PER_THREAD; ++j) {
+      const int v = threadIdx.x + j * BLOCK_THREADS;
+      if (v >= VECTORS) continue;
+      const int c = 4 * (v % (HEAD_DIM / 4));
+      const float total = chunk_weight_sum[head[j]];
+      const tw_i64 at = tw_i64(first_head + head[j]) * HEAD_DIM + c;
+      o[at] = tw_from_float<T>(acc[j].x / total);
+      o[at + 1] = tw_from_float<T>(acc[j].y / total);
+      o[at + 2] = tw_from_float<T>(acc[j].z / total);
+      o[at + 3] = tw_from_float<T>(acc[j].w / total);
+      if (c == 0) lse[first_head + head[j]] = chunk_lse_max[head[j]] + logf(total);
+    }
+  }
+
+  // The output of a list with no token: o = 0, lse = -inf (written by its first block).
+  template <typename T, int BLOCK_THREADS>
+  TW_DEVICE static void write_empty(T* __restrict__ o, float* __restrict__ lse, int request, int kv_head,
+                                    int num_kv_heads) {
+    const int num_qo_heads = num_kv_heads * GROUP;
+    for (int e = threadIdx.x; e < GROUP * HEAD_DIM; e += BLOCK_THREADS) {
+      const tw_i64 head = tw_i64(request) * num_qo_heads + kv_head * GROUP + e / HEAD_DIM;
+      o[head * HEAD_DIM + e % HEAD_DIM] = tw_from_float<T>(0.f);
+      if (e % HEAD_DIM == 0) lse[head] = tw_neg_inf();
+    }
+  }
+
+  // Called by every thread once every walker's state is in place (after a barrier).
+  template <typename T, int BLOCK_THREADS>
+  TW_DEVICE void finish(T* __restrict__ o, float* __restrict__ lse, float* __restrict__ partial_o,
+                        float* __restrict__ partial_lse, int* __restrict__ done, int request, int kv_head,
+                        int chunk, int used, int num_kv_heads, int num_chunks) {
+    const int num_qo_heads = num_kv_heads * GROUP;
+    const bool alone = used == 1;
+    for (int e = threadIdx.x; e < GROUP * HEAD_DIM; e += BLOCK_THREADS) {
+      const int g = e / HEAD_DIM;
+      const int c = e % HEAD_DIM;
+      float m_all = tw_neg_inf();
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) m_all = fmaxf(m_all, walker_m[r][g]);
+      float d_all = 0.f, o_all = 0.f;
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        // A walker that saw no token has m = -inf and d = 0: its weight is exactly 0.
+        const float w = exp2f(walker_m[r][g] - m_all);
+        d_all = fmaf(walker_d[r][g], w, d_all);
+        o_all = fmaf(walker_o[r][g][c], w, o_all);
+      }
+      const float out = o_all / d_all;
+      const float lse_nat = (m_all + log2f(d_all)) * TW_LN2;
+      const tw_i64 head = tw_i64(request) * num_qo_heads + kv_head * GROUP + g;
+      if (alone) {
+        o[head * HEAD_DIM + c] = tw_from_float<T>(out);
+        if (c == 0) lse[head] = lse_nat;
+      } else {
+        partial_o[(head * num_chunks + chunk) * HEAD_DIM + c] = out;
+        if (c == 0) partial_lse[head * num_chunks + chunk] = lse_nat;
+      }
+    }
+    if (alone) return;
+
+    // The last block of the list to finish merges every chunk's (o, lse): the exact result is
+    // sum_c o_c * exp(lse_c - lse) with lse = log(sum_c exp(lse_c)).
+    const int head_row = request * num_kv_heads + kv_head;
+    __threadfence();  // this block's partials are visible before its ticket is
+    __syncthreads();
+    if (threadIdx.x == 0) ticket = atomicAdd(done + head_row, 1);
+    __syncthreads();
+    if (ticket != used - 1) return;
+    __threadfence();
+    merge_chunks<T, BLOCK_THREADS>(o, lse, partial_o, partial_lse, request * num_qo_heads + kv_head * GROUP, used,
+                                   num_chunks);
+    if (threadIdx.x == 0) done[head_row] = 0;
+  }
+};
+
+// The chunk of a list one block takes. The list is spread over the grid's num_chunks blocks in
+// whole tiles of at least min_chunk_tokens: a kept list's length is only known here, so a short
+// one takes few blocks (the rest exit at once) and a long one all of them.
+template <int TILE>
+TW_DEVICE int tw_chunk_tokens(int len, int min_chunk_tokens, int num_chunks) {
+  const int spread = (len + num_chunks - 1) / num_chunks;
+  return max(min_chunk_tokens, (spread + TILE - 1) / TILE * TILE);
+}
+
 template <typename T, int HEAD_DIM, int PAGE_SIZE, int GROUP, bool HND, int BLOCK_THREADS, int UNROLL>
 struct tw_attend {
   static constexpr int VEC = 8;
@@ -42,18 +201,13 @@ struct tw_attend {
   // Listed chunks up to this long stage their slots in shared memory first.
   static constexpr int SLOT_CACHE = 512;
 
+  typedef tw_split_merge<ROWS, GROUP, HEAD_DIM> merge_state;
   struct shared_state {
     int slots[SLOT_CACHE];
-    int ticket;
-    float m[ROWS][GROUP];
-    float d[ROWS][GROUP];
-    float o[ROWS][GROUP][HEAD_DIM];
+    merge_state merge;
   };
 
-  // q: [batch, num_qo_heads, HEAD_DIM]. A block whose chunk is the list's only one writes o and
-  // lse directly; otherwise it writes its normalized partial output and lse, and the last block
-  // of the list merges them. `done` counts finished blocks per (request, KV head); the merging
-  // block resets it to 0, so it is all zeros between steps (and across graph replays).
+  // q: [batch, num_qo_heads, HEAD_DIM]; the outputs as tw_split_merge describes.
   template <typename Tokens>
   TW_DEVICE static void run(const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
                             const Tokens& tokens, T* __restrict__ o, float* __restrict__ lse,
@@ -64,22 +218,11 @@ struct tw_attend {
     const int kv_head = tw_grid_head();
     const int request = tw_grid_request();
     const int len = tokens.length();
-    // The list is spread over the grid's num_chunks blocks in whole tiles of at least
-    // min_chunk_tokens: a kept list's length is only known here, so a short one takes few
-    // blocks (the rest exit at once) and a long one all of them.
-    const int spread = (len + num_chunks - 1) / num_chunks;
-    const int chunk_tokens = max(min_chunk_tokens, (spread + TILE - 1) / TILE * TILE);
+    const int chunk_tokens = tw_chunk_tokens<TILE>(len, min_chunk_tokens, num_chunks);
     const int begin = chunk * chunk_tokens;
     // Grids are sized from an upper bound of the lengths: chunks past this list's end idle.
     if (begin >= len) {
-      if (len == 0 && chunk == 0) {  // nothing to attend: o = 0, lse = -inf
-        const int num_qo_heads = num_kv_heads * GROUP;
-        for (int e = threadIdx.x; e < GROUP * HEAD_DIM; e += BLOCK_THREADS) {
-          const tw_i64 head = tw_i64(request) * num_qo_heads + kv_head * GROUP + e / HEAD_DIM;
-          o[head * HEAD_DIM + e % HEAD_DIM] = tw_from_float<T>(0.f);
-          if (e % HEAD_DIM == 0) lse[head] = tw_neg_inf();
-        }
-      }
+      if (len == 0 && chunk == 0) merge_state::template write_empty<T, BLOCK_THREADS>(o, lse, request, kv_head, num_kv_heads);
       return;
     }
     const int end = min(len, begin + chunk_tokens);
@@ -177,67 +320,245 @@ struct tw_attend {
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
       if (tx == 0) {
-        smem.m[row][g] = m[g];
-        smem.d[row][g] = d[g];
+        smem.merge.walker_m[row][g] = m[g];
+        smem.merge.walker_d[row][g] = d[g];
       }
 #pragma unroll
-      for (int i = 0; i < VEC; ++i) smem.o[row][g][tx * VEC + i] = acc[g][i];
+      for (int i = 0; i < VEC; ++i) smem.merge.walker_o[row][g][tx * VEC + i] = acc[g][i];
     }
     __syncthreads();
     const int used = (len + chunk_tokens - 1) / chunk_tokens;  // chunks holding tokens of the list
-    const bool alone = used == 1;
-    for (int e = threadIdx.x; e < GROUP * HEAD_DIM; e += BLOCK_THREADS) {
-      const int g = e / HEAD_DIM;
-      const int c = e % HEAD_DIM;
-      float m_all = tw_neg_inf();
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) m_all = fmaxf(m_all, smem.m[r][g]);
-      float d_all = 0.f, o_all = 0.f;
-#pragma unroll
-      for (int r = 0; r < ROWS; ++r) {
-        // A row that saw no token has m = -inf and d = 0: its weight is exactly 0.
-        const float w = exp2f(smem.m[r][g] - m_all);
-        d_all = fmaf(smem.d[r][g], w, d_all);
-        o_all = fmaf(smem.o[r][g][c], w, o_all);
-      }
-      const float out = o_all / d_all;
-      const float lse_nat = (m_all + log2f(d_all)) * TW_LN2;
-      const tw_i64 head = tw_i64(request) * num_qo_heads + kv_head * GROUP + g;
-      if (alone) {
-        o[head * HEAD_DIM + c] = tw_from_float<T>(out);
-        if (c == 0) lse[head] = lse_nat;
-      } else {
-        partial_o[(head * num_chunks + chunk) * HEAD_DIM + c] = out;
-        if (c == 0) partial_lse[head * num_chunks + chunk] = lse_nat;
-      }
-    }
-    if (alone) return;
+    smem.merge.template finish<T, BLOCK_THREADS>(o, lse, partial_o, partial_lse, done, request, kv_head, chunk, used,
+                                                 num_kv_heads, num_chunks);
+  }
+};
 
-    // The last block of the list to finish merges every chunk's (o, lse): the exact result is
-    // sum_c o_c * exp(lse_c - lse) with lse = log(sum_c exp(lse_c)).
-    const int head_row = request * num_kv_heads + kv_head;
-    __threadfence();  // this block's partials are visible before its ticket is
-    __syncthreads();
-    if (threadIdx.x == 0) smem.ticket = atomicAdd(done + head_row, 1);
-    __syncthreads();
-    if (smem.ticket != used - 1) return;
-    __threadfence();
-    for (int e = threadIdx.x; e < GROUP * HEAD_DIM; e += BLOCK_THREADS) {
-      const int c = e % HEAD_DIM;
-      const tw_i64 head = tw_i64(request) * num_qo_heads + kv_head * GROUP + e / HEAD_DIM;
-      const float* lse_in = partial_lse + head * num_chunks;
-      float lse_max = tw_neg_inf();
-      for (int k = 0; k < used; ++k) lse_max = fmaxf(lse_max, __ldcg(lse_in + k));
-      float total = 0.f, merged = 0.f;
-      for (int k = 0; k < used; ++k) {
-        // L2 reads (__ldcg): the partials were written by other blocks.
-        const float w = __expf(__ldcg(lse_in + k) - lse_max);
-        total += w;
-        merged = fmaf(__ldcg(partial_o + (head * num_chunks + k) * HEAD_DIM + c), w, merged);
-      }
-      o[head * HEAD_DIM + c] = tw_from_float<T>(merged / total);
-      if (c == 0) lse[head] = lse_max + logf(total);
+// The same attention on tensor cores, with K and V streamed through shared memory. Each warp
+// walks its own 16-token tiles of the block's chunk (tile i of warp w is the chunk's tile
+// w + i * WARPS) in a STAGES-deep cp.async pipeline of its own, so up to STAGES - 1 tiles per
+// warp are in flight while it computes one, without holding them in registers, and warps never
+// wait for each other until the end. Per tile, with the group's query heads as the MMA's N
+// (zero columns past GROUP):
+//   S^T (16 tokens x 8 heads) = K (16 x HEAD_DIM, from shared memory) . q^T, in f32;
+//   the online softmax per head runs on S^T's accumulators (a head's 16 scores sit in one
+//   column: four lanes' registers, reduced over the eight rows of lanes);
+//   O^T (HEAD_DIM x 8) += V^T (HEAD_DIM x 16, read transposed from shared memory) . P^T, where
+//   P^T's f32 accumulators are rounded to T and transposed in registers into the B operand.
+// Rows of the staged tiles are swizzled (16-byte piece c of row r stored at c ^ (r % 8)) so
+// that the eight rows an ldmatrix reads at once fall in different banks.
+template <typename T, int HEAD_DIM, int PAGE_SIZE, int GROUP, bool HND, int WARPS, int STAGES>
+struct tw_attend_mma {
+  static constexpr int BLOCK_THREADS = WARPS * 32;
+  static constexpr int TILE = WARPS * 16;    // tokens per round of all warps; chunks are whole tiles
+  static constexpr int PIECES = HEAD_DIM / 8;  // 16-byte pieces of a row
+  static constexpr int STEPS = HEAD_DIM / 16;  // k-steps of S^T, and 16-channel blocks of O^T
+  static constexpr int COPIES = 16 * PIECES / 32;  // pieces of K (and of V) each lane copies per tile
+  static_assert(GROUP <= 8, "the group's heads are the MMA's 8 columns");
+  static_assert(PIECES >= 8 && PIECES % 8 == 0 && COPIES >= 1, "head_dim must be 64, 128 or 256");
+  static_assert(STAGES >= 2, "a pipeline needs two stages");
+  typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM> layout;
+  typedef tw_split_merge<WARPS, GROUP, HEAD_DIM> merge_state;
+
+  struct tile_buffer {
+    uint4 k[16 * PIECES];
+    uint4 v[16 * PIECES];
+  };
+  struct shared_state {
+    // The tiles are dead once every warp has left its loop; the merge reuses their space.
+    union {
+      tile_buffer tiles[WARPS][STAGES];
+      merge_state merge;
+    };
+  };
+
+  TW_DEVICE static int swizzled(int row, int piece) { return row * PIECES + (piece ^ (row & 7)); }
+
+  // Queues the copies of one tile of K and V. Lane l copies pieces l + 32j (row (l + 32j) /
+  // PIECES); `slot` is, in lane r < 16, the slot of the tile's row r (-1 past the chunk's end).
+  TW_DEVICE static void copy_tile(const T* __restrict__ k_cache, const T* __restrict__ v_cache, tile_buffer& buffer,
+                                  int slot, int kv_head, int num_kv_heads, int lane) {
+#pragma unroll
+    for (int j = 0; j < COPIES; ++j) {
+      const int piece = lane + 32 * j;
+      const int row = piece / PIECES;
+      const int column = piece % PIECES;
+      const int row_slot = __shfl_sync(0xffffffffu, slot, row);
+      const bool valid = row_slot >= 0;
+      const tw_i64 at = valid ? layout::offset(row_slot / PAGE_SIZE, kv_head, row_slot % PAGE_SIZE, num_kv_heads) +
+                                    column * 8
+                              : 0;
+      tw_copy_async_16(tw_shared_address(&buffer.k[swizzled(row, column)]), k_cache + at, valid);
+      tw_copy_async_16(tw_shared_address(&buffer.v[swizzled(row, column)]), v_cache + at, valid);
     }
-    if (threadIdx.x == 0) done[head_row] = 0;
+  }
+
+  // In lanes 0-15, the slot of token `first + lane` if it is before `end`, else -1.
+  template <typename Tokens>
+  TW_DEVICE static int tile_slot(const Tokens& tokens, int first, int end, int lane) {
+    const int t = first + (lane & 15);
+    return t < end ? tokens.slot(t) : -1;
+  }
+
+  template <typename Tokens>
+  TW_DEVICE static void run(const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
+                            const Tokens& tokens, T* __restrict__ o, float* __restrict__ lse,
+                            float* __restrict__ partial_o, float* __restrict__ partial_lse, int* __restrict__ done,
+                            int num_kv_heads, int min_chunk_tokens, int num_chunks, float sm_scale,
+                            shared_state& smem) {
+    const int chunk = tw_grid_part();
+    const int kv_head = tw_grid_head();
+    const int request = tw_grid_request();
+    const int len = tokens.length();
+    const int chunk_tokens = tw_chunk_tokens<TILE>(len, min_chunk_tokens, num_chunks);
+    const int begin = chunk * chunk_tokens;
+    if (begin >= len) {
+      if (len == 0 && chunk == 0) merge_state::template write_empty<T, BLOCK_THREADS>(o, lse, request, kv_head, num_kv_heads);
+      return;
+    }
+    const int end = min(len, begin + chunk_tokens);
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4;  // fragment row group
+    const int t = lane % 4;  // fragment column pair
+    // This warp's tiles: starts begin + (warp + i * WARPS) * 16 for i < tiles.
+    const int first_tile = begin + warp * 16;
+    const int tiles = first_tile < end ? (end - first_tile + TILE - 1) / TILE : 0;
+
+    // q^T as the B operand of every k-step: column g is query head g of the group.
+    const int num_qo_heads = num_kv_heads * GROUP;
+    uint2 q_frag[STEPS];
+    {
+      const T* q_head = q + (tw_i64(request) * num_qo_heads + kv_head * GROUP + g) * HEAD_DIM;
+#pragma unroll
+      for (int s = 0; s < STEPS; ++s) {
+        q_frag[s] = g < GROUP ? make_uint2(*reinterpret_cast<const tw_u32*>(q_head + 16 * s + 2 * t),
+                                           *reinterpret_cast<const tw_u32*>(q_head + 16 * s + 8 + 2 * t))
+                              : make_uint2(0u, 0u);
+      }
+    }
+    const float q_scale = sm_scale * TW_LOG2E;  // scores in base 2
+
+    // Online-softmax state of heads 2t and 2t+1 (the same in every row group once reduced),
+    // this lane's share of their sums, and O^T's accumulators: block s holds channels
+    // 16s + g and 16s + g + 8 of heads 2t and 2t+1.
+    float m[2] = {tw_neg_inf(), tw_neg_inf()};
+    float d[2] = {0.f, 0.f};
+    float acc[STEPS][4];
+#pragma unroll
+    for (int s = 0; s < STEPS; ++s) acc[s][0] = acc[s][1] = acc[s][2] = acc[s][3] = 0.f;
+
+    tile_buffer* buffers = smem.tiles[warp];
+    // Prologue: the first STAGES - 1 tiles in flight; the slot of the next is loaded ahead, so
+    // its page-table read is not on the path of a copy.
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {
+      if (i < tiles) {
+        copy_tile(k_cache, v_cache, buffers[i], tile_slot(tokens, first_tile + i * TILE, end, lane), kv_head,
+                  num_kv_heads, lane);
+      }
+      tw_copy_async_commit();
+    }
+    int next_slot = STAGES - 1 < tiles ? tile_slot(tokens, first_tile + (STAGES - 1) * TILE, end, lane) : -1;
+
+    for (int i = 0; i < tiles; ++i) {
+      // Tile i + STAGES - 1 goes into the buffer tile i - 1 used (every lane is past it).
+      const int ahead = i + STAGES - 1;
+      if (ahead < tiles) {
+        copy_tile(k_cache, v_cache, buffers[ahead % STAGES], next_slot, kv_head, num_kv_heads, lane);
+        if (ahead + 1 < tiles) next_slot = tile_slot(tokens, first_tile + (ahead + 1) * TILE, end, lane);
+      }
+      tw_copy_async_commit();
+      tw_copy_async_wait<STAGES - 1>();
+      __syncwarp();
+      const tile_buffer& buffer = buffers[i % STAGES];
+
+      // S^T = K . q^T: A from K rows (tokens) as stored; lanes 0-7 / 8-15 address rows 0-7 /
+      // 8-15 at piece 2s, lanes 16-31 the same rows at piece 2s + 1.
+      float s_acc[4] = {0.f, 0.f, 0.f, 0.f};
+      {
+        const int row = (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+        for (int s = 0; s < STEPS; ++s) {
+          tw_u32 a[4];
+          tw_ldmatrix_x4(a, tw_shared_address(&buffer.k[swizzled(row, 2 * s + (lane >> 4))]));
+          tw_mma_m16n8k16(s_acc, a, q_frag[s], T());
+        }
+      }
+      // Scores of tokens g and g + 8 for heads 2t and 2t + 1; tokens past the chunk's end
+      // (their rows were zero-filled) weigh nothing.
+      const int tile_first = first_tile + i * TILE;
+      const bool low_valid = tile_first + g < end;
+      const bool high_valid = tile_first + g + 8 < end;
+      float score[4];
+      score[0] = low_valid ? s_acc[0] * q_scale : tw_neg_inf();
+      score[1] = low_valid ? s_acc[1] * q_scale : tw_neg_inf();
+      score[2] = high_valid ? s_acc[2] * q_scale : tw_neg_inf();
+      score[3] = high_valid ? s_acc[3] * q_scale : tw_neg_inf();
+      float p[4];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float tile_max = fmaxf(score[h], score[h + 2]);
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 4));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 8));
+        tile_max = fmaxf(tile_max, __shfl_xor_sync(0xffffffffu, tile_max, 16));
+        // The tile holds at least one valid token, so m_new is finite.
+        const float m_new = fmaxf(m[h], tile_max);
+        const float rescale = exp2f(m[h] - m_new);
+        p[h] = exp2f(score[h] - m_new);
+        p[h + 2] = exp2f(score[h + 2] - m_new);
+        d[h] = fmaf(d[h], rescale, p[h] + p[h + 2]);
+        m[h] = m_new;
+#pragma unroll
+        for (int s = 0; s < STEPS; ++s) {
+          acc[s][h] *= rescale;
+          acc[s][h + 2] *= rescale;
+        }
+      }
+      // P^T's rows 0-7 and 8-15 (tokens) transposed: lane 4g + t then holds tokens 2t, 2t+1
+      // (and 2t+8, 2t+9) of head g, the B operand of O^T += V^T . P^T.
+      const uint2 p_frag = make_uint2(tw_movmatrix_trans(tw_pack_pair(p[0], p[1], T())),
+                                      tw_movmatrix_trans(tw_pack_pair(p[2], p[3], T())));
+      {
+        // V^T blocks read transposed: lanes 0-7 / 16-23 address token rows 0-7 / 8-15 at piece
+        // 2s, lanes 8-15 / 24-31 the same rows at piece 2s + 1.
+        const int row = (lane & 7) + (lane >> 4) * 8;
+#pragma unroll
+        for (int s = 0; s < STEPS; ++s) {
+          tw_u32 a[4];
+          tw_ldmatrix_x4_trans(a, tw_shared_address(&buffer.v[swizzled(row, 2 * s + ((lane >> 3) & 1))]));
+          tw_mma_m16n8k16(acc[s], a, p_frag, T());
+        }
+      }
+      __syncwarp();
+    }
+    tw_copy_async_wait<0>();
+
+    // Each head's sum over the eight row groups; then the warps' states meet in shared memory
+    // (over the tile buffers, once every warp is done with them).
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      d[h] += __shfl_xor_sync(0xffffffffu, d[h], 4);
+      d[h] += __shfl_xor_sync(0xffffffffu, d[h], 8);
+      d[h] += __shfl_xor_sync(0xffffffffu, d[h], 16);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int head = 2 * t + h;
+      if (head >= GROUP) continue;
+      if (g == 0) {
+        smem.merge.walker_m[warp][head] = m[h];
+        smem.merge.walker_d[warp][head] = d[h];
+      }
+#pragma unroll
+      for (int s = 0; s < STEPS; ++s) {
+        smem.merge.walker_o[warp][head][16 * s + g] = acc[s][h];
+        smem.merge.walker_o[warp][head][16 * s + g + 8] = acc[s][h + 2];
+      }
+    }
+    __syncthreads();
+    const int used = (len + chunk_tokens - 1) / chunk_tokens;  // chunks holding tokens of the list
+    smem.merge.template finish<T, BLOCK_THREADS>(o, lse, partial_o, partial_lse, done, request, kv_head, chunk, used,
+                                                 num_kv_heads, num_chunks);
   }
 };

@@ -41,23 +41,6 @@ TW_DEVICE tw_u32 tw_q4_pair(tw_u32 word, int kk) {
   return pair;
 }
 
-// d += a * b for one m16n8k16 tile (A 16x16 row-major, B 16x8 column-major, f32 accumulators);
-// the tag picks the f16 or the bf16 instruction.
-TW_DEVICE void tw_mma_m16n8k16(float (&d)[4], const tw_u32 (&a)[4], uint2 b, half) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-      "{ %0, %1, %2, %3 }, { %4, %5, %6, %7 }, { %8, %9 }, { %0, %1, %2, %3 };\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
-}
-TW_DEVICE void tw_mma_m16n8k16(float (&d)[4], const tw_u32 (&a)[4], uint2 b, __nv_bfloat16) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-      "{ %0, %1, %2, %3 }, { %4, %5, %6, %7 }, { %8, %9 }, { %0, %1, %2, %3 };\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
-}
-
 // Candidate c -> token slot, from a page selector's choice: with SELECTED the selector's page
 // positions (rows of `stride`; the request's last page is always the last of them), otherwise
 // every page of the request.

@@ -8,8 +8,8 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use twilight::twilight_jit::open_device;
 use twilight::{
-    CacheShape, DecodeOutput, DenseDecoder, Dtype, HostPageTable, KvElement, PageTable,
-    PagedKvCache, VariantSpec, Workspace,
+    AttentionKernel, CacheShape, DecodeOutput, DenseDecoder, Dtype, HostPageTable, KvElement,
+    PageTable, PagedKvCache, VariantSpec, Workspace,
 };
 
 use super::bytes::dense_decode_bytes;
@@ -42,7 +42,7 @@ fn dense_typed<T: KvElement>(
 ) -> CliResult {
     let tools = BenchKernels::new(stream)?;
     let bandwidth = tools.read_bandwidth((args.probe_gib * (1u64 << 30) as f64) as usize)?;
-    let decoder = DenseDecoder::new(stream.clone(), spec)?;
+    let mut decoder = DenseDecoder::new(stream.clone(), spec)?;
     let pages_per_request = args.len.div_ceil(args.page_size as usize);
     let shape = CacheShape {
         num_pages: args.batch * pages_per_request,
@@ -78,11 +78,6 @@ fn dense_typed<T: KvElement>(
         o: stream.alloc_zeros::<T>(q_len)?,
         lse: stream.alloc_zeros::<f32>(args.batch * args.qo_heads)?,
     };
-    let mut workspace = Workspace::default();
-    let timing = time_with_events(stream, args.warmup, args.iters, |i| {
-        let inst = &instances[i % instances.len()];
-        decoder.run_into(&q, &inst.cache, &inst.table, None, &mut out, &mut workspace)
-    })?;
     let bytes = dense_decode_bytes(
         &vec![args.len; args.batch],
         args.kv_heads,
@@ -90,31 +85,54 @@ fn dense_typed<T: KvElement>(
         2,
     );
     let floor_us = bytes as f64 / bandwidth * 1e6;
-    let plan = decoder.plan(args.batch, args.kv_heads, args.len);
-    let median = timing.median_us();
     println!(
         "dense decode {spec}: batch {}, {} query heads / {} KV heads, head_dim {}, {} tokens per request",
         args.batch, args.qo_heads, args.kv_heads, args.head_dim, args.len
     );
     println!(
-        "  median {median:.1} us (min {:.1}, max {:.1}) over {} runs after {} warm-up, rotating {rotation} caches of {:.2} GiB",
-        timing.min_us(),
-        timing.max_us(),
-        args.iters,
-        args.warmup,
-        cache_bytes as f64 / (1u64 << 30) as f64
-    );
-    println!(
-        "  K/V bytes {:.3} GiB; measured read bandwidth {:.0} GB/s; floor {floor_us:.1} us; ratio {:.3}; achieved {:.0} GB/s",
+        "  K/V bytes {:.3} GiB; measured read bandwidth {:.0} GB/s; floor {floor_us:.1} us; rotating {rotation} caches of {:.2} GiB; {} runs after {} warm-up",
         bytes as f64 / (1u64 << 30) as f64,
         bandwidth * 1e-9,
-        median / floor_us,
-        bytes as f64 / median * 1e-3
+        cache_bytes as f64 / (1u64 << 30) as f64,
+        args.iters,
+        args.warmup,
     );
-    println!(
-        "  split: {} chunk(s) of {} tokens per (request, KV head)",
-        plan.num_chunks, plan.chunk_tokens
+    // The default kernel first (its figures go to the JSON), then the other one.
+    let default_kernel = decoder.decoder().attention_kernel();
+    let mut kernels = vec![default_kernel];
+    kernels.extend(
+        [AttentionKernel::TensorCores, AttentionKernel::CudaCores]
+            .into_iter()
+            .filter(|k| *k != default_kernel),
     );
+    let mut measured = Vec::new();
+    for kernel in kernels {
+        decoder.set_attention_kernel(kernel);
+        let mut workspace = Workspace::default();
+        let timing = time_with_events(stream, args.warmup, args.iters, |i| {
+            let inst = &instances[i % instances.len()];
+            decoder.run_into(&q, &inst.cache, &inst.table, None, &mut out, &mut workspace)
+        })?;
+        let plan = decoder.plan(args.batch, args.kv_heads, args.len);
+        let median = timing.median_us();
+        println!(
+            "  {kernel:?}{}: median {median:.1} us (min {:.1}, max {:.1}); ratio to floor {:.3}; achieved {:.0} GB/s; split {} chunk(s) of {} tokens",
+            if kernel == default_kernel { " (default)" } else { "" },
+            timing.min_us(),
+            timing.max_us(),
+            median / floor_us,
+            bytes as f64 / median * 1e-3,
+            plan.num_chunks,
+            plan.chunk_tokens
+        );
+        measured.push((kernel, timing, plan));
+    }
+    decoder.set_attention_kernel(default_kernel);
+    let (_, timing, plan) = &measured[0];
+    let median = timing.median_us();
+    let other = measured
+        .get(1)
+        .map(|(k, t, _)| (format!("{k:?}"), t.median_us()));
     if let Some(path) = &args.json {
         let json = serde_json::json!({
             "variant": spec.name(),
@@ -124,6 +142,9 @@ fn dense_typed<T: KvElement>(
             "iters": args.iters, "bytes": bytes, "read_bandwidth_gbps": bandwidth * 1e-9,
             "floor_us": floor_us, "ratio_to_floor": median / floor_us,
             "chunks": plan.num_chunks, "chunk_tokens": plan.chunk_tokens,
+            "attention_kernel": format!("{default_kernel:?}"),
+            "other_kernel": other.as_ref().map(|o| &o.0),
+            "other_kernel_median_us": other.as_ref().map(|o| o.1),
         });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }

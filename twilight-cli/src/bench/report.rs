@@ -32,6 +32,19 @@ pub struct SparseReport {
     pub twilight_engine_pool_us: Option<f64>,
     #[serde(default)]
     pub twilight_engine_pool_graph_us: Option<f64>,
+    /// The step with the attention on the kernel the sparse decoder does not use by default
+    /// (named here), launched and as a graph, and that attention stage alone; dense decode on
+    /// the kernel dense decode does not use by default.
+    #[serde(default)]
+    pub other_attention: Option<String>,
+    #[serde(default)]
+    pub twilight_other_attention_us: Option<f64>,
+    #[serde(default)]
+    pub twilight_other_attention_graph_us: Option<f64>,
+    #[serde(default)]
+    pub other_attention_stage_us: Option<f64>,
+    #[serde(default)]
+    pub dense_other_attention_us: Option<f64>,
     /// The step with launch overlap (programmatic dependent launch), launched and as a graph.
     #[serde(default)]
     pub twilight_overlap_us: Option<f64>,
@@ -151,6 +164,25 @@ pub fn print(r: &SparseReport) {
             r.twilight_floor_us,
         );
     }
+    if let (Some(kernel), Some(t), Some(g)) = (
+        &r.other_attention,
+        r.twilight_other_attention_us,
+        r.twilight_other_attention_graph_us,
+    ) {
+        row(
+            &format!("twilight step, attention on {kernel}"),
+            t,
+            r.twilight_floor_us,
+        );
+        row(
+            &format!("twilight step, attention on {kernel}, graph replay"),
+            g,
+            r.twilight_floor_us,
+        );
+        if let Some(stage) = r.other_attention_stage_us {
+            println!("| stage attention on {kernel} | {stage:.1} | - | - |");
+        }
+    }
     if let (Some(t), Some(g)) = (r.twilight_overlap_us, r.twilight_overlap_graph_us) {
         row("twilight step, launches overlapped", t, r.twilight_floor_us);
         row(
@@ -165,6 +197,13 @@ pub fn print(r: &SparseReport) {
         r.base_none_floor_us,
     );
     row("dense decode (ours)", r.dense_us, r.dense_floor_us);
+    if let Some(t) = r.dense_other_attention_us {
+        row(
+            "dense decode (ours), the other attention kernel",
+            t,
+            r.dense_floor_us,
+        );
+    }
     println!();
     if let (Some(floor), Some(ctas)) = (r.practical_floor_us, r.practical_floor_ctas) {
         println!(

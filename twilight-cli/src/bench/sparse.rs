@@ -11,9 +11,9 @@ use std::sync::Arc;
 use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use twilight::twilight_jit::{open_device, Stage};
 use twilight::{
-    DecodeOutput, Decoder, DenseDecoder, DeviceMut, DeviceRef, Dtype, KvElement, KvPool,
-    PageTableView, Pruning, Selector, SparseDecoder, SparseOutput, SparseParams, SparseWorkspace,
-    StepOutputs, StepParams, VariantSpec, Workspace,
+    AttentionKernel, DecodeOutput, Decoder, DenseDecoder, DeviceMut, DeviceRef, Dtype, KvElement,
+    KvPool, PageTableView, Pruning, Selector, SparseDecoder, SparseOutput, SparseParams,
+    SparseWorkspace, StepOutputs, StepParams, VariantSpec, Workspace,
 };
 use twilight_synth::generator::{GeneratorParams, Preset};
 
@@ -189,7 +189,24 @@ fn measure_typed<T: KvElement>(
     let widest = (0..specs.len())
         .max_by_key(|&s| rotations[s])
         .ok_or("at least one selector")?;
-    let dense_t = time_dense(stream, specs[widest], &instances[widest], shape, method)?;
+    let dense_spec = with(specs[widest], Selector::Full, Pruning::None);
+    let dense_default = AttentionKernel::default_for(&dense_spec);
+    let dense_t = time_dense(
+        stream,
+        dense_spec,
+        dense_default,
+        &instances[widest],
+        shape,
+        method,
+    )?;
+    let dense_other_t = time_dense(
+        stream,
+        dense_spec,
+        other_kernel(dense_default),
+        &instances[widest],
+        shape,
+        method,
+    )?;
 
     let mut reports = Vec::new();
     for ((sparse, instances), spec) in decoders.iter().zip(&instances).zip(specs) {
@@ -201,7 +218,9 @@ fn measure_typed<T: KvElement>(
         let timed = measure_selector(
             stream, bandwidth, sparse, &base, instances, &generator, &dense_t, shape, method,
         )?;
-        reports.push(with_practical_floor(tools, l2, timed)?);
+        let mut report = with_practical_floor(tools, l2, timed)?;
+        report.dense_other_attention_us = Some(dense_other_t.median_us());
+        reports.push(report);
     }
     Ok(reports)
 }
@@ -210,11 +229,13 @@ fn measure_typed<T: KvElement>(
 fn time_dense<T: KvElement>(
     stream: &Arc<CudaStream>,
     spec: VariantSpec,
+    kernel: AttentionKernel,
     instances: &[Instance<T>],
     shape: &BenchShape,
     method: &Method,
 ) -> Result<Timing, Box<dyn std::error::Error>> {
-    let dense = DenseDecoder::new(stream.clone(), with(spec, Selector::Full, Pruning::None))?;
+    let mut dense = DenseDecoder::new(stream.clone(), spec)?;
+    dense.set_attention_kernel(kernel);
     let heads = shape.batch * shape.qo_heads;
     let mut out = DecodeOutput {
         o: stream.alloc_zeros::<T>(heads * shape.head_dim as usize)?,
@@ -270,6 +291,10 @@ fn measure_selector<T: KvElement>(
     // And with top-p's threshold and compaction fused into one cluster launch.
     let mut fused = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
     fused.set_fused_prune(true);
+    // And with the attention on the other kernel.
+    let other_attention = other_kernel(sparse.decoder().attention_kernel());
+    let mut other = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
+    other.set_attention_kernel(other_attention);
     // And with them always apart, for the default's choice to be judged against.
     let mut separate = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
     separate.set_fused_prune(false);
@@ -327,6 +352,19 @@ fn measure_selector<T: KvElement>(
         time_launched_and_replayed(stream, &separate, instances, &mut s_out, &mut s_ws, method)?;
     let (fused_t, fused_graph_t) =
         time_launched_and_replayed(stream, &fused, instances, &mut s_out, &mut s_ws, method)?;
+    let (other_t, other_graph_t) =
+        time_launched_and_replayed(stream, &other, instances, &mut s_out, &mut s_ws, method)?;
+    let other_stages = time_stages(stream, warmup, iters, |i, hook| {
+        let x = &instances[i % n];
+        other.run_instrumented(
+            &x.q,
+            &x.cache,
+            &x.table,
+            &mut s_out[i % n],
+            &mut s_ws[i % n],
+            hook,
+        )
+    })?;
     let fused_stages = time_stages(stream, warmup, iters, |i, hook| {
         let x = &instances[i % n];
         fused.run_instrumented(
@@ -372,7 +410,7 @@ fn measure_selector<T: KvElement>(
     let stage_floor = |stage: Stage| match stage {
         Stage::QuestScore | Stage::DsScore => Some(select_floor),
         Stage::Estimate => Some(estimate_floor),
-        Stage::Attend => Some(attend_floor),
+        Stage::Attend | Stage::AttendMma => Some(attend_floor),
         _ => None,
     };
     Ok(SparseReport {
@@ -395,6 +433,14 @@ fn measure_selector<T: KvElement>(
         twilight_graph_us: graph_t.median_us(),
         twilight_engine_pool_us: Some(engine_t.median_us()),
         twilight_engine_pool_graph_us: Some(engine_graph_t.median_us()),
+        other_attention: Some(format!("{other_attention:?}")),
+        twilight_other_attention_us: Some(other_t.median_us()),
+        twilight_other_attention_graph_us: Some(other_graph_t.median_us()),
+        other_attention_stage_us: other_stages
+            .iter()
+            .find(|(s, _)| *s == other_attention.stage())
+            .map(|(_, t)| t.median_us()),
+        dense_other_attention_us: None,
         twilight_overlap_us: Some(overlap_t.median_us()),
         twilight_overlap_graph_us: Some(overlap_graph_t.median_us()),
         twilight_fused_us: Some(fused_t.median_us()),
@@ -414,6 +460,14 @@ fn measure_selector<T: KvElement>(
         dense_us: dense_t.median_us(),
         dense_floor_us: floor_us(shape.len as f64 * 4.0 * d),
     })
+}
+
+/// The attention kernel that is not `kernel`.
+fn other_kernel(kernel: AttentionKernel) -> AttentionKernel {
+    match kernel {
+        AttentionKernel::CudaCores => AttentionKernel::TensorCores,
+        AttentionKernel::TensorCores => AttentionKernel::CudaCores,
+    }
 }
 
 /// One cache's buffers as an engine on another cudarc line holds them: device addresses with
