@@ -199,9 +199,9 @@ impl std::fmt::Debug for Jit {
 
 impl Jit {
     /// The JIT of a context, created on first use over the process's [`KernelStore`] (the
-    /// disk cache of the environment, [`crate::env::JitEnv`]). Contexts are told apart by their driver
-    /// handle, so two `CudaContext` values of one device's primary context share a JIT and
-    /// every other context, on this device or another, has its own.
+    /// disk cache of the environment, [`crate::env::JitEnv`]). Contexts are told apart by
+    /// their driver handle, so two `CudaContext` values of one device's primary context share
+    /// a JIT and every other context, on this device or another, has its own.
     ///
     /// # Errors
     /// A missing NVRTC, or a driver error reading the device's compute capability.

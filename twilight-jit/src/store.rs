@@ -15,7 +15,8 @@
 //!
 //! Failure policy: as the memory tier's ([`crate::cache`]). A failed render, compile or disk
 //! read leaves the key's slot empty, so the next request tries again; a binary read from disk
-//! that the driver refuses is replaced once, for every context, by [`KernelStore::replace_unloadable`].
+//! that the driver refuses is replaced once, for every context, by
+//! [`KernelStore::replace_unloadable`].
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
