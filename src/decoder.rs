@@ -176,7 +176,27 @@ impl Decoder {
     /// An invalid spec, a JIT or driver error.
     pub fn new(stream: Arc<CudaStream>, spec: VariantSpec) -> Result<Self> {
         spec.validate()?;
-        let program = Jit::for_context(stream.context())?.load(&spec)?;
+        let jit = Jit::for_context(stream.context())?;
+        Decoder::with_jit(stream, spec, &jit)
+    }
+
+    /// Loads the kernels of any variant through `jit`, which must belong to the stream's
+    /// context (a module is only valid in the context it was loaded into). JITs of several
+    /// devices over one [`twilight_jit::KernelStore`] compile a variant once per architecture.
+    ///
+    /// # Errors
+    /// A JIT of another context; as [`Decoder::new`].
+    pub fn with_jit(stream: Arc<CudaStream>, spec: VariantSpec, jit: &Jit) -> Result<Self> {
+        spec.validate()?;
+        if jit.context().cu_ctx() != stream.context().cu_ctx() {
+            return Err(Error::Parameter(format!(
+                "the JIT belongs to the context of device {}, the stream to a context of \
+                 device {}: kernels load into one context only",
+                jit.context().ordinal(),
+                stream.context().ordinal()
+            )));
+        }
+        let program = jit.load(&spec)?;
         let num_sms = stream
             .context()
             .attribute(

@@ -90,14 +90,18 @@ fn ensure_some<E: DeviceRepr + ValidAsZeroBits>(
 }
 
 /// Grows a reusable device buffer to at least `len` elements (allocating only when it is too
-/// small, so steps of a shape seen before allocate nothing).
+/// small, so steps of a shape seen before allocate nothing). A buffer of another context (a
+/// workspace handed from one device's decoder to another's) is replaced: the kernels of this
+/// stream's device cannot use it.
 pub(crate) fn ensure_len<E: DeviceRepr + ValidAsZeroBits>(
     stream: &Arc<CudaStream>,
     slot: &mut Option<CudaSlice<E>>,
     len: usize,
     what: &str,
 ) -> Result<()> {
-    if slot.as_ref().is_none_or(|s| s.len() < len) {
+    let usable =
+        |s: &CudaSlice<E>| s.len() >= len && s.context().cu_ctx() == stream.context().cu_ctx();
+    if !slot.as_ref().is_some_and(usable) {
         *slot = Some(
             stream
                 .alloc_zeros::<E>(len.max(1))

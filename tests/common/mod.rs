@@ -3,19 +3,58 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaContext, CudaStream};
+
+/// The GPUs `TWILIGHT_REQUIRE_GPU` asks for: `1` (or more) makes a missing GPU a failure, `2`
+/// also makes a missing second GPU one; unset, `0` or anything else requires none.
+pub fn required_gpus() -> usize {
+    std::env::var("TWILIGHT_REQUIRE_GPU")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
 
 /// The default stream of GPU 0, or `None` (with the reason printed) where there is none.
 /// `TWILIGHT_REQUIRE_GPU=1` turns a missing GPU into a failure.
 pub fn gpu_stream() -> Option<Arc<CudaStream>> {
     match twilight::twilight_jit::open_device(0) {
         Ok(ctx) => Some(ctx.default_stream()),
-        Err(e) if std::env::var("TWILIGHT_REQUIRE_GPU").as_deref() != Ok("1") => {
+        Err(e) if required_gpus() == 0 => {
             eprintln!("SKIPPED: no CUDA GPU ({e})");
             None
         }
-        Err(e) => panic!("TWILIGHT_REQUIRE_GPU=1 but no GPU: {e}"),
+        Err(e) => panic!("TWILIGHT_REQUIRE_GPU is set but there is no GPU: {e}"),
     }
+}
+
+/// Contexts of GPUs 0..n, or `None` (with the reason printed) where the host has fewer. A
+/// missing GPU fails under `TWILIGHT_REQUIRE_GPU=1`; fewer than `n` fail under
+/// `TWILIGHT_REQUIRE_GPU=n` (or more), and are a skip otherwise, so a one-GPU host runs the
+/// rest of the GPU suite with `TWILIGHT_REQUIRE_GPU=1`.
+pub fn gpu_contexts(n: usize) -> Option<Vec<Arc<CudaContext>>> {
+    let required = required_gpus();
+    let (count, why) = match twilight::twilight_jit::device_count() {
+        Ok(count) => (count, String::new()),
+        Err(e) => (0, format!(" ({e})")),
+    };
+    if count >= n {
+        return Some(
+            (0..n)
+                .map(|i| {
+                    twilight::twilight_jit::open_device(i)
+                        .unwrap_or_else(|e| panic!("GPU {i} of {count} does not open: {e}"))
+                })
+                .collect(),
+        );
+    }
+    if required >= n || (required >= 1 && count == 0) {
+        panic!("TWILIGHT_REQUIRE_GPU={required} but this host has {count} CUDA GPU(s){why}");
+    }
+    eprintln!(
+        "SKIPPED: needs {n} CUDA GPUs, this host has {count}{why}; \
+         TWILIGHT_REQUIRE_GPU={n} makes this a failure"
+    );
+    None
 }
 
 /// A new random seed for each run (inputs are fresh every time), printed so that a failure

@@ -33,7 +33,7 @@ enum Command {
         #[command(subcommand)]
         action: cache::Action,
     },
-    /// Report the CUDA driver, device, NVRTC and cache directory found.
+    /// Report the CUDA driver, every device, NVRTC and the cache directory found.
     Doctor,
     /// The main job: a decode step on synthetic data, on the GPU or else the CPU reference.
     Demo(demo::Args),

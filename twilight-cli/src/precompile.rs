@@ -39,6 +39,7 @@ pub fn run(args: Args) -> CliResult {
     let describe = |origin: Origin| match origin {
         Origin::Compiled(d) => format!("compiled in {:.0} ms", d.as_secs_f64() * 1e3),
         Origin::Disk => "already cached".to_string(),
+        Origin::Shared => "already loaded in this process".to_string(),
     };
     // A kernel that was compiled but could not be stored is of no use to a later process: the
     // command goes on with the others, then fails naming each.

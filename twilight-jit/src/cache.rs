@@ -1,4 +1,10 @@
-//! The two-tier kernel cache: a memory tier per CUDA context over the disk tier.
+//! The kernel cache: a memory tier per CUDA context, over the process's binaries
+//! ([`KernelStore`], shared by every context) and the disk tier.
+//!
+//! Nothing here couples devices: each context has its own [`Jit`] (its loaded modules and
+//! functions, behind its own locks), found by the context's handle; the store they share is
+//! keyed by the binary's key, which names the target architecture, so a variant is compiled
+//! once per architecture and loaded once per context.
 //!
 //! Failure policy (also in [`crate::disk_cache`]): a disk entry that fails its checks, or that
 //! the driver refuses to load, is a warning and a recompile; a failed disk write is a warning
@@ -14,12 +20,12 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
 use cudarc::nvrtc::Ptx;
 
 use crate::disk_cache::{DiskCache, EntryMeta, StoreError};
-use crate::env::JitEnv;
 use crate::error::JitError;
 use crate::key::{CacheKey, KeyInputs};
 use crate::nvrtc::{self, Target};
 use crate::render::{render, RenderedProgram, Stage, Tiling};
 use crate::spec::VariantSpec;
+use crate::store::KernelStore;
 
 /// Where a program's binary came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +34,9 @@ pub enum Origin {
     Compiled(Duration),
     /// Read from the disk cache (or the seed cache).
     Disk,
+    /// Already in this process: compiled or read from disk for another CUDA context (or
+    /// another JIT) sharing the [`KernelStore`].
+    Shared,
 }
 
 /// A variant's binary, ready to write or load, with everything that identifies it.
@@ -59,8 +68,8 @@ pub fn key_of(program: &RenderedProgram, target: &Target) -> Result<CacheKey, Ji
     }))
 }
 
-/// Renders a variant and finds its binary in `disk`, or compiles it and stores it there. Used
-/// by the memory tier and, with no GPU at all, by `twilight precompile --arch`.
+/// Renders a variant and finds its binary in `disk`, or compiles it and stores it there. What
+/// [`KernelStore`] does on a miss, and, with no GPU at all, `twilight precompile --arch`.
 ///
 /// # Errors
 /// Render, NVRTC or compile errors, or [`JitError::JitDisabled`] on a miss when compiling is
@@ -74,7 +83,18 @@ pub fn prepare(
     spec.validate()?;
     let program = render(spec)?;
     let key = key_of(&program, target)?;
-    let name = spec.name();
+    disk_or_compile(program, key, target, disk, jit_disabled)
+}
+
+/// The binary of a rendered program: from `disk`, else compiled and stored there.
+pub(crate) fn disk_or_compile(
+    program: RenderedProgram,
+    key: CacheKey,
+    target: &Target,
+    disk: &DiskCache,
+    jit_disabled: bool,
+) -> Result<PreparedBinary, JitError> {
+    let name = program.spec.name();
     if let Some(binary) = disk.get(&key, &name) {
         tracing::debug!(variant = %name, key = %key, "kernel disk-cache hit");
         return Ok(PreparedBinary {
@@ -89,7 +109,7 @@ pub fn prepare(
     compile_and_store(program, key, target, disk, jit_disabled)
 }
 
-fn compile_and_store(
+pub(crate) fn compile_and_store(
     program: RenderedProgram,
     key: CacheKey,
     target: &Target,
@@ -163,43 +183,50 @@ type Slot = Arc<Mutex<Option<Arc<LoadedProgram>>>>;
 pub struct Jit {
     ctx: Arc<CudaContext>,
     target: Target,
-    disk: DiskCache,
-    jit_disabled: bool,
+    store: Arc<KernelStore>,
     slots: Mutex<HashMap<VariantSpec, Slot>>,
 }
 
 impl std::fmt::Debug for Jit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Jit")
+            .field("device", &self.ctx.ordinal())
             .field("target", &self.target.arch())
-            .field("disk", &self.disk.dir())
+            .field("disk", &self.store.disk().dir())
             .finish()
     }
 }
 
 impl Jit {
-    /// The shared JIT of a context, created on first use with the disk cache of the
-    /// environment ([`JitEnv`]).
+    /// The JIT of a context, created on first use over the process's [`KernelStore`] (the
+    /// disk cache of the environment, [`crate::env::JitEnv`]). Contexts are told apart by
+    /// their driver handle, so two `CudaContext` values of one device's primary context share
+    /// a JIT and every other context, on this device or another, has its own.
     ///
     /// # Errors
     /// A missing NVRTC, or a driver error reading the device's compute capability.
     pub fn for_context(ctx: &Arc<CudaContext>) -> Result<Arc<Jit>, JitError> {
         static REGISTRY: OnceLock<Mutex<HashMap<usize, Weak<Jit>>>> = OnceLock::new();
         let registry = REGISTRY.get_or_init(Default::default);
-        let mut map = registry.lock().unwrap_or_else(|e| e.into_inner());
         let id = ctx.cu_ctx() as usize;
-        if let Some(jit) = map.get(&id).and_then(Weak::upgrade) {
+        if let Some(jit) = lock(registry).get(&id).and_then(Weak::upgrade) {
             return Ok(jit);
         }
-        let env = JitEnv::get();
-        let disk = DiskCache::from_env(env);
-        let jit = Arc::new(Jit::new(ctx.clone(), disk, env.jit_disabled)?);
+        // Built outside the registry's lock: reading the device and finding NVRTC must not hold
+        // up a thread of another device that only wants its own context's JIT.
+        let jit = Arc::new(Jit::with_store(ctx.clone(), KernelStore::global().clone())?);
+        let mut map = lock(registry);
+        if let Some(winner) = map.get(&id).and_then(Weak::upgrade) {
+            // Another thread of this context got there first; one JIT per context.
+            return Ok(winner);
+        }
         map.retain(|_, weak| weak.strong_count() > 0);
         map.insert(id, Arc::downgrade(&jit));
         Ok(jit)
     }
 
-    /// A JIT with its own disk cache (tests, tools).
+    /// A JIT with its own disk cache and its own [`KernelStore`] (tests, tools), sharing
+    /// nothing with any other JIT.
     ///
     /// # Errors
     /// As [`Jit::for_context`].
@@ -208,6 +235,15 @@ impl Jit {
         disk: DiskCache,
         jit_disabled: bool,
     ) -> Result<Jit, JitError> {
+        Jit::with_store(ctx, Arc::new(KernelStore::new(disk, jit_disabled)))
+    }
+
+    /// A JIT for `ctx` over `store`: JITs of several contexts over one store compile each
+    /// variant once per architecture.
+    ///
+    /// # Errors
+    /// As [`Jit::for_context`].
+    pub fn with_store(ctx: Arc<CudaContext>, store: Arc<KernelStore>) -> Result<Jit, JitError> {
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| JitError::driver("reading the compute capability", e))?;
@@ -215,8 +251,7 @@ impl Jit {
         Ok(Jit {
             ctx,
             target,
-            disk,
-            jit_disabled,
+            store,
             slots: Mutex::new(HashMap::new()),
         })
     }
@@ -230,7 +265,18 @@ impl Jit {
     }
 
     pub fn disk(&self) -> &DiskCache {
-        &self.disk
+        self.store.disk()
+    }
+
+    /// The binaries this JIT shares with others.
+    pub fn store(&self) -> &Arc<KernelStore> {
+        &self.store
+    }
+
+    /// The programs loaded into this context so far, in no particular order.
+    pub fn loaded(&self) -> Vec<Arc<LoadedProgram>> {
+        let slots: Vec<Slot> = lock(&self.slots).values().cloned().collect();
+        slots.iter().filter_map(|slot| lock(slot).clone()).collect()
     }
 
     /// The loaded program of a variant: from memory, else disk, else NVRTC.
@@ -239,33 +285,34 @@ impl Jit {
     /// Render, compile or load errors of a fresh kernel; [`JitError::JitDisabled`].
     pub fn load(&self, spec: &VariantSpec) -> Result<Arc<LoadedProgram>, JitError> {
         let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+            let mut slots = lock(&self.slots);
             slots.entry(*spec).or_default().clone()
         };
-        let mut filled = slot.lock().unwrap_or_else(|e| e.into_inner());
+        let mut filled = lock(&slot);
         if let Some(program) = filled.as_ref() {
             tracing::trace!(variant = %spec, "kernel memory-cache hit");
             return Ok(program.clone());
         }
         let start = Instant::now();
-        let prepared = prepare(spec, &self.target, &self.disk, self.jit_disabled)?;
+        let prepared = self.store.prepare(spec, &self.target)?;
         let loaded = match self.load_module(&prepared, start) {
             Ok(loaded) => loaded,
-            Err(e) if prepared.origin == Origin::Disk => {
+            Err(e) if self.store.came_from_disk(&prepared) => {
                 tracing::warn!(variant = %spec, key = %prepared.key, error = %e,
                     "cached kernel failed to load; recompiling");
-                self.disk.invalidate(&prepared.key, &spec.name());
-                let fresh = compile_and_store(
-                    prepared.program,
-                    prepared.key,
-                    &self.target,
-                    &self.disk,
-                    self.jit_disabled,
-                )?;
+                let fresh = self.store.replace_unloadable(prepared)?;
                 self.load_module(&fresh, start)?
             }
             Err(e) => return Err(e),
         };
+        tracing::info!(
+            variant = %spec,
+            key = %loaded.key,
+            device = self.ctx.ordinal(),
+            origin = ?loaded.origin,
+            ms = loaded.load_time.as_secs_f64() * 1e3,
+            "loaded kernel"
+        );
         let loaded = Arc::new(loaded);
         *filled = Some(loaded.clone());
         Ok(loaded)
@@ -301,6 +348,27 @@ impl Jit {
             _module: module,
         })
     }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked: a slot is filled only
+/// with a complete program.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The number of CUDA devices, 0 where there is no driver.
+///
+/// # Errors
+/// A driver error (cuInit or the count), as when the driver is present but unusable.
+pub fn device_count() -> Result<usize, JitError> {
+    if !driver_present() {
+        return Ok(0);
+    }
+    let count =
+        CudaContext::device_count().map_err(|e| JitError::driver("counting CUDA devices", e))?;
+    Ok(usize::try_from(count).unwrap_or(0))
 }
 
 /// Opens a CUDA device, turning a missing driver or GPU into an error instead of a panic.

@@ -1,6 +1,7 @@
 //! The compiler side of twilight: a [`VariantSpec`] names one kernel variant, [`render`] turns it
 //! into one self-contained CUDA translation unit, and (with the `cuda` feature) NVRTC compiles it
-//! and a two-tier cache (per CUDA context in memory, and on disk) keeps the result.
+//! and a cache keeps the result: per CUDA context in memory, per process for every context
+//! ([`KernelStore`]: one compile per architecture however many devices), and on disk.
 //!
 //! Without the `cuda` feature the crate holds only what needs no CUDA at all: the spec, its
 //! validation and rendering. The proc macro depends on that part alone.
@@ -20,11 +21,13 @@ pub mod error;
 pub mod key;
 #[cfg(feature = "cuda")]
 pub mod nvrtc;
+#[cfg(feature = "cuda")]
+pub mod store;
 
 pub use render::{pipeline_of, render, stages_of, RenderError, RenderedProgram, Stage, Tiling};
 
 #[cfg(feature = "cuda")]
-pub use cache::{open_device, Jit, LoadedProgram, Origin};
+pub use cache::{device_count, open_device, Jit, LoadedProgram, Origin};
 #[cfg(feature = "cuda")]
 pub use disk_cache::{
     check_cache, CacheLocation, CacheReport, ClearReport, DiskCache, DiskStatus, StoreError,
@@ -38,3 +41,5 @@ pub use spec::{
     DerivedKinds, Dtype, KvLayout, Pruning, Selector, SpecBuilder, SpecError, SpecField,
     VariantSpec,
 };
+#[cfg(feature = "cuda")]
+pub use store::{KernelStore, StoreStats};

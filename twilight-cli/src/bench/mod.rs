@@ -15,6 +15,7 @@ mod shape;
 mod sparse;
 mod table;
 mod timing;
+mod tp;
 
 pub use bytes::dense_decode_bytes;
 pub use timing::{time_stages, time_with_events, Timing};
@@ -33,6 +34,9 @@ pub enum What {
     Grid(grid::GridArgs),
     /// The table of earlier `bench grid` results (several runs merged), with no GPU.
     Table(table::TableArgs),
+    /// The sparse step with the KV heads split over GPUs (tensor parallel), beside the one-GPU
+    /// step over every head, and the compile count.
+    Tp(tp::TpArgs),
     /// JIT costs: cold compile, warm disk-cache load and memory-cache hit, per variant.
     Jit {
         /// Variants (default: the dense Llama-3 shape in f16 and bf16).
@@ -46,6 +50,7 @@ pub fn run(what: What) -> CliResult {
         What::Sparse(args) => sparse::run(args),
         What::Grid(args) => grid::run(args),
         What::Table(args) => table::run(args),
+        What::Tp(args) => tp::run(args),
         What::Jit { variants } => jit::run(variants),
     }
 }

@@ -170,6 +170,10 @@ fn print_origin(what: &str, program: &LoadedProgram) {
             "  {what}: loaded from the disk cache in {:.1} ms, key {key}",
             program.load_time.as_secs_f64() * 1e3
         ),
+        Origin::Shared => println!(
+            "  {what}: loaded from this process's binaries in {:.1} ms, key {key}",
+            program.load_time.as_secs_f64() * 1e3
+        ),
     }
 }
 
