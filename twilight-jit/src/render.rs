@@ -258,11 +258,10 @@ impl Tiling {
     }
 }
 
+/// Two stages: with six warps per block a third one measured no faster at the headline and
+/// slower at batch 1 (bench/PERF-NOTES.md, v15).
 fn attend_mma_stages() -> u32 {
-    std::env::var("TW_EXP_STAGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2)
+    2
 }
 
 /// The kernel's `shared_state` (attend.cuh, tw_attend_mma): `warps * stages` tiles of 16 rows
@@ -276,14 +275,10 @@ fn attend_mma_shared_bytes(spec: &VariantSpec, warps: u32, stages: u32) -> u32 {
     tiles.max(merge).next_multiple_of(16)
 }
 
+/// 96 KB of tiles per block at every head_dim (two blocks, twelve warps' copies in flight per
+/// SM): of 2 to 8 warps at head_dim 128, six measured best over batch 8 and batch 1 (v15).
 fn attend_mma_warps(head_dim: u32) -> u32 {
-    if let Some(w) = std::env::var("TW_EXP_WARPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        return w;
-    }
-    (384 / head_dim.max(1)).max(1)
+    (768 / head_dim.max(1)).max(1)
 }
 
 /// The typed context every stage template sees.
