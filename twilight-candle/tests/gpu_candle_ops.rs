@@ -15,7 +15,7 @@ use common::{
 use rand::{Rng, SeedableRng};
 use twilight::reference::step::{decode_step, StepInputs, StepParams as RefParams};
 use twilight::reference::{attend, HostKv, Quant4Cache, QuestMeta, StepResult};
-use twilight::{CacheShape, HostPageTable, KvLayout, VariantSpec};
+use twilight::{HostPageTable, KvLayout, VariantSpec};
 use twilight_candle::{candle_dtype, PageTable, StepParams, TwilightAttention};
 use twilight_synth::generator::{self, GeneratorParams, Preset};
 use twilight_synth::synthetic::{ragged_lengths, SyntheticStep};
@@ -347,7 +347,6 @@ fn append_writes_rows_where_the_table_says_and_keeps_the_sidecar() {
         };
         let mut attn = TwilightAttention::new(&device, spec, attn_params).unwrap();
         let mut sidecar = (!spec.is_dense()).then(|| attn.new_sidecar(&k_pool).unwrap());
-        let row = shape.num_kv_heads * shape.head_dim;
         let rows_of = |slots: &[usize]| -> (Vec<f32>, Vec<f32>) {
             let (mut k, mut v) = (Vec::new(), Vec::new());
             for &s in slots {
@@ -414,7 +413,6 @@ fn append_writes_rows_where_the_table_says_and_keeps_the_sidecar() {
                 }
             }
         }
-        let _ = row;
         // The step over the appended pool: the sidecar the appends kept gives the reference's
         // selection (the reference derives its own from the host copy).
         let (q, _, _, table) = tensors(&step, DType::F16, &device);
@@ -529,5 +527,4 @@ fn other_devices_shared_storage_and_missing_sidecars_are_refused() {
     attn.update_sidecar(&k, &v, &mut sidecar, &all_slots(&step.table))
         .unwrap();
     attn.forward(&q, &k, &v, Some(&sidecar), &table).unwrap();
-    let _ = CacheShape::clone(&step.shape);
 }

@@ -56,8 +56,17 @@ fn first_logits_agree_between_candle_and_twilight_dense() {
     let mut budgets = Vec::new();
     model
         .step(&tokens, &vec![prefill; batch], &mut |l, q, k, v| {
-            let (o, kept) =
-                model::twilight_attention(&mut ops, &mut caches, &table, l, prefill, q, k, v)?;
+            let (o, kept) = model::twilight_attention(
+                &mut ops,
+                &mut caches,
+                &table,
+                true,
+                l,
+                prefill,
+                q,
+                k,
+                v,
+            )?;
             if let Some(kept) = kept {
                 budgets.push(kept.flatten_all()?.to_vec1::<i32>()?);
             }

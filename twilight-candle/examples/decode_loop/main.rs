@@ -283,7 +283,9 @@ fn decode(
             record(2 * l)?;
             let o = match (&table, path) {
                 (Some(table), Path::TwilightDense | Path::TwilightSparse) => {
-                    let (o, kept) = twilight_attention(ops, caches, table, l, pos, q, k, v)?;
+                    let sparse = path == Path::TwilightSparse;
+                    let (o, kept) =
+                        twilight_attention(ops, caches, table, sparse, l, pos, q, k, v)?;
                     kept_now[l] = kept;
                     o
                 }

@@ -388,13 +388,15 @@ pub fn candle_attention(
 }
 
 /// Twilight's attention for one layer: one launch appends the new K/V (and the sidecar of a
-/// sparse layer) at each request's slot `pos`, then the step over the table. Returns o and the
-/// kept counts of a sparse layer.
+/// sparse layer) at each request's slot `pos`, then the step over the table. With `sparse`
+/// off every layer runs dense (the twilight dense path). Returns o and the kept counts of a
+/// sparse layer.
 #[allow(clippy::too_many_arguments)]
 pub fn twilight_attention(
     ops: &mut TwilightOps,
     caches: &mut Caches,
     table: &PageTable,
+    sparse: bool,
     l: usize,
     pos: usize,
     q: &Tensor,
@@ -402,7 +404,7 @@ pub fn twilight_attention(
     v: &Tensor,
 ) -> Result<(Tensor, Option<Tensor>)> {
     let slots: Vec<i32> = (0..caches.batch).map(|b| caches.slot(b, pos)).collect();
-    let sparse = ops.sparse_layers[l];
+    let sparse = sparse && ops.sparse_layers[l];
     let attn = match (&mut ops.sparse, sparse) {
         (Some(s), true) => s,
         _ => &mut ops.dense,
@@ -448,7 +450,7 @@ pub fn first_logits(
     })?;
     let table = caches.table(prefill + 1, device)?;
     let twilight = model.step(&tokens, &positions, &mut |l, q, k, v| {
-        twilight_attention(ops, caches, &table, l, prefill, q, k, v).map(|(o, _)| o)
+        twilight_attention(ops, caches, &table, false, l, prefill, q, k, v).map(|(o, _)| o)
     })?;
     Ok((candle, twilight))
 }
