@@ -16,8 +16,11 @@
 //! cargo run --release --example decode_loop -- [--batch 1,8] [--context 32768] [--steps 16]
 //!     [--warmup 4] [--layers 8] [--kv random,peaked] [--budget 8192] [--p 0.9]
 //! ```
+//!
+//! The GPU test binary (`tests/gpu_candle`) runs the same report as its `decode_loop_report`
+//! test (flags from `DECODE_LOOP_ARGS`), so a GPU host without Rust needs one binary for both.
 
-mod model;
+pub(crate) mod model;
 
 use std::time::Instant;
 
@@ -26,7 +29,7 @@ use cudarc::driver::sys::CUevent_flags;
 use model::{candle_attention, twilight_attention, Caches, Config, Model, Path, TwilightOps};
 use twilight_synth::generator::{self, GeneratorParams, Preset};
 
-struct Args {
+pub struct Args {
     batches: Vec<usize>,
     context: usize,
     steps: usize,
@@ -37,7 +40,8 @@ struct Args {
     p: f32,
 }
 
-fn parse_args() -> std::result::Result<Args, String> {
+/// The report's settings from command-line style flags.
+pub fn parse_args(flags: impl Iterator<Item = String>) -> std::result::Result<Args, String> {
     let mut args = Args {
         batches: vec![1, 8],
         context: 32768,
@@ -48,7 +52,7 @@ fn parse_args() -> std::result::Result<Args, String> {
         budget: 8192,
         p: 0.9,
     };
-    let mut it = std::env::args().skip(1);
+    let mut it = flags;
     while let Some(flag) = it.next() {
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let num = |v: &str| v.parse::<usize>().map_err(|e| format!("{flag} {v}: {e}"));
@@ -82,7 +86,11 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
         .init();
-    let args = parse_args()?;
+    report(&parse_args(std::env::args().skip(1))?)
+}
+
+/// Runs every path at every batch and kind of K/V, printing the figures.
+pub fn report(args: &Args) -> std::result::Result<(), Box<dyn std::error::Error>> {
     let device = match Device::new_cuda(0) {
         Ok(d) => d,
         Err(e) => {
@@ -106,7 +114,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     let mut ops = TwilightOps::new(&cfg, &device, Some((args.budget, args.p)))?;
     for kv in &args.kv {
         for &batch in &args.batches {
-            run(&args, &model, &mut ops, &device, kv, batch)?;
+            run(args, &model, &mut ops, &device, kv, batch)?;
         }
     }
     Ok(())

@@ -2,13 +2,10 @@
 //! dense on the same caches, within f16 tolerance; the sparse path runs a few tokens with a
 //! budget per sparse layer.
 
-mod common;
-#[path = "../examples/decode_loop/model.rs"]
-#[allow(dead_code)]
-mod model;
-
 use candle_core::{DType, Tensor};
-use model::{Caches, Config, Model, TwilightOps};
+
+use crate::common;
+use crate::decode_loop_example::model::{self, Caches, Config, Model, TwilightOps};
 
 fn small() -> Config {
     Config {
@@ -77,4 +74,19 @@ fn first_logits_agree_between_candle_and_twilight_dense() {
     for counts in budgets {
         assert!(counts.iter().all(|&c| (1..=512).contains(&c)), "{counts:?}");
     }
+}
+
+/// The decode loop's figures (the example's report): every attention path at batch 1 and 8 over
+/// 32k-token caches, random and peaked K/V. Flags as the example's, from `DECODE_LOOP_ARGS`
+/// (e.g. `--batch 1 --context 4096`); run with `--nocapture` to see them.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn decode_loop_report() {
+    if common::gpu_device().is_none() {
+        return;
+    }
+    let flags = std::env::var("DECODE_LOOP_ARGS").unwrap_or_default();
+    let args =
+        crate::decode_loop_example::parse_args(flags.split_whitespace().map(String::from)).unwrap();
+    crate::decode_loop_example::report(&args).unwrap();
 }

@@ -3,15 +3,13 @@
 //! row where the host page table says it belongs (and the sidecar the reference derives), and
 //! tensors of another device or stream are refused.
 
-mod common;
-
 use std::collections::{BTreeSet, HashSet};
 
-use candle_core::{DType, Device, Tensor};
-use common::{
+use crate::common::{
     assert_close, assert_close_to_norm, candle_paged_attention, download, fresh_seed, gpu_device,
     pool_dims, upload,
 };
+use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 use twilight::reference::step::{decode_step, StepInputs, StepParams as RefParams};
 use twilight::reference::{attend, HostKv, Quant4Cache, QuestMeta, StepResult};
