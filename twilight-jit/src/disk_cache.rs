@@ -103,7 +103,7 @@ pub use trust::Refusal;
 use crate::env::{DiskOff, JitEnv};
 use crate::key::{CacheKey, CACHE_FORMAT};
 use entry::{entry_paths, read_entry, tmp_name, write_entry, Hit, TMP_PREFIX};
-use trust::{check_dir, owner_can_write, DirState, Links, Owners};
+use trust::{check_ancestors, check_dir, owner_can_write, DirState, Links, Owners};
 
 /// Longest accepted variant name; well under the usual 255-byte file name limit.
 const MAX_VARIANT_LEN: usize = 200;
@@ -784,6 +784,9 @@ fn inspect_dir(dir: &Path, uid: u32) -> (Option<PathBuf>, DiskStatus) {
         Refusal::Inaccessible { .. } => (None, DiskStatus::NotWritable(refusal.to_string())),
         refusal => (None, DiskStatus::Refused(refusal)),
     };
+    if let Err(refusal) = check_ancestors(dir) {
+        return unusable(refusal);
+    }
     match check_dir(dir, owners, Links::FollowOwn) {
         Err(refusal) => return unusable(refusal),
         Ok(DirState::Absent) => return (Some(root), DiskStatus::NotCreated),
@@ -811,10 +814,12 @@ fn inspect_dir(dir: &Path, uid: u32) -> (Option<PathBuf>, DiskStatus) {
 fn inspect_seed(seed: &Path, uid: u32) -> (Option<PathBuf>, Option<Refusal>) {
     let owners = Owners::UsOrRoot(uid);
     let root = seed.join(format_dir_name());
-    let checked = check_dir(seed, owners, Links::FollowOwn).and_then(|state| match state {
-        DirState::Present => check_dir(&root, owners, Links::Refuse),
-        DirState::Absent => Ok(DirState::Absent),
-    });
+    let checked = check_ancestors(seed)
+        .and_then(|()| check_dir(seed, owners, Links::FollowOwn))
+        .and_then(|state| match state {
+            DirState::Present => check_dir(&root, owners, Links::Refuse),
+            DirState::Absent => Ok(DirState::Absent),
+        });
     match checked {
         Ok(_) => (Some(root), None),
         Err(refusal) => (None, Some(refusal)),

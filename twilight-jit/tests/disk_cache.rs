@@ -1046,6 +1046,37 @@ fn a_directory_of_another_user_or_writable_by_others_is_refused() {
     }
 }
 
+/// A cache under a directory anyone can write to without the sticky bit is refused (anyone
+/// could rename it away and put their own in its place); under a sticky one, as /tmp, it is
+/// used.
+#[test]
+fn a_cache_under_a_world_writable_directory_is_refused_unless_sticky() {
+    let tmp = tempfile::tempdir().unwrap();
+    let open = tmp.path().join("open");
+    fs::create_dir(&open).unwrap();
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+    let dir = open.join("deeper").join("cache");
+    let (cache, warnings) = capture_warnings(|| {
+        let cache = DiskCache::open(Some(dir.clone()), None);
+        let stored = cache.put(&key(1), &meta(VARIANT), &binary(1));
+        assert!(matches!(stored, Err(StoreError::Refused(_))), "{stored:?}");
+        cache
+    });
+    let status = cache.status().to_string();
+    assert!(status.contains("mode 0777"), "{status}");
+    assert!(status.contains(&open.display().to_string()), "{status}");
+    assert!(
+        warnings.iter().any(|w| w.contains("mode 0777")),
+        "{warnings:?}"
+    );
+    assert!(!dir.exists(), "a refused cache created its directory");
+
+    fs::set_permissions(&open, fs::Permissions::from_mode(0o1777)).unwrap();
+    let cache = DiskCache::open(Some(dir.clone()), None);
+    cache.put(&key(1), &meta(VARIANT), &binary(1)).unwrap();
+    assert_eq!(cache.get(&key(1), VARIANT), Some(binary(1)));
+}
+
 /// `chown -R` without following links.
 fn chown_tree(path: &Path, uid: u32) {
     std::os::unix::fs::lchown(path, Some(uid), None).unwrap();

@@ -10,6 +10,10 @@ use std::sync::Arc;
 
 /// Group and other write bits: anyone but the owner could plant or swap entries.
 const WRITABLE_BY_OTHERS: u32 = 0o022;
+/// Anyone's write bit, and the sticky bit that stops anyone but a child's owner from renaming
+/// or removing it (as on /tmp).
+const WRITABLE_BY_ALL: u32 = 0o002;
+const STICKY: u32 = 0o1000;
 
 /// Who may own what the cache reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -149,6 +153,36 @@ pub(crate) fn check_dir(path: &Path, owners: Owners, links: Links) -> Result<Dir
         // A dangling link of our own: creating the directory would create its target.
         Err(e) => Err(Refusal::inaccessible(path, e)),
     }
+}
+
+/// Checks the directories above `path` that exist: none may be writable by everyone without
+/// the sticky bit, where any user could rename the cache away and put a directory of their
+/// own in its place between two checks. Ownership of the ancestors is not checked: a cache
+/// under a directory of another user (a mounted volume in a container, say) is common and
+/// stays usable.
+pub(crate) fn check_ancestors(path: &Path) -> Result<(), Refusal> {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .map_err(|e| Refusal::inaccessible(path, e))?
+            .join(path)
+    };
+    for ancestor in absolute.ancestors().skip(1) {
+        let meta = match fs::metadata(ancestor) {
+            Ok(meta) => meta,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Refusal::inaccessible(ancestor, e)),
+        };
+        let mode = meta.mode() & 0o7777;
+        if meta.is_dir() && mode & WRITABLE_BY_ALL != 0 && mode & STICKY == 0 {
+            return Err(Refusal::WritableByOthers {
+                path: ancestor.to_path_buf(),
+                mode,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// The directory checks on metadata already read.
