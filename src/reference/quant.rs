@@ -271,6 +271,17 @@ impl Quant4Cache {
                 "tokens {first_new_offset} (+{new_count}) do not fit a page of {ps}"
             )));
         }
+        if page >= self.shape.num_pages {
+            return Err(Error::Parameter(format!(
+                "page {page} is outside the pool of {} pages",
+                self.shape.num_pages
+            )));
+        }
+        // Without KV heads there is no row to update: return before walking the offsets,
+        // which a huge page size would make an unbounded loop of nothing.
+        if self.shape.num_kv_heads == 0 {
+            return Ok(());
+        }
         for off in first_new_offset..first_new_offset + new_count {
             // The row check in `update` refuses a page outside the pool; the product only
             // needs to not wrap into one.
@@ -331,6 +342,32 @@ mod tests {
         assert!(quantize_row(&[3.0, 3.0], &mut packed).is_err());
         assert_eq!(packed[0], 0);
         assert_eq!(dequantize_code(0, sm), 3.0);
+    }
+
+    /// A page of any size in a pool without KV heads: the append has no row to update and
+    /// returns at once (it once walked every offset of a huge page doing nothing), and a page
+    /// outside the pool is refused before any offset is walked.
+    #[test]
+    fn appends_without_rows_return_at_once() {
+        let shape = CacheShape {
+            num_pages: 1,
+            num_kv_heads: 0,
+            page_size: usize::MAX,
+            head_dim: 2,
+            layout: KvLayout::Hnd,
+        };
+        let mut quant = Quant4Cache {
+            shape,
+            codes: Vec::new(),
+            scale_min: Vec::new(),
+        };
+        let kv = HostKv {
+            shape,
+            k: &[],
+            v: &[],
+        };
+        assert!(quant.append(&kv, 0, 0, usize::MAX / 2 + 1).is_ok());
+        assert!(quant.append(&kv, 1, 0, usize::MAX / 2 + 1).is_err());
     }
 
     #[test]
