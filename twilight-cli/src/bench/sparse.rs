@@ -354,39 +354,9 @@ fn measure_selector<T: KvElement>(
         time_launched_and_replayed(stream, &fused, instances, &mut s_out, &mut s_ws, method)?;
     let (other_t, other_graph_t) =
         time_launched_and_replayed(stream, &other, instances, &mut s_out, &mut s_ws, method)?;
-    let other_stages = time_stages(stream, warmup, iters, |i, hook| {
-        let x = &instances[i % n];
-        other.run_instrumented(
-            &x.q,
-            &x.cache,
-            &x.table,
-            &mut s_out[i % n],
-            &mut s_ws[i % n],
-            hook,
-        )
-    })?;
-    let fused_stages = time_stages(stream, warmup, iters, |i, hook| {
-        let x = &instances[i % n];
-        fused.run_instrumented(
-            &x.q,
-            &x.cache,
-            &x.table,
-            &mut s_out[i % n],
-            &mut s_ws[i % n],
-            hook,
-        )
-    })?;
-    let stages = time_stages(stream, warmup, iters, |i, hook| {
-        let x = &instances[i % n];
-        sparse.run_instrumented(
-            &x.q,
-            &x.cache,
-            &x.table,
-            &mut s_out[i % n],
-            &mut s_ws[i % n],
-            hook,
-        )
-    })?;
+    let other_stages = time_stages_of(stream, &other, instances, &mut s_out, &mut s_ws, method)?;
+    let fused_stages = time_stages_of(stream, &fused, instances, &mut s_out, &mut s_ws, method)?;
+    let stages = time_stages_of(stream, sparse, instances, &mut s_out, &mut s_ws, method)?;
 
     // Kept budgets of the last step on cache 0.
     stream.synchronize()?;
@@ -625,6 +595,34 @@ fn with_practical_floor(
 
 /// A decoder's step over every cache, launched, then replayed as CUDA graphs (one captured per
 /// cache).
+/// Each stage of `decoder`'s step, timed with events between the stages, over `instances`.
+fn time_stages_of<T: KvElement>(
+    stream: &Arc<CudaStream>,
+    decoder: &SparseDecoder,
+    instances: &[Instance<T>],
+    outs: &mut [SparseOutput<T>],
+    workspaces: &mut [SparseWorkspace],
+    method: &Method,
+) -> Result<Vec<(Stage, Timing)>, Box<dyn std::error::Error>> {
+    let n = instances.len();
+    Ok(time_stages(
+        stream,
+        method.warmup,
+        method.iters,
+        |i, hook| {
+            let x = &instances[i % n];
+            decoder.run_instrumented(
+                &x.q,
+                &x.cache,
+                &x.table,
+                &mut outs[i % n],
+                &mut workspaces[i % n],
+                hook,
+            )
+        },
+    )?)
+}
+
 fn time_launched_and_replayed<T: KvElement>(
     stream: &Arc<CudaStream>,
     decoder: &SparseDecoder,
