@@ -120,14 +120,16 @@ pub enum AttentionKernel {
     TensorCores,
 }
 
-impl AttentionKernel {
-    /// The kernel a decoder of `spec` starts with: tensor cores for every variant. Dense
-    /// decode at the headline shape takes 257 us on them against 368 on CUDA cores, a sparse
-    /// step's attention over ~98 kept tokens 13.5 us against 14.0 (bench/PERF-NOTES.md, v15).
-    pub fn default_for(_spec: &VariantSpec) -> AttentionKernel {
+/// Tensor cores for every variant: dense decode at the headline shape takes 257 us on them
+/// against 368 on CUDA cores, a sparse step's attention over ~98 kept tokens 13.5 us against
+/// 14.0 (bench/PERF-NOTES.md, v15).
+impl Default for AttentionKernel {
+    fn default() -> Self {
         AttentionKernel::TensorCores
     }
+}
 
+impl AttentionKernel {
     /// The stage (program entry) of the kernel.
     pub fn stage(self) -> Stage {
         match self {
@@ -150,8 +152,8 @@ pub struct Decoder {
     /// Clusters of the fused kernel the device holds at once (0 where it has none).
     resident_clusters: usize,
     attention: AttentionKernel,
-    /// Blocks of the tensor-core attention the device holds at once (0 if unknown).
-    resident_attend_mma_blocks: usize,
+    /// Blocks of the tensor-core attention the device holds at once, when the driver says.
+    resident_attend_mma_blocks: Option<usize>,
     num_sms: usize,
     launch_overlap: bool,
 }
@@ -215,17 +217,17 @@ impl Decoder {
             Some(f) => {
                 let tiling = &program.tiling;
                 crate::launch::allow_dynamic_shared(&stream, f, tiling.attend_mma_shared_bytes)?;
-                num_sms
-                    * crate::launch::resident_blocks_per_sm(
-                        &stream,
-                        f,
-                        tiling.attend_mma_threads,
-                        tiling.attend_mma_shared_bytes,
-                    )
+                let per_sm = crate::launch::resident_blocks_per_sm(
+                    &stream,
+                    f,
+                    tiling.attend_mma_threads,
+                    tiling.attend_mma_shared_bytes,
+                );
+                (per_sm > 0).then_some(num_sms * per_sm)
             }
-            None => 0,
+            None => None,
         };
-        tracing::debug!(variant = %spec, stages = ?separate, resident_clusters, resident_attend_mma_blocks, origin = ?program.origin, "decoder ready");
+        tracing::debug!(variant = %spec, stages = ?separate, resident_clusters, ?resident_attend_mma_blocks, origin = ?program.origin, "decoder ready");
         let mut decoder = Decoder {
             spec,
             stream,
@@ -239,11 +241,11 @@ impl Decoder {
             num_sms,
             launch_overlap: false,
         };
-        decoder.set_attention_kernel(AttentionKernel::default_for(&spec));
+        decoder.set_attention_kernel(AttentionKernel::default());
         Ok(decoder)
     }
 
-    /// Which kernel runs the attention; by default [`AttentionKernel::default_for`] the variant.
+    /// Which kernel runs the attention; by default [`AttentionKernel::default`].
     pub fn set_attention_kernel(&mut self, kernel: AttentionKernel) {
         self.attention = kernel;
         let stage = kernel.stage();
@@ -340,8 +342,7 @@ impl Decoder {
             AttentionKernel::TensorCores => AttentionGrid {
                 tile: tiling.attend_mma_tile_tokens() as usize,
                 num_sms: self.num_sms,
-                resident_blocks: (self.resident_attend_mma_blocks > 0)
-                    .then_some(self.resident_attend_mma_blocks),
+                resident_blocks: self.resident_attend_mma_blocks,
             },
         };
         StepPlan::new(

@@ -228,12 +228,12 @@ impl Tiling {
             // unroll would spill.
             decode_unroll: if spec.group_size >= 8 { 2 } else { 4 },
             attend_mma_warps: attend_mma_warps(spec.head_dim),
-            attend_mma_stages: attend_mma_stages(),
+            attend_mma_stages: ATTEND_MMA_STAGES,
             attend_mma_threads: 32 * attend_mma_warps(spec.head_dim),
             attend_mma_shared_bytes: attend_mma_shared_bytes(
                 spec,
                 attend_mma_warps(spec.head_dim),
-                attend_mma_stages(),
+                ATTEND_MMA_STAGES,
             ),
             append_threads: 128,
             select_threads: 256,
@@ -260,9 +260,7 @@ impl Tiling {
 
 /// Two stages: with six warps per block a third one measured no faster at the headline and
 /// slower at batch 1 (bench/PERF-NOTES.md, v15).
-fn attend_mma_stages() -> u32 {
-    2
-}
+const ATTEND_MMA_STAGES: u32 = 2;
 
 /// The kernel's `shared_state` (attend.cuh, tw_attend_mma): `warps * stages` tiles of 16 rows
 /// of K and V, or the merge state (per warp and head: max, sum and head_dim outputs; a ticket;

@@ -190,7 +190,7 @@ fn measure_typed<T: KvElement>(
         .max_by_key(|&s| rotations[s])
         .ok_or("at least one selector")?;
     let dense_spec = with(specs[widest], Selector::Full, Pruning::None);
-    let dense_default = AttentionKernel::default_for(&dense_spec);
+    let dense_default = AttentionKernel::default();
     let dense_t = time_dense(
         stream,
         dense_spec,
