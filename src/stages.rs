@@ -89,11 +89,32 @@ pub(crate) fn function<'p>(
     })
 }
 
-/// The selector's choice as the candidate stages read it (null for `full`).
-fn selection<'a>(l: &mut Launcher<'a>, ws: &'a Workspace) -> (ConstPtr<i32>, ConstPtr<i32>) {
-    match (&ws.selected, &ws.selected_count) {
-        (Some(selected), Some(count)) => (l.read(selected), l.read(count)),
+/// The selector's choice as the candidate stages read it: positions, counts and, for Quest,
+/// page ids (null where the selector has none).
+struct Selection {
+    selected: ConstPtr<i32>,
+    selected_count: ConstPtr<i32>,
+    selected_pages: ConstPtr<i32>,
+}
+
+fn selection<'a>(
+    l: &mut Launcher<'a>,
+    selected: &'a Option<CudaSlice<i32>>,
+    selected_count: &'a Option<CudaSlice<i32>>,
+    selected_pages: &'a Option<CudaSlice<i32>>,
+) -> Selection {
+    let (selected, selected_count) = match (selected, selected_count) {
+        (Some(a), Some(b)) => (l.read(a), l.read(b)),
         _ => (ConstPtr::NULL, ConstPtr::NULL),
+    };
+    let selected_pages = match selected_pages {
+        Some(ids) => l.read(ids),
+        None => ConstPtr::NULL,
+    };
+    Selection {
+        selected,
+        selected_count,
+        selected_pages,
     }
 }
 
@@ -148,8 +169,10 @@ pub(crate) fn quest_select<T: KvElement>(
     let params = QuestSelectParams {
         scores: l.read(ensured_ref(&ws.scores, "selector scores")?),
         kv_indptr: l.read_ref(&s.table.kv_indptr),
+        kv_indices: l.read_ref(&s.table.kv_indices),
         selected: l.write(ensured(&mut ws.selected, "selected positions")?),
         selected_count: l.write(ensured(&mut ws.selected_count, "selected counts")?),
+        selected_pages: l.write(ensured(&mut ws.selected_pages, "selected page ids")?),
         num_kv_heads: s.num_kv_heads as i32,
         max_pages: s.plan.max_pages as i32,
         budget_pages: s.plan.budget_pages as i32,
@@ -228,14 +251,12 @@ pub(crate) fn estimate<T: KvElement>(
     let Workspace {
         selected,
         selected_count,
+        selected_pages,
         logits,
         ..
     } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
-    let (selected, selected_count) = match (&*selected, &*selected_count) {
-        (Some(a), Some(b)) => (l.read(a), l.read(b)),
-        _ => (ConstPtr::NULL, ConstPtr::NULL),
-    };
+    let sel = selection(&mut l, selected, selected_count, selected_pages);
     let params = EstimateParams {
         q: l.read_ref_elem(s.q),
         k_q4: l.read(codes),
@@ -243,8 +264,9 @@ pub(crate) fn estimate<T: KvElement>(
         kv_indptr: l.read_ref(&s.table.kv_indptr),
         kv_indices: l.read_ref(&s.table.kv_indices),
         kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
-        selected,
-        selected_count,
+        selected: sel.selected,
+        selected_count: sel.selected_count,
+        selected_pages: sel.selected_pages,
         logits: l.write(ensured(logits, "logits")?),
         num_kv_heads: s.num_kv_heads as i32,
         selected_stride: s.plan.selected_stride as i32,
@@ -267,22 +289,21 @@ pub(crate) fn threshold<T: KvElement>(
     let Workspace {
         selected,
         selected_count,
+        selected_pages,
         logits,
         stats,
         ..
     } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
-    let (selected, selected_count) = match (&*selected, &*selected_count) {
-        (Some(a), Some(b)) => (l.read(a), l.read(b)),
-        _ => (ConstPtr::NULL, ConstPtr::NULL),
-    };
+    let sel = selection(&mut l, selected, selected_count, selected_pages);
     let params = ThresholdParams {
         logits: l.read(ensured_ref(logits, "logits")?),
         kv_indptr: l.read_ref(&s.table.kv_indptr),
         kv_indices: l.read_ref(&s.table.kv_indices),
         kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
-        selected,
-        selected_count,
+        selected: sel.selected,
+        selected_count: sel.selected_count,
+        selected_pages: sel.selected_pages,
         stats: l.write(ensured(stats, "top-p thresholds")?),
         num_kv_heads: s.num_kv_heads as i32,
         selected_stride: s.plan.selected_stride as i32,
@@ -306,22 +327,21 @@ pub(crate) fn threshold_compact<T: KvElement>(
     let Workspace {
         selected,
         selected_count,
+        selected_pages,
         logits,
         stats,
         ..
     } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
-    let (selected, selected_count) = match (&*selected, &*selected_count) {
-        (Some(a), Some(b)) => (l.read(a), l.read(b)),
-        _ => (ConstPtr::NULL, ConstPtr::NULL),
-    };
+    let sel = selection(&mut l, selected, selected_count, selected_pages);
     let params = ThresholdCompactParams {
         logits: l.read(ensured_ref(logits, "logits")?),
         kv_indptr: l.read_ref(&s.table.kv_indptr),
         kv_indices: l.read_ref(&s.table.kv_indices),
         kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
-        selected,
-        selected_count,
+        selected: sel.selected,
+        selected_count: sel.selected_count,
+        selected_pages: sel.selected_pages,
         stats: l.write(ensured(stats, "top-p thresholds")?),
         kept: l.write_mut(kept),
         kept_count: l.write_mut(kept_counts),
@@ -348,7 +368,7 @@ pub(crate) fn compact<T: KvElement>(
     kept: &mut DeviceMut<'_, i32>,
 ) -> Result<()> {
     let mut l = Launcher::new(s.stream, s.overlap);
-    let (selected, selected_count) = selection(&mut l, ws);
+    let sel = selection(&mut l, &ws.selected, &ws.selected_count, &ws.selected_pages);
     // Without pruning the kernel keeps every candidate and reads no logits.
     let (logits, stats) = match (&ws.logits, &ws.stats) {
         (Some(logits), Some(stats)) if s.spec.pruning == twilight_jit::Pruning::TopP => {
@@ -362,8 +382,9 @@ pub(crate) fn compact<T: KvElement>(
         kv_indptr: l.read_ref(&s.table.kv_indptr),
         kv_indices: l.read_ref(&s.table.kv_indices),
         kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
-        selected,
-        selected_count,
+        selected: sel.selected,
+        selected_count: sel.selected_count,
+        selected_pages: sel.selected_pages,
         kept: l.write_mut(kept),
         kept_count: l.write_mut(kept_counts),
         num_kv_heads: s.num_kv_heads as i32,

@@ -16,6 +16,9 @@ pub struct Workspace {
     pub(crate) scores: Option<CudaSlice<f32>>,
     pub(crate) selected: Option<CudaSlice<i32>>,
     pub(crate) selected_count: Option<CudaSlice<i32>>,
+    /// Quest: the selected pages' ids in the pool (rows as `selected`), so the stages after the
+    /// selection find a candidate's page in one load instead of two.
+    pub(crate) selected_pages: Option<CudaSlice<i32>>,
     pub(crate) logits: Option<CudaSlice<f32>>,
     pub(crate) stats: Option<CudaSlice<f32>>,
     pub(crate) partial_o: Option<CudaSlice<f32>>,
@@ -48,6 +51,12 @@ impl Workspace {
             &mut self.selected_count,
             n.selected_count,
             "selected counts",
+        )?;
+        ensure_some(
+            stream,
+            &mut self.selected_pages,
+            n.selected_pages,
+            "selected page ids",
         )?;
         ensure_some(stream, &mut self.logits, n.logits, "logits")?;
         ensure_some(stream, &mut self.stats, n.stats, "top-p thresholds")?;
@@ -118,6 +127,7 @@ pub struct WorkspaceSizes {
     pub scores: Option<usize>,
     pub selected: Option<usize>,
     pub selected_count: Option<usize>,
+    pub selected_pages: Option<usize>,
     pub logits: Option<usize>,
     pub stats: Option<usize>,
     pub partial_o: usize,
@@ -160,6 +170,10 @@ impl WorkspaceSizes {
                 )
             }
         };
+        let selected_pages = match spec.selector {
+            Selector::Quest => selected,
+            _ => None,
+        };
         let (logits, stats) = if spec.pruning == Pruning::TopP {
             (
                 Some(size("logits", &[heads, plan.max_cands])?),
@@ -177,6 +191,7 @@ impl WorkspaceSizes {
             scores,
             selected,
             selected_count,
+            selected_pages,
             logits,
             stats,
             partial_o: size("attention partials", &[partials, spec.head_dim as usize])?,
@@ -191,6 +206,7 @@ impl WorkspaceSizes {
             self.scores,
             self.selected,
             self.selected_count,
+            self.selected_pages,
             self.logits,
             self.stats,
         ];

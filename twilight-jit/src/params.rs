@@ -223,8 +223,11 @@ kernel_params! {
     QuestSelectParams => "tw_quest_select_params" {
         scores: ConstPtr<f32>,
         kv_indptr: ConstPtr<i32>,
+        kv_indices: ConstPtr<i32>,
         selected: MutPtr<i32>,
         selected_count: MutPtr<i32>,
+        /// The selected pages' ids in the pool, rows as `selected`.
+        selected_pages: MutPtr<i32>,
         num_kv_heads: i32,
         max_pages: i32,
         budget_pages: i32,
@@ -274,6 +277,8 @@ kernel_params! {
         /// The selector's positions (null for `full`).
         selected: ConstPtr<i32>,
         selected_count: ConstPtr<i32>,
+        /// Quest's selected page ids (null for other selectors).
+        selected_pages: ConstPtr<i32>,
         logits: MutPtr<f32>,
         num_kv_heads: i32,
         selected_stride: i32,
@@ -291,6 +296,8 @@ kernel_params! {
         kv_last_page_len: ConstPtr<i32>,
         selected: ConstPtr<i32>,
         selected_count: ConstPtr<i32>,
+        /// Quest's selected page ids (null for other selectors).
+        selected_pages: ConstPtr<i32>,
         stats: MutPtr<f32>,
         num_kv_heads: i32,
         selected_stride: i32,
@@ -308,6 +315,8 @@ kernel_params! {
         kv_last_page_len: ConstPtr<i32>,
         selected: ConstPtr<i32>,
         selected_count: ConstPtr<i32>,
+        /// Quest's selected page ids (null for other selectors).
+        selected_pages: ConstPtr<i32>,
         stats: MutPtr<f32>,
         kept: MutPtr<i32>,
         kept_count: MutPtr<i32>,
@@ -329,6 +338,8 @@ kernel_params! {
         kv_last_page_len: ConstPtr<i32>,
         selected: ConstPtr<i32>,
         selected_count: ConstPtr<i32>,
+        /// Quest's selected page ids (null for other selectors).
+        selected_pages: ConstPtr<i32>,
         kept: MutPtr<i32>,
         kept_count: MutPtr<i32>,
         num_kv_heads: i32,

@@ -41,31 +41,37 @@ TW_DEVICE tw_u32 tw_q4_pair(tw_u32 word, int kk) {
   return pair;
 }
 
-// Candidate c -> token slot, from a page selector's choice: with SELECTED the selector's page
-// positions (rows of `stride`; the request's last page is always the last of them), otherwise
-// every page of the request.
+// Candidate c -> token slot, from a page selector's choice: with SELECTED the ids of the
+// selector's pages in the pool (rows of `stride`; the request's last page is always the last
+// of them), otherwise every page of the request.
 template <int PAGE_SIZE, bool SELECTED>
 struct tw_page_candidates {
-  const int* pages;
-  const int* positions;
+  const int* pages;  // page ids: the selection's row, or the request's page list
   int count;
+  int capacity;  // candidates whose page id lies inside `pages`
 
   TW_DEVICE tw_page_candidates(const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len,
-                               const int* selected, const int* selected_count, int request, int head_row,
-                               int stride) {
-    pages = kv_indices + kv_indptr[request];
+                               const int* selected, const int* selected_count, const int* selected_pages,
+                               int request, int head_row, int stride) {
     const int last = kv_last_page_len[request];
     if (SELECTED) {
-      positions = selected + tw_i64(head_row) * stride;
+      pages = selected_pages + tw_i64(head_row) * stride;
       count = (selected_count[head_row] - 1) * PAGE_SIZE + last;
+      capacity = stride * PAGE_SIZE;
     } else {
-      positions = nullptr;
-      count = (kv_indptr[request + 1] - kv_indptr[request] - 1) * PAGE_SIZE + last;
+      const int first = kv_indptr[request];
+      pages = kv_indices + first;
+      count = (kv_indptr[request + 1] - first - 1) * PAGE_SIZE + last;
+      capacity = count;
     }
   }
-  TW_DEVICE int slot(int c) const {
-    const int pos = SELECTED ? positions[c / PAGE_SIZE] : c / PAGE_SIZE;
-    return pages[pos] * PAGE_SIZE + c % PAGE_SIZE;
+  TW_DEVICE int slot(int c) const { return pages[c / PAGE_SIZE] * PAGE_SIZE + c % PAGE_SIZE; }
+  // Candidate c's slot for a load that should not wait for the count: with SELECTED the read
+  // stays inside the selection's row whatever c is (past the count the value is meaningless
+  // and must not be used); otherwise 0 past the count.
+  TW_DEVICE int early_slot(int c) const {
+    if (SELECTED) return slot(min(c, capacity - 1));
+    return c < count ? slot(c) : 0;
   }
 };
 
@@ -78,7 +84,7 @@ struct tw_token_candidates {
   int count;
 
   TW_DEVICE tw_token_candidates(const int* kv_indptr, const int* kv_indices, const int*, const int* selected,
-                                const int* selected_count, int request, int head_row, int stride)
+                                const int* selected_count, const int*, int request, int head_row, int stride)
       : pages(kv_indices + kv_indptr[request]),
         positions(selected + tw_i64(head_row) * stride),
         count(selected_count[head_row]) {}
@@ -86,6 +92,8 @@ struct tw_token_candidates {
     const int pos = positions[c];
     return pages[pos / PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE;
   }
+  // Past the count a position may be stale: 0 there.
+  TW_DEVICE int early_slot(int c) const { return c < count ? slot(c) : 0; }
 };
 
 template <typename T, int HEAD_DIM, int PAGE_SIZE, int GROUP, bool HND>
@@ -137,7 +145,6 @@ struct tw_prune {
     const int request = tw_grid_request();
     const int num_qo_heads = num_kv_heads * GROUP;
     const int base = tw_grid_part() * THREADS * PER_THREAD;
-    if (base >= cands.count) return;  // whole block past the candidates
     const int lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int first = base + int(threadIdx.x / 32) * 32 * PER_THREAD;  // the warp's first candidate
@@ -150,12 +157,14 @@ struct tw_prune {
     for (int j = 0; j < PER_THREAD; ++j) {
       const int c = first + 32 * j + lane;
       const bool valid = c < cands.count;
-      const unsigned slot = valid ? cands.slot(c) : 0;
+      const unsigned slot = cands.early_slot(c);  // its load overlaps the count's
       const int page = slot / PAGE_SIZE, offset = slot % PAGE_SIZE;
       codes_at[j] = q4_layout::offset(page, kv_head, offset, num_kv_heads);
       const half* sm = k_q4_scale_min + scale_layout::offset(page, kv_head, offset, num_kv_heads);
       scale_min[j] = valid ? *reinterpret_cast<const tw_u32*>(sm) : 0u;
     }
+    // Only now: the page ids' loads above were issued without waiting for the count.
+    if (base >= cands.count) return;  // whole block past the candidates
     // This lane's A rows: candidates first + 16i + g (h = 0) and + 8 (h = 1) of tile i. Every
     // load is issued here, before q and the math; past the end they read nothing (zeros).
     tw_u32 codes[TILES][2][WORDS];
@@ -246,24 +255,45 @@ struct tw_prune {
     }
   }
 
+  // Calls f(key) for every weight of a threshold's row whose key (its bits, at least
+  // FLOOR_KEY) matches `prefix` under `mask`: from the registers of a cached row, else
+  // recomputed from the logits.
+  template <int THREADS, int CACHED, typename F>
+  TW_DEVICE static void for_matching_keys(const float (&w)[CACHED], bool cached, int n, const float* __restrict__ row,
+                                          float mx, unsigned prefix, unsigned mask, F&& f) {
+    constexpr unsigned FLOOR_KEY = 0x20000000u;
+    if (cached) {
+#pragma unroll
+      for (int j = 0; j < CACHED; ++j) {
+        const unsigned key = max(__float_as_uint(w[j]), FLOOR_KEY);
+        if (j * THREADS + int(threadIdx.x) < n && (key & mask) == prefix) f(key);
+      }
+    } else {
+      for (int i = threadIdx.x; i < n; i += THREADS) {
+        const unsigned key = max(__float_as_uint(exp2f(row[i] - mx)), FLOOR_KEY);
+        if ((key & mask) == prefix) f(key);
+      }
+    }
+  }
+
   // One block per (request, qo head): the row's max logit and the exact top-p threshold weight
   // w* (weights w = exp2(logit - max), unnormalized). A radix descent over the weights' bits
   // (positive floats order like their bits) sums the weight mass per digit bucket and follows
   // the bucket where the mass from the top first reaches p * sum(w); the kept set is every
-  // weight >= w*. stats[row] = (max, w*);
-  // p >= 1 keeps everything (w* = 0).
+  // weight >= w*. stats[row] = (max, w*); p >= 1 keeps everything (w* = 0).
   // `row_id` is request * num_qo_heads + qo head. Returns (max, w*) to every thread.
   template <int THREADS, typename Candidates>
   TW_DEVICE static float2 threshold(const float* __restrict__ logits, const Candidates& cands,
                                     float* __restrict__ stats, int max_cands, float p, int row_id) {
-    typedef tw_radix<float, THREADS> radix;
+    typedef tw_mass_radix<THREADS> radix;
     __shared__ typename radix::storage radix_smem;
     __shared__ float scratch[THREADS / 32];
     const float* row = logits + tw_i64(row_id) * max_cands;
     const int n = cands.count;
     // Rows of up to THREADS * CACHED candidates (every Quest budget up to 8k tokens) keep their
-    // weights in registers: one read of the logits and one exp2f each, instead of one per pass.
-    constexpr int CACHED = 16;
+    // weights in registers: one read of the logits and one exp2f each, instead of one per pass,
+    // and their bucket masses are exact integer sums (tw_mass_radix).
+    constexpr int CACHED = radix::CACHED;
     const bool cached = n <= THREADS * CACHED;
     float w[CACHED];
     float mx = tw_neg_inf();
@@ -278,17 +308,6 @@ struct tw_prune {
       for (int i = threadIdx.x; i < n; i += THREADS) mx = fmaxf(mx, row[i]);
     }
     mx = tw_block_max<THREADS>(mx, scratch);
-    float z = 0.f;
-    if (cached) {
-#pragma unroll
-      for (int j = 0; j < CACHED; ++j) {
-        w[j] = exp2f(w[j] - mx);  // exactly 0 past the row's end (exp2(-inf))
-        z += w[j];
-      }
-    } else {
-      for (int i = threadIdx.x; i < n; i += THREADS) z += exp2f(row[i] - mx);
-    }
-    z = tw_block_sum<THREADS>(z, scratch);
     if (p >= 1.f) {
       if (threadIdx.x == 0) {
         stats[2 * row_id] = mx;
@@ -296,43 +315,42 @@ struct tw_prune {
       }
       return make_float2(mx, 0.f);
     }
-    const float target = p * z;
+    if (cached) {
+#pragma unroll
+      for (int j = 0; j < CACHED; ++j) w[j] = exp2f(w[j] - mx);  // exactly 0 past the row's end (exp2(-inf))
+    }
     // Weights lie in (0, 1], so a key's top three bits are 001 from 2^-63 up: the digits start
     // below them. The first digit is then 6 exponent bits and 2 mantissa bits (quarter-octave
     // buckets) rather than the top 8 bits (two-octave buckets, where most of a peaked row's
-    // weights would meet in a few bins and their shared-memory atomics serialize). Weights
-    // below 2^-63 are binned as 2^-63: their mass cannot reach 1 - p of the row's.
+    // weights would meet in a few bins). Weights below 2^-63 are binned, and weighed, as 2^-63:
+    // their mass, under n * 2^-63, cannot reach the 1 - p of the row's that p < 1 leaves out.
     constexpr unsigned FLOOR_KEY = 0x20000000u;  // 2^-63
     constexpr int SHIFTS[4] = {21, 13, 5, 0};
     constexpr unsigned WIDTHS[4] = {255u, 255u, 255u, 31u};
     unsigned prefix = FLOOR_KEY, mask = 0xE0000000u;
-    float above = 0.f;  // mass of the weights beyond the current prefix's range
+    radix::clear(radix_smem);
+    __syncthreads();
 #pragma unroll
     for (int pass = 0; pass < 4; ++pass) {
       const int shift = SHIFTS[pass];
       const unsigned width = WIDTHS[pass];
-      radix::clear(radix_smem);
-      __syncthreads();
-      if (cached) {
-#pragma unroll
-        for (int j = 0; j < CACHED; ++j) {
-          const unsigned key = max(__float_as_uint(w[j]), FLOOR_KEY);
-          if (j * THREADS + int(threadIdx.x) < n && (key & mask) == prefix) {
-            radix::add(radix_smem, (key >> shift) & width, w[j]);
-          }
+      for_matching_keys<THREADS>(w, cached, n, row, mx, prefix, mask, [&](unsigned key) {
+        const unsigned bucket = (key >> shift) & width;
+        if (cached) {
+          radix::add_exact(radix_smem, bucket, key & ((1u << shift) - 1u));
+        } else {
+          radix::add_float(radix_smem, bucket, __uint_as_float(key));
         }
-      } else {
-        for (int i = threadIdx.x; i < n; i += THREADS) {
-          const float wi = exp2f(row[i] - mx);
-          const unsigned key = max(__float_as_uint(wi), FLOOR_KEY);
-          if ((key & mask) == prefix) radix::add(radix_smem, (key >> shift) & width, wi);
-        }
-      }
-      radix::pick(radix_smem, above, target);
+      });
+      radix::pick(radix_smem, cached, prefix, shift, pass == 0, p);
       prefix |= radix_smem.digit << shift;
-      above = radix_smem.above;
       mask |= width << shift;
-      __syncthreads();
+      if (pass < 3 && radix_smem.chosen_count <= radix::FEW) {
+        for_matching_keys<THREADS>(w, cached, n, row, mx, prefix, mask, [&](unsigned key) { radix::gather(radix_smem, key); });
+        radix::finish(radix_smem);
+        prefix = radix_smem.key;
+        break;
+      }
     }
     if (threadIdx.x == 0) {
       stats[2 * row_id] = mx;
@@ -348,41 +366,62 @@ struct tw_prune {
                                 const Candidates& cands, int* __restrict__ kept, int* __restrict__ kept_count,
                                 int num_kv_heads, int max_cands) {
     __shared__ int scan_scratch[THREADS / 32];
-    __shared__ float row_max[GROUP], row_threshold[GROUP];
     const int head_row = tw_grid_row();  // grid (1, kv heads, requests)
     const int first_qo = head_row * GROUP;  // request * num_qo_heads + kv_head * GROUP
-    if (PRUNE && threadIdx.x < GROUP) {
-      row_max[threadIdx.x] = stats[2 * (first_qo + threadIdx.x)];
-      row_threshold[threadIdx.x] = stats[2 * (first_qo + threadIdx.x) + 1];
+    // Every thread reads the group's (max, w*) itself (the same few addresses for the whole
+    // block), so its logit loads need not wait for a barrier.
+    float row_max[GROUP], row_threshold[GROUP];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+      row_max[g] = PRUNE ? stats[2 * (first_qo + g)] : 0.f;
+      row_threshold[g] = PRUNE ? stats[2 * (first_qo + g) + 1] : 0.f;
     }
-    __syncthreads();
     int* out = kept + tw_i64(head_row) * max_cands;
     int written = 0;
     // Each thread owns ITEMS consecutive candidates, so one block-wide scan of per-thread counts
     // (not one per candidate) places every kept slot, in candidate order.
     constexpr int ITEMS = 8;
+    // Rows on a 16-byte boundary read each head's ITEMS logits as float4s: a warp's load
+    // instruction then covers 512 contiguous bytes, where one float per lane 32 bytes apart
+    // touches 32 sectors for 32 floats.
+    const bool vector_rows = (max_cands % 4) == 0;
     for (int base = 0; base < cands.count; base += THREADS * ITEMS) {
       const int first = base + threadIdx.x * ITEMS;
+      // Every candidate's slot is looked up before the scan, while the logits load: after it
+      // they would cost two dependent loads (position, then page) on the way out.
+      int slots[ITEMS];
+#pragma unroll
+      for (int j = 0; j < ITEMS; ++j) slots[j] = cands.early_slot(first + j);
       unsigned keep_bits = 0;
+      if (!PRUNE || first + ITEMS > cands.count || !vector_rows) {
 #pragma unroll
-      for (int j = 0; j < ITEMS; ++j) {
-        const int c = first + j;
-        bool keep = c < cands.count;
-        if (PRUNE && keep) {
-          keep = false;
+        for (int j = 0; j < ITEMS; ++j) {
+          const int c = first + j;
+          bool keep = c < cands.count;
+          if (PRUNE && keep) keep = kept_by_group(logits, first_qo, max_cands, c, row_max, row_threshold);
+          keep_bits |= unsigned(keep) << j;
+        }
+      } else {
 #pragma unroll
-          for (int g = 0; g < GROUP; ++g) {
-            // The same expression as in `threshold`, so a weight equal to w* there is equal here.
-            keep |= exp2f(logits[tw_i64(first_qo + g) * max_cands + c] - row_max[g]) >= row_threshold[g];
+        for (int g = 0; g < GROUP; ++g) {
+          const float4* at = reinterpret_cast<const float4*>(logits + tw_i64(first_qo + g) * max_cands + first);
+#pragma unroll
+          for (int v = 0; v < ITEMS / 4; ++v) {
+            const float4 x = at[v];
+            const float l[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              // The same expression as in `threshold`, so a weight equal to w* there is equal here.
+              keep_bits |= unsigned(exp2f(l[e] - row_max[g]) >= row_threshold[g]) << (4 * v + e);
+            }
           }
         }
-        keep_bits |= unsigned(keep) << j;
       }
       int total = 0;
       int at = written + tw_block_exclusive_sum<THREADS>(__popc(keep_bits), scan_scratch, total);
 #pragma unroll
       for (int j = 0; j < ITEMS; ++j) {
-        if (keep_bits & (1u << j)) out[at++] = cands.slot(first + j);
+        if (keep_bits & (1u << j)) out[at++] = slots[j];
       }
       written += total;
     }

@@ -43,9 +43,8 @@ TW_DEVICE float tw_block_max(float x, float* scratch) {
   return m;
 }
 
-// Radix selection over 8-bit digits, shared by the Quest selector (V = count) and the top-p
-// threshold (V = weight mass). Each warp fills its own histogram, so contention on hot buckets
-// stays within a warp; `pick` then sums them and finds, from the top digit down, the first
+// Radix selection over 8-bit digits, shared by the Quest and Double Sparsity selectors (V =
+// count). Each warp fills its own histogram, so contention on hot buckets stays within a warp; `pick` then sums them and finds, from the top digit down, the first
 // bucket where the running total (starting from `above`) reaches `target`, with a warp-wide
 // scan instead of a serial walk over 256 bins.
 template <typename V, int THREADS>
@@ -134,6 +133,193 @@ struct tw_radix {
         s.digit = unsigned(digit);
         s.above = new_above;
       }
+    }
+    __syncthreads();
+  }
+};
+
+// The top-p threshold's radix histograms: per digit bucket, the number and the mass of the
+// weights (positive floats, keys = their bits) whose keys match the descent's prefix. Adding a
+// float to shared memory compiles to a compare-and-swap loop on sm_90, and the lanes of a warp
+// that share a bucket retry one after another (bench/PERF-NOTES.md, "Threshold's SASS"). Within
+// one bucket every weight has the same exponent e (the first digit holds the exponent's low six
+// bits; the top three are fixed), so its mass is exactly 2^(e - 150) * (count * (2^23 + m0) +
+// the sum of the bits below the digit), m0 the bucket's mantissa bits: two native 32-bit
+// integer atomics per weight (`add_exact`), exact and independent of the order of the adds.
+// Per warp and bucket the low-bit sum stays below 2^32 for up to 32 * CACHED = 2^9 weights of
+// at most 2^21 each. Longer rows add float masses (`add_float`).
+//
+// Once the chosen bucket holds at most 32 weights, the descent stops: the block gathers them
+// (`gather`) and one warp sorts them and walks their masses (`finish`), which gives the same
+// key the remaining passes would (both sum exactly in the same order of keys) for two or three
+// passes' barriers less.
+template <int THREADS>
+struct tw_mass_radix {
+  static constexpr int WARPS = THREADS / 32;
+  static constexpr int CACHED = 16;  // weights per thread the exact path takes
+  static constexpr unsigned FEW = 32;  // a bucket this small is finished by one warp
+  struct storage {
+    unsigned count[WARPS][256];
+    union {
+      unsigned low[WARPS][256];  // exact path
+      float mass[WARPS][256];    // float path
+    } sum;
+    double total[256];
+    unsigned bin_count[256];
+    unsigned few_keys[FEW];
+    double target;  // p times the whole row's mass, from the first pass
+    double above;   // mass of the weights above the current prefix's range
+    unsigned digit;
+    unsigned chosen_count;  // weights in the chosen bucket
+    unsigned gathered;
+    unsigned key;  // the threshold's key, from `finish`
+  };
+
+  TW_DEVICE static void clear(storage& s) {
+    for (int i = threadIdx.x; i < WARPS * 256; i += THREADS) {
+      s.count[i / 256][i % 256] = 0u;
+      s.sum.low[i / 256][i % 256] = 0u;
+    }
+  }
+
+  TW_DEVICE static void add_exact(storage& s, unsigned bucket, unsigned low_bits) {
+    const int warp = threadIdx.x / 32;
+    atomicAdd(&s.count[warp][bucket], 1u);
+    if (low_bits) atomicAdd(&s.sum.low[warp][bucket], low_bits);
+  }
+
+  TW_DEVICE static void add_float(storage& s, unsigned bucket, float w) {
+    const int warp = threadIdx.x / 32;
+    atomicAdd(&s.count[warp][bucket], 1u);
+    atomicAdd(&s.sum.mass[warp][bucket], w);
+  }
+
+  // Call from every thread once the pass's adds are issued (it begins with the barrier that
+  // completes them). Sums the warps' histograms into bucket masses, clearing them for the next
+  // pass; on the first pass sets the target p * (the whole mass); then picks, from the top
+  // digit down, the first bucket where the running mass (from `above`) reaches the target.
+  // Afterwards s.digit is the chosen digit, s.above the mass above it and s.chosen_count its
+  // weights. Should the whole mass stay below the target (rounding of the float path), the
+  // lowest non-empty digit is chosen.
+  TW_DEVICE static void pick(storage& s, bool exact, unsigned prefix, int shift, bool first, float p) {
+    __syncthreads();
+    for (int d = threadIdx.x; d < 256; d += THREADS) {
+      unsigned count = 0;
+      double t = 0.0;
+      unsigned long long low = 0;
+#pragma unroll
+      for (int w = 0; w < WARPS; ++w) {
+        count += s.count[w][d];
+        s.count[w][d] = 0u;
+        if (exact) {
+          low += s.sum.low[w][d];
+          s.sum.low[w][d] = 0u;
+        } else {
+          t += s.sum.mass[w][d];
+          s.sum.mass[w][d] = 0.f;
+        }
+      }
+      if (exact) {
+        const unsigned base = prefix | (unsigned(d) << shift);
+        // 2^(e - 150) as a double's bits: e is 64..127 here, so the power is a normal double.
+        const double unit = __longlong_as_double((long long)(int(base >> 23) - 150 + 1023) << 52);
+        t = double((unsigned long long)count * (8388608ull + (base & 0x7fffffu)) + low) * unit;
+      }
+      s.total[d] = t;
+      s.bin_count[d] = count;
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      const int lane = threadIdx.x;
+      double local[8];
+      double sum = 0.0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        local[j] = s.total[255 - (lane * 8 + j)];  // lane 0 holds the top digits
+        sum += local[j];
+      }
+      double inclusive = sum;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const double y = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (lane >= offset) inclusive += y;
+      }
+      const double above = first ? 0.0 : s.above;
+      const double target = first ? double(p) * __shfl_sync(0xffffffffu, inclusive, 31) : s.target;
+      double cum = above + (inclusive - sum);
+      int found = -1, lowest = -1;
+      double found_above = 0.0, lowest_above = 0.0;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        if (found < 0 && cum + local[j] >= target) {
+          found = 255 - (lane * 8 + j);
+          found_above = cum;
+        }
+        if (local[j] > 0.0) {
+          lowest = 255 - (lane * 8 + j);
+          lowest_above = cum;
+        }
+        cum += local[j];
+      }
+      const unsigned hits = __ballot_sync(0xffffffffu, found >= 0);
+      int digit;
+      double new_above;
+      if (hits) {
+        const int leader = __ffs(hits) - 1;
+        digit = __shfl_sync(0xffffffffu, found, leader);
+        new_above = __shfl_sync(0xffffffffu, found_above, leader);
+      } else {
+        const unsigned nonempty = __ballot_sync(0xffffffffu, lowest >= 0);
+        const int leader = nonempty ? 31 - __clz(nonempty) : 0;
+        digit = nonempty ? __shfl_sync(0xffffffffu, lowest, leader) : 0;
+        new_above = nonempty ? __shfl_sync(0xffffffffu, lowest_above, leader) : above;
+      }
+      if (lane == 0) {
+        s.digit = unsigned(digit);
+        s.above = new_above;
+        s.target = target;
+        s.chosen_count = s.bin_count[digit];
+        s.gathered = 0u;
+      }
+    }
+    __syncthreads();
+  }
+
+  // One weight of the chosen bucket (at most FEW of them in all) into the finishing list.
+  TW_DEVICE static void gather(storage& s, unsigned key) { s.few_keys[atomicAdd(&s.gathered, 1u)] = key; }
+
+  // Call from every thread after the gather: one warp sorts the gathered keys, largest first,
+  // and takes the first whose running mass (from s.above, keys weighed as the floats they are)
+  // reaches the target, or the smallest should none. Afterwards s.key is the threshold's key.
+  TW_DEVICE static void finish(storage& s) {
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      const unsigned lane = threadIdx.x;
+      const unsigned n = s.gathered;
+      unsigned key = lane < n ? s.few_keys[lane] : 0u;
+      // Bitonic sort over the warp, descending.
+#pragma unroll
+      for (unsigned size = 2; size <= 32; size *= 2) {
+#pragma unroll
+        for (unsigned stride = size / 2; stride > 0; stride /= 2) {
+          const unsigned other = __shfl_xor_sync(0xffffffffu, key, stride);
+          const bool lower = (lane & stride) == 0;
+          const bool descending = (lane & size) == 0;
+          const unsigned larger = max(key, other), smaller = min(key, other);
+          key = (lower == descending) ? larger : smaller;
+        }
+      }
+      const double mass = lane < n ? double(__uint_as_float(key)) : 0.0;
+      double inclusive = mass;
+#pragma unroll
+      for (int offset = 1; offset < 32; offset *= 2) {
+        const double y = __shfl_up_sync(0xffffffffu, inclusive, offset);
+        if (int(lane) >= offset) inclusive += y;
+      }
+      const unsigned hits = __ballot_sync(0xffffffffu, lane < n && s.above + inclusive >= s.target);
+      const int at = hits ? __ffs(hits) - 1 : int(n) - 1;
+      const unsigned chosen = __shfl_sync(0xffffffffu, key, max(at, 0));
+      if (lane == 0) s.key = chosen;
     }
     __syncthreads();
   }

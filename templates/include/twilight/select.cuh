@@ -20,9 +20,17 @@ struct tw_top_k {
   static constexpr int CACHED = TOKEN_ROWS ? 64 : 1;  // keys per thread kept in registers
   static constexpr int BATCH = 8;    // keys per thread in flight otherwise
   typedef tw_radix<int, THREADS> radix;
+  // Once the bucket holding the k-th key has at most FEW items, the descent stops: the block
+  // gathers them and one warp sorts them, which names the k-th key (and how many of its equals
+  // to take) as the remaining passes would, for their barriers.
+  static constexpr int FEW = 32;
   struct storage {
     typename radix::storage radix_smem;
     int scan_scratch[WARPS];
+    unsigned long long few[FEW];  // (key, ~position) of the gathered items
+    unsigned gathered;
+    unsigned kth_key;
+    int kth_remaining;
   };
 
   // One item into the radix histogram when `flag` holds; call from all 32 lanes of a warp.
@@ -34,19 +42,80 @@ struct tw_top_k {
     }
   }
 
+  // The end of the descent once the chosen bucket (keys matching `prefix` under `mask`) holds
+  // at most FEW items, `remaining` of which are to be taken: gathers them, and one warp sorts
+  // them by key, largest first, ties by position, lowest first. The remaining-th of that order
+  // is the k-th key; the final pass takes every larger key and, in position order, as many of
+  // its equals as that order does. Sets smem.kth_key and smem.kth_remaining. Call from every
+  // thread.
+  TW_DEVICE static void finish_few(const float* __restrict__ row, int others, bool cached, int rounds,
+                                   const unsigned (&keys)[CACHED], unsigned prefix, unsigned mask, int remaining,
+                                   storage& smem) {
+    const auto gather = [&](unsigned key, int i) {
+      const unsigned at = atomicAdd(&smem.gathered, 1u);
+      smem.few[at] = (static_cast<unsigned long long>(key) << 32) | static_cast<unsigned>(~i);
+    };
+    if (cached) {
+#pragma unroll
+      for (int j = 0; j < CACHED; ++j) {
+        const int i = j * THREADS + int(threadIdx.x);
+        if (j < rounds && i < others && (keys[j] & mask) == prefix) gather(keys[j], i);
+      }
+    } else {
+      for (int i = threadIdx.x; i < others; i += THREADS) {
+        const unsigned key = tw_ordered_bits(row[i]);
+        if ((key & mask) == prefix) gather(key, i);
+      }
+    }
+    __syncthreads();
+    if (threadIdx.x < 32) {
+      const unsigned lane = threadIdx.x;
+      const unsigned n = smem.gathered;
+      unsigned long long item = lane < n ? smem.few[lane] : 0ull;
+      // Bitonic sort over the warp, descending: key first, then ~position (lower first).
+#pragma unroll
+      for (unsigned size = 2; size <= 32; size *= 2) {
+#pragma unroll
+        for (unsigned stride = size / 2; stride > 0; stride /= 2) {
+          const unsigned long long other = __shfl_xor_sync(0xffffffffu, item, stride);
+          const bool lower = (lane & stride) == 0;
+          const bool descending = (lane & size) == 0;
+          const unsigned long long larger = item > other ? item : other;
+          const unsigned long long smaller = item > other ? other : item;
+          item = (lower == descending) ? larger : smaller;
+        }
+      }
+      // remaining >= 1 items of this bucket are to be taken, and it holds at least that many.
+      const unsigned kth = static_cast<unsigned>(__shfl_sync(0xffffffffu, item, remaining - 1) >> 32);
+      const unsigned larger = __ballot_sync(0xffffffffu, lane < n && static_cast<unsigned>(item >> 32) > kth);
+      if (lane == 0) {
+        smem.kth_key = kth;
+        smem.kth_remaining = remaining - __popc(larger);
+      }
+    }
+    __syncthreads();
+  }
+
   // Call from every thread of the block. With items <= budget every item is chosen; otherwise
   // the budget - 1 best of the first items - 1 (scored in `row`) and the last item. Writes the
-  // chosen positions ascending to out and their count to *count.
+  // chosen positions ascending to out and their count to *count; with `ids`, also each chosen
+  // item's id (ids[position]) to out_ids at the same index.
   TW_DEVICE static void run(const float* __restrict__ row, int items, int budget, int* __restrict__ out,
-                            int* __restrict__ count, storage& smem) {
+                            int* __restrict__ count, storage& smem, const int* __restrict__ ids = nullptr,
+                            int* __restrict__ out_ids = nullptr) {
+    const auto emit = [&](int at, int position) {
+      out[at] = position;
+      if (ids) out_ids[at] = ids[position];
+    };
     if (items <= budget) {
-      for (int i = threadIdx.x; i < items; i += THREADS) out[i] = i;
+      for (int i = threadIdx.x; i < items; i += THREADS) emit(i, i);
       if (threadIdx.x == 0) *count = items;
       return;
     }
     const int others = items - 1;
     const int k = budget - 1;  // best items to take besides the last one
     unsigned prefix = 0, mask = 0;
+    if (threadIdx.x == 0) smem.gathered = 0u;  // ordered before any gather by the passes' barriers
     int remaining = k;  // how many of the items matching `prefix` are still to be taken
     // Rows of up to THREADS * CACHED items keep their keys in registers, loaded once with every
     // load in flight: a pass that loads as it counts waits out one load latency per item.
@@ -93,7 +162,14 @@ struct tw_top_k {
         prefix |= smem.radix_smem.digit << shift;
         remaining -= smem.radix_smem.above;
         mask |= 255u << shift;
+        const bool few = shift > 0 && smem.radix_smem.total[smem.radix_smem.digit] <= FEW;
         __syncthreads();
+        if (few) {
+          finish_few(row, others, cached, rounds, keys, prefix, mask, remaining, smem);
+          prefix = smem.kth_key;
+          remaining = smem.kth_remaining;
+          break;
+        }
       }
     }
     // prefix is now the k-th largest key; take every larger key and the first `remaining`
@@ -127,13 +203,13 @@ struct tw_top_k {
       int at = written + tw_block_exclusive_sum<THREADS>(__popc(take), smem.scan_scratch, taken);
 #pragma unroll
       for (int j = 0; j < ITEMS; ++j) {
-        if ((take >> j) & 1u) out[at++] = mine + j;
+        if ((take >> j) & 1u) emit(at++, mine + j);
       }
       written += taken;
       equal_seen += equal_total;
     }
     if (threadIdx.x == 0) {
-      out[written] = others;  // the last item, always
+      emit(written, others);  // the last item, always
       *count = written + 1;
     }
   }
