@@ -156,6 +156,8 @@ pub struct Decoder {
     resident_attend_mma_blocks: Option<usize>,
     num_sms: usize,
     launch_overlap: bool,
+    /// Waves of blocks the dense split of the tensor-core attention plans for.
+    dense_waves: usize,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -240,6 +242,7 @@ impl Decoder {
             resident_attend_mma_blocks,
             num_sms,
             launch_overlap: false,
+            dense_waves: 1,
         };
         decoder.set_attention_kernel(AttentionKernel::default());
         Ok(decoder)
@@ -282,6 +285,18 @@ impl Decoder {
         } else {
             &self.separate
         }
+    }
+
+    /// How many waves of blocks the dense split of the tensor-core attention fills: 1 (the
+    /// default) plans one block per resident slot, each wave's longest chunk counted; more
+    /// waves mean shorter chunks and more partial results to merge. `bench dense --waves`
+    /// measures the trade.
+    pub fn set_dense_waves(&mut self, waves: usize) {
+        self.dense_waves = waves.max(1);
+    }
+
+    pub fn dense_waves(&self) -> usize {
+        self.dense_waves
     }
 
     /// Whether each stage's kernel may be scheduled while the previous one finishes
@@ -342,7 +357,9 @@ impl Decoder {
             AttentionKernel::TensorCores => AttentionGrid {
                 tile: tiling.attend_mma_tile_tokens() as usize,
                 num_sms: self.num_sms,
-                resident_blocks: self.resident_attend_mma_blocks,
+                resident_blocks: self
+                    .resident_attend_mma_blocks
+                    .map(|slots| slots.saturating_mul(self.dense_waves)),
             },
         };
         StepPlan::new(
@@ -610,6 +627,11 @@ impl DenseDecoder {
     /// See [`Decoder::set_launch_overlap`].
     pub fn set_launch_overlap(&mut self, on: bool) {
         self.decoder.set_launch_overlap(on);
+    }
+
+    /// See [`Decoder::set_dense_waves`].
+    pub fn set_dense_waves(&mut self, waves: usize) {
+        self.decoder.set_dense_waves(waves);
     }
 
     pub fn spec(&self) -> &VariantSpec {

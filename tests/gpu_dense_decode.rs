@@ -66,7 +66,9 @@ fn check_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         sm_scale,
     )
     .unwrap();
-    // Both attention kernels, each into freshly poisoned outputs.
+    // Both attention kernels, each into freshly poisoned outputs; the tensor-core split is
+    // planned for 1, 2 or 3 waves of blocks in turn (shorter chunks, more partials to merge).
+    decoder.set_dense_waves(1 + (seed % 3) as usize);
     for kernel in [AttentionKernel::TensorCores, AttentionKernel::CudaCores] {
         decoder.set_attention_kernel(kernel);
         let mut out = DecodeOutput {
@@ -92,13 +94,14 @@ fn check_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         let lse = stream.clone_dtoh(&out.lse).unwrap();
         let plan = decoder.plan(case.lens.len(), case.num_kv_heads, step.table.max_len());
         let what = format!(
-            "{spec} {kernel:?} kv_heads {} lens {:?} plan {plan:?} seed {seed}",
+            "{spec} {kernel:?} kv_heads {} lens {:?} plan {plan:?} (waves {}) seed {seed}",
             case.num_kv_heads,
             if case.lens.len() > 6 {
                 &case.lens[..6]
             } else {
                 &case.lens[..]
-            }
+            },
+            decoder.decoder().dense_waves()
         );
         let (atol, rtol) = tolerance(spec.dtype);
         common::assert_close(&format!("o of {what}"), &o, &want.o, atol, rtol);

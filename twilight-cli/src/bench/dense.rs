@@ -62,7 +62,9 @@ fn dense_typed<T: KvElement>(
         tools.fill(k, 2 * i as u32, 0.5)?;
         tools.fill(v, 2 * i as u32 + 1, 1.0)?;
         let mut pages: Vec<i32> = (0..shape.num_pages as i32).collect();
-        pages.shuffle(&mut rng);
+        if !args.pages_in_order {
+            pages.shuffle(&mut rng);
+        }
         let rows: Vec<(&[i32], usize)> = pages
             .chunks(pages_per_request)
             .map(|p| (p, args.len))
@@ -90,10 +92,11 @@ fn dense_typed<T: KvElement>(
         args.batch, args.qo_heads, args.kv_heads, args.head_dim, args.len
     );
     println!(
-        "  K/V bytes {:.3} GiB; measured read bandwidth {:.0} GB/s; floor {floor_us:.1} us; rotating {rotation} caches of {:.2} GiB; {} runs after {} warm-up",
+        "  K/V bytes {:.3} GiB; measured read bandwidth {:.0} GB/s; floor {floor_us:.1} us; rotating {rotation} caches of {:.2} GiB; pages {}; {} runs after {} warm-up",
         bytes as f64 / (1u64 << 30) as f64,
         bandwidth * 1e-9,
         cache_bytes as f64 / (1u64 << 30) as f64,
+        if args.pages_in_order { "in order" } else { "shuffled" },
         args.iters,
         args.warmup,
     );
@@ -127,6 +130,27 @@ fn dense_typed<T: KvElement>(
         );
         measured.push((kernel, timing, plan));
     }
+    decoder.set_attention_kernel(AttentionKernel::TensorCores);
+    for &waves in args.waves.iter().filter(|&&w| w > 1) {
+        decoder.set_dense_waves(waves);
+        let mut workspace = Workspace::default();
+        let timing = time_with_events(stream, args.warmup, args.iters, |i| {
+            let inst = &instances[i % instances.len()];
+            decoder.run_into(&q, &inst.cache, &inst.table, None, &mut out, &mut workspace)
+        })?;
+        let plan = decoder.plan(args.batch, args.kv_heads, args.len);
+        let median = timing.median_us();
+        println!(
+            "  TensorCores, split for {waves} waves: median {median:.1} us (min {:.1}, max {:.1}); ratio to floor {:.3}; achieved {:.0} GB/s; split {} chunk(s) of {} tokens",
+            timing.min_us(),
+            timing.max_us(),
+            median / floor_us,
+            bytes as f64 / median * 1e-3,
+            plan.num_chunks,
+            plan.chunk_tokens
+        );
+    }
+    decoder.set_dense_waves(1);
     decoder.set_attention_kernel(default_kernel);
     let (_, timing, plan) = &measured[0];
     let median = timing.median_us();

@@ -40,6 +40,14 @@ pub struct ShapeArgs {
     /// Also write the result as JSON here.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Dense decode: give each request consecutive pages in order instead of shuffled ones
+    /// (to separate the cost of scattered pages from the kernel's).
+    #[arg(long)]
+    pub pages_in_order: bool,
+    /// Dense decode: also time the tensor-core attention with its split planned for these
+    /// numbers of waves of blocks (comma-separated; the default plan is 1).
+    #[arg(long, value_delimiter = ',')]
+    pub waves: Vec<usize>,
 }
 
 impl ShapeArgs {
