@@ -290,7 +290,8 @@ impl Decoder {
     /// How many waves of blocks the dense split of the tensor-core attention fills: 1 (the
     /// default) plans one block per resident slot, each wave's longest chunk counted; more
     /// waves mean shorter chunks and more partial results to merge. `bench dense --waves`
-    /// measures the trade.
+    /// measures the trade; on the H200 one wave was the fastest at every shape tried
+    /// (bench/PERF-NOTES.md, "Dense decode: paging and the split's waves").
     pub fn set_dense_waves(&mut self, waves: usize) {
         self.dense_waves = waves.max(1);
     }
