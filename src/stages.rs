@@ -118,6 +118,25 @@ fn selection<'a>(
     }
 }
 
+/// A candidate stage's parameter struct: the fields every such stage shares (where a row's
+/// candidates come from and how many there can be), then the stage's own.
+macro_rules! candidate_params {
+    ($ty:ident, $s:expr, $l:expr, $sel:expr, { $($field:ident $(: $value:expr)?),* $(,)? }) => {
+        $ty {
+            kv_indptr: $l.read_ref(&$s.table.kv_indptr),
+            kv_indices: $l.read_ref(&$s.table.kv_indices),
+            kv_last_page_len: $l.read_ref(&$s.table.kv_last_page_len),
+            selected: $sel.selected,
+            selected_count: $sel.selected_count,
+            selected_pages: $sel.selected_pages,
+            num_kv_heads: $s.num_kv_heads as i32,
+            selected_stride: $s.plan.selected_stride as i32,
+            max_cands: $s.plan.max_cands as i32,
+            $($field $(: $value)?),*
+        }
+    };
+}
+
 fn ensured<'a, E>(slot: &'a mut Option<CudaSlice<E>>, what: &str) -> Result<&'a mut CudaSlice<E>> {
     slot.as_mut()
         .ok_or_else(|| Error::Parameter(format!("workspace has no {what}")))
@@ -178,8 +197,9 @@ pub(crate) fn quest_select<T: KvElement>(
         budget_pages: s.plan.budget_pages as i32,
     };
     let grid = Grid::rows(s.num_kv_heads, s.batch, s.tiling.select_threads);
-    // SAFETY: `f` is `_quest_select`; selected holds rows * budget_pages entries and the
-    // kernel writes at most budget_pages per row.
+    // SAFETY: `f` is `_quest_select`; selected and selected_pages hold rows * budget_pages
+    // entries each (the workspace was sized from the plan), the kernel writes at most
+    // budget_pages per row, and the table's page list covers every request's pages.
     unsafe { l.launch(f, grid, params, "quest_select") }
 }
 
@@ -257,22 +277,13 @@ pub(crate) fn estimate<T: KvElement>(
     } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
     let sel = selection(&mut l, selected, selected_count, selected_pages);
-    let params = EstimateParams {
+    let params = candidate_params!(EstimateParams, s, l, sel, {
         q: l.read_ref_elem(s.q),
         k_q4: l.read(codes),
         k_q4_scale_min: l.read(scales),
-        kv_indptr: l.read_ref(&s.table.kv_indptr),
-        kv_indices: l.read_ref(&s.table.kv_indices),
-        kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
-        selected: sel.selected,
-        selected_count: sel.selected_count,
-        selected_pages: sel.selected_pages,
         logits: l.write(ensured(logits, "logits")?),
-        num_kv_heads: s.num_kv_heads as i32,
-        selected_stride: s.plan.selected_stride as i32,
-        max_cands: s.plan.max_cands as i32,
         sm_scale: s.sm_scale,
-    };
+    });
     let per_block = (s.tiling.estimate_threads * s.tiling.estimate_per_thread) as usize;
     let parts = s.plan.max_cands.div_ceil(per_block);
     let grid = Grid::parts(parts, s.num_kv_heads, s.batch, s.tiling.estimate_threads);
@@ -296,20 +307,11 @@ pub(crate) fn threshold<T: KvElement>(
     } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
     let sel = selection(&mut l, selected, selected_count, selected_pages);
-    let params = ThresholdParams {
+    let params = candidate_params!(ThresholdParams, s, l, sel, {
         logits: l.read(ensured_ref(logits, "logits")?),
-        kv_indptr: l.read_ref(&s.table.kv_indptr),
-        kv_indices: l.read_ref(&s.table.kv_indices),
-        kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
-        selected: sel.selected,
-        selected_count: sel.selected_count,
-        selected_pages: sel.selected_pages,
         stats: l.write(ensured(stats, "top-p thresholds")?),
-        num_kv_heads: s.num_kv_heads as i32,
-        selected_stride: s.plan.selected_stride as i32,
-        max_cands: s.plan.max_cands as i32,
         p: s.p,
-    };
+    });
     let num_qo_heads = s.num_kv_heads * s.spec.group_size as usize;
     let grid = Grid::rows(num_qo_heads, s.batch, s.tiling.threshold_threads);
     // SAFETY: `f` is `_threshold`; stats hold 2 floats per (request, query head).
@@ -334,22 +336,13 @@ pub(crate) fn threshold_compact<T: KvElement>(
     } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
     let sel = selection(&mut l, selected, selected_count, selected_pages);
-    let params = ThresholdCompactParams {
+    let params = candidate_params!(ThresholdCompactParams, s, l, sel, {
         logits: l.read(ensured_ref(logits, "logits")?),
-        kv_indptr: l.read_ref(&s.table.kv_indptr),
-        kv_indices: l.read_ref(&s.table.kv_indices),
-        kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
-        selected: sel.selected,
-        selected_count: sel.selected_count,
-        selected_pages: sel.selected_pages,
         stats: l.write(ensured(stats, "top-p thresholds")?),
         kept: l.write_mut(kept),
         kept_count: l.write_mut(kept_counts),
-        num_kv_heads: s.num_kv_heads as i32,
-        selected_stride: s.plan.selected_stride as i32,
-        max_cands: s.plan.max_cands as i32,
         p: s.p,
-    };
+    });
     // One CTA per query head of the group, the group one cluster (its size is compiled into
     // the kernel).
     let group = s.spec.group_size as usize;
@@ -376,21 +369,12 @@ pub(crate) fn compact<T: KvElement>(
         }
         _ => (ConstPtr::NULL, ConstPtr::NULL),
     };
-    let params = CompactParams {
+    let params = candidate_params!(CompactParams, s, l, sel, {
         logits,
         stats,
-        kv_indptr: l.read_ref(&s.table.kv_indptr),
-        kv_indices: l.read_ref(&s.table.kv_indices),
-        kv_last_page_len: l.read_ref(&s.table.kv_last_page_len),
-        selected: sel.selected,
-        selected_count: sel.selected_count,
-        selected_pages: sel.selected_pages,
         kept: l.write_mut(kept),
         kept_count: l.write_mut(kept_counts),
-        num_kv_heads: s.num_kv_heads as i32,
-        selected_stride: s.plan.selected_stride as i32,
-        max_cands: s.plan.max_cands as i32,
-    };
+    });
     let grid = Grid::rows(s.num_kv_heads, s.batch, s.tiling.compact_threads);
     // SAFETY: `f` is `_compact`; kept holds rows * max_cands entries (the decoder checked the
     // outputs against the plan).

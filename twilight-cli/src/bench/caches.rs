@@ -183,21 +183,7 @@ fn calibrate<T: KvElement>(
 mod tests {
     use super::*;
 
-    fn shape(batch: usize, kv_heads: usize, len: usize) -> BenchShape {
-        BenchShape {
-            name: format!("b{batch}_{len}_kv{kv_heads}"),
-            batch,
-            qo_heads: 32,
-            kv_heads,
-            head_dim: 128,
-            len,
-            page_size: 16,
-            dtype: twilight::Dtype::F16,
-            layout: twilight::KvLayout::Hnd,
-            budget: 8192,
-            p: 0.85,
-        }
-    }
+    use crate::bench::shape::test_shape as shape;
 
     /// The H200's L2 as its driver reports it.
     const L2: f64 = 60.0 * (1 << 20) as f64;

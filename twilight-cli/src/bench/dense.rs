@@ -3,19 +3,19 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::CudaStream;
+use cudarc::driver::{CudaSlice, CudaStream};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use twilight::twilight_jit::open_device;
 use twilight::{
     AttentionKernel, CacheShape, DecodeOutput, DenseDecoder, Dtype, HostPageTable, KvElement,
-    PageTable, PagedKvCache, VariantSpec, Workspace,
+    PageTable, PagedKvCache, SplitPlan, VariantSpec, Workspace,
 };
 
 use super::bytes::dense_decode_bytes;
 use super::kernels::BenchKernels;
 use super::shape::ShapeArgs;
-use super::timing::time_with_events;
+use super::timing::{time_with_events, Timing};
 use crate::CliResult;
 
 pub fn run(args: ShapeArgs) -> CliResult {
@@ -33,6 +33,46 @@ pub fn run(args: ShapeArgs) -> CliResult {
 struct Instance<T: KvElement> {
     cache: PagedKvCache<T>,
     table: PageTable,
+}
+
+/// How one configuration of the dense bench is timed and printed.
+struct Line<'a> {
+    args: &'a ShapeArgs,
+    floor_us: f64,
+    bytes: u64,
+}
+
+impl Line<'_> {
+    /// Times `decoder` over the rotated caches and prints one line named `label`: the median,
+    /// its ratio to the floor, the bandwidth it achieved and the split it ran.
+    fn time<T: KvElement>(
+        &self,
+        stream: &Arc<CudaStream>,
+        decoder: &DenseDecoder,
+        instances: &[Instance<T>],
+        q: &CudaSlice<T>,
+        out: &mut DecodeOutput<T>,
+        label: &str,
+    ) -> Result<(Timing, SplitPlan), Box<dyn std::error::Error>> {
+        let args = self.args;
+        let mut workspace = Workspace::default();
+        let timing = time_with_events(stream, args.warmup, args.iters, |i| {
+            let inst = &instances[i % instances.len()];
+            decoder.run_into(q, &inst.cache, &inst.table, None, out, &mut workspace)
+        })?;
+        let plan = decoder.plan(args.batch, args.kv_heads, args.len);
+        let median = timing.median_us();
+        println!(
+            "  {label}: median {median:.1} us (min {:.1}, max {:.1}); ratio to floor {:.3}; achieved {:.0} GB/s; split {} chunk(s) of {} tokens",
+            timing.min_us(),
+            timing.max_us(),
+            median / self.floor_us,
+            self.bytes as f64 / median * 1e-3,
+            plan.num_chunks,
+            plan.chunk_tokens
+        );
+        Ok((timing, plan))
+    }
 }
 
 fn dense_typed<T: KvElement>(
@@ -108,47 +148,40 @@ fn dense_typed<T: KvElement>(
             .into_iter()
             .filter(|k| *k != default_kernel),
     );
+    let line = Line {
+        args,
+        floor_us,
+        bytes,
+    };
     let mut measured = Vec::new();
     for kernel in kernels {
         decoder.set_attention_kernel(kernel);
-        let mut workspace = Workspace::default();
-        let timing = time_with_events(stream, args.warmup, args.iters, |i| {
-            let inst = &instances[i % instances.len()];
-            decoder.run_into(&q, &inst.cache, &inst.table, None, &mut out, &mut workspace)
-        })?;
-        let plan = decoder.plan(args.batch, args.kv_heads, args.len);
-        let median = timing.median_us();
-        println!(
-            "  {kernel:?}{}: median {median:.1} us (min {:.1}, max {:.1}); ratio to floor {:.3}; achieved {:.0} GB/s; split {} chunk(s) of {} tokens",
-            if kernel == default_kernel { " (default)" } else { "" },
-            timing.min_us(),
-            timing.max_us(),
-            median / floor_us,
-            bytes as f64 / median * 1e-3,
-            plan.num_chunks,
-            plan.chunk_tokens
-        );
+        let default = if kernel == default_kernel {
+            " (default)"
+        } else {
+            ""
+        };
+        let (timing, plan) = line.time(
+            stream,
+            &decoder,
+            &instances,
+            &q,
+            &mut out,
+            &format!("{kernel:?}{default}"),
+        )?;
         measured.push((kernel, timing, plan));
     }
     decoder.set_attention_kernel(AttentionKernel::TensorCores);
     for &waves in args.waves.iter().filter(|&&w| w > 1) {
         decoder.set_dense_waves(waves);
-        let mut workspace = Workspace::default();
-        let timing = time_with_events(stream, args.warmup, args.iters, |i| {
-            let inst = &instances[i % instances.len()];
-            decoder.run_into(&q, &inst.cache, &inst.table, None, &mut out, &mut workspace)
-        })?;
-        let plan = decoder.plan(args.batch, args.kv_heads, args.len);
-        let median = timing.median_us();
-        println!(
-            "  TensorCores, split for {waves} waves: median {median:.1} us (min {:.1}, max {:.1}); ratio to floor {:.3}; achieved {:.0} GB/s; split {} chunk(s) of {} tokens",
-            timing.min_us(),
-            timing.max_us(),
-            median / floor_us,
-            bytes as f64 / median * 1e-3,
-            plan.num_chunks,
-            plan.chunk_tokens
-        );
+        line.time(
+            stream,
+            &decoder,
+            &instances,
+            &q,
+            &mut out,
+            &format!("TensorCores, split for {waves} waves"),
+        )?;
     }
     decoder.set_dense_waves(1);
     decoder.set_attention_kernel(default_kernel);

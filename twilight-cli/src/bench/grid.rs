@@ -57,6 +57,17 @@ struct ShapeList {
     shapes: Vec<BenchShape>,
 }
 
+/// Why the grid skips `shape` on this machine: its caches (`gib` of device memory) over
+/// --max-gib, or its host copy over `host_limit` bytes; `None` when it runs.
+fn skip_reason(shape: &BenchShape, gib: f64, max_gib: f64, host_limit: f64) -> Option<String> {
+    if gib > max_gib {
+        return Some(format!(
+            "needs {gib:.0} GiB of caches, over --max-gib {max_gib}"
+        ));
+    }
+    shape.host_shortfall(host_limit)
+}
+
 pub fn run(args: GridArgs) -> CliResult {
     let text = std::fs::read_to_string(&args.shapes)
         .map_err(|e| format!("cannot read {}: {e}", args.shapes.display()))?;
@@ -70,10 +81,12 @@ pub fn run(args: GridArgs) -> CliResult {
     if shapes.is_empty() {
         return Err("no shape selected".into());
     }
-    let host_limit = super::shape::host_limit();
+    // A shape no kernel can address is a broken list; one this host cannot hold is skipped
+    // below, like one over --max-gib, so the rest of the grid still runs.
     for shape in &shapes {
-        shape.check_size(host_limit)?;
+        shape.check_addressable()?;
     }
+    let host_limit = super::shape::host_limit();
     let peers = read_peers(args.peers.as_deref())?;
     let stream = graph_ready_stream()?;
     let tools = BenchKernels::new(&stream)?;
@@ -91,11 +104,7 @@ pub fn run(args: GridArgs) -> CliResult {
     let l2 = l2_bytes(&stream);
     for (i, shape) in shapes.iter().enumerate() {
         let gib = caches_gib(l2, shape, &args.selectors, args.rotation);
-        if gib > args.max_gib {
-            let why = format!(
-                "needs {gib:.0} GiB of caches, over --max-gib {}",
-                args.max_gib
-            );
+        if let Some(why) = skip_reason(shape, gib, args.max_gib, host_limit) {
             eprintln!(
                 "[{}/{}] {}: skipped, {why}",
                 i + 1,
@@ -133,4 +142,31 @@ pub fn run(args: GridArgs) -> CliResult {
     let table = write_results(&args.out, &reports, &skipped, &peers)?;
     println!("{table}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::bench::shape::test_shape as shape;
+
+    #[test]
+    fn shapes_beyond_this_host_or_the_device_budget_are_skipped_with_the_reason() {
+        let gib = (1u64 << 30) as f64;
+        // 64 x 32k x 32 heads x 128: a 128 GiB host copy.
+        let big = shape(64, 32, 32768);
+        let host = skip_reason(&big, 10.0, 100.0, 100.0 * gib).expect("over the host limit");
+        assert!(
+            host.contains("128.00 GiB") && host.contains("100.00 GiB"),
+            "{host}"
+        );
+        assert_eq!(skip_reason(&big, 10.0, 100.0, 200.0 * gib), None);
+        let device = skip_reason(&big, 120.0, 100.0, 200.0 * gib).expect("over --max-gib");
+        assert!(device.contains("--max-gib 100"), "{device}");
+        // The headline fits any host with a few GiB free.
+        assert_eq!(
+            skip_reason(&shape(8, 8, 32768), 4.0, 100.0, 8.0 * gib),
+            None
+        );
+    }
 }

@@ -136,6 +136,19 @@ impl BenchShape {
     /// # Errors
     /// The message.
     pub fn check_size(&self, host_limit: f64) -> Result<(), String> {
+        self.check_addressable()?;
+        match self.host_shortfall(host_limit) {
+            Some(why) => Err(format!("{}: {why}", self.name)),
+            None => Ok(()),
+        }
+    }
+
+    /// Refuses a shape the kernels cannot address: no tokens, or more than 2^31 token slots in
+    /// one cache.
+    ///
+    /// # Errors
+    /// The message, naming the shape.
+    pub fn check_addressable(&self) -> Result<(), String> {
         let ps = (self.page_size as usize).max(1);
         let slots = self
             .batch
@@ -147,6 +160,12 @@ impl BenchShape {
                 self.name, self.batch, self.len
             ));
         }
+        Ok(())
+    }
+
+    /// Why the host copy of one cache (K and V drawn as f32, then converted) would not fit in
+    /// `host_limit` bytes, or `None` when it fits.
+    pub fn host_shortfall(&self, host_limit: f64) -> Option<String> {
         // Twice the f32 values of K and V (drawn, then converted), as f64: no overflow.
         let host = 2.0
             * 2.0
@@ -155,16 +174,33 @@ impl BenchShape {
             * self.len as f64
             * self.kv_heads as f64
             * self.head_dim as f64;
-        if host > host_limit {
-            return Err(format!(
-                "{}: the host copy of one cache needs about {:.2} GiB, above the limit of {:.2} \
-                 GiB (80% of the available host memory)",
-                self.name,
+        (host > host_limit).then(|| {
+            format!(
+                "the host copy of one cache needs about {:.2} GiB, above the limit of {:.2} GiB \
+                 (80% of the available host memory)",
                 host / (1u64 << 30) as f64,
                 host_limit / (1u64 << 30) as f64
-            ));
-        }
-        Ok(())
+            )
+        })
+    }
+}
+
+/// A headline-like shape (32 query heads, head_dim 128, page 16, f16 HND, B0 8192, p 0.85)
+/// of the given batch, KV heads and length, for tests.
+#[cfg(test)]
+pub(crate) fn test_shape(batch: usize, kv_heads: usize, len: usize) -> BenchShape {
+    BenchShape {
+        name: format!("b{batch}_{len}_kv{kv_heads}"),
+        batch,
+        qo_heads: 32,
+        kv_heads,
+        head_dim: 128,
+        len,
+        page_size: 16,
+        dtype: twilight::Dtype::F16,
+        layout: twilight::KvLayout::Hnd,
+        budget: 8192,
+        p: 0.85,
     }
 }
 
