@@ -106,7 +106,7 @@ fn markdown(
         .collect();
     let cell = |us: Option<f64>| us.map_or("-".to_string(), |u| format!("{u:.1}"));
     let mut t = String::from(
-        "| shape | selector | kept per (req, KV head) | dense ours us (x floor) | torch SDPA us | selector+none us (x floor) | twilight us (x floor) | twilight graph us | torch quest+top-p us | twilight vs selector+none | vs dense ours | vs SDPA |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| shape | selector | kept per (req, KV head) | dense ours us (x floor) | torch SDPA us | selector+none us (x floor) | twilight us (x floor) | twilight graph us | torch quest+top-p us | twilight vs selector+none | vs dense ours | vs SDPA | twilight x practical floor | prune apart / fused us |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for r in reports {
         let name = r.shape.name.as_str();
@@ -115,7 +115,7 @@ fn markdown(
             .then(|| peer.get(&(name, "torch_quest_topp")).copied())
             .flatten();
         t.push_str(&format!(
-            "| {name} | {} | {:.0} ({:.2}%) | {:.1} ({:.2}) | {} | {:.1} ({:.2}) | {:.1} ({:.2}) | {:.1} | {} | {:.2}x | {:.2}x | {} |\n",
+            "| {name} | {} | {:.0} ({:.2}%) | {:.1} ({:.2}) | {} | {:.1} ({:.2}) | {:.1} ({:.2}) | {:.1} | {} | {:.2}x | {:.2}x | {} | {} | {} |\n",
             r.selector,
             r.kept_mean,
             100.0 * r.kept_mean / r.shape.len as f64,
@@ -131,14 +131,33 @@ fn markdown(
             r.base_none_us / r.twilight_us,
             r.dense_us / r.twilight_us,
             sdpa.map_or("-".to_string(), |s| format!("{:.2}x", s / r.twilight_us)),
+            r.practical_floor_us
+                .map_or("-".to_string(), |f| format!("{:.2}", r.twilight_us / f)),
+            prune_launches(r),
         ));
     }
     for (name, why) in skipped {
         t.push_str(&format!(
-            "| {name} | not run: {why} | | | | | | | | | | |\n"
+            "| {name} | not run: {why} | | | | | | | | | | | | |\n"
         ));
     }
     t
+}
+
+/// The step with top-p's threshold and compaction as two launches and as one cluster launch,
+/// the default's choice marked: "81.0 / 90.3 (apart)".
+fn prune_launches(r: &SparseReport) -> String {
+    match (r.twilight_separate_us, r.twilight_fused_us) {
+        (Some(apart), Some(fused)) => {
+            let chosen = match r.default_fuses_prune {
+                Some(true) => " (fused)",
+                Some(false) => " (apart)",
+                None => "",
+            };
+            format!("{apart:.1} / {fused:.1}{chosen}")
+        }
+        _ => "-".to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -240,12 +259,14 @@ mod tests {
             },
         ];
         let skipped = vec![("c".to_string(), "needs 900 GiB".to_string())];
+        // The double_sparse row also carries its practical floor and both prune launches.
+        let mut ds = report("a", "double_sparse(32)");
+        ds.practical_floor_us = Some(30.0);
+        ds.twilight_separate_us = Some(124.0);
+        ds.twilight_fused_us = Some(130.5);
+        ds.default_fuses_prune = Some(false);
         let table = markdown(
-            &[
-                report("a", "quest"),
-                report("a", "double_sparse(32)"),
-                report("z", "quest"),
-            ],
+            &[report("a", "quest"), ds, report("z", "quest")],
             &skipped,
             &peers,
         );
@@ -258,7 +279,7 @@ mod tests {
             rows[2]
         );
         assert!(
-            rows[2].contains("| 1125.8 |") && rows[2].ends_with("| 1.98x |"),
+            rows[2].contains("| 1125.8 |") && rows[2].ends_with("| 1.98x | - | - |"),
             "{}",
             rows[2]
         );
@@ -266,13 +287,13 @@ mod tests {
         assert!(
             rows[3].starts_with("| a | double_sparse(32) |")
                 && !rows[3].contains("1125.8")
-                && rows[3].ends_with("| 1.98x |"),
+                && rows[3].ends_with("| 1.98x | 4.15 | 124.0 / 130.5 (apart) |"),
             "{}",
             rows[3]
         );
         // Shape z has no peer numbers; shape b's numbers do not leak into it.
         assert!(
-            rows[4].starts_with("| z |") && rows[4].ends_with("| - |"),
+            rows[4].starts_with("| z |") && rows[4].ends_with("| - | - | - |"),
             "{}",
             rows[4]
         );
