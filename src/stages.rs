@@ -268,20 +268,13 @@ pub(crate) fn estimate<T: KvElement>(
     let (Some(codes), Some(scales)) = (&side.k_q4, &side.k_q4_scale_min) else {
         return Err(missing(s.spec, "4-bit K"));
     };
-    let Workspace {
-        selected,
-        selected_count,
-        selected_pages,
-        logits,
-        ..
-    } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
-    let sel = selection(&mut l, selected, selected_count, selected_pages);
+    let sel = selection(&mut l, &ws.selected, &ws.selected_count, &ws.selected_pages);
     let params = candidate_params!(EstimateParams, s, l, sel, {
         q: l.read_ref_elem(s.q),
         k_q4: l.read(codes),
         k_q4_scale_min: l.read(scales),
-        logits: l.write(ensured(logits, "logits")?),
+        logits: l.write(ensured(&mut ws.logits, "logits")?),
         sm_scale: s.sm_scale,
     });
     let per_block = (s.tiling.estimate_threads * s.tiling.estimate_per_thread) as usize;
@@ -297,19 +290,11 @@ pub(crate) fn threshold<T: KvElement>(
     f: &CudaFunction,
     ws: &mut Workspace,
 ) -> Result<()> {
-    let Workspace {
-        selected,
-        selected_count,
-        selected_pages,
-        logits,
-        stats,
-        ..
-    } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
-    let sel = selection(&mut l, selected, selected_count, selected_pages);
+    let sel = selection(&mut l, &ws.selected, &ws.selected_count, &ws.selected_pages);
     let params = candidate_params!(ThresholdParams, s, l, sel, {
-        logits: l.read(ensured_ref(logits, "logits")?),
-        stats: l.write(ensured(stats, "top-p thresholds")?),
+        logits: l.read(ensured_ref(&ws.logits, "logits")?),
+        stats: l.write(ensured(&mut ws.stats, "top-p thresholds")?),
         p: s.p,
     });
     let num_qo_heads = s.num_kv_heads * s.spec.group_size as usize;
@@ -326,19 +311,11 @@ pub(crate) fn threshold_compact<T: KvElement>(
     kept_counts: &mut DeviceMut<'_, i32>,
     kept: &mut DeviceMut<'_, i32>,
 ) -> Result<()> {
-    let Workspace {
-        selected,
-        selected_count,
-        selected_pages,
-        logits,
-        stats,
-        ..
-    } = ws;
     let mut l = Launcher::new(s.stream, s.overlap);
-    let sel = selection(&mut l, selected, selected_count, selected_pages);
+    let sel = selection(&mut l, &ws.selected, &ws.selected_count, &ws.selected_pages);
     let params = candidate_params!(ThresholdCompactParams, s, l, sel, {
-        logits: l.read(ensured_ref(logits, "logits")?),
-        stats: l.write(ensured(stats, "top-p thresholds")?),
+        logits: l.read(ensured_ref(&ws.logits, "logits")?),
+        stats: l.write(ensured(&mut ws.stats, "top-p thresholds")?),
         kept: l.write_mut(kept),
         kept_count: l.write_mut(kept_counts),
         p: s.p,
