@@ -109,6 +109,13 @@ pub enum PruneLaunch {
     FusedWhenResident,
 }
 
+/// Tiles in the smallest chunk of a kept list one attention block takes. Measured on the H200
+/// (`bench sparse --chunk-tiles 2,3,4`, one call; bench/PERF-NOTES.md, v17): against 1 tile,
+/// 2 took the attention stage from 13.6 to 10.9 us at the headline (98 kept tokens per row),
+/// 20.6 to 17.6 with double_sparse(32) (557), 10.3 to 8.2 at batch 1, and 32.1 to 26.7 at
+/// batch 32 x 8k (319; 4 tiles: 23.7), and left 128k (36 kept) unchanged.
+pub const DEFAULT_SPARSE_CHUNK_TILES: usize = 2;
+
 /// Which kernel runs a step's attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionKernel {
@@ -158,6 +165,8 @@ pub struct Decoder {
     launch_overlap: bool,
     /// Waves of blocks the dense split of the tensor-core attention plans for.
     dense_waves: usize,
+    /// Tiles in the smallest chunk of a kept list one attention block takes.
+    sparse_chunk_tiles: usize,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -243,6 +252,7 @@ impl Decoder {
             num_sms,
             launch_overlap: false,
             dense_waves: 1,
+            sparse_chunk_tiles: DEFAULT_SPARSE_CHUNK_TILES,
         };
         decoder.set_attention_kernel(AttentionKernel::default());
         Ok(decoder)
@@ -300,6 +310,19 @@ impl Decoder {
         self.dense_waves
     }
 
+    /// The smallest share of a kept list one block of a sparse step's attention takes, in
+    /// tiles of the kernel ([`DEFAULT_SPARSE_CHUNK_TILES`] by default). A list longer than
+    /// one chunk is split over blocks whose partial results the last of them merges: larger
+    /// chunks trade that merge's chain of global-memory round trips for more tiles per warp.
+    /// `bench sparse --chunk-tiles` measures it.
+    pub fn set_sparse_chunk_tiles(&mut self, tiles: usize) {
+        self.sparse_chunk_tiles = tiles.max(1);
+    }
+
+    pub fn sparse_chunk_tiles(&self) -> usize {
+        self.sparse_chunk_tiles
+    }
+
     /// Whether each stage's kernel may be scheduled while the previous one finishes
     /// (programmatic dependent launch, sm_90 and later; each kernel still waits for its
     /// predecessor's writes before it touches memory). Off by default; bench/PERF-NOTES.md has
@@ -349,14 +372,20 @@ impl Decoder {
         budget: usize,
     ) -> StepPlan {
         let tiling = &self.program.tiling;
+        // A sparse step's chunks are whole multiples of the tile (see set_sparse_chunk_tiles).
+        let tiles = if self.spec.is_dense() {
+            1
+        } else {
+            self.sparse_chunk_tiles
+        };
         let grid = match self.attention {
             AttentionKernel::CudaCores => AttentionGrid {
-                tile: tiling.decode_tile_tokens(self.spec.head_dim) as usize,
+                tile: tiling.decode_tile_tokens(self.spec.head_dim) as usize * tiles,
                 num_sms: self.num_sms,
                 resident_blocks: None,
             },
             AttentionKernel::TensorCores => AttentionGrid {
-                tile: tiling.attend_mma_tile_tokens() as usize,
+                tile: tiling.attend_mma_tile_tokens() as usize * tiles,
                 num_sms: self.num_sms,
                 resident_blocks: self
                     .resident_attend_mma_blocks

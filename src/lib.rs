@@ -33,7 +33,10 @@ pub use twilight_jit::{Dtype, KvLayout, Pruning, Selector, SpecError, VariantSpe
 pub use twilight_macros::twilight_kernel;
 
 pub use buffer::{DeviceMut, DeviceRef};
-pub use decoder::{AttentionKernel, DecodeOutput, Decoder, DenseDecoder, PruneLaunch, StepParams};
+pub use decoder::{
+    AttentionKernel, DecodeOutput, Decoder, DenseDecoder, PruneLaunch, StepParams,
+    DEFAULT_SPARSE_CHUNK_TILES,
+};
 pub use element::KvElement;
 pub use error::{Error, Result};
 pub use host::{CacheShape, HostError, HostPageTable};

@@ -76,6 +76,11 @@ impl SparseDecoder {
         self.decoder.set_attention_kernel(kernel);
     }
 
+    /// See [`Decoder::set_sparse_chunk_tiles`].
+    pub fn set_sparse_chunk_tiles(&mut self, tiles: usize) {
+        self.decoder.set_sparse_chunk_tiles(tiles);
+    }
+
     /// See [`Decoder::set_fused_prune`].
     pub fn set_fused_prune(&mut self, on: bool) {
         self.decoder.set_fused_prune(on);

@@ -196,7 +196,7 @@ pub(crate) fn quest_select<T: KvElement>(
         max_pages: s.plan.max_pages as i32,
         budget_pages: s.plan.budget_pages as i32,
     };
-    let grid = Grid::rows(s.num_kv_heads, s.batch, s.tiling.select_threads);
+    let grid = Grid::rows(s.num_kv_heads, s.batch, s.tiling.quest_select_threads);
     // SAFETY: `f` is `_quest_select`; selected and selected_pages hold rows * budget_pages
     // entries each (the workspace was sized from the plan), the kernel writes at most
     // budget_pages per row, and the table's page list covers every request's pages.

@@ -309,8 +309,10 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     } else {
         AttentionKernel::CudaCores
     };
+    // And a kept list's smallest attention chunk is 1, 2 or 3 tiles.
+    let chunk_tiles = 1 + (seed / 8 % 3) as usize;
     let what = format!(
-        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap} fused prune {fused} attention {kernel:?}",
+        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap} fused prune {fused} attention {kernel:?} chunk tiles {chunk_tiles}",
         case.budget,
         case.p,
         case.num_kv_heads,
@@ -326,6 +328,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     decoder.set_launch_overlap(overlap);
     decoder.set_fused_prune(fused);
     decoder.set_attention_kernel(kernel);
+    decoder.set_sparse_chunk_tiles(chunk_tiles);
     let built = build::<T>(stream, &decoder, case, seed);
     let kv = HostKv {
         shape: built.step.shape,
@@ -714,7 +717,9 @@ fn gpu_selection_over_long_requests() {
     {
         let case = Case {
             spec: spec(page_size, 128, dtype, 4, KvLayout::Hnd, selector, pruning),
-            lens: vec![longest, 333, 4097, 20],
+            // 6000: Quest's page rows (page size 1) in registers; 4097 and
+            // `longest` through the radix passes (see select.cuh).
+            lens: vec![longest, 333, 6000, 4097, 20],
             num_kv_heads: 2,
             budget: 2048,
             p: 0.9,

@@ -208,9 +208,17 @@ pub struct Tiling {
     pub select_threads: u32,
     /// Tokens each block of the Double Sparsity scoring walks.
     pub ds_score_tokens: u32,
-    /// The token selection's block: it keeps up to 64 scores per thread in registers, so 512
-    /// threads hold a 32k-token row (longer rows are re-read from global memory each pass).
+    /// Quest's selection block and the page scores each of its threads keeps in registers:
+    /// rows of 4097 to 512 x 16 = 8192 pages (128k tokens at page 16) are chosen there, the
+    /// others in radix passes that re-read the row from global memory (measured faster for
+    /// 2048 pages; select.cuh's REGISTERS_FROM). 0 keys: always passes. 32 keys on 256 threads
+    /// spilled.
+    pub quest_select_threads: u32,
+    pub quest_select_keys: u32,
+    /// The token selection's block and its scores per thread in registers: 512 x 64 hold a
+    /// 32k-token row (longer rows are re-read from global memory each pass).
     pub ds_select_threads: u32,
+    pub ds_select_keys: u32,
     pub estimate_threads: u32,
     /// Candidates per estimate thread: each warp takes 32 x this many, as 16-candidate tensor-
     /// core tiles. 1: 20.2 us at the headline shape; 2 (80 registers, no spills) measured
@@ -238,7 +246,10 @@ impl Tiling {
             append_threads: 128,
             select_threads: 256,
             ds_score_tokens: 1024,
+            quest_select_threads: 512,
+            quest_select_keys: 16,
             ds_select_threads: 512,
+            ds_select_keys: 64,
             estimate_threads: 128,
             estimate_per_thread: 1,
             threshold_threads: 512,

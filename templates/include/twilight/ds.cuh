@@ -62,15 +62,15 @@ struct tw_double_sparse {
 
   // Grid (1, kv heads, requests): the chosen token positions, ascending, in rows of
   // `stride`, and their count (at most budget).
-  template <int THREADS>
+  template <int THREADS, int KEYS>
   TW_DEVICE static void select(const float* __restrict__ scores, const int* __restrict__ kv_indptr,
                                const int* __restrict__ kv_last_page_len, int* __restrict__ selected,
                                int* __restrict__ selected_count, int num_kv_heads, int max_tokens, int budget,
                                int stride) {
-    __shared__ typename tw_top_k<THREADS, true>::storage smem;
+    __shared__ typename tw_top_k<THREADS, true, KEYS>::storage smem;
     const int head_row = tw_grid_row();
     const int len = tw_request_len(kv_indptr, kv_last_page_len, tw_grid_request(), PAGE_SIZE);
-    tw_top_k<THREADS, true>::run(scores + tw_i64(head_row) * max_tokens, len, budget, selected + tw_i64(head_row) * stride,
-                           selected_count + head_row, smem);
+    tw_top_k<THREADS, true, KEYS>::run(scores + tw_i64(head_row) * max_tokens, len, budget,
+                                       selected + tw_i64(head_row) * stride, selected_count + head_row, smem);
   }
 };

@@ -64,18 +64,20 @@ struct tw_quest {
   }
 
   // Grid (1, kv heads, requests): writes the selected page positions, ascending, their count
-  // (at most budget_pages) and the selected pages' ids in the pool.
+  // (at most budget_pages) and the selected pages' ids in the pool, with blocks of
+  // SELECT_THREADS holding KEYS page scores per thread in registers (tw_top_k).
+  template <int SELECT_THREADS, int KEYS>
   TW_DEVICE static void select(const float* __restrict__ scores, const int* __restrict__ kv_indptr,
                                const int* __restrict__ kv_indices, int* __restrict__ selected,
                                int* __restrict__ selected_count, int* __restrict__ selected_pages, int num_kv_heads,
                                int max_pages, int budget_pages) {
-    __shared__ typename tw_top_k<THREADS, false>::storage smem;
+    __shared__ typename tw_top_k<SELECT_THREADS, false, KEYS>::storage smem;
     const int head_row = tw_grid_row();
     const int first_page = kv_indptr[tw_grid_request()];
     const int pages = kv_indptr[tw_grid_request() + 1] - first_page;
     const tw_i64 out_row = tw_i64(head_row) * budget_pages;
-    tw_top_k<THREADS, false>::run(scores + tw_i64(head_row) * max_pages, pages, budget_pages, selected + out_row,
-                                  selected_count + head_row, smem, kv_indices + first_page,
-                                  selected_pages + out_row);
+    tw_top_k<SELECT_THREADS, false, KEYS>::run(scores + tw_i64(head_row) * max_pages, pages, budget_pages,
+                                               selected + out_row, selected_count + head_row, smem,
+                                               kv_indices + first_page, selected_pages + out_row);
   }
 };

@@ -9,23 +9,263 @@ TW_DEVICE unsigned tw_ordered_bits(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// TOKEN_ROWS tunes the passes for rows of token scores (Double Sparsity: tens of thousands of
-// items, crowded into few radix buckets): keys stay in registers between passes and a warp's
-// lanes that share a bucket count it with one atomic. Measured on the H200 (bench/PERF-NOTES.md),
-// both helped the token rows (89.8 -> 59.0 us) and slowed the page rows of Quest (13.6 ->
-// 18.2 us), whose scores spread over many buckets, so page rows count with plain atomics.
-template <int THREADS, bool TOKEN_ROWS>
+// Of up to 32 gathered (key, ~position) items, the remaining-th in the order key descending,
+// position ascending: sets kth to its key and kth_remaining to how many items equal to it that
+// order takes (remaining minus the larger items). Call from all 32 lanes of one warp.
+TW_DEVICE void tw_kth_of_few(const unsigned long long* few, unsigned n, int remaining, unsigned& kth,
+                             int& kth_remaining) {
+  const unsigned lane = threadIdx.x % 32;
+  unsigned long long item = lane < n ? few[lane] : 0ull;
+  // Bitonic sort over the warp, descending: key first, then ~position (lower first).
+#pragma unroll
+  for (unsigned size = 2; size <= 32; size *= 2) {
+#pragma unroll
+    for (unsigned stride = size / 2; stride > 0; stride /= 2) {
+      const unsigned long long other = __shfl_xor_sync(0xffffffffu, item, stride);
+      const bool lower = (lane & stride) == 0;
+      const bool descending = (lane & size) == 0;
+      const unsigned long long larger = item > other ? item : other;
+      const unsigned long long smaller = item > other ? other : item;
+      item = (lower == descending) ? larger : smaller;
+    }
+  }
+  // remaining >= 1 items are to be taken, and there are at least that many.
+  kth = static_cast<unsigned>(__shfl_sync(0xffffffffu, item, remaining - 1) >> 32);
+  const unsigned larger = __ballot_sync(0xffffffffu, lane < n && static_cast<unsigned>(item >> 32) > kth);
+  kth_remaining = remaining - __popc(larger);
+}
+
+// The same choice for rows of at most THREADS * CACHED scored items, with every key in
+// registers. Warp w owns the positions [w * 32 * CACHED, (w + 1) * 32 * CACHED), lane l of it
+// those at offsets j * 32 + l, so loads and stores are coalesced and a short row occupies few
+// warps. The k-th key is found four bits at a time from the top: each thread counts its keys
+// per 4-bit bucket in packed 8-bit fields (no branches: a lane's keys differ in which bucket
+// they hit), a warp sums the 16 buckets with a butterfly of 9 shuffles, and after one barrier
+// every warp reads the per-warp sums and picks the same digit; once the chosen bucket holds at
+// most FEW keys they are gathered and one warp sorts them.
+// Chosen positions are then written with one block scan of per-warp counts and ballots within
+// each warp.
+template <int THREADS, int CACHED, bool WITH_IDS>
+struct tw_top_k_cached {
+  static constexpr int WARPS = THREADS / 32;
+  static constexpr int TILE = 32 * CACHED;  // positions per warp
+  static constexpr int FEW = 32;
+  static_assert(CACHED <= 255, "a thread counts its keys per bucket in 8-bit fields");
+  static_assert(THREADS * CACHED < 65536, "per-bucket sums and the final scan use 16-bit fields");
+  struct storage {
+    unsigned counts[2][WARPS][8];  // per warp: 8 words of two 16-bit bucket sums; two sets, alternating
+    int scan_scratch[WARPS];
+    unsigned long long few[FEW];  // (key, ~position) of the gathered keys
+    unsigned gathered;
+    unsigned kth_key;
+    int kth_remaining;
+  };
+
+  // Whether a row of `others` scored items is taken by this path.
+  TW_DEVICE static bool fits(int others) { return others <= THREADS * CACHED; }
+
+  // This warp's sums of the 16 buckets, counted per thread in bytes (digits 0-7 of `low`, 8-15
+  // of `high`) and widened to 16-bit fields: lane l returns word w = l / 4 summed over the
+  // warp, which holds digit 4 * (w / 2) + w % 2 in its low half and that plus 2 in its high
+  // half (see digit_word). Call from all 32 lanes.
+  TW_DEVICE static unsigned warp_bucket_sums(unsigned long long low, unsigned long long high) {
+    const unsigned lane = threadIdx.x % 32;
+    unsigned w[8];  // w[2i]: even bytes of 32-bit word i, w[2i + 1]: its odd bytes
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const unsigned word = static_cast<unsigned>((i < 2 ? low : high) >> (32 * (i & 1)));
+      w[2 * i] = word & 0x00ff00ffu;
+      w[2 * i + 1] = (word >> 8) & 0x00ff00ffu;
+    }
+    // Reduce-scatter: each step halves the words a lane keeps and doubles the lanes summed.
+    const bool b4 = lane & 16u, b3 = lane & 8u, b2 = lane & 4u;
+    unsigned v4[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const unsigned send = b4 ? w[i] : w[i + 4];
+      v4[i] = (b4 ? w[i + 4] : w[i]) + __shfl_xor_sync(0xffffffffu, send, 16);
+    }
+    unsigned v2[2];
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const unsigned send = b3 ? v4[i] : v4[i + 2];
+      v2[i] = (b3 ? v4[i + 2] : v4[i]) + __shfl_xor_sync(0xffffffffu, send, 8);
+    }
+    unsigned x = (b2 ? v2[1] : v2[0]) + __shfl_xor_sync(0xffffffffu, b2 ? v2[0] : v2[1], 4);
+    x += __shfl_xor_sync(0xffffffffu, x, 2);
+    x += __shfl_xor_sync(0xffffffffu, x, 1);
+    return x;
+  }
+
+  // The word of warp_bucket_sums that holds `digit`, and (high) whether in its high half.
+  TW_DEVICE static unsigned digit_word(unsigned digit, bool& high) {
+    high = (digit >> 1) & 1u;
+    return 2u * (digit >> 2) + (digit & 1u);
+  }
+
+  // Writes the best k of the `others` items in `row` (1 <= k < others <= THREADS * CACHED), ties
+  // by position, to out[0..k) ascending, and with WITH_IDS each one's id (ids[position]) to
+  // out_ids at the same index; the ids are loaded with the keys, so no load waits on the
+  // choice. Call from every thread.
+  TW_DEVICE static void run(const float* __restrict__ row, int others, int k, const int* __restrict__ ids,
+                            int* __restrict__ out, int* __restrict__ out_ids, storage& smem) {
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int base = warp * TILE + lane;
+    const int active_warps = (others + TILE - 1) / TILE;  // warps owning positions
+    const bool active = warp < active_warps;
+    // Every load is issued before any is used: a load behind a branch on its position, with
+    // its conversion in the same branch, waits out its latency before the next one issues.
+    // Positions past the row load its last item, which the counts never take.
+    unsigned keys[CACHED];
+    int item_ids[WITH_IDS ? CACHED : 1];
+#pragma unroll
+    for (int j = 0; j < CACHED; ++j) {
+      const int i = min(base + j * 32, others - 1);
+      keys[j] = __float_as_uint(row[i]);
+      if (WITH_IDS) item_ids[j] = ids[i];
+    }
+#pragma unroll
+    for (int j = 0; j < CACHED; ++j) keys[j] = tw_ordered_bits(__uint_as_float(keys[j]));
+    if (threadIdx.x == 0) smem.gathered = 0u;  // ordered before any gather by the digits' barriers
+    unsigned prefix = 0, mask = 0;
+    int remaining = k;  // how many of the keys matching `prefix` under `mask` are still to be taken
+    bool all_of_bucket = false;
+#pragma unroll 1
+    for (int shift = 28, parity = 0; shift >= 0; shift -= 4, parity ^= 1) {
+      if (active) {
+        unsigned long long low = 0, high = 0;  // one byte per digit: 0-7, 8-15
+#pragma unroll
+        for (int j = 0; j < CACHED; ++j) {
+          const unsigned digit = (keys[j] >> shift) & 15u;
+          const bool counted = base + j * 32 < others && (keys[j] & mask) == prefix;
+          const unsigned long long one = static_cast<unsigned long long>(counted) << ((digit & 7u) * 8u);
+          const bool upper = digit & 8u;
+          high += upper ? one : 0ull;
+          low += upper ? 0ull : one;
+        }
+        const unsigned sums = warp_bucket_sums(low, high);
+        if (lane % 4 == 0) smem.counts[parity][warp][lane / 4] = sums;
+      }
+      // One barrier per digit: the next digit writes the other set, and the one after writes
+      // this set again only past the next digit's barrier, which every reader of this set
+      // reaches after reading it.
+      __syncthreads();
+      // Lanes l, l ^ 8, l ^ 16 and l ^ 24 sum word l % 8 over a quarter of the warps each.
+      unsigned word = 0;
+      for (int w = lane / 8; w < active_warps; w += 4) word += smem.counts[parity][w][lane % 8];
+      word += __shfl_xor_sync(0xffffffffu, word, 8);
+      word += __shfl_xor_sync(0xffffffffu, word, 16);
+      // Lane d < 16: digit d's total, then the keys of the prefix in digits d..15.
+      bool high_half;
+      const unsigned holder = __shfl_sync(0xffffffffu, word, digit_word(lane % 16, high_half));
+      const unsigned total = lane < 16 ? (high_half ? holder >> 16 : holder & 0xffffu) : 0u;
+      unsigned at_or_above = total;
+#pragma unroll
+      for (int offset = 1; offset < 16; offset *= 2) {
+        const unsigned y = __shfl_down_sync(0xffffffffu, at_or_above, offset);
+        if (lane + offset < 16) at_or_above += y;
+      }
+      const unsigned above = at_or_above - total;
+      const unsigned want = unsigned(remaining);
+      const unsigned hit = __ballot_sync(0xffffffffu, lane < 16 && above < want && want <= at_or_above);
+      const int digit = __ffs(hit) - 1;
+      const unsigned digit_above = __shfl_sync(0xffffffffu, above, digit);
+      const unsigned digit_total = __shfl_sync(0xffffffffu, total, digit);
+      prefix |= unsigned(digit) << shift;
+      mask |= 15u << shift;
+      remaining -= int(digit_above);
+      if (unsigned(remaining) == digit_total) {
+        // Every key of the chosen bucket is taken: the lower digits no longer matter.
+        all_of_bucket = true;
+        break;
+      }
+      if (shift > 0 && digit_total <= FEW) {
+        // Few keys left in the bucket: gather them, and one warp names the k-th.
+#pragma unroll
+        for (int j = 0; j < CACHED; ++j) {
+          const int i = base + j * 32;
+          if (i < others && (keys[j] & mask) == prefix) {
+            const unsigned slot = atomicAdd(&smem.gathered, 1u);
+            smem.few[slot] = (static_cast<unsigned long long>(keys[j]) << 32) | static_cast<unsigned>(~i);
+          }
+        }
+        __syncthreads();
+        if (warp == 0) {
+          unsigned kth;
+          int kth_remaining;
+          tw_kth_of_few(smem.few, smem.gathered, remaining, kth, kth_remaining);
+          if (lane == 0) {
+            smem.kth_key = kth;
+            smem.kth_remaining = kth_remaining;
+          }
+        }
+        __syncthreads();
+        prefix = smem.kth_key;
+        remaining = smem.kth_remaining;
+        break;
+      }
+    }
+    // Taken: every key above the k-th and, in position order, the first `remaining` equal to
+    // it; or, when the descent stopped with a whole bucket, every key at or above `prefix`.
+    const auto larger_than_kth = [&](int j) {
+      return base + j * 32 < others && (all_of_bucket ? keys[j] >= prefix : keys[j] > prefix);
+    };
+    const auto equal_to_kth = [&](int j) { return base + j * 32 < others && !all_of_bucket && keys[j] == prefix; };
+    int warp_counts = 0;  // larger in the low half, equal in the high half
+#pragma unroll
+    for (int j = 0; j < CACHED; ++j) {
+      warp_counts += __popc(__ballot_sync(0xffffffffu, larger_than_kth(j)));
+      warp_counts += __popc(__ballot_sync(0xffffffffu, equal_to_kth(j))) << 16;
+    }
+    int unused_total = 0;
+    const int before =
+        __shfl_sync(0xffffffffu,
+                    tw_block_exclusive_sum<THREADS>(lane == 0 ? warp_counts : 0, smem.scan_scratch, unused_total), 0);
+    int larger_before = before & 0xffff, equal_before = before >> 16;
+    const unsigned lower_lanes = (1u << lane) - 1u;
+#pragma unroll
+    for (int j = 0; j < CACHED; ++j) {
+      const bool larger = larger_than_kth(j), equal = equal_to_kth(j);
+      const unsigned larger_lanes = __ballot_sync(0xffffffffu, larger);
+      const unsigned equal_lanes = __ballot_sync(0xffffffffu, equal);
+      const int my_larger = larger_before + __popc(larger_lanes & lower_lanes);
+      const int my_equal = equal_before + __popc(equal_lanes & lower_lanes);
+      if (larger || (equal && my_equal < remaining)) {
+        const int slot = my_larger + min(my_equal, remaining);
+        out[slot] = base + j * 32;
+        if (WITH_IDS) out_ids[slot] = item_ids[j];
+      }
+      larger_before += __popc(larger_lanes);
+      equal_before += __popc(equal_lanes);
+    }
+  }
+};
+
+// Rows the register path does not take (longer than THREADS * CACHED items, or short page
+// rows: REGISTERS_FROM) take radix passes over 8-bit digits that reload the row from global
+// memory each pass. TOKEN_ROWS tunes them for rows of
+// token scores (Double Sparsity: crowded into few radix buckets): a warp's lanes that share a
+// bucket count it with one atomic; page rows (Quest), whose scores spread over many buckets,
+// count with plain atomics (bench/PERF-NOTES.md, v7 and v8). CACHED = 0 sends every row
+// through the passes.
+template <int THREADS, bool TOKEN_ROWS, int CACHED>
 struct tw_top_k {
   static constexpr int WARPS = THREADS / 32;
-  static constexpr int CACHED = TOKEN_ROWS ? 64 : 1;  // keys per thread kept in registers
-  static constexpr int BATCH = 8;    // keys per thread in flight otherwise
+  static constexpr int BATCH = 8;  // keys per thread in flight in a pass
   typedef tw_radix<int, THREADS> radix;
+  typedef tw_top_k_cached<THREADS, CACHED == 0 ? 1 : CACHED, !TOKEN_ROWS> in_registers;
+  // Page rows of up to this many scored items take the passes even when they fit in registers:
+  // on the H200 the register path chose 8192 pages faster than the passes (20.5 against
+  // 27.3 us) but 2048 slower (14.0 against 12.5 us); token rows of 32768 took about as long
+  // both ways (55.1 against 56.3 us) (bench/PERF-NOTES.md, v17).
+  static constexpr int REGISTERS_FROM = TOKEN_ROWS ? 0 : THREADS * CACHED / 2;
   // Once the bucket holding the k-th key has at most FEW items, the descent stops: the block
   // gathers them and one warp sorts them, which names the k-th key (and how many of its equals
   // to take) as the remaining passes would, for their barriers.
   static constexpr int FEW = 32;
   struct storage {
     typename radix::storage radix_smem;
+    typename in_registers::storage registers_smem;
     int scan_scratch[WARPS];
     unsigned long long few[FEW];  // (key, ~position) of the gathered items
     unsigned gathered;
@@ -48,49 +288,23 @@ struct tw_top_k {
   // is the k-th key; the final pass takes every larger key and, in position order, as many of
   // its equals as that order does. Sets smem.kth_key and smem.kth_remaining. Call from every
   // thread.
-  TW_DEVICE static void finish_few(const float* __restrict__ row, int others, bool cached, int rounds,
-                                   const unsigned (&keys)[CACHED], unsigned prefix, unsigned mask, int remaining,
-                                   storage& smem) {
-    const auto gather = [&](unsigned key, int i) {
-      const unsigned at = atomicAdd(&smem.gathered, 1u);
-      smem.few[at] = (static_cast<unsigned long long>(key) << 32) | static_cast<unsigned>(~i);
-    };
-    if (cached) {
-#pragma unroll
-      for (int j = 0; j < CACHED; ++j) {
-        const int i = j * THREADS + int(threadIdx.x);
-        if (j < rounds && i < others && (keys[j] & mask) == prefix) gather(keys[j], i);
-      }
-    } else {
-      for (int i = threadIdx.x; i < others; i += THREADS) {
-        const unsigned key = tw_ordered_bits(row[i]);
-        if ((key & mask) == prefix) gather(key, i);
+  TW_DEVICE static void finish_few(const float* __restrict__ row, int others, unsigned prefix, unsigned mask,
+                                   int remaining, storage& smem) {
+    for (int i = threadIdx.x; i < others; i += THREADS) {
+      const unsigned key = tw_ordered_bits(row[i]);
+      if ((key & mask) == prefix) {
+        const unsigned at = atomicAdd(&smem.gathered, 1u);
+        smem.few[at] = (static_cast<unsigned long long>(key) << 32) | static_cast<unsigned>(~i);
       }
     }
     __syncthreads();
     if (threadIdx.x < 32) {
-      const unsigned lane = threadIdx.x;
-      const unsigned n = smem.gathered;
-      unsigned long long item = lane < n ? smem.few[lane] : 0ull;
-      // Bitonic sort over the warp, descending: key first, then ~position (lower first).
-#pragma unroll
-      for (unsigned size = 2; size <= 32; size *= 2) {
-#pragma unroll
-        for (unsigned stride = size / 2; stride > 0; stride /= 2) {
-          const unsigned long long other = __shfl_xor_sync(0xffffffffu, item, stride);
-          const bool lower = (lane & stride) == 0;
-          const bool descending = (lane & size) == 0;
-          const unsigned long long larger = item > other ? item : other;
-          const unsigned long long smaller = item > other ? other : item;
-          item = (lower == descending) ? larger : smaller;
-        }
-      }
-      // remaining >= 1 items of this bucket are to be taken, and it holds at least that many.
-      const unsigned kth = static_cast<unsigned>(__shfl_sync(0xffffffffu, item, remaining - 1) >> 32);
-      const unsigned larger = __ballot_sync(0xffffffffu, lane < n && static_cast<unsigned>(item >> 32) > kth);
-      if (lane == 0) {
+      unsigned kth;
+      int kth_remaining;
+      tw_kth_of_few(smem.few, smem.gathered, remaining, kth, kth_remaining);
+      if (threadIdx.x == 0) {
         smem.kth_key = kth;
-        smem.kth_remaining = remaining - __popc(larger);
+        smem.kth_remaining = kth_remaining;
       }
     }
     __syncthreads();
@@ -98,64 +312,52 @@ struct tw_top_k {
 
   // Call from every thread of the block. With items <= budget every item is chosen; otherwise
   // the budget - 1 best of the first items - 1 (scored in `row`) and the last item. Writes the
-  // chosen positions ascending to out and their count to *count; with `ids`, also each chosen
-  // item's id (ids[position]) to out_ids at the same index.
+  // chosen positions ascending to out and their count to *count; with `ids` (page rows only),
+  // also each chosen item's id (ids[position]) to out_ids at the same index.
   TW_DEVICE static void run(const float* __restrict__ row, int items, int budget, int* __restrict__ out,
                             int* __restrict__ count, storage& smem, const int* __restrict__ ids = nullptr,
                             int* __restrict__ out_ids = nullptr) {
-    const auto emit = [&](int at, int position) {
-      out[at] = position;
-      if (ids) out_ids[at] = ids[position];
-    };
     if (items <= budget) {
-      for (int i = threadIdx.x; i < items; i += THREADS) emit(i, i);
+      for (int i = threadIdx.x; i < items; i += THREADS) {
+        out[i] = i;
+        if (ids) out_ids[i] = ids[i];
+      }
       if (threadIdx.x == 0) *count = items;
       return;
     }
     const int others = items - 1;
     const int k = budget - 1;  // best items to take besides the last one
+    // The last item's id, loaded now rather than after the choice.
+    const int last_id = ids && threadIdx.x == 0 ? ids[others] : 0;
+    if (CACHED > 0 && k > 0 && others > REGISTERS_FROM && in_registers::fits(others)) {
+      in_registers::run(row, others, k, ids, out, out_ids, smem.registers_smem);
+      if (threadIdx.x == 0) {
+        out[k] = others;  // the last item, always
+        if (ids) out_ids[k] = last_id;
+        *count = budget;
+      }
+      return;
+    }
     unsigned prefix = 0, mask = 0;
     if (threadIdx.x == 0) smem.gathered = 0u;  // ordered before any gather by the passes' barriers
     int remaining = k;  // how many of the items matching `prefix` are still to be taken
-    // Rows of up to THREADS * CACHED items keep their keys in registers, loaded once with every
-    // load in flight: a pass that loads as it counts waits out one load latency per item.
-    const int rounds = (others + THREADS - 1) / THREADS;
-    const bool cached = TOKEN_ROWS && rounds <= CACHED;
-    unsigned keys[CACHED];
-    if (cached) {
-#pragma unroll
-      for (int j = 0; j < CACHED; ++j) {
-        const int i = j * THREADS + int(threadIdx.x);
-        keys[j] = j < rounds && i < others ? tw_ordered_bits(row[i]) : 0u;
-      }
-    }
     if (k > 0) {
       for (int shift = 24; shift >= 0; shift -= 8) {
         radix::clear(smem.radix_smem);
         __syncthreads();
         // Whole warps run every iteration (count_if's shuffle needs them): the bounds are the
         // block's, not the thread's.
-        if (cached) {
+        for (int base = 0; base < others; base += THREADS * BATCH) {
+          unsigned batch[BATCH];
 #pragma unroll
-          for (int j = 0; j < CACHED; ++j) {
-            const int i = j * THREADS + int(threadIdx.x);
-            if (j < rounds) {
-              tally(smem, i < others && (keys[j] & mask) == prefix, (keys[j] >> shift) & 255u);
-            }
+          for (int j = 0; j < BATCH; ++j) {
+            const int i = base + j * THREADS + int(threadIdx.x);
+            batch[j] = tw_ordered_bits(row[min(i, others - 1)]);  // past the row: not tallied
           }
-        } else {
-          for (int base = 0; base < others; base += THREADS * BATCH) {
-            unsigned batch[BATCH];
 #pragma unroll
-            for (int j = 0; j < BATCH; ++j) {
-              const int i = base + j * THREADS + int(threadIdx.x);
-              batch[j] = i < others ? tw_ordered_bits(row[i]) : 0u;
-            }
-#pragma unroll
-            for (int j = 0; j < BATCH; ++j) {
-              const int i = base + j * THREADS + int(threadIdx.x);
-              tally(smem, i < others && (batch[j] & mask) == prefix, (batch[j] >> shift) & 255u);
-            }
+          for (int j = 0; j < BATCH; ++j) {
+            const int i = base + j * THREADS + int(threadIdx.x);
+            tally(smem, i < others && (batch[j] & mask) == prefix, (batch[j] >> shift) & 255u);
           }
         }
         radix::pick(smem.radix_smem, 0, remaining);
@@ -165,7 +367,7 @@ struct tw_top_k {
         const bool few = shift > 0 && smem.radix_smem.total[smem.radix_smem.digit] <= FEW;
         __syncthreads();
         if (few) {
-          finish_few(row, others, cached, rounds, keys, prefix, mask, remaining, smem);
+          finish_few(row, others, prefix, mask, remaining, smem);
           prefix = smem.kth_key;
           remaining = smem.kth_remaining;
           break;
@@ -174,42 +376,53 @@ struct tw_top_k {
     }
     // prefix is now the k-th largest key; take every larger key and the first `remaining`
     // equal ones in position order, writing positions ascending. Each thread owns ITEMS
-    // consecutive positions, so one pair of block scans serves THREADS * ITEMS positions.
+    // consecutive positions, so one block scan (larger and equal counts packed in 16-bit
+    // halves) serves THREADS * ITEMS positions. Keys and ids are loaded before any is used
+    // (positions past the row load its last item, never taken), so the ids of the chosen
+    // items need no load after the scan.
     constexpr int ITEMS = 8;
-    int written = 0, equal_seen = 0;
-    for (int base = 0; base < others; base += THREADS * ITEMS) {
+    static_assert(THREADS * ITEMS < 65536, "a round's counts are packed in 16-bit halves");
+    int larger_seen = 0, equal_seen = 0;
+    for (int base = 0; k > 0 && base < others; base += THREADS * ITEMS) {
       const int mine = base + int(threadIdx.x) * ITEMS;
+      unsigned bits[ITEMS];
+      int item_ids[ITEMS];
+#pragma unroll
+      for (int j = 0; j < ITEMS; ++j) {
+        const int i = min(mine + j, others - 1);
+        bits[j] = __float_as_uint(row[i]);
+        item_ids[j] = ids ? ids[i] : 0;
+      }
       unsigned larger = 0, equal = 0;  // bit j: position mine + j
 #pragma unroll
       for (int j = 0; j < ITEMS; ++j) {
-        const int i = mine + j;
-        if (k > 0 && i < others) {
-          const unsigned key = tw_ordered_bits(row[i]);
-          larger |= unsigned(key > prefix) << j;
-          equal |= unsigned(key == prefix) << j;
-        }
+        const unsigned key = tw_ordered_bits(__uint_as_float(bits[j]));
+        const bool inside = mine + j < others;
+        larger |= unsigned(inside && key > prefix) << j;
+        equal |= unsigned(inside && key == prefix) << j;
       }
-      int equal_total = 0;
-      int equal_rank = equal_seen + tw_block_exclusive_sum<THREADS>(__popc(equal), smem.scan_scratch, equal_total);
-      unsigned take = larger;
+      int round_total = 0;
+      const int before =
+          tw_block_exclusive_sum<THREADS>(__popc(larger) | (__popc(equal) << 16), smem.scan_scratch, round_total);
+      int equal_rank = equal_seen + (before >> 16);
+      int at = larger_seen + (before & 0xffff) + min(equal_rank, remaining);
 #pragma unroll
       for (int j = 0; j < ITEMS; ++j) {
-        if ((equal >> j) & 1u) {
-          if (equal_rank < remaining) take |= 1u << j;
-          ++equal_rank;
+        bool take = (larger >> j) & 1u;
+        if ((equal >> j) & 1u) take = equal_rank++ < remaining;
+        if (take) {
+          out[at] = mine + j;
+          if (ids) out_ids[at] = item_ids[j];
+          ++at;
         }
       }
-      int taken = 0;
-      int at = written + tw_block_exclusive_sum<THREADS>(__popc(take), smem.scan_scratch, taken);
-#pragma unroll
-      for (int j = 0; j < ITEMS; ++j) {
-        if ((take >> j) & 1u) emit(at++, mine + j);
-      }
-      written += taken;
-      equal_seen += equal_total;
+      larger_seen += round_total & 0xffff;
+      equal_seen += round_total >> 16;
     }
     if (threadIdx.x == 0) {
-      emit(written, others);  // the last item, always
+      const int written = larger_seen + min(equal_seen, remaining);
+      out[written] = others;  // the last item, always
+      if (ids) out_ids[written] = last_id;
       *count = written + 1;
     }
   }

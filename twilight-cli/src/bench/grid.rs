@@ -97,6 +97,7 @@ pub fn run(args: GridArgs) -> CliResult {
         rotation: args.rotation,
         warmup: args.warmup,
         iters: args.iters,
+        chunk_tiles: Vec::new(),
     };
     let mut reports: Vec<SparseReport> = Vec::new();
     let mut skipped: Vec<(String, String)> = Vec::new();

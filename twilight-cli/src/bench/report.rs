@@ -64,6 +64,10 @@ pub struct SparseReport {
     pub twilight_separate_us: Option<f64>,
     #[serde(default)]
     pub default_fuses_prune: Option<bool>,
+    /// The step with a kept list's smallest attention chunk set to other numbers of tiles
+    /// (`bench sparse --chunk-tiles`): (tiles, step us, graph replay us, attention stage us).
+    #[serde(default)]
+    pub chunk_tiles: Vec<(usize, f64, f64, f64)>,
     pub twilight_floor_us: f64,
     /// DESIGN.md's bytes of one step per (request, KV head): the selector's reads, the 4-bit
     /// estimate of the candidates and K/V of the kept tokens (mean).
@@ -182,6 +186,19 @@ pub fn print(r: &SparseReport) {
         if let Some(stage) = r.other_attention_stage_us {
             println!("| stage attention on {kernel} | {stage:.1} | - | - |");
         }
+    }
+    for &(tiles, t, g, stage) in &r.chunk_tiles {
+        row(
+            &format!("twilight step, attention chunks of {tiles} tiles"),
+            t,
+            r.twilight_floor_us,
+        );
+        row(
+            &format!("twilight step, attention chunks of {tiles} tiles, graph replay"),
+            g,
+            r.twilight_floor_us,
+        );
+        println!("| stage attention, chunks of {tiles} tiles | {stage:.1} | - | - |");
     }
     if let (Some(t), Some(g)) = (r.twilight_overlap_us, r.twilight_overlap_graph_us) {
         row("twilight step, launches overlapped", t, r.twilight_floor_us);

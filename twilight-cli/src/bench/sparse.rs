@@ -45,6 +45,10 @@ pub struct SparseArgs {
     /// activations).
     #[arg(long, default_value = "quest", value_parser = parse::selector)]
     selector: Selector,
+    /// Also time the step with each kept list's smallest attention chunk this many tiles
+    /// (comma-separated; see `Decoder::set_sparse_chunk_tiles` for the default).
+    #[arg(long, value_delimiter = ',')]
+    chunk_tiles: Vec<usize>,
 }
 
 /// How each shape is measured.
@@ -54,6 +58,8 @@ pub struct Method {
     pub rotation: usize,
     pub warmup: usize,
     pub iters: usize,
+    /// Smallest attention chunks (in tiles) to time the step with besides the default's.
+    pub chunk_tiles: Vec<usize>,
 }
 
 pub fn run(args: SparseArgs) -> CliResult {
@@ -65,6 +71,7 @@ pub fn run(args: SparseArgs) -> CliResult {
         rotation: args.rotation,
         warmup: s.warmup,
         iters: s.iters,
+        chunk_tiles: args.chunk_tiles.clone(),
     };
     let stream = graph_ready_stream()?;
     let tools = BenchKernels::new(&stream)?;
@@ -357,6 +364,19 @@ fn measure_selector<T: KvElement>(
     let other_stages = time_stages_of(stream, &other, instances, &mut s_out, &mut s_ws, method)?;
     let fused_stages = time_stages_of(stream, &fused, instances, &mut s_out, &mut s_ws, method)?;
     let stages = time_stages_of(stream, sparse, instances, &mut s_out, &mut s_ws, method)?;
+    let mut chunk_tiles = Vec::new();
+    for &tiles in &method.chunk_tiles {
+        let mut chunked = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
+        chunked.set_sparse_chunk_tiles(tiles);
+        let (t, g) =
+            time_launched_and_replayed(stream, &chunked, instances, &mut s_out, &mut s_ws, method)?;
+        let attention = chunked.decoder().attention_kernel().stage();
+        let stage = time_stages_of(stream, &chunked, instances, &mut s_out, &mut s_ws, method)?
+            .iter()
+            .find(|(s, _)| *s == attention)
+            .map_or(f64::NAN, |(_, t)| t.median_us());
+        chunk_tiles.push((tiles, t.median_us(), g.median_us(), stage));
+    }
 
     // Kept budgets of the last step on cache 0.
     stream.synchronize()?;
@@ -416,6 +436,7 @@ fn measure_selector<T: KvElement>(
         twilight_fused_us: Some(fused_t.median_us()),
         twilight_separate_us: Some(separate_t.median_us()),
         default_fuses_prune: Some(default_fuses),
+        chunk_tiles,
         twilight_fused_graph_us: Some(fused_graph_t.median_us()),
         fused_stage_us: fused_stages
             .iter()

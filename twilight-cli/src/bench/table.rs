@@ -208,6 +208,7 @@ mod tests {
             fused_stage_us: None,
             twilight_separate_us: None,
             default_fuses_prune: None,
+            chunk_tiles: Vec::new(),
             twilight_floor_us: 23.6,
             step_bytes_per_row: 1.6e6,
             practical_floor_us: None,
