@@ -614,8 +614,6 @@ fn with_practical_floor(
     Ok(report)
 }
 
-/// A decoder's step over every cache, launched, then replayed as CUDA graphs (one captured per
-/// cache).
 /// Each stage of `decoder`'s step, timed with events between the stages, over `instances`.
 fn time_stages_of<T: KvElement>(
     stream: &Arc<CudaStream>,
@@ -644,6 +642,8 @@ fn time_stages_of<T: KvElement>(
     )?)
 }
 
+/// A decoder's step over every cache, launched, then replayed as CUDA graphs (one captured per
+/// cache).
 fn time_launched_and_replayed<T: KvElement>(
     stream: &Arc<CudaStream>,
     decoder: &SparseDecoder,
