@@ -717,8 +717,9 @@ fn gpu_selection_over_long_requests() {
     {
         let case = Case {
             spec: spec(page_size, 128, dtype, 4, KvLayout::Hnd, selector, pruning),
-            // 6000: Quest's page rows (page size 1) in registers; 4097 and
-            // `longest` through the radix passes (see select.cuh).
+            // Quest's page rows (page size 1) take the register path at 6000 pages and the
+            // radix passes at 4097 and `longest`; token rows take registers up to 32768 and
+            // the passes beyond (see select.cuh).
             lens: vec![longest, 333, 6000, 4097, 20],
             num_kv_heads: 2,
             budget: 2048,
