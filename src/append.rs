@@ -225,8 +225,7 @@ unsafe fn launch<'a, T: KvElement>(
     let function = crate::stages::function(program, &program.spec, Stage::Append)?;
     let num_jobs = jobs.len() / 4;
     let SidecarViewMut {
-        page_max,
-        page_min,
+        page_bounds,
         k_q4,
         k_q4_scale_min,
         k_label,
@@ -240,8 +239,9 @@ unsafe fn launch<'a, T: KvElement>(
         jobs: l.read(jobs),
         k_cache: pointers.k_cache,
         v_cache: pointers.v_cache,
-        page_max: page_max.as_mut().map_or(MutPtr::NULL, |b| l.write_elem(b)),
-        page_min: page_min.as_mut().map_or(MutPtr::NULL, |b| l.write_elem(b)),
+        page_bounds: page_bounds
+            .as_mut()
+            .map_or(MutPtr::NULL, |b| l.write_elem(b)),
         k_q4: k_q4.as_mut().map_or(MutPtr::NULL, |b| l.write(b)),
         k_q4_scale_min: k_q4_scale_min.as_mut().map_or(MutPtr::NULL, |b| l.write(b)),
         k_label: k_label.as_mut().map_or(MutPtr::NULL, |b| l.write_elem(b)),

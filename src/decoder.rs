@@ -18,7 +18,7 @@ use crate::page_table::{PageTable, PageTableView};
 use crate::plan::{AttentionGrid, SplitPlan, StepPlan};
 use crate::pool::{KvPool, KvPoolMut};
 use crate::sidecar::Sidecar;
-use crate::stages::{self, Step, StepOutputs};
+use crate::stages::{self, Step, StepOutputs, StreamingSlots};
 use crate::variant::Variant;
 use crate::workspace::{Workspace, WorkspaceSizes};
 
@@ -161,6 +161,7 @@ pub struct Decoder {
     attention: AttentionKernel,
     /// Blocks of the tensor-core attention the device holds at once, when the driver says.
     resident_attend_mma_blocks: Option<usize>,
+    streaming: StreamingSlots,
     num_sms: usize,
     launch_overlap: bool,
     /// Waves of blocks the dense split of the tensor-core attention plans for.
@@ -238,7 +239,8 @@ impl Decoder {
             }
             None => None,
         };
-        tracing::debug!(variant = %spec, stages = ?separate, resident_clusters, ?resident_attend_mma_blocks, origin = ?program.origin, "decoder ready");
+        let streaming = StreamingSlots::of(&stream, &program, num_sms);
+        tracing::debug!(variant = %spec, stages = ?separate, resident_clusters, ?resident_attend_mma_blocks, ?streaming, origin = ?program.origin, "decoder ready");
         let mut decoder = Decoder {
             spec,
             stream,
@@ -249,6 +251,7 @@ impl Decoder {
             resident_clusters,
             attention: AttentionKernel::CudaCores,
             resident_attend_mma_blocks,
+            streaming,
             num_sms,
             launch_overlap: false,
             dense_waves: 1,
@@ -569,6 +572,7 @@ impl Decoder {
             table,
             batch,
             num_kv_heads,
+            streaming: self.streaming,
             sm_scale,
             budget_tokens: params.budget.min(plan.max_tokens),
             p: params.p,

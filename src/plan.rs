@@ -95,6 +95,21 @@ fn wanted_blocks_per_row(num_sms: usize, rows: usize) -> usize {
         .max(1)
 }
 
+/// Blocks per (request, KV head) of a kernel whose warps each stream a contiguous share of a
+/// row of `units` (pages, candidates) through a ring of asynchronous copies (the Quest
+/// scoring, the pruner's estimate): as many as fit in one wave of the `slots` blocks the device
+/// holds at once (a second, partial wave left SMs idle for its whole length), at least one,
+/// and none without `units_per_block` units.
+pub(crate) fn streaming_blocks_per_row(
+    slots: usize,
+    rows: usize,
+    units: usize,
+    units_per_block: usize,
+) -> usize {
+    let most = units.div_ceil(units_per_block.max(1));
+    (slots / rows.max(1)).clamp(1, most.max(1))
+}
+
 /// The bounds of a step: what sizes every buffer and grid of its pipeline.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepPlan {
@@ -233,6 +248,28 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn streaming_grids_fill_one_wave_without_idle_blocks() {
+        // The headline's estimate: 64 rows of 8192 candidates, 4 warps of 32 per block, 924
+        // slots (7 blocks on each of 132 SMs).
+        assert_eq!(streaming_blocks_per_row(924, 64, 8192, 128), 14);
+        // Batch 1: 8 rows spread until each block has its minimum.
+        assert_eq!(streaming_blocks_per_row(924, 8, 8192, 128), 64);
+        // A tiny row or more rows than slots: one block per row.
+        assert_eq!(streaming_blocks_per_row(924, 8, 1, 128), 1);
+        assert_eq!(streaming_blocks_per_row(924, 100_000, 8192, 128), 1);
+        assert_eq!(streaming_blocks_per_row(924, 8, 0, 128), 1);
+        assert_eq!(streaming_blocks_per_row(0, 8, 8192, 128), 1);
+        for (rows, units) in [(1, 1), (1, 100), (8, 97), (64, 8192), (2048, 512)] {
+            let parts = streaming_blocks_per_row(924, rows, units, 128);
+            assert!(
+                parts >= 1 && (parts - 1) * 128 < units,
+                "{rows} {units} {parts}"
+            );
+            assert!(parts == 1 || parts * rows <= 924, "{rows} {units} {parts}");
         }
     }
 

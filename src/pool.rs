@@ -15,9 +15,9 @@ use crate::sidecar::Sidecar;
 /// The sidecar of a pool for reading: each structure its variant keeps (see [`DerivedKinds`]).
 #[derive(Debug)]
 pub struct SidecarView<'a, T> {
-    /// Quest: `[num_pages, num_kv_heads, head_dim]` element-wise max and min over each page.
-    pub page_max: Option<CudaView<'a, T>>,
-    pub page_min: Option<CudaView<'a, T>>,
+    /// Quest: `[num_pages, num_kv_heads, 2, head_dim]`, the element-wise max and min over each
+    /// page (see [`Sidecar::page_bounds`]).
+    pub page_bounds: Option<CudaView<'a, T>>,
     /// Top-p: 4-bit K, one row of `head_dim / 2` bytes per (token, head) in the K layout.
     pub k_q4: Option<CudaView<'a, u8>>,
     /// Top-p: `(scale, min)` per (token, head) in the K layout.
@@ -32,8 +32,7 @@ pub struct SidecarView<'a, T> {
 /// The sidecar of a pool for an append, which rewrites it.
 #[derive(Debug)]
 pub struct SidecarViewMut<'a, T> {
-    pub page_max: Option<CudaViewMut<'a, T>>,
-    pub page_min: Option<CudaViewMut<'a, T>>,
+    pub page_bounds: Option<CudaViewMut<'a, T>>,
     pub k_q4: Option<CudaViewMut<'a, u8>>,
     pub k_q4_scale_min: Option<CudaViewMut<'a, half::f16>>,
     pub k_label: Option<CudaViewMut<'a, T>>,
@@ -62,8 +61,7 @@ pub struct KvPoolMut<'a, T> {
 
 fn empty_sidecar<'a, T>() -> SidecarView<'a, T> {
     SidecarView {
-        page_max: None,
-        page_min: None,
+        page_bounds: None,
         k_q4: None,
         k_q4_scale_min: None,
         k_label: None,
@@ -74,8 +72,7 @@ fn empty_sidecar<'a, T>() -> SidecarView<'a, T> {
 
 fn empty_sidecar_mut<'a, T>() -> SidecarViewMut<'a, T> {
     SidecarViewMut {
-        page_max: None,
-        page_min: None,
+        page_bounds: None,
         k_q4: None,
         k_q4_scale_min: None,
         k_label: None,

@@ -17,10 +17,10 @@ use crate::pool::{check_shape, SidecarView, SidecarViewMut};
 /// same launch that appends K/V.
 #[derive(Debug)]
 pub struct Sidecar<T: KvElement> {
-    /// Quest: `[num_pages, num_kv_heads, head_dim]` element-wise max and min over each page's
-    /// valid tokens.
-    pub page_max: Option<CudaSlice<T>>,
-    pub page_min: Option<CudaSlice<T>>,
+    /// Quest: `[num_pages, num_kv_heads, 2, head_dim]`, the element-wise max (row 0) and min
+    /// (row 1) over each page's valid tokens, a page's two rows adjacent so that scoring reads
+    /// them as one run.
+    pub page_bounds: Option<CudaSlice<T>>,
     /// Top-p: 4-bit K, one row of `head_dim / 2` bytes per (token, head) in the K layout.
     pub k_q4: Option<CudaSlice<u8>>,
     /// Top-p: `(scale, min)` per (token, head) in the K layout.
@@ -108,20 +108,16 @@ impl<T: KvElement> Sidecar<T> {
     ) -> Result<Self> {
         check_shape(&shape)?;
         let rows = shape.num_pages * shape.num_kv_heads * shape.page_size;
-        let meta = shape.num_pages * shape.num_kv_heads * shape.head_dim;
+        let bounds = shape.num_pages * shape.num_kv_heads * 2 * shape.head_dim;
         let zeros = |what: &str, n: usize| -> Result<CudaSlice<T>> {
             stream
                 .alloc_zeros::<T>(n)
                 .map_err(|e| Error::driver(format!("allocating {what}"), e))
         };
         Ok(Sidecar {
-            page_max: kinds
+            page_bounds: kinds
                 .quest
-                .then(|| zeros("Quest page max", meta))
-                .transpose()?,
-            page_min: kinds
-                .quest
-                .then(|| zeros("Quest page min", meta))
+                .then(|| zeros("Quest page bounds", bounds))
                 .transpose()?,
             k_q4: kinds
                 .quant4
@@ -156,7 +152,7 @@ impl<T: KvElement> Sidecar<T> {
     /// The structures this sidecar keeps.
     pub fn kinds(&self) -> DerivedKinds {
         DerivedKinds {
-            quest: self.page_max.is_some(),
+            quest: self.page_bounds.is_some(),
             quant4: self.k_q4.is_some(),
             labels: self.label_channels.first().map_or(0, Vec::len),
         }
@@ -165,8 +161,7 @@ impl<T: KvElement> Sidecar<T> {
     /// The sidecar as a step reads it.
     pub fn view(&self) -> SidecarView<'_, T> {
         SidecarView {
-            page_max: self.page_max.as_ref().map(CudaSlice::as_view),
-            page_min: self.page_min.as_ref().map(CudaSlice::as_view),
+            page_bounds: self.page_bounds.as_ref().map(CudaSlice::as_view),
             k_q4: self.k_q4.as_ref().map(CudaSlice::as_view),
             k_q4_scale_min: self.k_q4_scale_min.as_ref().map(CudaSlice::as_view),
             k_label: self.k_label.as_ref().map(CudaSlice::as_view),
@@ -179,8 +174,7 @@ impl<T: KvElement> Sidecar<T> {
     pub fn view_mut(&mut self) -> SidecarViewMut<'_, T> {
         let kinds = self.kinds();
         SidecarViewMut {
-            page_max: self.page_max.as_mut().map(CudaSlice::as_view_mut),
-            page_min: self.page_min.as_mut().map(CudaSlice::as_view_mut),
+            page_bounds: self.page_bounds.as_mut().map(CudaSlice::as_view_mut),
             k_q4: self.k_q4.as_mut().map(CudaSlice::as_view_mut),
             k_q4_scale_min: self.k_q4_scale_min.as_mut().map(CudaSlice::as_view_mut),
             k_label: self.k_label.as_mut().map(CudaSlice::as_view_mut),

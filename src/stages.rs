@@ -8,19 +8,55 @@ use twilight_jit::params::{
     AttendParams, CompactParams, ConstPtr, DsScoreParams, DsSelectParams, EstimateParams,
     QuestScoreParams, QuestSelectParams, ThresholdCompactParams, ThresholdParams,
 };
-use twilight_jit::{Stage, Tiling, VariantSpec};
+use twilight_jit::{LoadedProgram, Stage, Tiling, VariantSpec};
 
 use crate::buffer::{DeviceMut, DeviceRef};
 use crate::element::KvElement;
 use crate::error::{Error, Result};
 use crate::launch::{Grid, Launcher};
 use crate::page_table::PageTableView;
-use crate::plan::StepPlan;
+use crate::plan::{streaming_blocks_per_row, StepPlan};
 use crate::pool::KvPool;
 use crate::workspace::Workspace;
 
-/// Pages each warp of the Quest scoring kernel walks, so q is loaded once per warp for many.
-const PAGES_PER_WARP: usize = 16;
+/// Pages each warp of the Quest scoring kernel scores at least: one stage of its ring at
+/// head_dim 128 (twilight/quest.cuh).
+const QUEST_PAGES_PER_WARP: usize = 4;
+/// Candidates each warp of the estimate multiplies at a time (twilight/prune.cuh).
+const ESTIMATE_GROUP: usize = 32;
+
+/// Blocks of each streaming kernel the device holds at once: their grids are one wave
+/// (`streaming_blocks_per_row`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct StreamingSlots {
+    pub quest_score: usize,
+    pub estimate: usize,
+}
+
+impl StreamingSlots {
+    /// Per SM, where the driver cannot say.
+    const FALLBACK_BLOCKS_PER_SM: usize = 4;
+
+    /// As the driver reports them for the program's kernels (0 for a stage it has not).
+    pub fn of(stream: &Arc<CudaStream>, program: &LoadedProgram, num_sms: usize) -> Self {
+        let slots = |stage: Stage, threads: u32| match program.function(stage) {
+            Some(f) => {
+                let per_sm = crate::launch::resident_blocks_per_sm(stream, f, threads, 0);
+                num_sms
+                    * if per_sm > 0 {
+                        per_sm
+                    } else {
+                        Self::FALLBACK_BLOCKS_PER_SM
+                    }
+            }
+            None => 0,
+        };
+        StreamingSlots {
+            quest_score: slots(Stage::QuestScore, program.tiling.select_threads),
+            estimate: slots(Stage::Estimate, program.tiling.estimate_threads),
+        }
+    }
+}
 
 /// Everything of a step the stages read, checked by the decoder before the first launch.
 pub(crate) struct Step<'a, T> {
@@ -33,6 +69,7 @@ pub(crate) struct Step<'a, T> {
     pub table: &'a PageTableView<'a>,
     pub batch: usize,
     pub num_kv_heads: usize,
+    pub streaming: StreamingSlots,
     pub sm_scale: f32,
     /// B0, at most the longest request's token rows.
     pub budget_tokens: usize,
@@ -151,29 +188,47 @@ fn missing(spec: &VariantSpec, what: &str) -> Error {
     Error::Parameter(format!("variant {spec} needs the pool's {what}"))
 }
 
+/// The one-wave grid of a streaming stage (of `slots` resident blocks) over rows of `units`,
+/// blocks of `threads` whose warps take at least `units_per_warp` each.
+fn streaming_grid<T>(
+    s: &Step<'_, T>,
+    slots: usize,
+    units: usize,
+    units_per_warp: usize,
+    threads: u32,
+) -> Grid {
+    let warps = (threads / 32) as usize;
+    let rows = s.batch * s.num_kv_heads;
+    let parts = streaming_blocks_per_row(slots, rows, units, warps * units_per_warp);
+    Grid::parts(parts, s.num_kv_heads, s.batch, threads)
+}
+
 pub(crate) fn quest_score<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
     ws: &mut Workspace,
 ) -> Result<()> {
     let side = &s.pool.sidecar;
-    let (Some(page_max), Some(page_min)) = (&side.page_max, &side.page_min) else {
+    let Some(page_bounds) = &side.page_bounds else {
         return Err(missing(s.spec, "Quest page bounds"));
     };
     let mut l = Launcher::new(s.stream, s.overlap);
     let params = QuestScoreParams {
         q: l.read_ref_elem(s.q),
-        page_max: l.read_elem(page_max),
-        page_min: l.read_elem(page_min),
+        page_bounds: l.read_elem(page_bounds),
         kv_indptr: l.read_ref(&s.table.kv_indptr),
         kv_indices: l.read_ref(&s.table.kv_indices),
         scores: l.write(ensured(&mut ws.scores, "selector scores")?),
         num_kv_heads: s.num_kv_heads as i32,
         max_pages: s.plan.max_pages as i32,
     };
-    let warps = (s.tiling.select_threads / 32) as usize;
-    let parts = s.plan.max_pages.div_ceil(warps * PAGES_PER_WARP);
-    let grid = Grid::parts(parts, s.num_kv_heads, s.batch, s.tiling.select_threads);
+    let grid = streaming_grid(
+        s,
+        s.streaming.quest_score,
+        s.plan.max_pages,
+        QUEST_PAGES_PER_WARP,
+        s.tiling.select_threads,
+    );
     // SAFETY: `f` is `_quest_score`; scores hold rows * max_pages entries (the workspace was
     // sized from the plan) and no request has more than max_pages pages.
     unsafe { l.launch(f, grid, params, "quest_score") }
@@ -277,9 +332,13 @@ pub(crate) fn estimate<T: KvElement>(
         logits: l.write(ensured(&mut ws.logits, "logits")?),
         sm_scale: s.sm_scale,
     });
-    let per_block = (s.tiling.estimate_threads * s.tiling.estimate_per_thread) as usize;
-    let parts = s.plan.max_cands.div_ceil(per_block);
-    let grid = Grid::parts(parts, s.num_kv_heads, s.batch, s.tiling.estimate_threads);
+    let grid = streaming_grid(
+        s,
+        s.streaming.estimate,
+        s.plan.max_cands,
+        ESTIMATE_GROUP,
+        s.tiling.estimate_threads,
+    );
     // SAFETY: `f` is `_estimate`; logits hold batch * num_qo_heads * max_cands entries and no
     // row has more candidates.
     unsafe { l.launch(f, grid, params, "estimate") }

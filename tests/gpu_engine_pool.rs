@@ -251,27 +251,23 @@ fn check_sidecar(
     what: &str,
 ) -> (Option<QuestMeta>, Quant4Cache, Option<DsLabels>) {
     let heads = kv.shape.num_kv_heads;
-    let quest = sidecar.page_max.as_ref().map(|max_dev| {
+    let quest = sidecar.page_bounds.as_ref().map(|bounds_dev| {
         let want = QuestMeta::build(kv, table).unwrap();
-        let max = to_f32(stream.clone_dtoh(max_dev).unwrap());
-        let min = to_f32(
-            stream
-                .clone_dtoh(sidecar.page_min.as_ref().unwrap())
-                .unwrap(),
-        );
+        let bounds = to_f32(stream.clone_dtoh(bounds_dev).unwrap());
         for page in table.kv_indices().iter().map(|&p| p as usize) {
             for g in 0..heads {
-                let at = want.try_offset(page, g).unwrap();
+                // The device keeps (page, head)'s max row and then its min row.
+                let at = 2 * want.try_offset(page, g).unwrap();
                 let n = kv.shape.head_dim;
                 assert_eq!(
-                    &max[at..at + n],
+                    &bounds[at..at + n],
                     want.try_max_row(page, g).unwrap(),
-                    "{what}: page_max of page {page} head {g}"
+                    "{what}: page max of page {page} head {g}"
                 );
                 assert_eq!(
-                    &min[at..at + n],
+                    &bounds[at + n..at + 2 * n],
                     want.try_min_row(page, g).unwrap(),
-                    "{what}: page_min of page {page} head {g}"
+                    "{what}: page min of page {page} head {g}"
                 );
             }
         }

@@ -267,24 +267,25 @@ fn check_appends<T: KvElement>(stream: &Arc<CudaStream>, e: &Engine<T>, what: &s
     }
     let kv = e.kv();
     let derived = e.cache.derived();
-    if let (Some(max_dev), Some(min_dev)) = (&derived.page_max, &derived.page_min) {
+    if let Some(bounds_dev) = &derived.page_bounds {
         let want = QuestMeta::build(&kv, &e.table).unwrap();
-        let got_max = stream.clone_dtoh(max_dev).unwrap();
-        let got_min = stream.clone_dtoh(min_dev).unwrap();
+        let got = stream.clone_dtoh(bounds_dev).unwrap();
         let valid = valid_tokens_per_page(&e.table, s.num_pages).unwrap();
         for (page, _) in valid.iter().enumerate().filter(|(_, &n)| n > 0) {
             for g in 0..s.num_kv_heads {
                 let at = want.try_offset(page, g).unwrap();
+                // The device keeps (page, head)'s max row and then its min row.
+                let got_at = 2 * at;
                 for c in 0..d {
                     assert_eq!(
-                        got_max[at + c].to_f32(),
+                        got[got_at + c].to_f32(),
                         want.page_max[at + c],
-                        "{what}: page_max p{page} g{g} c{c}"
+                        "{what}: page max p{page} g{g} c{c}"
                     );
                     assert_eq!(
-                        got_min[at + c].to_f32(),
+                        got[got_at + d + c].to_f32(),
                         want.page_min[at + c],
-                        "{what}: page_min p{page} g{g} c{c}"
+                        "{what}: page min p{page} g{g} c{c}"
                     );
                 }
             }

@@ -186,33 +186,28 @@ fn check_metadata<T: KvElement>(
         }
         want
     });
-    let quest = d.page_max.as_ref().map(|max_dev| {
+    let quest = d.page_bounds.as_ref().map(|bounds_dev| {
         let want = QuestMeta::build(kv, &built.host_table).unwrap();
-        let max: Vec<f32> = stream
-            .clone_dtoh(max_dev)
-            .unwrap()
-            .iter()
-            .map(|x| x.to_f32())
-            .collect();
-        let min: Vec<f32> = stream
-            .clone_dtoh(d.page_min.as_ref().unwrap())
+        let bounds: Vec<f32> = stream
+            .clone_dtoh(bounds_dev)
             .unwrap()
             .iter()
             .map(|x| x.to_f32())
             .collect();
         for page in built.host_table.kv_indices().iter().map(|&p| p as usize) {
             for g in 0..kv.shape.num_kv_heads {
-                let at = want.try_offset(page, g).unwrap();
+                // The device keeps (page, head)'s max row and then its min row.
+                let at = 2 * want.try_offset(page, g).unwrap();
                 let n = kv.shape.head_dim;
                 assert_eq!(
-                    &max[at..at + n],
+                    &bounds[at..at + n],
                     want.try_max_row(page, g).unwrap(),
-                    "{what}: page_max of page {page} head {g}"
+                    "{what}: page max of page {page} head {g}"
                 );
                 assert_eq!(
-                    &min[at..at + n],
+                    &bounds[at + n..at + 2 * n],
                     want.try_min_row(page, g).unwrap(),
-                    "{what}: page_min of page {page} head {g}"
+                    "{what}: page min of page {page} head {g}"
                 );
             }
         }

@@ -193,8 +193,7 @@ kernel_params! {
         jobs: ConstPtr<i32>,
         k_cache: MutPtr<Elem>,
         v_cache: MutPtr<Elem>,
-        page_max: MutPtr<Elem>,
-        page_min: MutPtr<Elem>,
+        page_bounds: MutPtr<Elem>,
         k_q4: MutPtr<u8>,
         k_q4_scale_min: MutPtr<half::f16>,
         k_label: MutPtr<Elem>,
@@ -208,8 +207,7 @@ kernel_params! {
     /// `_quest_score`: an upper bound of q.k for every page of every row.
     QuestScoreParams => "tw_quest_score_params" {
         q: ConstPtr<Elem>,
-        page_max: ConstPtr<Elem>,
-        page_min: ConstPtr<Elem>,
+        page_bounds: ConstPtr<Elem>,
         kv_indptr: ConstPtr<i32>,
         kv_indices: ConstPtr<i32>,
         scores: MutPtr<f32>,
@@ -401,9 +399,9 @@ mod tests {
         let text = QuestScoreParams::cpp_definition("__half");
         assert!(text.starts_with("struct tw_quest_score_params {\n  const __half* q; "));
         assert!(text.contains("  int max_pages;"), "{text}");
-        assert!(text.contains("// offset 52\n};"), "{text}");
+        assert!(text.contains("// offset 44\n};"), "{text}");
         assert!(
-            text.contains("sizeof(tw_quest_score_params) == 56"),
+            text.contains("sizeof(tw_quest_score_params) == 48"),
             "{text}"
         );
         assert!(text.contains(

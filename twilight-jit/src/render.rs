@@ -206,6 +206,9 @@ pub struct Tiling {
     pub attend_mma_shared_bytes: u32,
     pub append_threads: u32,
     pub select_threads: u32,
+    /// Depth of each Quest scoring warp's ring of asynchronous copies, in 2 KB stages: three
+    /// fill the 48 KB of static shared memory of a block of `select_threads`.
+    pub quest_score_stages: u32,
     /// Tokens each block of the Double Sparsity scoring walks.
     pub ds_score_tokens: u32,
     /// Quest's selection block and the page scores each of its threads keeps in registers:
@@ -220,10 +223,11 @@ pub struct Tiling {
     pub ds_select_threads: u32,
     pub ds_select_keys: u32,
     pub estimate_threads: u32,
-    /// Candidates per estimate thread: each warp takes 32 x this many, as 16-candidate tensor-
-    /// core tiles. 1: 20.2 us at the headline shape; 2 (80 registers, no spills) measured
-    /// slower, 21.1 us (bench/PERF-NOTES.md, v9).
-    pub estimate_per_thread: u32,
+    /// Depth of each estimate warp's ring of asynchronous copies, in groups of 32 candidates
+    /// (2 KB of codes at head_dim 128): STAGES - 1 groups are in flight while one is
+    /// multiplied. Three keep a block's shared memory under 29 KB at head_dim 128, so that
+    /// registers, not rings, bound the blocks per SM; two at head_dim 256 (4 KB groups).
+    pub estimate_stages: u32,
     pub threshold_threads: u32,
     pub compact_threads: u32,
 }
@@ -245,13 +249,14 @@ impl Tiling {
             ),
             append_threads: 128,
             select_threads: 256,
+            quest_score_stages: 3,
             ds_score_tokens: 1024,
             quest_select_threads: 512,
             quest_select_keys: 16,
             ds_select_threads: 512,
             ds_select_keys: 64,
             estimate_threads: 128,
-            estimate_per_thread: 1,
+            estimate_stages: if spec.head_dim >= 256 { 2 } else { 3 },
             threshold_threads: 512,
             // One block walks a whole candidate list in order: make each step of it wide.
             compact_threads: 1024,

@@ -27,8 +27,8 @@ struct tw_append {
   }
 
   TW_DEVICE static void run(const T* __restrict__ k_new, const T* __restrict__ v_new, const int* __restrict__ jobs,
-                            T* __restrict__ k_cache, T* __restrict__ v_cache, T* __restrict__ page_max,
-                            T* __restrict__ page_min, unsigned char* __restrict__ k_q4,
+                            T* __restrict__ k_cache, T* __restrict__ v_cache, T* __restrict__ page_bounds,
+                            unsigned char* __restrict__ k_q4,
                             half* __restrict__ k_q4_scale_min, T* __restrict__ k_label,
                             const int* __restrict__ ds_channels, int num_jobs, int num_kv_heads) {
     const int job_id = blockIdx.x;
@@ -104,16 +104,17 @@ struct tw_append {
       for (int e = threadIdx.x; e < num_kv_heads * HEAD_DIM; e += THREADS) {
         const int head = e / HEAD_DIM;
         const int d = e % HEAD_DIM;
-        const tw_i64 meta = (tw_i64(page) * num_kv_heads + head) * HEAD_DIM + d;
-        float mx = first > 0 ? tw_to_float(page_max[meta]) : -3.402823466e38f;
-        float mn = first > 0 ? tw_to_float(page_min[meta]) : 3.402823466e38f;
+        // The page's bounds for the head: its max row, then its min row (twilight/quest.cuh).
+        const tw_i64 meta = (tw_i64(page) * num_kv_heads + head) * 2 * HEAD_DIM + d;
+        float mx = first > 0 ? tw_to_float(page_bounds[meta]) : -3.402823466e38f;
+        float mn = first > 0 ? tw_to_float(page_bounds[meta + HEAD_DIM]) : 3.402823466e38f;
         for (int i = 0; i < count; ++i) {
           const float x = tw_to_float(key_row(k_new, k_cache, page, first, src_row, i, head, num_kv_heads)[d]);
           mx = fmaxf(mx, x);
           mn = fminf(mn, x);
         }
-        page_max[meta] = tw_from_float<T>(mx);
-        page_min[meta] = tw_from_float<T>(mn);
+        page_bounds[meta] = tw_from_float<T>(mx);
+        page_bounds[meta + HEAD_DIM] = tw_from_float<T>(mn);
       }
     }
   }

@@ -29,6 +29,20 @@ TW_DEVICE int tw_grid_request() { return blockIdx.z; }
 // request * heads + head: the row's index in per-row buffers.
 TW_DEVICE int tw_grid_row() { return blockIdx.z * gridDim.y + blockIdx.y; }
 
+// Part `part` of `parts` of a balanced split of `items` (none if items <= 0): [begin, end),
+// sizes differing by at most one. 32-bit quotients only: a 64-bit division is a long software
+// routine, and a product items * part could overflow 32 bits.
+struct tw_share {
+  int begin, end;
+};
+TW_DEVICE tw_share tw_balanced_share(int items, int part, int parts) {
+  if (items <= 0) return tw_share{0, 0};
+  const unsigned base = unsigned(items) / unsigned(parts), extra = unsigned(items) % unsigned(parts);
+  const unsigned p = unsigned(part);
+  const unsigned begin = p * base + min(p, extra);
+  return tw_share{int(begin), int(begin + base + (p < extra ? 1u : 0u))};
+}
+
 // Programmatic dependent launch (sm_90 and later). A kernel launched with launch overlap on
 // may be scheduled while the stream's previous kernel is still finishing: it waits here, before
 // it reads or writes anything, until that kernel has completed and its writes are visible, and

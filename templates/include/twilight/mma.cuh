@@ -63,6 +63,11 @@ TW_DEVICE void tw_copy_async_16(unsigned shared_address, const void* global, boo
                "r"(valid ? 16 : 0)
                : "memory");
 }
+// 4 bytes the same way (4-byte copies go through L1: only 16-byte ones may skip it).
+TW_DEVICE void tw_copy_async_4(unsigned shared_address, const void* global, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(shared_address), "l"(global), "r"(valid ? 4 : 0)
+               : "memory");
+}
 TW_DEVICE void tw_copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 // Waits until at most N of this thread's committed groups are still in flight.
 template <int N>

@@ -66,13 +66,17 @@ struct tw_page_candidates {
     }
   }
   TW_DEVICE int slot(int c) const { return pages[c / PAGE_SIZE] * PAGE_SIZE + c % PAGE_SIZE; }
-  // Candidate c's slot for a load that should not wait for the count: with SELECTED the read
-  // stays inside the selection's row whatever c is (past the count the value is meaningless
-  // and must not be used); otherwise 0 past the count.
-  TW_DEVICE int early_slot(int c) const {
-    if (SELECTED) return slot(min(c, capacity - 1));
-    return c < count ? slot(c) : 0;
+  // A lookup in steps, for loads issued well before the slot is needed and for any c (past
+  // the count the result is meaningless and must not be used, but every read stays in
+  // bounds): c's position in the page list (c itself here), the id of that position's page,
+  // then the slot.
+  TW_DEVICE int early_position(int c) const { return c; }
+  TW_DEVICE int early_page(int position) const {
+    if (SELECTED) return pages[min(position, capacity - 1) / PAGE_SIZE];
+    return position < count ? pages[position / PAGE_SIZE] : 0;
   }
+  TW_DEVICE static int slot_of(int position, int page) { return page * PAGE_SIZE + position % PAGE_SIZE; }
+  TW_DEVICE int early_slot(int c) const { return slot_of(c, early_page(c)); }
 };
 
 // Candidate c -> token slot, from a token selector's choice: token positions in rows of
@@ -92,8 +96,14 @@ struct tw_token_candidates {
     const int pos = positions[c];
     return pages[pos / PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE;
   }
-  // Past the count a position may be stale: 0 there.
-  TW_DEVICE int early_slot(int c) const { return c < count ? slot(c) : 0; }
+  // The same steps as tw_page_candidates's. Past the count a position may be stale: 0 there.
+  TW_DEVICE int early_position(int c) const { return c < count ? positions[c] : 0; }
+  TW_DEVICE int early_page(int position) const { return pages[position / PAGE_SIZE]; }
+  TW_DEVICE static int slot_of(int position, int page) { return page * PAGE_SIZE + position % PAGE_SIZE; }
+  TW_DEVICE int early_slot(int c) const {
+    const int position = early_position(c);
+    return slot_of(position, early_page(position));
+  }
 };
 
 template <typename T, int HEAD_DIM, int PAGE_SIZE, int GROUP, bool HND>
@@ -101,99 +111,74 @@ struct tw_prune {
   typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM / 2> q4_layout;
   typedef tw_paged_layout<HND, PAGE_SIZE, 2> scale_layout;
 
-  // Grid (candidate blocks, kv heads, batch), THREADS * PER_THREAD candidates per block: base-2
-  // logits sm_scale * log2(e) * q[h] . dequant(k_q4[c]) for every query head h of the group,
-  // written to logits[request, qo head, candidate]. dequant = code * scale + min, so
-  // q . dequant = scale * (q . code) + min * sum(q).
+  // Grid (blocks per row, kv heads, batch): base-2 logits sm_scale * log2(e) * q[h] .
+  // dequant(k_q4[c]) for every query head h of the group, written to logits[request, qo head,
+  // candidate]. dequant = code * scale + min, so q . dequant = scale * (q . code) + min * sum(q).
   //
-  // The dot products run on the tensor cores. Each warp takes 32 * PER_THREAD consecutive
-  // candidates in tiles of 16 and multiplies A (16 candidates x HEAD_DIM channels, the codes
-  // as 1 + c/16, see tw_q4_operand) by B (HEAD_DIM channels x 8 columns: the group's query heads
-  // in their storage type, zero columns past GROUP); acc = q.(1 + c/16) = sum(q) + q.c / 16. The
-  // same B times an all-ones A yields sum(q) already in the accumulator layout. Products of
-  // 16-bit operands are exact in f32; scale, min and sm_scale apply afterwards in f32.
+  // The row's candidates go in groups of 32; each warp of the row's blocks takes a contiguous
+  // share of the groups and streams their codes and (scale, min) pairs through a STAGES-deep
+  // ring of asynchronous copies of its own, so STAGES - 1 groups are in flight while it
+  // multiplies one, and the block's setup (B, sum(q)) is paid once per share rather than once
+  // per group. With one group per warp and its loads in registers (v17), 4096 short blocks ran
+  // in four waves, each warp waiting out its page ids and then its codes (ncu: DRAM at 46%).
+  // This ring measured 18 us at the headline against 19 (bench/PERF-NOTES.md, v18).
+  //
+  // The dot products run on the tensor cores. A group is two tiles of 16 candidates; each
+  // multiplies A (16 candidates x HEAD_DIM channels, the codes as 1 + c/16, see tw_q4_operand)
+  // by B (HEAD_DIM channels x 8 columns: the group's query heads in their storage type, zero
+  // columns past GROUP); acc = q.(1 + c/16) = sum(q) + q.c / 16. The same B times an all-ones A
+  // yields sum(q) already in the accumulator layout. Products of 16-bit operands are exact in
+  // f32; scale, min and sm_scale apply afterwards in f32.
   //
   // Fragments of mma.m16n8k16 (PTX ISA), lane = 4 * g + t: A a0 = row g, columns (2t, 2t+1),
   // a1 = row g+8, same columns, a2 / a3 = rows g / g+8, columns (2t+8, 2t+9); B b0 = rows
   // (2t, 2t+1), b1 = rows (2t+8, 2t+9), column g; C c0, c1 = row g, columns (2t, 2t+1), c2, c3 =
   // row g+8. The lower column (A) or row (B) sits in a register's low half. The k order is free
   // as long as A and B share it, so lane t owns one contiguous quarter of every candidate's
-  // codes (a single 16-byte load for head_dim 128; the 4 lanes of a row read it whole): its
+  // codes (a single 16-byte read for head_dim 128; the 4 lanes of a row read it whole): its
   // register r = 2s (a0, a1, b0 of k-step s) and r = 2s + 1 (a2, a3, b1) hold nibbles kk = r % 4
   // and kk + 4 of its code word w = r / 4, channels channel(t, w) + kk and + kk + 4. That
   // depends on t alone, so every lane's A columns meet the matching B rows.
-  template <int THREADS, int PER_THREAD, typename Candidates>
+  template <int THREADS, int STAGES, typename Candidates>
   TW_DEVICE static void estimate(const T* __restrict__ q, const unsigned char* __restrict__ k_q4,
                                  const half* __restrict__ k_q4_scale_min, const Candidates& cands,
                                  float* __restrict__ logits, int num_kv_heads, int max_cands, float sm_scale) {
     static_assert(THREADS % 32 == 0, "whole warps");
+    static_assert(STAGES >= 2, "a ring of at least two groups");
     static_assert(GROUP <= 8, "the group's query heads are the 8 columns of B");
-    constexpr int STEPS = HEAD_DIM / 16;                             // k-steps
-    constexpr int TILES = 2 * PER_THREAD;                            // 16-candidate tiles per warp
-    constexpr int LANE_BYTES = HEAD_DIM / 8;                         // a lane's quarter of a row
-    constexpr int CHUNK = LANE_BYTES < 16 ? LANE_BYTES : 16;         // bytes per code load
+    constexpr int WARPS = THREADS / 32;
+    constexpr int STEPS = HEAD_DIM / 16;                      // k-steps
+    constexpr int TILES = 2;                                  // 16-candidate tiles per group
+    constexpr int ROW_BYTES = HEAD_DIM / 2;                   // one candidate's codes
+    constexpr int ROW_CHUNKS = ROW_BYTES / 16;                // its 16-byte copies
+    constexpr int LANE_BYTES = HEAD_DIM / 8;                  // a lane's quarter of a row
+    constexpr int CHUNK = LANE_BYTES < 16 ? LANE_BYTES : 16;  // bytes per shared-memory read
     constexpr int CHUNK_WORDS = CHUNK / 4;
-    constexpr int WORDS = LANE_BYTES / 4;                            // code words per row and lane
+    constexpr int WORDS = LANE_BYTES / 4;  // code words per row and lane
+    static_assert(32 % ROW_CHUNKS == 0, "a group's rows split evenly over the lanes' copies");
     // First channel of code word w of lane t: its chunk u = w / CHUNK_WORDS lies at byte
-    // u * 4 * CHUNK + t * CHUNK of the row (so each load instruction of a row's 4 lanes reads
-    // 4 * CHUNK contiguous bytes), two channels per byte.
+    // u * 4 * CHUNK + t * CHUNK of the row (so the 4 lanes of a row read 4 * CHUNK contiguous
+    // bytes per read), two channels per byte.
     const auto code_channel = [](int lane_t, int w) {
       return 2 * (w / CHUNK_WORDS * 4 * CHUNK + lane_t * CHUNK + w % CHUNK_WORDS * 4);
     };
+    // Where byte b of row r sits in a ring stage. A 128-byte row (head_dim 256) swaps its
+    // halves on odd rows: the two rows one quarter-warp reads at once would share banks.
+    const auto stage_byte = [](int r, int b) {
+      const int swizzle = ROW_CHUNKS == 8 ? (r & 1) * 64 : 0;
+      return r * ROW_BYTES + (b ^ swizzle);
+    };
+    struct ring_stage {
+      unsigned char codes[32 * ROW_BYTES];
+      tw_u32 scale_min[32];
+    };
     __shared__ uint2 b_frag[STEPS][32];  // (b0, b1) of k-step s for each lane
+    __shared__ __align__(16) ring_stage ring[WARPS][STAGES];
     const int kv_head = tw_grid_head();
     const int request = tw_grid_request();
     const int num_qo_heads = num_kv_heads * GROUP;
-    const int base = tw_grid_part() * THREADS * PER_THREAD;
-    const int lane = threadIdx.x % 32;
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
-    const int first = base + int(threadIdx.x / 32) * 32 * PER_THREAD;  // the warp's first candidate
-
-    // Candidates first + 32j + lane: where their codes start and their packed (scale, min), one
-    // lookup per candidate; shuffles hand them to the lanes whose fragment rows hold them.
-    tw_i64 codes_at[PER_THREAD];
-    tw_u32 scale_min[PER_THREAD];
-#pragma unroll
-    for (int j = 0; j < PER_THREAD; ++j) {
-      const int c = first + 32 * j + lane;
-      const bool valid = c < cands.count;
-      const unsigned slot = cands.early_slot(c);  // its load overlaps the count's
-      const int page = slot / PAGE_SIZE, offset = slot % PAGE_SIZE;
-      codes_at[j] = q4_layout::offset(page, kv_head, offset, num_kv_heads);
-      const half* sm = k_q4_scale_min + scale_layout::offset(page, kv_head, offset, num_kv_heads);
-      scale_min[j] = valid ? *reinterpret_cast<const tw_u32*>(sm) : 0u;
-    }
-    // Only now: the page ids' loads above were issued without waiting for the count.
-    if (base >= cands.count) return;  // whole block past the candidates
-    // This lane's A rows: candidates first + 16i + g (h = 0) and + 8 (h = 1) of tile i. Every
-    // load is issued here, before q and the math; past the end they read nothing (zeros).
-    tw_u32 codes[TILES][2][WORDS];
-    tw_u32 row_scale_min[TILES][2];
-#pragma unroll
-    for (int i = 0; i < TILES; ++i) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int owner = 16 * (i % 2) + g + 8 * h;  // resolved it as j = i / 2
-        const unsigned char* row = k_q4 + __shfl_sync(0xffffffffu, codes_at[i / 2], owner) + t * CHUNK;
-        row_scale_min[i][h] = __shfl_sync(0xffffffffu, scale_min[i / 2], owner);
-        const bool valid = first + 16 * i + g + 8 * h < cands.count;
-#pragma unroll
-        for (int u = 0; u < WORDS / CHUNK_WORDS; ++u) {
-          tw_u32* dst = &codes[i][h][u * CHUNK_WORDS];
-          if constexpr (CHUNK == 16) {
-            const uint4 v = valid ? *reinterpret_cast<const uint4*>(row + u * 4 * CHUNK) : make_uint4(0u, 0u, 0u, 0u);
-            dst[0] = v.x;
-            dst[1] = v.y;
-            dst[2] = v.z;
-            dst[3] = v.w;
-          } else {
-            const uint2 v = valid ? *reinterpret_cast<const uint2*>(row + u * 4 * CHUNK) : make_uint2(0u, 0u);
-            dst[0] = v.x;
-            dst[1] = v.y;
-          }
-        }
-      }
-    }
 
     // B, shared by the block's warps: entry (s, lane 4n + t) = registers 2s and 2s + 1 of lane
     // t for head n. Word w's registers 4w..4w+3 pair its channels (0, 4), (1, 5), (2, 6), (3, 7),
@@ -207,48 +192,144 @@ struct tw_prune {
       b_frag[2 * w + 1][e % 32] = make_uint2(__byte_perm(x.y, x.w, 0x5410), __byte_perm(x.y, x.w, 0x7632));
     }
     __syncthreads();
-    if (first >= cands.count) return;  // a warp past the end (no barrier follows)
 
-    float acc[TILES][4];
+    // This warp's groups: a contiguous, balanced share of the row's capacity (max_cands
+    // candidates), so that the first lookups below need not wait for the row's count; a share
+    // is cut at the count once it arrives.
+    const tw_share share =
+        tw_balanced_share((max_cands + 31) / 32, tw_grid_part() * WARPS + warp, gridDim.x * WARPS);
+    const int begin = share.begin;
+    const int count = cands.count;
+    ring_stage* my_ring = ring[warp];
+
+    // Copies group n's codes and (scale, min) pairs into `stage`, given the slot of the lane's
+    // candidate 32n + lane; past the row's end they read nothing and write zeros.
+    const auto copy_group = [&](int n, unsigned slot, ring_stage& stage) {
+      const int page = slot / PAGE_SIZE, offset = slot % PAGE_SIZE;
+      const tw_i64 codes_at = q4_layout::offset(page, kv_head, offset, num_kv_heads);
+      const half* scale_min = k_q4_scale_min + scale_layout::offset(page, kv_head, offset, num_kv_heads);
+      tw_copy_async_4(tw_shared_address(&stage.scale_min[lane]), scale_min, 32 * n + lane < count);
+#pragma unroll
+      for (int k = 0; k < ROW_CHUNKS; ++k) {
+        // Rows r of a copy instruction are consecutive and each is read whole by its lanes.
+        const int r = lane / ROW_CHUNKS + k * (32 / ROW_CHUNKS), chunk = lane % ROW_CHUNKS;
+        const tw_i64 row_at = __shfl_sync(0xffffffffu, codes_at, r);
+        tw_copy_async_16(tw_shared_address(stage.codes + stage_byte(r, 16 * chunk)), k_q4 + row_at + 16 * chunk,
+                         32 * n + r < count);
+      }
+    };
+
+    // sum(q) per head in the accumulator layout, once: an all-ones A times B.
     float q_sum[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-    for (int i = 0; i < TILES; ++i) {
-#pragma unroll
-      for (int k = 0; k < 4; ++k) acc[i][k] = 0.f;
-    }
     const tw_u32 ones[4] = {tw_q4_operand<T>::ONES, tw_q4_operand<T>::ONES, tw_q4_operand<T>::ONES,
                             tw_q4_operand<T>::ONES};
 #pragma unroll
-    for (int s = 0; s < STEPS; ++s) {
-      const uint2 b = b_frag[s][lane];
-      tw_mma_m16n8k16(q_sum, ones, b, T());
-      const int kk = 2 * (s % 2);
+    for (int s = 0; s < STEPS; ++s) tw_mma_m16n8k16(q_sum, ones, b_frag[s][lane], T());
+
+    // The ring. A lane's candidate in a group is found in two dependent loads (its position
+    // in the page list for token candidates, then its page's id), each issued one iteration
+    // before its result is used: the copies of group n + STAGES - 1 use a page id loaded
+    // during group n - 1. (Looked up in the iteration that copies, the slot's load stalled each
+    // warp for a fifth of its samples, ncu.)
+    unsigned first_slots[STAGES - 1];
+#pragma unroll
+    for (int k = 0; k < STAGES - 1; ++k) first_slots[k] = cands.early_slot(32 * (begin + k) + lane);
+    const int end = min(share.end, (count + 31) / 32);
+    if (begin >= end) return;  // no barrier follows
+#pragma unroll
+    for (int k = 0; k < STAGES - 1; ++k) {
+      if (begin + k < end) copy_group(begin + k, first_slots[k], my_ring[k]);
+      tw_copy_async_commit();
+    }
+    int copy_position = cands.early_position(32 * (begin + STAGES - 1) + lane);
+    int copy_page = cands.early_page(copy_position);
+    int next_position = cands.early_position(32 * (begin + STAGES) + lane);
+
+    // logit = q_scale * (16 * scale * (acc - sum(q)) + min * sum(q)), with the factors that do
+    // not depend on the candidate taken out of the loop.
+    const float q_scale = sm_scale * TW_LOG2E;
+    const float scaled_q_sum[2] = {q_scale * q_sum[0], q_scale * q_sum[1]};
+    float* out = logits + (tw_i64(request) * num_qo_heads + kv_head * GROUP) * max_cands;
+#pragma unroll 1
+    for (int n = begin; n < end; ++n) {
+      const int ahead = n + STAGES - 1;
+      // The next lookups' loads go out before this group's copies, whose queue they would
+      // otherwise wait behind.
+      const unsigned slot = Candidates::slot_of(copy_position, copy_page);
+      copy_position = next_position;
+      copy_page = cands.early_page(copy_position);
+      next_position = cands.early_position(32 * (ahead + 2) + lane);
+      if (ahead < end) copy_group(ahead, slot, my_ring[(ahead - begin) % STAGES]);
+      tw_copy_async_commit();
+      tw_copy_async_wait<STAGES - 1>();  // group n has landed
+      __syncwarp();
+      const ring_stage& stage = my_ring[(n - begin) % STAGES];
+
+      // This lane's A rows: candidates 16i + g (h = 0) and + 8 (h = 1) of the group's tile i.
+      tw_u32 codes[TILES][2][WORDS];
+      tw_u32 row_scale_min[TILES][2];
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
-        const tw_u32 lo = codes[i][0][s / 2], hi = codes[i][1][s / 2];
-        const tw_u32 a[4] = {tw_q4_pair<T>(lo, kk), tw_q4_pair<T>(hi, kk), tw_q4_pair<T>(lo, kk + 1),
-                             tw_q4_pair<T>(hi, kk + 1)};
-        tw_mma_m16n8k16(acc[i], a, b, T());
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int r = 16 * i + g + 8 * h;
+          row_scale_min[i][h] = stage.scale_min[r];
+#pragma unroll
+          for (int u = 0; u < WORDS / CHUNK_WORDS; ++u) {
+            const unsigned char* at = stage.codes + stage_byte(r, u * 4 * CHUNK + t * CHUNK);
+            tw_u32* dst = &codes[i][h][u * CHUNK_WORDS];
+            if constexpr (CHUNK == 16) {
+              const uint4 v = *reinterpret_cast<const uint4*>(at);
+              dst[0] = v.x;
+              dst[1] = v.y;
+              dst[2] = v.z;
+              dst[3] = v.w;
+            } else {
+              const uint2 v = *reinterpret_cast<const uint2*>(at);
+              dst[0] = v.x;
+              dst[1] = v.y;
+            }
+          }
+        }
       }
-    }
+      __syncwarp();  // the stage is free for the copies of the next iteration
 
-    // acc[i][2h + e] is candidate first + 16i + g + 8h against head 2t + e, and q_sum[e] (any
-    // row) that head's sum(q): q . code = 16 * (acc - sum(q)).
-    const float q_scale = sm_scale * TW_LOG2E;
-    float* out = logits + (tw_i64(request) * num_qo_heads + kv_head * GROUP) * max_cands;
+      float acc[TILES][4];
 #pragma unroll
-    for (int i = 0; i < TILES; ++i) {
+      for (int i = 0; i < TILES; ++i) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int c = first + 16 * i + g + 8 * h;
-        if (c >= cands.count) continue;
-        const float2 sm = tw_pair_to_float2(row_scale_min[i][h], half());  // (scale, min)
+        for (int k = 0; k < 4; ++k) acc[i][k] = 0.f;
+      }
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int head = 2 * t + e;
-          if (head < GROUP) {
-            out[tw_i64(head) * max_cands + c] =
-                q_scale * fmaf(16.f * sm.x, acc[i][2 * h + e] - q_sum[e], sm.y * q_sum[e]);
+      for (int s = 0; s < STEPS; ++s) {
+        const uint2 b = b_frag[s][lane];
+        const int kk = 2 * (s % 2);
+#pragma unroll
+        for (int i = 0; i < TILES; ++i) {
+          const tw_u32 lo = codes[i][0][s / 2], hi = codes[i][1][s / 2];
+          const tw_u32 a[4] = {tw_q4_pair<T>(lo, kk), tw_q4_pair<T>(hi, kk), tw_q4_pair<T>(lo, kk + 1),
+                               tw_q4_pair<T>(hi, kk + 1)};
+          tw_mma_m16n8k16(acc[i], a, b, T());
+        }
+      }
+
+      // acc[i][2h + e] is candidate 32n + 16i + g + 8h against head 2t + e, and q_sum[e] (any
+      // row) that head's sum(q): q . code = 16 * (acc - sum(q)).
+#pragma unroll
+      for (int i = 0; i < TILES; ++i) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int c = 32 * n + 16 * i + g + 8 * h;
+          if (c >= count) continue;
+          const float2 sm = tw_pair_to_float2(row_scale_min[i][h], half());  // (scale, min)
+          const float code_scale = 16.f * q_scale * sm.x;
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int head = 2 * t + e;
+            if (head < GROUP) {
+              out[tw_i64(head) * max_cands + c] =
+                  fmaf(code_scale, acc[i][2 * h + e] - q_sum[e], sm.y * scaled_q_sum[e]);
+            }
           }
         }
       }
