@@ -123,26 +123,6 @@ fn run_case(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
 
 /// Compiles every variant of `cases` on all cores first (NVRTC is thread-safe), so the test
 /// spends its time on the kernels, not on serial compiles.
-fn warm_jit(stream: &Arc<CudaStream>, cases: &[Case]) {
-    let jit = twilight::twilight_jit::Jit::for_context(stream.context()).unwrap();
-    let mut specs: Vec<VariantSpec> = cases.iter().map(|c| c.spec).collect();
-    specs.sort();
-    specs.dedup();
-    let threads = std::thread::available_parallelism()
-        .map_or(4, |n| n.get())
-        .min(specs.len().max(1));
-    std::thread::scope(|s| {
-        for chunk in specs.chunks(specs.len().div_ceil(threads).max(1)) {
-            let jit = jit.clone();
-            s.spawn(move || {
-                for spec in chunk {
-                    jit.load(spec).unwrap_or_else(|e| panic!("{e}"));
-                }
-            });
-        }
-    });
-}
-
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_dense_decode_matches_reference_over_the_variant_matrix() {
@@ -176,7 +156,7 @@ fn gpu_dense_decode_matches_reference_over_the_variant_matrix() {
             }
         }
     }
-    warm_jit(&stream, &cases);
+    common::warm_jit(&stream, cases.iter().map(|c| c.spec));
     for (n, case) in cases.iter().enumerate() {
         run_case(&stream, case, seed.wrapping_add(n as u64));
     }

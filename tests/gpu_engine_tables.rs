@@ -564,7 +564,7 @@ fn engine_tables_dense_and_sparse() {
     };
     let seed = common::fresh_seed();
     let ds16 = Selector::DoubleSparse { channels: 16 };
-    for (i, (ps, dtype, layout, selector, pruning)) in [
+    let cases = [
         (8, Dtype::F16, KvLayout::Hnd, Selector::Full, Pruning::None),
         (
             32,
@@ -590,10 +590,14 @@ fn engine_tables_dense_and_sparse() {
             Selector::Quest,
             Pruning::None,
         ),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ];
+    common::warm_jit(
+        &stream,
+        cases.iter().map(|&(ps, dtype, layout, selector, pruning)| {
+            spec_of(ps, dtype, 4, layout, selector, pruning)
+        }),
+    );
+    for (i, (ps, dtype, layout, selector, pruning)) in cases.into_iter().enumerate() {
         let spec = spec_of(ps, dtype, 4, layout, selector, pruning);
         let seed = seed.wrapping_add(i as u64);
         match dtype {

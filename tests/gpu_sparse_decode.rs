@@ -640,6 +640,7 @@ fn gpu_sparse_step_matches_reference_over_the_variant_matrix() {
             }
         }
     }
+    common::warm_jit(&stream, cases.iter().map(|c| c.spec));
     for (n, case) in cases.iter().enumerate() {
         run(&stream, case, seed.wrapping_add(n as u64));
     }
@@ -683,7 +684,7 @@ fn gpu_selection_over_long_requests() {
         return;
     };
     let seed = common::fresh_seed();
-    for (n, (selector, page_size, pruning, dtype, longest)) in [
+    let rows = [
         (
             Selector::DoubleSparse { channels: 16 },
             16,
@@ -706,12 +707,15 @@ fn gpu_selection_over_long_requests() {
             33_000,
         ),
         (Selector::Quest, 1, Pruning::TopP, Dtype::F16, 20_000),
-    ]
-    .into_iter()
-    .enumerate()
-    {
+    ];
+    let spec_of = |(selector, page_size, pruning, dtype, _)| {
+        spec(page_size, 128, dtype, 4, KvLayout::Hnd, selector, pruning)
+    };
+    common::warm_jit(&stream, rows.into_iter().map(spec_of));
+    for (n, row) in rows.into_iter().enumerate() {
+        let longest = row.4;
         let case = Case {
-            spec: spec(page_size, 128, dtype, 4, KvLayout::Hnd, selector, pruning),
+            spec: spec_of(row),
             // Quest's page rows (page size 1) take the register path at 6000 pages and the
             // radix passes at 4097 and `longest`; token rows take registers up to 32768 and
             // the passes beyond (see select.cuh).

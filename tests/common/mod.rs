@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaStream};
+use twilight::VariantSpec;
 
 /// The GPUs `TWILIGHT_REQUIRE_GPU` asks for: `1` (or more) makes a missing GPU a failure, `2`
 /// also makes a missing second GPU one; unset, `0` or anything else requires none.
@@ -12,6 +13,29 @@ pub fn required_gpus() -> usize {
         .ok()
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Compiles (and loads) every variant of `specs` on all cores at once before a test runs its
+/// cases one by one: a fresh GPU host has no kernel cache, and a variant matrix compiled one
+/// variant at a time spent most of its test's minutes in NVRTC.
+pub fn warm_jit(stream: &Arc<CudaStream>, specs: impl IntoIterator<Item = VariantSpec>) {
+    let jit = twilight::twilight_jit::Jit::for_context(stream.context()).unwrap();
+    let mut specs: Vec<VariantSpec> = specs.into_iter().collect();
+    specs.sort();
+    specs.dedup();
+    let threads = std::thread::available_parallelism()
+        .map_or(4, |n| n.get())
+        .min(specs.len().max(1));
+    std::thread::scope(|s| {
+        for chunk in specs.chunks(specs.len().div_ceil(threads).max(1)) {
+            let jit = jit.clone();
+            s.spawn(move || {
+                for spec in chunk {
+                    jit.load(spec).unwrap_or_else(|e| panic!("{e}"));
+                }
+            });
+        }
+    });
 }
 
 /// The default stream of GPU 0, or `None` (with the reason printed) where there is none.
