@@ -7,8 +7,9 @@
 //!    tokens with [`ds_token_score`] on the label cache ([`DsLabels`]) and chooses B0 tokens
 //!    with [`ds_select`] (the newest always among them), and the candidates are the selected
 //!    tokens' slots in request order.
-//! 2. **Prune**: `top_p` runs [`top_p_keep`] for every query head of the group on the 4-bit
-//!    estimate and keeps the union; `none` keeps every candidate.
+//! 2. **Prune**: `top_p` runs [`top_p_keep`] for every query head of the group on the
+//!    estimate (the 4-bit copy of K against the query rounded to 8 bits, [`estimate_query`])
+//!    and keeps the union; `none` keeps every candidate.
 //! 3. **Attend**: [`attend`] over the kept slots (in request order) for every query head of the
 //!    group.
 //!
@@ -24,7 +25,7 @@ use crate::host::{HostError as Error, HostResult as Result};
 use crate::reference::double_sparse::{check_channels, ds_scores, ds_select, DsLabels};
 use crate::reference::quant::Quant4Cache;
 use crate::reference::quest::{quest_budget_pages, quest_scores, quest_select, QuestMeta};
-use crate::reference::top_p::{check_p, dot, softmax, top_p_keep};
+use crate::reference::top_p::{check_p, estimate_dot, estimate_query, softmax, top_p_keep};
 use crate::reference::{attend, HostKv};
 
 /// The run-time parameters of a step.
@@ -322,11 +323,14 @@ pub fn decode_step(spec: &VariantSpec, params: &StepParams, x: &StepInputs) -> R
                 Pruning::TopP => {
                     let quant = x.quant.expect("checked");
                     // Each candidate is dequantized once and serves every head of the group.
+                    let q8: Vec<Vec<f64>> = (0..group)
+                        .map(|h| estimate_query(&q_group[h * d..][..d]))
+                        .collect();
                     let mut logits = vec![Vec::with_capacity(candidates.len()); group];
                     for &slot in &candidates {
                         quant.dequantize(slot, g, &mut row)?;
-                        for (h, l) in logits.iter_mut().enumerate() {
-                            l.push(sm_scale * dot(&q_group[h * d..][..d], &row));
+                        for (l, q8) in logits.iter_mut().zip(&q8) {
+                            l.push(sm_scale * estimate_dot(q8, &row));
                         }
                     }
                     let mut mask = vec![false; candidates.len()];

@@ -1,8 +1,9 @@
 //! Twilight's top-p pruner on the CPU.
 //!
-//! For one query head over a candidate list: estimated logits `sm_scale * sum_d q[d] *
-//! dequant(k)[d]` (f64 accumulation of the f32 values, in channel order), weights = softmax
-//! over the candidates only (f64). The kept set: sort the weights in descending order, take
+//! For one query head over a candidate list: estimated logits `sm_scale * sum_d q8[d] *
+//! dequant(k)[d]` (f64 accumulation, in channel order), where `q8` is the query rounded to 8
+//! bits ([`estimate_query`], as the GPU's integer estimate rounds it); weights = softmax over
+//! the candidates only (f64). The kept set: sort the weights in descending order, take
 //! the shortest prefix whose running sum (in that order, f64) is at least `p`; its last weight
 //! is the threshold `w*`; keep every candidate whose weight is `>= w*` (so every weight tied
 //! with the threshold is kept, and nothing else). `p >= 1` keeps every candidate (the
@@ -79,8 +80,29 @@ pub fn top_p_keep(weights: &[f64], p: f64) -> Result<(Vec<usize>, f64)> {
     Ok((kept, threshold))
 }
 
+/// The query as the pruner's estimate sees it: `step * qi[d]` with `qi[d] = round(q[d] * (127
+/// / max|q|))` (ties to even, so `|qi| <= 127`) and `step = max|q| / 127`, each step in f32 as
+/// the GPU takes it, the products exact in f64. A zero row stays zero.
+pub fn estimate_query(q: &[f32]) -> Vec<f64> {
+    let max_abs = q.iter().fold(0f32, |m, &x| m.max(x.abs()));
+    if max_abs <= 0.0 {
+        return vec![0.0; q.len()];
+    }
+    let inv = 127.0f32 / max_abs;
+    let step = f64::from(max_abs / 127.0f32);
+    q.iter()
+        .map(|&x| f64::from((x * inv).round_ties_even()) * step)
+        .collect()
+}
+
+/// `sm_scale * sum_d q8[d] * row[d]` in f64, in channel order, for `q8` from [`estimate_query`].
+pub(crate) fn estimate_dot(q8: &[f64], row: &[f32]) -> f64 {
+    q8.iter().zip(row).map(|(&x, &y)| x * f64::from(y)).sum()
+}
+
 /// The estimated logit of each candidate slot for query row `q` through KV head `kv_head`:
-/// `sm_scale * sum_d q[d] * dequant[d]`, accumulated in f64 in channel order.
+/// `sm_scale * sum_d q8[d] * dequant[d]` with `q8` = [`estimate_query`]`(q)`, accumulated in
+/// f64 in channel order.
 ///
 /// # Errors
 /// A query row that is not `head_dim` long, and as [`Quant4Cache::dequantize`] (a candidate
@@ -99,19 +121,15 @@ pub fn estimated_logits(
             q.len(),
         ));
     }
+    let q8 = estimate_query(q);
     let mut row = vec![0f32; quant.shape.head_dim];
     candidates
         .iter()
         .map(|&slot| {
             quant.dequantize(slot, kv_head, &mut row)?;
-            Ok(sm_scale * dot(q, &row))
+            Ok(sm_scale * estimate_dot(&q8, &row))
         })
         .collect()
-}
-
-/// `sum_d a[d] * b[d]` in f64, in order.
-pub(crate) fn dot(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
 }
 
 /// Top-p for one query head over candidate slots, with the 4-bit estimate of K.
@@ -190,6 +208,29 @@ mod tests {
         assert!(w.iter().sum::<f64>() < 1.0);
         assert_eq!(top_p_keep(&w, 1.0).unwrap().0.len(), 9);
         assert_eq!(top_p_keep(&w, 0.95).unwrap().0.len(), 9);
+    }
+
+    #[test]
+    fn the_estimate_query_rounds_to_127_steps_of_the_largest_magnitude() {
+        // max|q| = 2, so q is scaled by 63.5: 1.0 -> 63.5, a tie, rounds to even (64); -2 -> -127;
+        // 0.5 -> 31.75 -> 32.
+        let q = [1.0f32, -2.0, 0.5, 0.0];
+        let step = f64::from(2.0f32 / 127.0);
+        let want = [64.0 * step, -127.0 * step, 32.0 * step, 0.0];
+        assert_eq!(estimate_query(&q), want);
+        // A zero row stays zero; the largest magnitude maps to 127 steps.
+        assert_eq!(estimate_query(&[0.0f32; 3]), vec![0.0; 3]);
+        let q8 = estimate_query(&[3.0f32, -1.0]);
+        assert_eq!(q8[0], 127.0 * f64::from(3.0f32 / 127.0));
+        // Within half a step of q everywhere.
+        let q: Vec<f32> = (0..64)
+            .map(|i| ((i * 37 % 23) as f32 - 11.0) * 0.173)
+            .collect();
+        let max_abs = q.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let half_step = f64::from(max_abs) / 127.0 / 2.0 * (1.0 + 1e-6);
+        for (x, y) in q.iter().zip(estimate_query(&q)) {
+            assert!((f64::from(*x) - y).abs() <= half_step, "{x} -> {y}");
+        }
     }
 
     #[test]

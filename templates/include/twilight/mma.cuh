@@ -21,6 +21,18 @@ TW_DEVICE void tw_mma_m16n8k16(float (&d)[4], const tw_u32 (&a)[4], uint2 b, __n
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
 }
 
+// d += a * b for one m16n8k32 tile of 8-bit integers (A 16x32 unsigned, row-major; B 32x8
+// signed, column-major; 32-bit accumulators). Fragments as for m16n8k16 with four elements per
+// register: A a0 = row g, columns 4t..4t+3, a1 = row g+8, a2 / a3 = columns 16+4t..16+4t+3;
+// B b0 = rows 4t..4t+3, b1 = rows 16+4t..16+4t+3; the lowest index in a register's low byte.
+TW_DEVICE void tw_mma_m16n8k32_u8s8(int (&d)[4], const tw_u32 (&a)[4], uint2 b) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 "
+      "{ %0, %1, %2, %3 }, { %4, %5, %6, %7 }, { %8, %9 }, { %0, %1, %2, %3 };\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b.x), "r"(b.y));
+}
+
 // Two floats rounded into one register of two 16-bit operands (x in the low half).
 TW_DEVICE tw_u32 tw_pack_pair(float x, float y, half) {
   const half2 h = __floats2half2_rn(x, y);

@@ -6,40 +6,26 @@
 // whose sum reaches p, ties at w* all kept), and compacts the union over the group into a list
 // of kept token slots.
 
-// Operands of the estimate's tensor-core dot products (tw_prune::estimate). A 4-bit code c
-// written into the top four mantissa bits of 1.0 reads as exactly 1 + c/16, so one shift and
-// one LOP3 turn two codes into a register of two 16-bit operands, with no integer-to-float
-// conversion (a quarter-rate instruction) and no denormals. The top bits rather than the low
-// ones because the estimate recovers q.c as 16 * (q.(1 + c/16) - sum(q)): the subtraction
-// magnifies the accumulation error by the 16 of c/16, where low bits would make it 1024 (half)
-// or 128 (bf16).
-template <typename T>
-struct tw_q4_operand;
-template <>
-struct tw_q4_operand<half> {
-  static constexpr int NIBBLE_AT = 6;          // top four of half's 10 mantissa bits
-  static constexpr tw_u32 ONES = 0x3c003c00u;  // 1.0 in both halves
-};
-template <>
-struct tw_q4_operand<__nv_bfloat16> {
-  static constexpr int NIBBLE_AT = 3;  // top four of bf16's 7 mantissa bits
-  static constexpr tw_u32 ONES = 0x3f803f80u;
-};
+// Operands of the estimate's integer dot products (tw_prune::estimate). A code word holds the
+// 4-bit codes of eight consecutive channels, channel ch + i in bits 4i..4i+3, so its even
+// channels are its low nibbles and its odd channels its high ones: one LOP3, or a shift and a
+// LOP3, turn a word into a register of four unsigned 8-bit operands, against two instructions
+// per two codes for 16-bit floating-point operands.
+TW_DEVICE tw_u32 tw_q4_even_channels(tw_u32 word) { return word & 0x0f0f0f0fu; }
+TW_DEVICE tw_u32 tw_q4_odd_channels(tw_u32 word) { return (word >> 4) & 0x0f0f0f0fu; }
 
-// Nibbles kk (low half) and kk + 4 (high half) of `word`, counted from bit 0, as 1 + c/16 each.
-// kk is a constant once the caller's loops unroll, and so is the shift. The mask-and-or is one
-// LOP3 written out in PTX: left to itself the compiler splits it into two, one per immediate.
-template <typename T>
-TW_DEVICE tw_u32 tw_q4_pair(tw_u32 word, int kk) {
-  constexpr int AT = tw_q4_operand<T>::NIBBLE_AT;
-  const int shift = AT - 4 * kk;
-  const tw_u32 moved = shift >= 0 ? word << shift : word >> -shift;
-  tw_u32 pair;
-  asm("lop3.b32 %0, %1, %2, %3, 0xea;"  // (a & b) | c
-      : "=r"(pair)
-      : "r"(moved), "n"(0x000f000fu << AT), "r"(tw_q4_operand<T>::ONES));
-  return pair;
+// The query as the estimate's signed 8-bit operand, per query head: q ~= step * qi with
+// qi = round(q * (127 / max|q|)) (ties to even, so |qi| <= 127) and step = max|q| / 127; all
+// zero when q is. The CPU reference (reference::top_p::estimate_query) rounds in the same f32
+// operations, so both sides estimate with the same integers.
+struct tw_q8_head {
+  float inv;  // 127 / max|q|, 0 for a zero row
+  float step;
+};
+TW_DEVICE tw_q8_head tw_q8_of_max(float max_abs) {
+  return {max_abs > 0.f ? 127.f / max_abs : 0.f, max_abs / 127.f};
 }
+TW_DEVICE int tw_q8_round(float x, float inv) { return __float2int_rn(x * inv); }
 
 // Candidate c -> token slot, from a page selector's choice: with SELECTED the ids of the
 // selector's pages in the pool (rows of `stride`; the request's last page is always the last
@@ -111,34 +97,36 @@ struct tw_prune {
   typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM / 2> q4_layout;
   typedef tw_paged_layout<HND, PAGE_SIZE, 2> scale_layout;
 
-  // Grid (blocks per row, kv heads, batch): base-2 logits sm_scale * log2(e) * q[h] .
+  // Grid (blocks per row, kv heads, batch): base-2 logits sm_scale * log2(e) * q8[h] .
   // dequant(k_q4[c]) for every query head h of the group, written to logits[request, qo head,
-  // candidate]. dequant = code * scale + min, so q . dequant = scale * (q . code) + min * sum(q).
+  // candidate], where q8 is the query rounded to 8 bits per head (tw_q8_head). dequant = code *
+  // scale + min, so q8 . dequant = step * (scale * (qi . code) + min * sum(qi)), and qi . code
+  // is exact in 32-bit integers.
   //
   // The row's candidates go in groups of 32; each warp of the row's blocks takes a contiguous
   // share of the groups and streams their codes and (scale, min) pairs through a STAGES-deep
   // ring of asynchronous copies of its own, so STAGES - 1 groups are in flight while it
-  // multiplies one, and the block's setup (B, sum(q)) is paid once per share rather than once
-  // per group. With one group per warp and its loads in registers (v17), 4096 short blocks ran
-  // in four waves, each warp waiting out its page ids and then its codes (ncu: DRAM at 46%).
-  // This ring measured 18 us at the headline against 19 (bench/PERF-NOTES.md, v18).
+  // multiplies one, and the block's setup (B, the heads' steps) is paid once per share rather
+  // than once per group. With one group per warp and its loads in registers (v17), 4096 short
+  // blocks ran in four waves, each warp waiting out its page ids and then its codes (ncu: DRAM
+  // at 46%). The ring measured 18 us at the headline against 19 (bench/PERF-NOTES.md, v18).
   //
-  // The dot products run on the tensor cores. A group is two tiles of 16 candidates; each
-  // multiplies A (16 candidates x HEAD_DIM channels, the codes as 1 + c/16, see tw_q4_operand)
-  // by B (HEAD_DIM channels x 8 columns: the group's query heads in their storage type, zero
-  // columns past GROUP); acc = q.(1 + c/16) = sum(q) + q.c / 16. The same B times an all-ones A
-  // yields sum(q) already in the accumulator layout. Products of 16-bit operands are exact in
-  // f32; scale, min and sm_scale apply afterwards in f32.
+  // The dot products run on the tensor cores as integer MMAs (mma.m16n8k32, unsigned 8-bit A,
+  // signed 8-bit B, 32-bit accumulators). A group is two tiles of 16 candidates; each multiplies
+  // A (16 candidates x HEAD_DIM channels, the codes) by B (HEAD_DIM channels x 8 columns: the
+  // group's qi, zero columns past GROUP). With 16-bit float operands (v18) a group took twice
+  // the MMAs and 136 conversion instructions against 48 here; the kernel now issues 16% fewer
+  // instructions and the stage measured 17.4 us against 18.1 (bench/PERF-NOTES.md, v19).
   //
-  // Fragments of mma.m16n8k16 (PTX ISA), lane = 4 * g + t: A a0 = row g, columns (2t, 2t+1),
-  // a1 = row g+8, same columns, a2 / a3 = rows g / g+8, columns (2t+8, 2t+9); B b0 = rows
-  // (2t, 2t+1), b1 = rows (2t+8, 2t+9), column g; C c0, c1 = row g, columns (2t, 2t+1), c2, c3 =
-  // row g+8. The lower column (A) or row (B) sits in a register's low half. The k order is free
-  // as long as A and B share it, so lane t owns one contiguous quarter of every candidate's
-  // codes (a single 16-byte read for head_dim 128; the 4 lanes of a row read it whole): its
-  // register r = 2s (a0, a1, b0 of k-step s) and r = 2s + 1 (a2, a3, b1) hold nibbles kk = r % 4
-  // and kk + 4 of its code word w = r / 4, channels channel(t, w) + kk and + kk + 4. That
-  // depends on t alone, so every lane's A columns meet the matching B rows.
+  // Fragments of mma.m16n8k32 with 8-bit operands (PTX ISA), lane = 4 * g + t: A a0 = row g,
+  // columns 4t..4t+3, a1 = row g+8, same columns, a2 / a3 = rows g / g+8, columns 16+4t..16+4t+3;
+  // B b0 = rows 4t..4t+3, b1 = rows 16+4t..16+4t+3, column g; C c0, c1 = row g, columns (2t,
+  // 2t+1), c2, c3 = row g+8. The lowest column (A) or row (B) sits in a register's low byte. The
+  // k order is free as long as A and B share it, so lane t owns one contiguous quarter of every
+  // candidate's codes (a single 16-byte read for head_dim 128; the 4 lanes of a row read it
+  // whole): k-step s takes its code word s, whose even channels (tw_q4_even_channels) are a0 /
+  // a1 and odd channels a2 / a3. That depends on t alone, so every lane's A columns meet the
+  // matching B rows.
   template <int THREADS, int STAGES, typename Candidates>
   TW_DEVICE static void estimate(const T* __restrict__ q, const unsigned char* __restrict__ k_q4,
                                  const half* __restrict__ k_q4_scale_min, const Candidates& cands,
@@ -147,14 +135,13 @@ struct tw_prune {
     static_assert(STAGES >= 2, "a ring of at least two groups");
     static_assert(GROUP <= 8, "the group's query heads are the 8 columns of B");
     constexpr int WARPS = THREADS / 32;
-    constexpr int STEPS = HEAD_DIM / 16;                      // k-steps
     constexpr int TILES = 2;                                  // 16-candidate tiles per group
     constexpr int ROW_BYTES = HEAD_DIM / 2;                   // one candidate's codes
     constexpr int ROW_CHUNKS = ROW_BYTES / 16;                // its 16-byte copies
     constexpr int LANE_BYTES = HEAD_DIM / 8;                  // a lane's quarter of a row
     constexpr int CHUNK = LANE_BYTES < 16 ? LANE_BYTES : 16;  // bytes per shared-memory read
     constexpr int CHUNK_WORDS = CHUNK / 4;
-    constexpr int WORDS = LANE_BYTES / 4;  // code words per row and lane
+    constexpr int WORDS = LANE_BYTES / 4;  // code words per row and lane, one k-step each
     static_assert(32 % ROW_CHUNKS == 0, "a group's rows split evenly over the lanes' copies");
     // First channel of code word w of lane t: its chunk u = w / CHUNK_WORDS lies at byte
     // u * 4 * CHUNK + t * CHUNK of the row (so the 4 lanes of a row read 4 * CHUNK contiguous
@@ -172,7 +159,6 @@ struct tw_prune {
       unsigned char codes[32 * ROW_BYTES];
       tw_u32 scale_min[32];
     };
-    __shared__ uint2 b_frag[STEPS][32];  // (b0, b1) of k-step s for each lane
     __shared__ __align__(16) ring_stage ring[WARPS][STAGES];
     const int kv_head = tw_grid_head();
     const int request = tw_grid_request();
@@ -180,18 +166,18 @@ struct tw_prune {
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int g = lane / 4, t = lane % 4;
 
-    // B, shared by the block's warps: entry (s, lane 4n + t) = registers 2s and 2s + 1 of lane
-    // t for head n. Word w's registers 4w..4w+3 pair its channels (0, 4), (1, 5), (2, 6), (3, 7),
-    // which one 16-byte load of q brings; steps 2w and 2w + 1 take them.
+    // B is built by each warp on its own, in registers: lane 4n + t holds (b0, b1) of every
+    // k-step s for head n, the even and the odd channels of its code word s. Lanes 4n..4n+3
+    // hold head n's whole row between them, so its largest |q| and sum(qi) take two shuffles,
+    // and no barrier stands before a warp's first copies. q's loads go out first, the first
+    // lookups' next, and q is rounded while both are in flight. (Built once per block in shared
+    // memory behind a barrier, with two more passes over q, the stage took 20.7 us at the
+    // headline against 17.4 this way; bench/PERF-NOTES.md, v19.)
     const T* q_heads = q + (tw_i64(request) * num_qo_heads + kv_head * GROUP) * HEAD_DIM;
-    for (int e = threadIdx.x; e < 32 * WORDS; e += THREADS) {
-      const int w = e / 32, n = e % 32 / 4, lane_t = e % 4;
-      uint4 x = make_uint4(0u, 0u, 0u, 0u);
-      if (n < GROUP) x = *reinterpret_cast<const uint4*>(q_heads + n * HEAD_DIM + code_channel(lane_t, w));
-      b_frag[2 * w][e % 32] = make_uint2(__byte_perm(x.x, x.z, 0x5410), __byte_perm(x.x, x.z, 0x7632));
-      b_frag[2 * w + 1][e % 32] = make_uint2(__byte_perm(x.y, x.w, 0x5410), __byte_perm(x.y, x.w, 0x7632));
-    }
-    __syncthreads();
+    uint4 q_words[WORDS];  // channels code_channel(t, s) .. + 7 of head g (a valid head past GROUP)
+#pragma unroll
+    for (int s = 0; s < WORDS; ++s)
+      q_words[s] = *reinterpret_cast<const uint4*>(q_heads + min(g, GROUP - 1) * HEAD_DIM + code_channel(t, s));
 
     // This warp's groups: a contiguous, balanced share of the row's capacity (max_cands
     // candidates), so that the first lookups below need not wait for the row's count; a share
@@ -219,13 +205,6 @@ struct tw_prune {
       }
     };
 
-    // sum(q) per head in the accumulator layout, once: an all-ones A times B.
-    float q_sum[4] = {0.f, 0.f, 0.f, 0.f};
-    const tw_u32 ones[4] = {tw_q4_operand<T>::ONES, tw_q4_operand<T>::ONES, tw_q4_operand<T>::ONES,
-                            tw_q4_operand<T>::ONES};
-#pragma unroll
-    for (int s = 0; s < STEPS; ++s) tw_mma_m16n8k16(q_sum, ones, b_frag[s][lane], T());
-
     // The ring. A lane's candidate in a group is found in two dependent loads (its position
     // in the page list for token candidates, then its page's id), each issued one iteration
     // before its result is used: the copies of group n + STAGES - 1 use a page id loaded
@@ -234,6 +213,52 @@ struct tw_prune {
     unsigned first_slots[STAGES - 1];
 #pragma unroll
     for (int k = 0; k < STAGES - 1; ++k) first_slots[k] = cands.early_slot(32 * (begin + k) + lane);
+
+    // Head g's qi (tw_q8_head) into B: its largest |q| over the four lanes of the head.
+    float max_abs = 0.f;
+#pragma unroll
+    for (int s = 0; s < WORDS; ++s) {
+      const T* channels = reinterpret_cast<const T*>(&q_words[s]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) max_abs = fmaxf(max_abs, fabsf(tw_to_float(channels[i])));
+    }
+    max_abs = fmaxf(max_abs, __shfl_xor_sync(0xffffffffu, max_abs, 1));
+    max_abs = fmaxf(max_abs, __shfl_xor_sync(0xffffffffu, max_abs, 2));
+    const tw_q8_head head_q8 = tw_q8_of_max(max_abs);
+    uint2 b_frag[WORDS];
+    int qi_sum = 0;
+#pragma unroll
+    for (int s = 0; s < WORDS; ++s) {
+      const T* channels = reinterpret_cast<const T*>(&q_words[s]);
+      uint2 b = make_uint2(0u, 0u);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const int qi = tw_q8_round(tw_to_float(channels[i]), head_q8.inv);
+        qi_sum += qi;
+        const tw_u32 byte = (static_cast<tw_u32>(qi) & 0xffu) << (8 * (i / 2));
+        if (i % 2 == 0) {
+          b.x |= byte;
+        } else {
+          b.y |= byte;
+        }
+      }
+      b_frag[s] = g < GROUP ? b : make_uint2(0u, 0u);
+    }
+    qi_sum += __shfl_xor_sync(0xffffffffu, qi_sum, 1);
+    qi_sum += __shfl_xor_sync(0xffffffffu, qi_sum, 2);
+
+    // logit = scale * (q_scale * step * (qi . code)) + min * (q_scale * step * sum(qi)) for
+    // this lane's heads 2t + e (held by lanes 8t + 4e), with the factors that do not depend on
+    // the candidate taken out of the loop.
+    const float q_scale = sm_scale * TW_LOG2E;
+    float code_factor[2], min_factor[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int holder = 4 * (2 * t + e);
+      code_factor[e] = q_scale * __shfl_sync(0xffffffffu, head_q8.step, holder);
+      min_factor[e] = code_factor[e] * static_cast<float>(__shfl_sync(0xffffffffu, qi_sum, holder));
+    }
+
     const int end = min(share.end, (count + 31) / 32);
     if (begin >= end) return;  // no barrier follows
 #pragma unroll
@@ -245,10 +270,6 @@ struct tw_prune {
     int copy_page = cands.early_page(copy_position);
     int next_position = cands.early_position(32 * (begin + STAGES) + lane);
 
-    // logit = q_scale * (16 * scale * (acc - sum(q)) + min * sum(q)), with the factors that do
-    // not depend on the candidate taken out of the loop.
-    const float q_scale = sm_scale * TW_LOG2E;
-    const float scaled_q_sum[2] = {q_scale * q_sum[0], q_scale * q_sum[1]};
     float* out = logits + (tw_i64(request) * num_qo_heads + kv_head * GROUP) * max_cands;
 #pragma unroll 1
     for (int n = begin; n < end; ++n) {
@@ -294,27 +315,25 @@ struct tw_prune {
       }
       __syncwarp();  // the stage is free for the copies of the next iteration
 
-      float acc[TILES][4];
+      int acc[TILES][4];
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
 #pragma unroll
-        for (int k = 0; k < 4; ++k) acc[i][k] = 0.f;
+        for (int k = 0; k < 4; ++k) acc[i][k] = 0;
       }
 #pragma unroll
-      for (int s = 0; s < STEPS; ++s) {
-        const uint2 b = b_frag[s][lane];
-        const int kk = 2 * (s % 2);
+      for (int s = 0; s < WORDS; ++s) {
+        const uint2 b = b_frag[s];
 #pragma unroll
         for (int i = 0; i < TILES; ++i) {
-          const tw_u32 lo = codes[i][0][s / 2], hi = codes[i][1][s / 2];
-          const tw_u32 a[4] = {tw_q4_pair<T>(lo, kk), tw_q4_pair<T>(hi, kk), tw_q4_pair<T>(lo, kk + 1),
-                               tw_q4_pair<T>(hi, kk + 1)};
-          tw_mma_m16n8k16(acc[i], a, b, T());
+          const tw_u32 lo = codes[i][0][s], hi = codes[i][1][s];
+          const tw_u32 a[4] = {tw_q4_even_channels(lo), tw_q4_even_channels(hi), tw_q4_odd_channels(lo),
+                               tw_q4_odd_channels(hi)};
+          tw_mma_m16n8k32_u8s8(acc[i], a, b);
         }
       }
 
-      // acc[i][2h + e] is candidate 32n + 16i + g + 8h against head 2t + e, and q_sum[e] (any
-      // row) that head's sum(q): q . code = 16 * (acc - sum(q)).
+      // acc[i][2h + e] is qi . code of candidate 32n + 16i + g + 8h against head 2t + e.
 #pragma unroll
       for (int i = 0; i < TILES; ++i) {
 #pragma unroll
@@ -322,13 +341,12 @@ struct tw_prune {
           const int c = 32 * n + 16 * i + g + 8 * h;
           if (c >= count) continue;
           const float2 sm = tw_pair_to_float2(row_scale_min[i][h], half());  // (scale, min)
-          const float code_scale = 16.f * q_scale * sm.x;
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const int head = 2 * t + e;
             if (head < GROUP) {
               out[tw_i64(head) * max_cands + c] =
-                  fmaf(code_scale, acc[i][2 * h + e] - q_sum[e], sm.y * scaled_q_sum[e]);
+                  fmaf(sm.x * code_factor[e], static_cast<float>(acc[i][2 * h + e]), sm.y * min_factor[e]);
             }
           }
         }
