@@ -116,6 +116,23 @@ pub enum PruneLaunch {
 /// batch 32 x 8k (319; 4 tiles: 23.7), and left 128k (36 kept) unchanged.
 pub const DEFAULT_SPARSE_CHUNK_TILES: usize = 2;
 
+/// When a step's kernels may be scheduled while the stream's previous kernel finishes
+/// (programmatic dependent launch, sm_90 and later; each kernel still waits for its
+/// predecessor's writes before it touches memory, see `tw_after_previous_kernel` in the
+/// `common.cuh` header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LaunchOverlap {
+    Off,
+    Always,
+    /// On for launches on sm_90 and later, off while the stream captures a graph. Launched, the
+    /// overlap took the headline step from 77.6-78.1 to 70.3-70.6 us, batch 1 from 38.0 to
+    /// 35.2, 128k from 133.3 to 128.0 and double_sparse(32) from 155.5 to 153.2; replayed as a
+    /// graph it was within 1 us of off, except double_sparse(32) at 150.6 against 146.2
+    /// (bench/PERF-NOTES.md, v18 and v19).
+    #[default]
+    WhenLaunched,
+}
+
 /// Which kernel runs a step's attention.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttentionKernel {
@@ -163,7 +180,9 @@ pub struct Decoder {
     resident_attend_mma_blocks: Option<usize>,
     streaming: StreamingSlots,
     num_sms: usize,
-    launch_overlap: bool,
+    launch_overlap: LaunchOverlap,
+    /// Whether the device schedules dependent launches early (sm_90 and later).
+    programmatic_launch: bool,
     /// Waves of blocks the dense split of the tensor-core attention plans for.
     dense_waves: usize,
     /// Tiles in the smallest chunk of a kept list one attention block takes.
@@ -214,6 +233,12 @@ impl Decoder {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(|e| Error::driver("reading the SM count", e))? as usize;
+        let major = stream
+            .context()
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR,
+            )
+            .map_err(|e| Error::driver("reading the compute capability", e))?;
         let separate = pipeline_of(&spec, false);
         let fused = pipeline_of(&spec, true);
         let resident_clusters = match program.function(Stage::ThresholdCompact) {
@@ -253,7 +278,8 @@ impl Decoder {
             resident_attend_mma_blocks,
             streaming,
             num_sms,
-            launch_overlap: false,
+            launch_overlap: LaunchOverlap::default(),
+            programmatic_launch: major >= 9,
             dense_waves: 1,
             sparse_chunk_tiles: DEFAULT_SPARSE_CHUNK_TILES,
         };
@@ -326,16 +352,31 @@ impl Decoder {
         self.sparse_chunk_tiles
     }
 
-    /// Whether each stage's kernel may be scheduled while the previous one finishes
-    /// (programmatic dependent launch, sm_90 and later; each kernel still waits for its
-    /// predecessor's writes before it touches memory). Off by default; bench/PERF-NOTES.md has
-    /// what it measured.
-    pub fn set_launch_overlap(&mut self, on: bool) {
-        self.launch_overlap = on;
+    /// When each stage's kernel may be scheduled while the previous one finishes;
+    /// [`LaunchOverlap::WhenLaunched`] by default.
+    pub fn set_launch_overlap(&mut self, overlap: LaunchOverlap) {
+        self.launch_overlap = overlap;
     }
 
-    pub fn launch_overlap(&self) -> bool {
+    pub fn launch_overlap(&self) -> LaunchOverlap {
         self.launch_overlap
+    }
+
+    /// Whether this step's launches overlap: asks the driver whether the stream is capturing
+    /// a graph when that decides it.
+    fn overlap_now(&self) -> Result<bool> {
+        Ok(match self.launch_overlap {
+            LaunchOverlap::Off => false,
+            LaunchOverlap::Always => true,
+            LaunchOverlap::WhenLaunched => {
+                self.programmatic_launch
+                    && self
+                        .stream
+                        .capture_status()
+                        .map_err(|e| Error::driver("asking whether the stream captures", e))?
+                        == cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
+            }
+        })
     }
 
     /// Threshold and compaction always fused (`true`) or always apart (`false`); see
@@ -576,7 +617,7 @@ impl Decoder {
             sm_scale,
             budget_tokens: params.budget.min(plan.max_tokens),
             p: params.p,
-            overlap: self.launch_overlap,
+            overlap: self.overlap_now()?,
         };
         for &stage in self.stages_for(batch * num_kv_heads) {
             before(Some(stage))?;
@@ -659,8 +700,8 @@ impl DenseDecoder {
     }
 
     /// See [`Decoder::set_launch_overlap`].
-    pub fn set_launch_overlap(&mut self, on: bool) {
-        self.decoder.set_launch_overlap(on);
+    pub fn set_launch_overlap(&mut self, overlap: LaunchOverlap) {
+        self.decoder.set_launch_overlap(overlap);
     }
 
     /// See [`Decoder::set_dense_waves`].

@@ -34,7 +34,7 @@ pub use twilight_macros::twilight_kernel;
 
 pub use buffer::{DeviceMut, DeviceRef};
 pub use decoder::{
-    AttentionKernel, DecodeOutput, Decoder, DenseDecoder, PruneLaunch, StepParams,
+    AttentionKernel, DecodeOutput, Decoder, DenseDecoder, LaunchOverlap, PruneLaunch, StepParams,
     DEFAULT_SPARSE_CHUNK_TILES,
 };
 pub use element::KvElement;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, CudaStream};
 use twilight_jit::{LoadedProgram, Stage, VariantSpec};
 
-use crate::decoder::{Decoder, StepParams};
+use crate::decoder::{Decoder, LaunchOverlap, StepParams};
 use crate::element::KvElement;
 use crate::error::{Error, Result};
 use crate::kv_cache::{PagedKvCache, RequestId};
@@ -67,8 +67,8 @@ impl SparseDecoder {
     }
 
     /// See [`Decoder::set_launch_overlap`].
-    pub fn set_launch_overlap(&mut self, on: bool) {
-        self.decoder.set_launch_overlap(on);
+    pub fn set_launch_overlap(&mut self, overlap: LaunchOverlap) {
+        self.decoder.set_launch_overlap(overlap);
     }
 
     /// See [`Decoder::set_attention_kernel`].

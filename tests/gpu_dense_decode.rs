@@ -9,8 +9,8 @@ use cudarc::driver::CudaStream;
 use rand::{Rng, SeedableRng};
 use twilight::reference::dense_decode;
 use twilight::{
-    AttentionKernel, DecodeOutput, DenseDecoder, Dtype, KvElement, KvLayout, PagedKvCache,
-    VariantSpec, Workspace,
+    AttentionKernel, DecodeOutput, DenseDecoder, Dtype, KvElement, KvLayout, LaunchOverlap,
+    PagedKvCache, VariantSpec, Workspace,
 };
 use twilight_synth::synthetic::{ragged_lengths, SyntheticStep};
 
@@ -42,8 +42,14 @@ fn check_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     )
     .unwrap();
     let mut decoder = DenseDecoder::new(stream.clone(), spec).unwrap();
-    // Every other case launches with overlap (programmatic dependent launch).
-    decoder.set_launch_overlap(seed % 2 == 1);
+    // The cases cycle through the launch overlap choices (programmatic dependent launch).
+    decoder.set_launch_overlap(
+        [
+            LaunchOverlap::Off,
+            LaunchOverlap::Always,
+            LaunchOverlap::WhenLaunched,
+        ][(seed % 3) as usize],
+    );
     let mut cache = PagedKvCache::<T>::new(stream, step.shape).unwrap();
     cache
         .upload(

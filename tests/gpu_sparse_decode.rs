@@ -20,8 +20,8 @@ use twilight::reference::quest::{quest_scores, QuestMeta};
 use twilight::reference::step::{decode_step, StepInputs, StepParams};
 use twilight::reference::{attend, HostKv};
 use twilight::{
-    AttentionKernel, Dtype, KvElement, KvLayout, PageTable, PagedKvCache, Pruning, Selector,
-    SparseDecoder, SparseOutput, SparseParams, SparseWorkspace, VariantSpec,
+    AttentionKernel, Dtype, KvElement, KvLayout, LaunchOverlap, PageTable, PagedKvCache, Pruning,
+    Selector, SparseDecoder, SparseOutput, SparseParams, SparseWorkspace, VariantSpec,
 };
 use twilight_synth::synthetic::{ragged_lengths, SyntheticStep};
 
@@ -293,10 +293,14 @@ fn check_selection(
 
 fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     let spec = case.spec;
-    // Every other case launches its stages overlapped (programmatic dependent launch), and
-    // every other pair runs top-p's threshold and compaction fused in one cluster launch: each
-    // launch path meets every part of the matrix over the runs.
-    let overlap = seed % 2 == 1;
+    // The cases cycle through the three launch overlap choices (programmatic dependent
+    // launch), and every other pair runs top-p's threshold and compaction fused in one cluster
+    // launch: each launch path meets every part of the matrix over the runs.
+    let overlap = [
+        LaunchOverlap::Off,
+        LaunchOverlap::Always,
+        LaunchOverlap::WhenLaunched,
+    ][(seed % 3) as usize];
     let fused = (seed / 2) % 2 == 1;
     // And the attention alternates between its two kernels, out of step with both.
     let kernel = if (seed / 4) % 2 == 1 {
@@ -307,7 +311,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     // And a kept list's smallest attention chunk is 1, 2 or 3 tiles.
     let chunk_tiles = 1 + (seed / 8 % 3) as usize;
     let what = format!(
-        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap} fused prune {fused} attention {kernel:?} chunk tiles {chunk_tiles}",
+        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap:?} fused prune {fused} attention {kernel:?} chunk tiles {chunk_tiles}",
         case.budget,
         case.p,
         case.num_kv_heads,
@@ -770,9 +774,16 @@ fn gpu_sparse_step_replays_as_a_cuda_graph() {
         },
     )
     .unwrap();
-    // Captured with overlapped launches (the graph keeps their programmatic dependencies) and
-    // the fused threshold and compaction (a cluster launch), and the tensor-core attention.
-    decoder.set_launch_overlap(true);
+    // Captured with overlapped launches (the graph keeps their programmatic dependencies) or
+    // with the default, which captures them without, the fused threshold and compaction (a
+    // cluster launch), and the tensor-core attention.
+    let overlap = if seed.is_multiple_of(2) {
+        LaunchOverlap::Always
+    } else {
+        LaunchOverlap::WhenLaunched
+    };
+    eprintln!("graph replay: seed {seed}, launch overlap {overlap:?}");
+    decoder.set_launch_overlap(overlap);
     decoder.set_fused_prune(true);
     decoder.set_attention_kernel(AttentionKernel::TensorCores);
     let built = build::<half::bf16>(&stream, &decoder, &case, seed);

@@ -45,11 +45,15 @@ pub struct SparseReport {
     pub other_attention_stage_us: Option<f64>,
     #[serde(default)]
     pub dense_other_attention_us: Option<f64>,
-    /// The step with launch overlap (programmatic dependent launch), launched and as a graph.
+    /// The step with launch overlap (programmatic dependent launch) always on, launched and as
+    /// a graph (the default overlaps launches only).
     #[serde(default)]
     pub twilight_overlap_us: Option<f64>,
     #[serde(default)]
     pub twilight_overlap_graph_us: Option<f64>,
+    /// The step with launch overlap off, launched.
+    #[serde(default)]
+    pub twilight_no_overlap_us: Option<f64>,
     /// The step with top-p's threshold and compaction fused (one cluster launch), launched and
     /// as a graph, and the fused stage alone.
     #[serde(default)]
@@ -205,6 +209,13 @@ pub fn print(r: &SparseReport) {
         row(
             "twilight step, launches overlapped, graph replay",
             g,
+            r.twilight_floor_us,
+        );
+    }
+    if let Some(t) = r.twilight_no_overlap_us {
+        row(
+            "twilight step, launches never overlapped",
+            t,
             r.twilight_floor_us,
         );
     }

@@ -12,8 +12,8 @@ use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use twilight::twilight_jit::{open_device, Stage};
 use twilight::{
     AttentionKernel, DecodeOutput, Decoder, DenseDecoder, DeviceMut, DeviceRef, Dtype, KvElement,
-    KvPool, PageTableView, Pruning, Selector, SparseDecoder, SparseOutput, SparseParams,
-    SparseWorkspace, StepOutputs, StepParams, VariantSpec, Workspace,
+    KvPool, LaunchOverlap, PageTableView, Pruning, Selector, SparseDecoder, SparseOutput,
+    SparseParams, SparseWorkspace, StepOutputs, StepParams, VariantSpec, Workspace,
 };
 use twilight_synth::generator::{GeneratorParams, Preset};
 
@@ -292,9 +292,12 @@ fn measure_selector<T: KvElement>(
     let mut s_ws: Vec<SparseWorkspace> = (0..n).map(|_| SparseWorkspace::default()).collect();
     let mut q_ws: Vec<SparseWorkspace> = (0..n).map(|_| SparseWorkspace::default()).collect();
 
-    // The same step with each launch overlapping the previous kernel's end.
+    // The same step with each launch overlapping the previous kernel's end, also in a graph
+    // (the default overlaps launches only), and with no overlap at all.
     let mut overlapped = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
-    overlapped.set_launch_overlap(true);
+    overlapped.set_launch_overlap(LaunchOverlap::Always);
+    let mut not_overlapped = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
+    not_overlapped.set_launch_overlap(LaunchOverlap::Off);
     // And with top-p's threshold and compaction fused into one cluster launch.
     let mut fused = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
     fused.set_fused_prune(true);
@@ -350,6 +353,14 @@ fn measure_selector<T: KvElement>(
     let (overlap_t, overlap_graph_t) = time_launched_and_replayed(
         stream,
         &overlapped,
+        instances,
+        &mut s_out,
+        &mut s_ws,
+        method,
+    )?;
+    let (no_overlap_t, _) = time_launched_and_replayed(
+        stream,
+        &not_overlapped,
         instances,
         &mut s_out,
         &mut s_ws,
@@ -433,6 +444,7 @@ fn measure_selector<T: KvElement>(
         dense_other_attention_us: None,
         twilight_overlap_us: Some(overlap_t.median_us()),
         twilight_overlap_graph_us: Some(overlap_graph_t.median_us()),
+        twilight_no_overlap_us: Some(no_overlap_t.median_us()),
         twilight_fused_us: Some(fused_t.median_us()),
         twilight_separate_us: Some(separate_t.median_us()),
         default_fuses_prune: Some(default_fuses),

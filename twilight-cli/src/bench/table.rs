@@ -203,6 +203,7 @@ mod tests {
             dense_other_attention_us: None,
             twilight_overlap_us: None,
             twilight_overlap_graph_us: None,
+            twilight_no_overlap_us: None,
             twilight_fused_us: None,
             twilight_fused_graph_us: None,
             fused_stage_us: None,
