@@ -9,7 +9,7 @@ use rand::SeedableRng;
 use twilight::twilight_jit::open_device;
 use twilight::{
     AttentionKernel, CacheShape, DecodeOutput, DenseDecoder, Dtype, HostPageTable, KvElement,
-    PageTable, PagedKvCache, SplitPlan, VariantSpec, Workspace,
+    LaunchOverlap, PageTable, PagedKvCache, SplitPlan, VariantSpec, Workspace,
 };
 
 use super::bytes::dense_decode_bytes;
@@ -185,6 +185,17 @@ fn dense_typed<T: KvElement>(
     }
     decoder.set_dense_waves(1);
     decoder.set_attention_kernel(default_kernel);
+    // The default again with launch overlap off: consecutive steps then never share the SMs.
+    decoder.set_launch_overlap(LaunchOverlap::Off);
+    line.time(
+        stream,
+        &decoder,
+        &instances,
+        &q,
+        &mut out,
+        &format!("{default_kernel:?}, launches never overlapped"),
+    )?;
+    decoder.set_launch_overlap(LaunchOverlap::default());
     let (_, timing, plan) = &measured[0];
     let median = timing.median_us();
     let other = measured
