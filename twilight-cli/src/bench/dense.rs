@@ -153,6 +153,9 @@ fn dense_typed<T: KvElement>(
         floor_us,
         bytes,
     };
+    let mut time_as = |decoder: &DenseDecoder, label: &str| {
+        line.time(stream, decoder, &instances, &q, &mut out, label)
+    };
     let mut measured = Vec::new();
     for kernel in kernels {
         decoder.set_attention_kernel(kernel);
@@ -161,38 +164,20 @@ fn dense_typed<T: KvElement>(
         } else {
             ""
         };
-        let (timing, plan) = line.time(
-            stream,
-            &decoder,
-            &instances,
-            &q,
-            &mut out,
-            &format!("{kernel:?}{default}"),
-        )?;
+        let (timing, plan) = time_as(&decoder, &format!("{kernel:?}{default}"))?;
         measured.push((kernel, timing, plan));
     }
     decoder.set_attention_kernel(AttentionKernel::TensorCores);
     for &waves in args.waves.iter().filter(|&&w| w > 1) {
         decoder.set_dense_waves(waves);
-        line.time(
-            stream,
-            &decoder,
-            &instances,
-            &q,
-            &mut out,
-            &format!("TensorCores, split for {waves} waves"),
-        )?;
+        time_as(&decoder, &format!("TensorCores, split for {waves} waves"))?;
     }
     decoder.set_dense_waves(1);
     decoder.set_attention_kernel(default_kernel);
     // The default again with launch overlap off: consecutive steps then never share the SMs.
     decoder.set_launch_overlap(LaunchOverlap::Off);
-    line.time(
-        stream,
+    time_as(
         &decoder,
-        &instances,
-        &q,
-        &mut out,
         &format!("{default_kernel:?}, launches never overlapped"),
     )?;
     decoder.set_launch_overlap(LaunchOverlap::default());
