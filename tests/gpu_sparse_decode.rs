@@ -721,8 +721,8 @@ fn gpu_selection_over_long_requests() {
         let case = Case {
             spec: spec_of(row),
             // Quest's page rows (page size 1) take the register path at 6000 pages and the
-            // radix passes at 4097 and `longest`; token rows take registers up to 32768 and
-            // the passes beyond (see select.cuh).
+            // radix passes at 4097 and `longest`; token rows take registers from 16385 up to
+            // 32768 tokens (20000 here) and the passes at the other lengths (see select.cuh).
             lens: vec![longest, 333, 6000, 4097, 20],
             num_kv_heads: 2,
             budget: 2048,

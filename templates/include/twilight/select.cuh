@@ -241,8 +241,8 @@ struct tw_top_k_cached {
   }
 };
 
-// Rows the register path does not take (longer than THREADS * CACHED items, or short page
-// rows: REGISTERS_FROM) take radix passes over 8-bit digits that reload the row from global
+// Rows the register path does not take (longer than THREADS * CACHED items, or short rows:
+// REGISTERS_FROM) take radix passes over 8-bit digits that reload the row from global
 // memory each pass. TOKEN_ROWS tunes them for rows of
 // token scores (Double Sparsity: crowded into few radix buckets): a warp's lanes that share a
 // bucket count it with one atomic; page rows (Quest), whose scores spread over many buckets,
@@ -254,11 +254,13 @@ struct tw_top_k {
   static constexpr int BATCH = 8;  // keys per thread in flight in a pass
   typedef tw_radix<int, THREADS> radix;
   typedef tw_top_k_cached<THREADS, CACHED == 0 ? 1 : CACHED, !TOKEN_ROWS> in_registers;
-  // Page rows of up to this many scored items take the passes even when they fit in registers:
-  // on the H200 the register path chose 8192 pages faster than the passes (20.5 against
-  // 27.3 us) but 2048 slower (14.0 against 12.5 us); token rows of 32768 took about as long
-  // both ways (55.1 against 56.3 us) (bench/PERF-NOTES.md, v17).
-  static constexpr int REGISTERS_FROM = TOKEN_ROWS ? 0 : THREADS * CACHED / 2;
+  // Rows of up to this many scored items take the passes even when they fit in registers,
+  // where a short row would leave most warps idle: on the H200 the register path chose 8192
+  // pages faster than the passes (20.5 against 27.3 us) but 2048 slower (14.0 against 12.5
+  // us), and token rows of 32768 took about as long both ways (55.1 against 56.3 us)
+  // (bench/PERF-NOTES.md, v17). Token rows of 8192 in registers (4 of 16 warps busy) made
+  // double_sparse(32) steps at 8k tokens 7-19% slower than the passes had (v19's grid).
+  static constexpr int REGISTERS_FROM = THREADS * CACHED / 2;
   // Once the bucket holding the k-th key has at most FEW items, the descent stops: the block
   // gathers them and one warp sorts them, which names the k-th key (and how many of its equals
   // to take) as the remaining passes would, for their barriers.
