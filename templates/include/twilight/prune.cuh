@@ -106,7 +106,7 @@ struct tw_prune {
   // The row's candidates go in groups of 32; each warp of the row's blocks takes a contiguous
   // share of the groups and streams their codes and (scale, min) pairs through a STAGES-deep
   // ring of asynchronous copies of its own, so STAGES - 1 groups are in flight while it
-  // multiplies one, and the block's setup (B, the heads' steps) is paid once per share rather
+  // multiplies one, and the warp's setup (B, the heads' steps) is paid once per share rather
   // than once per group. With one group per warp and its loads in registers (v17), 4096 short
   // blocks ran in four waves, each warp waiting out its page ids and then its codes (ncu: DRAM
   // at 46%). The ring measured 18 us at the headline against 19 (bench/PERF-NOTES.md, v18).
