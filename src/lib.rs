@@ -2,7 +2,7 @@
 //!
 //! Declare the variants an engine needs with [`twilight_kernel`]; their CUDA is rendered from
 //! the templates for exactly that variant and compiled at run time by NVRTC, cached in memory
-//! and on disk ([`twilight_jit`]). [`reference`] holds the CPU oracle of every stage.
+//! and on disk ([`twilight_jit`]). [`reference`](mod@reference) holds the CPU oracle of every stage.
 
 // Lets `#[twilight_kernel]` expand to `::twilight::...` paths inside this crate too.
 extern crate self as twilight;

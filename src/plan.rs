@@ -21,7 +21,7 @@ pub struct SplitPlan {
 impl SplitPlan {
     /// The split for `rows` (request, KV head) pairs of at most `max_len` tokens, with tiles of
     /// `tile` tokens on `num_sms` multiprocessors: enough blocks to fill the GPU, chunks never
-    /// below [`MIN_CHUNK_TOKENS`].
+    /// below `MIN_CHUNK_TOKENS`.
     pub fn new(tile: usize, num_sms: usize, rows: usize, max_len: usize) -> SplitPlan {
         let chunk = max_len
             .div_ceil(wanted_blocks_per_row(num_sms, rows))
@@ -39,7 +39,7 @@ impl SplitPlan {
     /// the kernel fit on the device at once and a block's partial result costs as many bytes
     /// as `merge_tokens` tokens of K and V: the number of chunks whose blocks fill the
     /// resident slots most evenly (the fewest tokens per slot, counting each wave's longest
-    /// chunk), chunks never below [`MIN_CHUNK_TOKENS`] unless the longest request is shorter.
+    /// chunk), chunks never below `MIN_CHUNK_TOKENS` unless the longest request is shorter.
     pub fn balanced(
         tile: usize,
         resident_blocks: usize,

@@ -15,7 +15,7 @@ use crate::CliResult;
 pub struct Args {
     /// Variants to compile (names or key=value lists).
     variants: Vec<VariantSpec>,
-    /// Also compile every variant declared with #[twilight_kernel] in this binary.
+    /// Also compile every variant declared with `#[twilight_kernel]` in this binary.
     #[arg(long)]
     declared: bool,
     /// Compile for this target (sm_90 for CUBIN, compute_90 for PTX) without using a GPU.

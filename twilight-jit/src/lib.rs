@@ -1,4 +1,4 @@
-//! The compiler side of twilight: a [`VariantSpec`] names one kernel variant, [`render`] turns it
+//! The compiler side of twilight: a [`VariantSpec`] names one kernel variant, [`render`](fn@render) turns it
 //! into one self-contained CUDA translation unit, and (with the `cuda` feature) NVRTC compiles it
 //! and a cache keeps the result: per CUDA context in memory, per process for every context
 //! ([`KernelStore`]: one compile per architecture however many devices), and on disk.

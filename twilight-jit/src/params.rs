@@ -1,7 +1,7 @@
 //! One launch contract per kernel: every kernel entry takes a single `#[repr(C)]` parameter
 //! struct by value, and both of its spellings come from one field list.
 //!
-//! [`kernel_params!`] declares the Rust struct; the C++ twin is rendered from the same list
+//! `kernel_params!` declares the Rust struct; the C++ twin is rendered from the same list
 //! ([`KernelParams::cpp_definition`]) into every program, followed by `static_assert`s of the
 //! struct's size and of every field's size and alignment as Rust laid them out. Both sides
 //! then place the same fields, in the same order, by the same C layout rule, so every offset

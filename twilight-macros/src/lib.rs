@@ -6,8 +6,8 @@
 //! `::twilight::declared_variants()`. Every mistake is a compile error pointing at the argument
 //! to blame.
 //!
-//! Layout: [`args`] splits and reads the arguments (syntax only), [`target`] checks the item,
-//! [`spec`] turns the arguments into a validated spec, [`emit`] generates the code.
+//! Layout: `args` splits and reads the arguments (syntax only), `target` checks the item,
+//! `spec` turns the arguments into a validated spec, `emit` generates the code.
 
 mod args;
 mod emit;

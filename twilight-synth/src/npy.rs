@@ -179,7 +179,7 @@ fn temp_name(dir: &Path, name: &std::ffi::OsStr) -> std::path::PathBuf {
 /// Writes `f16` values as `<f2`.
 ///
 /// # Errors
-/// As [`write`].
+/// As [`write`](fn@write).
 pub fn write_f16(path: &Path, shape: &[usize], data: &[half::f16]) -> Result<()> {
     write(path, shape, data)
 }
@@ -187,7 +187,7 @@ pub fn write_f16(path: &Path, shape: &[usize], data: &[half::f16]) -> Result<()>
 /// Writes `f32` values as `<f4`.
 ///
 /// # Errors
-/// As [`write`].
+/// As [`write`](fn@write).
 pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     write(path, shape, data)
 }
@@ -195,7 +195,7 @@ pub fn write_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
 /// Writes `i32` values as `<i4`.
 ///
 /// # Errors
-/// As [`write`].
+/// As [`write`](fn@write).
 pub fn write_i32(path: &Path, shape: &[usize], data: &[i32]) -> Result<()> {
     write(path, shape, data)
 }
