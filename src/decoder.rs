@@ -118,8 +118,10 @@ pub const DEFAULT_SPARSE_CHUNK_TILES: usize = 2;
 
 /// When a step's kernels may be scheduled while the stream's previous kernel finishes
 /// (programmatic dependent launch, sm_90 and later; each kernel still waits for its
-/// predecessor's writes before it touches memory, see `tw_after_previous_kernel` in the
-/// `common.cuh` header).
+/// predecessor's writes before it reads them or writes anything, see
+/// `tw_after_previous_kernel` in the `common.cuh` header). A kernel that reads the step's
+/// inputs before that wait ([`Stage::reads_inputs_before_wait`]) overlaps only an earlier
+/// kernel of the same step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LaunchOverlap {
     Off,
@@ -312,7 +314,10 @@ impl Decoder {
         self.prune_launch
     }
 
-    /// The stages a step over `rows` (request, KV head) pairs launches, in order.
+    /// The stages a step over `rows` (request, KV head) pairs launches, in order. A selection
+    /// stage launches its register kernel in its place when the step's longest row is one that
+    /// kernel takes ([`Stage::QuestSelectInRegisters`], [`Stage::DsSelectInRegisters`]); the
+    /// hook of [`Decoder::run_into`] names the kernel launched.
     pub fn stages_for(&self, rows: usize) -> &[Stage] {
         let fuse = match self.prune_launch {
             PruneLaunch::Separate => false,
@@ -603,7 +608,7 @@ impl Decoder {
             }
         }
         workspace.ensure(&self.stream, spec, &plan, batch, num_kv_heads)?;
-        let step = Step {
+        let mut step = Step {
             spec,
             tiling: self.program.tiling,
             plan,
@@ -617,16 +622,35 @@ impl Decoder {
             sm_scale,
             budget_tokens: params.budget.min(plan.max_tokens),
             p: params.p,
-            overlap: self.overlap_now()?,
+            overlap: false,
         };
-        for &stage in self.stages_for(batch * num_kv_heads) {
+        let overlap = self.overlap_now()?;
+        for (i, &planned) in self.stages_for(batch * num_kv_heads).iter().enumerate() {
+            let stage = kernel_for(planned, &step);
+            // A kernel that reads the step's inputs before it waits for its predecessor runs
+            // as the step's first only in plain stream order (`tw_after_previous_kernel`).
+            step.overlap = overlap && (i > 0 || !stage.reads_inputs_before_wait());
             before(Some(stage))?;
             let f = stages::function(&self.program, spec, stage)?;
+            let tiling = &step.tiling;
             match stage {
                 Stage::QuestScore => stages::quest_score(&step, f, workspace)?,
-                Stage::QuestSelect => stages::quest_select(&step, f, workspace)?,
+                Stage::QuestSelect => {
+                    stages::quest_select(&step, f, tiling.quest_select_threads, workspace)?
+                }
+                Stage::QuestSelectInRegisters => stages::quest_select(
+                    &step,
+                    f,
+                    tiling.quest_select_registers_threads,
+                    workspace,
+                )?,
                 Stage::DsScore => stages::ds_score(&step, f, workspace)?,
-                Stage::DsSelect => stages::ds_select(&step, f, workspace)?,
+                Stage::DsSelect => {
+                    stages::ds_select(&step, f, tiling.ds_select_threads, workspace)?
+                }
+                Stage::DsSelectInRegisters => {
+                    stages::ds_select(&step, f, tiling.ds_select_registers_threads, workspace)?
+                }
                 Stage::Estimate => stages::estimate(&step, f, workspace)?,
                 Stage::Threshold => stages::threshold(&step, f, workspace)?,
                 Stage::Compact | Stage::ThresholdCompact => {
@@ -652,6 +676,22 @@ impl Decoder {
             }
         }
         before(None)
+    }
+}
+
+/// The kernel a planned stage launches for this step: the selections hold a row's scores in
+/// registers only when the longest row is one that path takes; otherwise their passes run in
+/// smaller blocks, many rows per SM (a block per SM ran 1024 rows of 512 pages in eight waves:
+/// bench/PERF-NOTES.md, v20).
+fn kernel_for<T>(planned: Stage, step: &Step<'_, T>) -> Stage {
+    match planned {
+        Stage::QuestSelect if step.tiling.quest_select_in_registers(step.plan.max_pages) => {
+            Stage::QuestSelectInRegisters
+        }
+        Stage::DsSelect if step.tiling.ds_select_in_registers(step.plan.max_tokens) => {
+            Stage::DsSelectInRegisters
+        }
+        _ => planned,
     }
 }
 

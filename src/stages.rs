@@ -74,7 +74,7 @@ pub(crate) struct Step<'a, T> {
     /// B0, at most the longest request's token rows.
     pub budget_tokens: usize,
     pub p: f32,
-    /// Launch each stage with overlap (programmatic dependent launch).
+    /// Launch the next stage with overlap (programmatic dependent launch).
     pub overlap: bool,
 }
 
@@ -234,9 +234,12 @@ pub(crate) fn quest_score<T: KvElement>(
     unsafe { l.launch(f, grid, params, "quest_score") }
 }
 
+/// Quest's selection on `f`, either of its kernels ([`Stage::QuestSelect`] in passes or
+/// [`Stage::QuestSelectInRegisters`]) on its block of `threads`.
 pub(crate) fn quest_select<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
+    threads: u32,
     ws: &mut Workspace,
 ) -> Result<()> {
     let mut l = Launcher::new(s.stream, s.overlap);
@@ -251,8 +254,8 @@ pub(crate) fn quest_select<T: KvElement>(
         max_pages: s.plan.max_pages as i32,
         budget_pages: s.plan.budget_pages as i32,
     };
-    let grid = Grid::rows(s.num_kv_heads, s.batch, s.tiling.quest_select_threads);
-    // SAFETY: `f` is `_quest_select`; selected and selected_pages hold rows * budget_pages
+    let grid = Grid::rows(s.num_kv_heads, s.batch, threads);
+    // SAFETY: `f` is `_quest_select` or `_quest_select_in_registers` on its block size; selected and selected_pages hold rows * budget_pages
     // entries each (the workspace was sized from the plan), the kernel writes at most
     // budget_pages per row, and the table's page list covers every request's pages.
     unsafe { l.launch(f, grid, params, "quest_select") }
@@ -291,9 +294,12 @@ pub(crate) fn ds_score<T: KvElement>(
     unsafe { l.launch(f, grid, params, "ds_score") }
 }
 
+/// Double Sparsity's selection on `f`, either of its kernels ([`Stage::DsSelect`] or
+/// [`Stage::DsSelectInRegisters`]) on its block of `threads`.
 pub(crate) fn ds_select<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
+    threads: u32,
     ws: &mut Workspace,
 ) -> Result<()> {
     let mut l = Launcher::new(s.stream, s.overlap);
@@ -308,8 +314,8 @@ pub(crate) fn ds_select<T: KvElement>(
         budget: s.budget_tokens as i32,
         stride: s.plan.selected_stride as i32,
     };
-    let grid = Grid::rows(s.num_kv_heads, s.batch, s.tiling.ds_select_threads);
-    // SAFETY: `f` is `_ds_select`; selected holds rows * selected_stride entries and a row
+    let grid = Grid::rows(s.num_kv_heads, s.batch, threads);
+    // SAFETY: `f` is `_ds_select` or `_ds_select_in_registers` on its block size; selected holds rows * selected_stride entries and a row
     // gets at most min(B0, its length) <= selected_stride positions.
     unsafe { l.launch(f, grid, params, "ds_select") }
 }

@@ -680,7 +680,8 @@ fn gpu_sparse_step_every_p_on_one_long_batch() {
 
 /// Selections over long requests: Double Sparsity for each r (scores over many token blocks;
 /// rows past 32768 tokens, which the selection re-reads from global memory instead of keeping
-/// in registers), and Quest on pages of one token past the 16384 pages it keeps in registers.
+/// in registers), and Quest on pages of one token, with the longest row inside and past the
+/// 8192 pages it keeps in registers: each selector's two kernels (select.cuh).
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_selection_over_long_requests() {
@@ -711,6 +712,7 @@ fn gpu_selection_over_long_requests() {
             33_000,
         ),
         (Selector::Quest, 1, Pruning::TopP, Dtype::F16, 20_000),
+        (Selector::Quest, 1, Pruning::None, Dtype::Bf16, 7_000),
     ];
     let spec_of = |(selector, page_size, pruning, dtype, _)| {
         spec(page_size, 128, dtype, 4, KvLayout::Hnd, selector, pruning)
@@ -720,9 +722,10 @@ fn gpu_selection_over_long_requests() {
         let longest = row.4;
         let case = Case {
             spec: spec_of(row),
-            // Quest's page rows (page size 1) take the register path at 6000 pages and the
-            // radix passes at 4097 and `longest`; token rows take registers from 16385 up to
-            // 32768 tokens (20000 here) and the passes at the other lengths (see select.cuh).
+            // A step launches a selection's register kernel when its longest row is one that
+            // path takes (Quest: 4097 to 8192 pages, here 7000; Double Sparsity: 16385 to 32768
+            // tokens, here 20000), where shorter rows still take the passes; otherwise its
+            // kernel of passes only (see select.cuh and `Tiling::quest_select_in_registers`).
             lens: vec![longest, 333, 6000, 4097, 20],
             num_kv_heads: 2,
             budget: 2048,

@@ -378,9 +378,11 @@ impl Stage {
         match self {
             Stage::Append => AppendParams::cpp_definition(elem),
             Stage::QuestScore => QuestScoreParams::cpp_definition(elem),
-            Stage::QuestSelect => QuestSelectParams::cpp_definition(elem),
+            Stage::QuestSelect | Stage::QuestSelectInRegisters => {
+                QuestSelectParams::cpp_definition(elem)
+            }
             Stage::DsScore => DsScoreParams::cpp_definition(elem),
-            Stage::DsSelect => DsSelectParams::cpp_definition(elem),
+            Stage::DsSelect | Stage::DsSelectInRegisters => DsSelectParams::cpp_definition(elem),
             Stage::Estimate => EstimateParams::cpp_definition(elem),
             Stage::Threshold => ThresholdParams::cpp_definition(elem),
             Stage::ThresholdCompact => ThresholdCompactParams::cpp_definition(elem),

@@ -24,12 +24,20 @@ pub enum Stage {
     Append,
     /// Quest: an upper bound of q.k per page.
     QuestScore,
-    /// Quest: the budget's best pages, plus the last page.
+    /// Quest: the budget's best pages, plus the last page, in radix passes over the scores
+    /// (small blocks, many rows at once).
     QuestSelect,
+    /// [`Stage::QuestSelect`] with every page score of a row in registers, one block per SM:
+    /// launched in its place when the longest row is one its register path takes
+    /// ([`Tiling::quest_select_in_registers`]).
+    QuestSelectInRegisters,
     /// Double Sparsity: q.k over the calibrated channels per token, from the label cache.
     DsScore,
-    /// Double Sparsity: the budget's best tokens, plus the newest.
+    /// Double Sparsity: the budget's best tokens, plus the newest, in radix passes.
     DsSelect,
+    /// [`Stage::DsSelect`] with every token score of a row in registers; launched in its
+    /// place as [`Tiling::ds_select_in_registers`] says.
+    DsSelectInRegisters,
     /// Top-p: estimated logits of the candidates from the 4-bit K.
     Estimate,
     /// Top-p: the exact threshold weight per query head.
@@ -55,8 +63,10 @@ impl Stage {
             Stage::Append => "append",
             Stage::QuestScore => "quest_score",
             Stage::QuestSelect => "quest_select",
+            Stage::QuestSelectInRegisters => "quest_select_in_registers",
             Stage::DsScore => "ds_score",
             Stage::DsSelect => "ds_select",
+            Stage::DsSelectInRegisters => "ds_select_in_registers",
             Stage::Estimate => "estimate",
             Stage::Threshold => "threshold",
             Stage::ThresholdCompact => "threshold_compact",
@@ -66,12 +76,23 @@ impl Stage {
         }
     }
 
+    /// Whether the stage's kernel reads the step's inputs (q, the page table, the pool) before
+    /// it waits for the stream's previous kernel (`tw_after_previous_kernel` in the
+    /// `common.cuh` header): such a kernel may overlap its launch with an earlier kernel of the
+    /// same step, whose own wait orders it after everything before the step, but as a step's
+    /// first kernel it must be launched in plain stream order. The estimate rounds q there.
+    pub fn reads_inputs_before_wait(self) -> bool {
+        matches!(self, Stage::Estimate)
+    }
+
     /// The template file holding the stage's entry (several stages may share one).
     pub fn template(self) -> &'static str {
         match self {
             Stage::Append => "append.cu.tera",
-            Stage::QuestScore | Stage::QuestSelect => "quest.cu.tera",
-            Stage::DsScore | Stage::DsSelect => "ds.cu.tera",
+            Stage::QuestScore | Stage::QuestSelect | Stage::QuestSelectInRegisters => {
+                "quest.cu.tera"
+            }
+            Stage::DsScore | Stage::DsSelect | Stage::DsSelectInRegisters => "ds.cu.tera",
             Stage::Estimate | Stage::Threshold | Stage::ThresholdCompact | Stage::Compact => {
                 "prune.cu.tera"
             }
@@ -211,16 +232,25 @@ pub struct Tiling {
     pub quest_score_stages: u32,
     /// Tokens each block of the Double Sparsity scoring walks.
     pub ds_score_tokens: u32,
-    /// Quest's selection block and the page scores each of its threads keeps in registers:
-    /// rows of 4097 to 512 x 16 = 8192 pages (128k tokens at page 16) are chosen there, the
-    /// others in radix passes that re-read the row from global memory (measured faster for
-    /// 2048 pages; select.cuh's REGISTERS_FROM). 0 keys: always passes. 32 keys on 256 threads
-    /// spilled.
+    /// Quest's selection in radix passes ([`Stage::QuestSelect`]): its block, and the blocks
+    /// per SM its registers must allow (6 x 256 threads: 40 registers, no spills; left free
+    /// it took 60, 4 blocks).
     pub quest_select_threads: u32,
+    pub quest_select_min_blocks: u32,
+    /// Quest's selection with page scores in registers ([`Stage::QuestSelectInRegisters`]):
+    /// its block and the scores each thread keeps. It takes rows of 4097 to 512 x 16 = 8192
+    /// pages (128k tokens at page 16); shorter rows were measured faster in passes (2048
+    /// pages; select.cuh's REGISTERS_FROM). 32 keys on 256 threads spilled.
+    pub quest_select_registers_threads: u32,
     pub quest_select_keys: u32,
-    /// The token selection's block and its scores per thread in registers: 512 x 64 hold a
-    /// 32k-token row (longer rows are re-read from global memory each pass).
+    /// The token selection in radix passes ([`Stage::DsSelect`]): its block, and the blocks
+    /// per SM its registers must allow (3 x 512 threads: 40 registers and 4 bytes of spills;
+    /// left free it took 53, 2 blocks).
     pub ds_select_threads: u32,
+    pub ds_select_min_blocks: u32,
+    /// The token selection with scores in registers ([`Stage::DsSelectInRegisters`]): 512 x
+    /// 64 hold a 32k-token row; it takes rows of 16385 to 32768 tokens.
+    pub ds_select_registers_threads: u32,
     pub ds_select_keys: u32,
     pub estimate_threads: u32,
     /// Depth of each estimate warp's ring of asynchronous copies, in groups of 32 candidates
@@ -251,9 +281,13 @@ impl Tiling {
             select_threads: 256,
             quest_score_stages: 3,
             ds_score_tokens: 1024,
-            quest_select_threads: 512,
+            quest_select_threads: 256,
+            quest_select_min_blocks: 6,
+            quest_select_registers_threads: 512,
             quest_select_keys: 16,
             ds_select_threads: 512,
+            ds_select_min_blocks: 3,
+            ds_select_registers_threads: 512,
             ds_select_keys: 64,
             estimate_threads: 128,
             estimate_stages: if spec.head_dim >= 256 { 2 } else { 3 },
@@ -261,6 +295,27 @@ impl Tiling {
             // One block walks a whole candidate list in order: make each step of it wide.
             compact_threads: 1024,
         }
+    }
+
+    /// Whether Quest's selection over rows of up to `max_pages` pages launches
+    /// [`Stage::QuestSelectInRegisters`]: when the longest row is one its register path takes
+    /// (shorter rows in the same launch take its passes, exactly but in a block per SM).
+    pub fn quest_select_in_registers(&self, max_pages: usize) -> bool {
+        registers_take(
+            self.quest_select_registers_threads,
+            self.quest_select_keys,
+            max_pages,
+        )
+    }
+
+    /// As [`Tiling::quest_select_in_registers`], for Double Sparsity's rows of up to
+    /// `max_tokens` tokens.
+    pub fn ds_select_in_registers(&self, max_tokens: usize) -> bool {
+        registers_take(
+            self.ds_select_registers_threads,
+            self.ds_select_keys,
+            max_tokens,
+        )
     }
 
     /// Tokens one decode block consumes per iteration; split-KV chunks are multiples of it.
@@ -272,6 +327,14 @@ impl Tiling {
     pub fn attend_mma_tile_tokens(&self) -> u32 {
         16 * self.attend_mma_warps
     }
+}
+
+/// select.cuh's rule (`tw_top_k`): a row of `items` items, the last always kept, takes the
+/// register path when its `items - 1` scored ones fill more than half of `threads * keys`.
+fn registers_take(threads: u32, keys: u32, items: usize) -> bool {
+    let capacity = threads as usize * keys as usize;
+    let scored = items.saturating_sub(1);
+    scored > capacity / 2 && scored <= capacity
 }
 
 /// Two stages: with six warps per block a third one measured no faster at the headline and
@@ -343,11 +406,18 @@ impl RenderedProgram {
 }
 
 /// The entries a variant's program holds: the append and every stage of [`pipeline_of`], with
-/// the top-p pruner's threshold and compaction both apart and fused, and the attention both on
-/// CUDA cores and on tensor cores.
+/// the selection both in passes and in registers, the top-p pruner's threshold and compaction
+/// both apart and fused, and the attention both on CUDA cores and on tensor cores.
 pub fn stages_of(spec: &VariantSpec) -> Vec<Stage> {
     let mut stages = vec![Stage::Append];
-    stages.extend(pipeline_of(spec, false));
+    for stage in pipeline_of(spec, false) {
+        stages.push(stage);
+        match stage {
+            Stage::QuestSelect => stages.push(Stage::QuestSelectInRegisters),
+            Stage::DsSelect => stages.push(Stage::DsSelectInRegisters),
+            _ => {}
+        }
+    }
     if spec.pruning == Pruning::TopP {
         let at = stages.len() - 1;
         stages.insert(at, Stage::ThresholdCompact);
@@ -511,4 +581,23 @@ fn error_chain(error: &dyn std::error::Error) -> String {
 /// The embedded template files, relative to `templates/` (for tooling and tests).
 pub fn embedded_template_names() -> impl Iterator<Item = &'static Path> {
     EMBEDDED.iter().map(|(name, _)| Path::new(*name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_selection_runs_in_registers_only_for_rows_its_register_path_takes() {
+        let spec: VariantSpec = "ps16_hd128_f16_g4_hnd_quest_topp".parse().unwrap();
+        let tiling = Tiling::for_spec(&spec);
+        // 512 threads x 16 keys: rows of 4097 to 8192 scored pages, the last page besides.
+        let quest = |pages| tiling.quest_select_in_registers(pages);
+        assert!(!quest(0) && !quest(1) && !quest(4097));
+        assert!(quest(4098) && quest(6000) && quest(8193));
+        assert!(!quest(8194) && !quest(20_000));
+        // 512 x 64: token rows of 16385 to 32768 scored tokens.
+        let tokens = |len| tiling.ds_select_in_registers(len);
+        assert!(!tokens(16_385) && tokens(16_386) && tokens(32_769) && !tokens(32_770));
+    }
 }

@@ -243,7 +243,9 @@ struct tw_top_k_cached {
 
 // Rows the register path does not take (longer than THREADS * CACHED items, or short rows:
 // REGISTERS_FROM) take radix passes over 8-bit digits that reload the row from global
-// memory each pass. TOKEN_ROWS tunes them for rows of
+// memory each pass. The register path needs a block per SM; the passes run in smaller blocks,
+// many per SM, so each selector has one kernel of each (CACHED = 0: passes only) and the
+// decoder launches the register kernel only when the longest row is one it takes. TOKEN_ROWS tunes them for rows of
 // token scores (Double Sparsity: crowded into few radix buckets): a warp's lanes that share a
 // bucket count it with one atomic; page rows (Quest), whose scores spread over many buckets,
 // count with plain atomics (bench/PERF-NOTES.md, v7 and v8). CACHED = 0 sends every row
@@ -266,8 +268,10 @@ struct tw_top_k {
   // to take) as the remaining passes would, for their barriers.
   static constexpr int FEW = 32;
   struct storage {
-    typename radix::storage radix_smem;
-    typename in_registers::storage registers_smem;
+    union {  // a row takes the passes or the register path, never both
+      typename radix::storage radix_smem;
+      typename in_registers::storage registers_smem;
+    };
     int scan_scratch[WARPS];
     unsigned long long few[FEW];  // (key, ~position) of the gathered items
     unsigned gathered;
