@@ -43,10 +43,69 @@ TW_DEVICE float tw_block_max(float x, float* scratch) {
   return m;
 }
 
+// The radix selections' digit pick, by one warp (call from all 32 lanes of the block's first
+// warp) over a 256-bucket histogram `total` indexed by digit: from the top digit down, the
+// first digit where the running total, starting from `above`, reaches `target`. Each lane
+// takes 8 buckets and a warp-wide scan of their sums replaces a serial walk over 256 bins.
+// `bounds(inclusive, above, target)` sets the start and the target on every lane after the
+// scan, given each lane's inclusive scan: lane 31's holds the whole total, so a target relative
+// to it costs no second pass over the histogram, and a start read from shared memory only then
+// is not held through the scan (read before it, the top-p threshold spilled at 64 registers).
+// Returns the digit, with the total of the buckets above it plus `above` in `digit_above`.
+// When even the whole total stays below the target (float rounding of a mass), the lowest
+// non-empty digit is chosen, or digit 0 with `above` when every bucket is empty.
+template <typename V, typename Bounds>
+TW_DEVICE int tw_pick_digit(const V* total, Bounds bounds, V& digit_above) {
+  const int lane = threadIdx.x;
+  V local[8];
+  V sum = V(0);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    local[j] = total[255 - (lane * 8 + j)];  // lane 0 holds the top digits
+    sum += local[j];
+  }
+  V inclusive = sum;
+#pragma unroll
+  for (int offset = 1; offset < 32; offset *= 2) {
+    const V y = __shfl_up_sync(0xffffffffu, inclusive, offset);
+    if (lane >= offset) inclusive += y;
+  }
+  V above, target;
+  bounds(inclusive, above, target);
+  V cum = above + (inclusive - sum);
+  int found = -1, lowest = -1;
+  V found_above = V(0), lowest_above = V(0);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if (found < 0 && cum + local[j] >= target) {
+      found = 255 - (lane * 8 + j);
+      found_above = cum;
+    }
+    if (local[j] > V(0)) {
+      lowest = 255 - (lane * 8 + j);
+      lowest_above = cum;
+    }
+    cum += local[j];
+  }
+  const unsigned hits = __ballot_sync(0xffffffffu, found >= 0);
+  int digit;
+  if (hits) {
+    const int leader = __ffs(hits) - 1;
+    digit = __shfl_sync(0xffffffffu, found, leader);
+    digit_above = __shfl_sync(0xffffffffu, found_above, leader);
+  } else {
+    const unsigned nonempty = __ballot_sync(0xffffffffu, lowest >= 0);
+    const int leader = nonempty ? 31 - __clz(nonempty) : 0;
+    digit = nonempty ? __shfl_sync(0xffffffffu, lowest, leader) : 0;
+    digit_above = nonempty ? __shfl_sync(0xffffffffu, lowest_above, leader) : above;
+  }
+  return digit;
+}
+
 // Radix selection over 8-bit digits, shared by the Quest and Double Sparsity selectors (V =
-// count). Each warp fills its own histogram, so contention on hot buckets stays within a warp; `pick` then sums them and finds, from the top digit down, the first
-// bucket where the running total (starting from `above`) reaches `target`, with a warp-wide
-// scan instead of a serial walk over 256 bins.
+// count). Each warp fills its own histogram, so contention on hot buckets stays within a warp;
+// `pick` then sums them and finds, from the top digit down, the first bucket where the running
+// total (starting from `above`) reaches `target` (tw_pick_digit).
 template <typename V, int THREADS>
 struct tw_radix {
   static constexpr int WARPS = THREADS / 32;
@@ -87,49 +146,15 @@ struct tw_radix {
     }
     __syncthreads();
     if (threadIdx.x < 32) {
-      const int lane = threadIdx.x;
-      V local[8];
-      V sum = V(0);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        local[j] = s.total[255 - (lane * 8 + j)];  // lane 0 holds the top digits
-        sum += local[j];
-      }
-      V inclusive = sum;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset *= 2) {
-        const V y = __shfl_up_sync(0xffffffffu, inclusive, offset);
-        if (lane >= offset) inclusive += y;
-      }
-      V cum = above + (inclusive - sum);
-      int found = -1, lowest = -1;
-      V found_above = V(0), lowest_above = V(0);
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        if (found < 0 && cum + local[j] >= target) {
-          found = 255 - (lane * 8 + j);
-          found_above = cum;
-        }
-        if (local[j] > V(0)) {
-          lowest = 255 - (lane * 8 + j);
-          lowest_above = cum;
-        }
-        cum += local[j];
-      }
-      const unsigned hits = __ballot_sync(0xffffffffu, found >= 0);
-      int digit;
       V new_above;
-      if (hits) {
-        const int leader = __ffs(hits) - 1;
-        digit = __shfl_sync(0xffffffffu, found, leader);
-        new_above = __shfl_sync(0xffffffffu, found_above, leader);
-      } else {
-        const unsigned nonempty = __ballot_sync(0xffffffffu, lowest >= 0);
-        const int leader = nonempty ? 31 - __clz(nonempty) : 0;
-        digit = nonempty ? __shfl_sync(0xffffffffu, lowest, leader) : 0;
-        new_above = nonempty ? __shfl_sync(0xffffffffu, lowest_above, leader) : above;
-      }
-      if (lane == 0) {
+      const int digit = tw_pick_digit(
+          s.total,
+          [=](V, V& start, V& goal) {
+            start = above;
+            goal = target;
+          },
+          new_above);
+      if (threadIdx.x == 0) {
         s.digit = unsigned(digit);
         s.above = new_above;
       }
@@ -230,51 +255,16 @@ struct tw_mass_radix {
     }
     __syncthreads();
     if (threadIdx.x < 32) {
-      const int lane = threadIdx.x;
-      double local[8];
-      double sum = 0.0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        local[j] = s.total[255 - (lane * 8 + j)];  // lane 0 holds the top digits
-        sum += local[j];
-      }
-      double inclusive = sum;
-#pragma unroll
-      for (int offset = 1; offset < 32; offset *= 2) {
-        const double y = __shfl_up_sync(0xffffffffu, inclusive, offset);
-        if (lane >= offset) inclusive += y;
-      }
-      const double above = first ? 0.0 : s.above;
-      const double target = first ? double(p) * __shfl_sync(0xffffffffu, inclusive, 31) : s.target;
-      double cum = above + (inclusive - sum);
-      int found = -1, lowest = -1;
-      double found_above = 0.0, lowest_above = 0.0;
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        if (found < 0 && cum + local[j] >= target) {
-          found = 255 - (lane * 8 + j);
-          found_above = cum;
-        }
-        if (local[j] > 0.0) {
-          lowest = 255 - (lane * 8 + j);
-          lowest_above = cum;
-        }
-        cum += local[j];
-      }
-      const unsigned hits = __ballot_sync(0xffffffffu, found >= 0);
-      int digit;
-      double new_above;
-      if (hits) {
-        const int leader = __ffs(hits) - 1;
-        digit = __shfl_sync(0xffffffffu, found, leader);
-        new_above = __shfl_sync(0xffffffffu, found_above, leader);
-      } else {
-        const unsigned nonempty = __ballot_sync(0xffffffffu, lowest >= 0);
-        const int leader = nonempty ? 31 - __clz(nonempty) : 0;
-        digit = nonempty ? __shfl_sync(0xffffffffu, lowest, leader) : 0;
-        new_above = nonempty ? __shfl_sync(0xffffffffu, lowest_above, leader) : above;
-      }
-      if (lane == 0) {
+      double target, new_above;
+      const int digit = tw_pick_digit(
+          s.total,
+          [&](double inclusive, double& start, double& goal) {
+            start = first ? 0.0 : s.above;
+            target = first ? double(p) * __shfl_sync(0xffffffffu, inclusive, 31) : s.target;
+            goal = target;
+          },
+          new_above);
+      if (threadIdx.x == 0) {
         s.digit = unsigned(digit);
         s.above = new_above;
         s.target = target;
