@@ -118,10 +118,8 @@ pub const DEFAULT_SPARSE_CHUNK_TILES: usize = 2;
 
 /// When a step's kernels may be scheduled while the stream's previous kernel finishes
 /// (programmatic dependent launch, sm_90 and later; each kernel still waits for its
-/// predecessor's writes before it reads them or writes anything, see
-/// `tw_after_previous_kernel` in the `common.cuh` header). A kernel that reads the step's
-/// inputs before that wait ([`Stage::reads_inputs_before_wait`]) overlaps only an earlier
-/// kernel of the same step.
+/// predecessor's writes before it touches memory, see `tw_after_previous_kernel` in the
+/// `common.cuh` header).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LaunchOverlap {
     Off,
@@ -315,9 +313,10 @@ impl Decoder {
     }
 
     /// The stages a step over `rows` (request, KV head) pairs launches, in order. A selection
-    /// stage launches its register kernel in its place when the step's longest row is one that
-    /// kernel takes ([`Stage::QuestSelectInRegisters`], [`Stage::DsSelectInRegisters`]); the
-    /// hook of [`Decoder::run_into`] names the kernel launched.
+    /// stage launches its register kernel in its place ([`Stage::QuestSelectInRegisters`],
+    /// [`Stage::DsSelectInRegisters`]) when the rows are at most the device's SMs or the
+    /// longest row is one its register path holds; the hook of [`Decoder::run_into`] names the
+    /// kernel launched.
     pub fn stages_for(&self, rows: usize) -> &[Stage] {
         let fuse = match self.prune_launch {
             PruneLaunch::Separate => false,
@@ -608,7 +607,7 @@ impl Decoder {
             }
         }
         workspace.ensure(&self.stream, spec, &plan, batch, num_kv_heads)?;
-        let mut step = Step {
+        let step = Step {
             spec,
             tiling: self.program.tiling,
             plan,
@@ -622,14 +621,10 @@ impl Decoder {
             sm_scale,
             budget_tokens: params.budget.min(plan.max_tokens),
             p: params.p,
-            overlap: false,
+            overlap: self.overlap_now()?,
         };
-        let overlap = self.overlap_now()?;
-        for (i, &planned) in self.stages_for(batch * num_kv_heads).iter().enumerate() {
-            let stage = kernel_for(planned, &step);
-            // A kernel that reads the step's inputs before it waits for its predecessor runs
-            // as the step's first only in plain stream order (`tw_after_previous_kernel`).
-            step.overlap = overlap && (i > 0 || !stage.reads_inputs_before_wait());
+        for &planned in self.stages_for(batch * num_kv_heads) {
+            let stage = kernel_for(planned, &step, self.num_sms);
             before(Some(stage))?;
             let f = stages::function(&self.program, spec, stage)?;
             let tiling = &step.tiling;
@@ -679,16 +674,21 @@ impl Decoder {
     }
 }
 
-/// The kernel a planned stage launches for this step: the selections hold a row's scores in
-/// registers only when the longest row is one that path takes; otherwise their passes run in
-/// smaller blocks, many rows per SM (a block per SM ran 1024 rows of 512 pages in eight waves:
-/// bench/PERF-NOTES.md, v20).
-fn kernel_for<T>(planned: Stage, step: &Step<'_, T>) -> Stage {
+/// The kernel a planned stage launches for this step. A selection's register kernel runs a
+/// block per SM: it takes the step when all its rows fit in one wave of it (it chooses rows it
+/// does not hold in passes) or when its register path holds the longest row. Otherwise the
+/// rows go to the kernel of passes only, several blocks per SM: a block per SM ran 1024 rows
+/// of 512 pages in eight waves, while at 64 rows the smaller blocks took the launch overlap's
+/// gain away (bench/PERF-NOTES.md, v20).
+fn kernel_for<T>(planned: Stage, step: &Step<'_, T>, num_sms: usize) -> Stage {
+    let one_wave = step.batch * step.num_kv_heads <= num_sms;
     match planned {
-        Stage::QuestSelect if step.tiling.quest_select_in_registers(step.plan.max_pages) => {
+        Stage::QuestSelect
+            if one_wave || step.tiling.quest_select_in_registers(step.plan.max_pages) =>
+        {
             Stage::QuestSelectInRegisters
         }
-        Stage::DsSelect if step.tiling.ds_select_in_registers(step.plan.max_tokens) => {
+        Stage::DsSelect if one_wave || step.tiling.ds_select_in_registers(step.plan.max_tokens) => {
             Stage::DsSelectInRegisters
         }
         _ => planned,

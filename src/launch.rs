@@ -7,8 +7,8 @@
 //!
 //! Launches go through `cuLaunchKernelEx`, so a launch can carry attributes: with launch
 //! overlap on, each kernel may be scheduled while the stream's previous kernel finishes
-//! (programmatic dependent launch; every kernel waits for its predecessor's writes before it
-//! reads them, see `tw_after_previous_kernel` in the `common.cuh` header).
+//! (programmatic dependent launch; every kernel waits for its predecessor's writes first, see
+//! `tw_after_previous_kernel` in the `common.cuh` header).
 
 use std::sync::Arc;
 

@@ -255,9 +255,10 @@ pub(crate) fn quest_select<T: KvElement>(
         budget_pages: s.plan.budget_pages as i32,
     };
     let grid = Grid::rows(s.num_kv_heads, s.batch, threads);
-    // SAFETY: `f` is `_quest_select` or `_quest_select_in_registers` on its block size; selected and selected_pages hold rows * budget_pages
-    // entries each (the workspace was sized from the plan), the kernel writes at most
-    // budget_pages per row, and the table's page list covers every request's pages.
+    // SAFETY: `f` is `_quest_select` or `_quest_select_in_registers` on its block size;
+    // selected and selected_pages hold rows * budget_pages entries each (the workspace was
+    // sized from the plan), the kernel writes at most budget_pages per row, and the table's
+    // page list covers every request's pages.
     unsafe { l.launch(f, grid, params, "quest_select") }
 }
 
@@ -315,8 +316,9 @@ pub(crate) fn ds_select<T: KvElement>(
         stride: s.plan.selected_stride as i32,
     };
     let grid = Grid::rows(s.num_kv_heads, s.batch, threads);
-    // SAFETY: `f` is `_ds_select` or `_ds_select_in_registers` on its block size; selected holds rows * selected_stride entries and a row
-    // gets at most min(B0, its length) <= selected_stride positions.
+    // SAFETY: `f` is `_ds_select` or `_ds_select_in_registers` on its block size; selected
+    // holds rows * selected_stride entries and a row gets at most min(B0, its length) <=
+    // selected_stride positions.
     unsafe { l.launch(f, grid, params, "ds_select") }
 }
 

@@ -680,8 +680,8 @@ fn gpu_sparse_step_every_p_on_one_long_batch() {
 
 /// Selections over long requests: Double Sparsity for each r (scores over many token blocks;
 /// rows past 32768 tokens, which the selection re-reads from global memory instead of keeping
-/// in registers), and Quest on pages of one token, with the longest row inside and past the
-/// 8192 pages it keeps in registers: each selector's two kernels (select.cuh).
+/// in registers), and Quest on pages of one token, inside and past the 8192 pages it keeps in
+/// registers.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_selection_over_long_requests() {
@@ -722,13 +722,55 @@ fn gpu_selection_over_long_requests() {
         let longest = row.4;
         let case = Case {
             spec: spec_of(row),
-            // A step launches a selection's register kernel when its longest row is one that
-            // path takes (Quest: 4097 to 8192 pages, here 7000; Double Sparsity: 16385 to 32768
-            // tokens, here 20000), where shorter rows still take the passes; otherwise its
-            // kernel of passes only (see select.cuh and `Tiling::quest_select_in_registers`).
+            // These 10 rows take the register kernels, whose register path holds Quest's rows
+            // of 4097 to 8192 pages (here 6000 and 7000) and token rows of 16385 to 32768
+            // (here 20000); they choose the other rows in passes (see select.cuh;
+            // `gpu_selection_over_more_rows_than_sms` covers the kernels of passes only).
             lens: vec![longest, 333, 6000, 4097, 20],
             num_kv_heads: 2,
             budget: 2048,
+            p: 0.9,
+            key_scale: 2.0,
+        };
+        run(&stream, &case, seed.wrapping_add(n as u64));
+    }
+}
+
+/// Steps of more rows than any GPU has SMs, which the selections run on their kernels of radix
+/// passes in small blocks (fewer rows take the register kernels, a block per SM): both
+/// selectors, with and without pruning, over ragged requests of up to 3000 tokens.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn gpu_selection_over_more_rows_than_sms() {
+    let Some(stream) = common::gpu_stream() else {
+        return;
+    };
+    let seed = common::fresh_seed();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let rows = [
+        (Selector::Quest, Pruning::TopP, Dtype::F16),
+        (Selector::Quest, Pruning::None, Dtype::Bf16),
+        (
+            Selector::DoubleSparse { channels: 32 },
+            Pruning::TopP,
+            Dtype::Bf16,
+        ),
+        (
+            Selector::DoubleSparse { channels: 16 },
+            Pruning::None,
+            Dtype::F16,
+        ),
+    ];
+    let spec_of =
+        |(selector, pruning, dtype)| spec(16, 128, dtype, 4, KvLayout::Hnd, selector, pruning);
+    common::warm_jit(&stream, rows.into_iter().map(spec_of));
+    for (n, row) in rows.into_iter().enumerate() {
+        // 40 requests x 8 KV heads = 320 rows.
+        let case = Case {
+            spec: spec_of(row),
+            lens: ragged_lengths(&mut rng, 40, 3000).unwrap(),
+            num_kv_heads: 8,
+            budget: 512,
             p: 0.9,
             key_scale: 2.0,
         };

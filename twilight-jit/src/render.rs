@@ -27,16 +27,17 @@ pub enum Stage {
     /// Quest: the budget's best pages, plus the last page, in radix passes over the scores
     /// (small blocks, many rows at once).
     QuestSelect,
-    /// [`Stage::QuestSelect`] with every page score of a row in registers, one block per SM:
-    /// launched in its place when the longest row is one its register path takes
-    /// ([`Tiling::quest_select_in_registers`]).
+    /// [`Stage::QuestSelect`] with every page score of a row in registers, one block per SM
+    /// (rows it does not hold take its passes); the decoder launches it in its place for the
+    /// rows that path holds ([`Tiling::quest_select_in_registers`]) and for steps of at most
+    /// one row per SM.
     QuestSelectInRegisters,
     /// Double Sparsity: q.k over the calibrated channels per token, from the label cache.
     DsScore,
     /// Double Sparsity: the budget's best tokens, plus the newest, in radix passes.
     DsSelect,
     /// [`Stage::DsSelect`] with every token score of a row in registers; launched in its
-    /// place as [`Tiling::ds_select_in_registers`] says.
+    /// place as for [`Stage::QuestSelectInRegisters`] ([`Tiling::ds_select_in_registers`]).
     DsSelectInRegisters,
     /// Top-p: estimated logits of the candidates from the 4-bit K.
     Estimate,
@@ -74,15 +75,6 @@ impl Stage {
             Stage::Attend => "attend",
             Stage::AttendMma => "attend_mma",
         }
-    }
-
-    /// Whether the stage's kernel reads the step's inputs (q, the page table, the pool) before
-    /// it waits for the stream's previous kernel (`tw_after_previous_kernel` in the
-    /// `common.cuh` header): such a kernel may overlap its launch with an earlier kernel of the
-    /// same step, whose own wait orders it after everything before the step, but as a step's
-    /// first kernel it must be launched in plain stream order. The estimate rounds q there.
-    pub fn reads_inputs_before_wait(self) -> bool {
-        matches!(self, Stage::Estimate)
     }
 
     /// The template file holding the stage's entry (several stages may share one).
@@ -297,9 +289,8 @@ impl Tiling {
         }
     }
 
-    /// Whether Quest's selection over rows of up to `max_pages` pages launches
-    /// [`Stage::QuestSelectInRegisters`]: when the longest row is one its register path takes
-    /// (shorter rows in the same launch take its passes, exactly but in a block per SM).
+    /// Whether the register path of [`Stage::QuestSelectInRegisters`] holds a row of
+    /// `max_pages` pages (rows it does not hold it chooses in passes, a block per SM).
     pub fn quest_select_in_registers(&self, max_pages: usize) -> bool {
         registers_take(
             self.quest_select_registers_threads,
@@ -308,8 +299,8 @@ impl Tiling {
         )
     }
 
-    /// As [`Tiling::quest_select_in_registers`], for Double Sparsity's rows of up to
-    /// `max_tokens` tokens.
+    /// As [`Tiling::quest_select_in_registers`], for Double Sparsity's rows of `max_tokens`
+    /// tokens.
     pub fn ds_select_in_registers(&self, max_tokens: usize) -> bool {
         registers_take(
             self.ds_select_registers_threads,
@@ -588,7 +579,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_selection_runs_in_registers_only_for_rows_its_register_path_takes() {
+    fn the_register_paths_hold_rows_of_half_to_all_of_their_capacity() {
         let spec: VariantSpec = "ps16_hd128_f16_g4_hnd_quest_topp".parse().unwrap();
         let tiling = Tiling::for_spec(&spec);
         // 512 threads x 16 keys: rows of 4097 to 8192 scored pages, the last page besides.

@@ -45,15 +45,10 @@ TW_DEVICE tw_share tw_balanced_share(int items, int part, int parts) {
 
 // Programmatic dependent launch (sm_90 and later). A kernel launched with launch overlap on
 // may be scheduled while the stream's previous kernel is still finishing: it waits here, before
-// it writes anything or reads what an earlier kernel of the step writes, until that kernel has
-// completed and its writes are visible, and then lets the stream's next kernel be scheduled in
-// turn (so that kernel's launch and ramp-up overlap this one's work). Launched without overlap,
-// both instructions return at once.
-// A kernel that is not the step's first may read the step's inputs (q, the page table, the
-// pool and its sidecar) before the wait: it is scheduled only once every block of the kernel
-// before it has passed its own wait, so by then the step's first kernel has returned from its
-// wait, after everything the stream ran before the step. Such a kernel, launched first, goes
-// without overlap (the decoder asks Stage::reads_inputs_before_wait).
+// it reads or writes anything, until that kernel has completed and its writes are visible, and
+// then lets the stream's next kernel be scheduled in turn (so that kernel's launch and ramp-up
+// overlap this one's work). Every entry calls this first; launched without overlap, both
+// instructions return at once.
 TW_DEVICE void tw_after_previous_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");

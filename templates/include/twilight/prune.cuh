@@ -127,13 +127,9 @@ struct tw_prune {
   // whole): k-step s takes its code word s, whose even channels (tw_q4_even_channels) are a0 /
   // a1 and odd channels a2 / a3. That depends on t alone, so every lane's A columns meet the
   // matching B rows.
-  //
-  // `await_candidates()` waits for the previous kernel (tw_after_previous_kernel) and returns the
-  // row's candidates. q is an input of the step, so it is read and rounded before that: with
-  // launch overlap this prologue runs while the selection finishes.
-  template <int THREADS, int STAGES, typename AwaitCandidates>
+  template <int THREADS, int STAGES, typename Candidates>
   TW_DEVICE static void estimate(const T* __restrict__ q, const unsigned char* __restrict__ k_q4,
-                                 const half* __restrict__ k_q4_scale_min, AwaitCandidates await_candidates,
+                                 const half* __restrict__ k_q4_scale_min, const Candidates& cands,
                                  float* __restrict__ logits, int num_kv_heads, int max_cands, float sm_scale) {
     static_assert(THREADS % 32 == 0, "whole warps");
     static_assert(STAGES >= 2, "a ring of at least two groups");
@@ -173,15 +169,50 @@ struct tw_prune {
     // B is built by each warp on its own, in registers: lane 4n + t holds (b0, b1) of every
     // k-step s for head n, the even and the odd channels of its code word s. Lanes 4n..4n+3
     // hold head n's whole row between them, so its largest |q| and sum(qi) take two shuffles,
-    // and no barrier stands before a warp's first copies. (Built once per block in shared
+    // and no barrier stands before a warp's first copies. q's loads go out first, the first
+    // lookups' next, and q is rounded while both are in flight. (Built once per block in shared
     // memory behind a barrier, with two more passes over q, the stage took 20.7 us at the
-    // headline against 17.4 this way; bench/PERF-NOTES.md, v19.) All of it comes before the
-    // wait for the selection (see above).
+    // headline against 17.4 this way; bench/PERF-NOTES.md, v19.)
     const T* q_heads = q + (tw_i64(request) * num_qo_heads + kv_head * GROUP) * HEAD_DIM;
     uint4 q_words[WORDS];  // channels code_channel(t, s) .. + 7 of head g (a valid head past GROUP)
 #pragma unroll
     for (int s = 0; s < WORDS; ++s)
       q_words[s] = *reinterpret_cast<const uint4*>(q_heads + min(g, GROUP - 1) * HEAD_DIM + code_channel(t, s));
+
+    // This warp's groups: a contiguous, balanced share of the row's capacity (max_cands
+    // candidates), so that the first lookups below need not wait for the row's count; a share
+    // is cut at the count once it arrives.
+    const tw_share share =
+        tw_balanced_share((max_cands + 31) / 32, tw_grid_part() * WARPS + warp, gridDim.x * WARPS);
+    const int begin = share.begin;
+    const int count = cands.count;
+    ring_stage* my_ring = ring[warp];
+
+    // Copies group n's codes and (scale, min) pairs into `stage`, given the slot of the lane's
+    // candidate 32n + lane; past the row's end they read nothing and write zeros.
+    const auto copy_group = [&](int n, unsigned slot, ring_stage& stage) {
+      const int page = slot / PAGE_SIZE, offset = slot % PAGE_SIZE;
+      const tw_i64 codes_at = q4_layout::offset(page, kv_head, offset, num_kv_heads);
+      const half* scale_min = k_q4_scale_min + scale_layout::offset(page, kv_head, offset, num_kv_heads);
+      tw_copy_async_4(tw_shared_address(&stage.scale_min[lane]), scale_min, 32 * n + lane < count);
+#pragma unroll
+      for (int k = 0; k < ROW_CHUNKS; ++k) {
+        // Rows r of a copy instruction are consecutive and each is read whole by its lanes.
+        const int r = lane / ROW_CHUNKS + k * (32 / ROW_CHUNKS), chunk = lane % ROW_CHUNKS;
+        const tw_i64 row_at = __shfl_sync(0xffffffffu, codes_at, r);
+        tw_copy_async_16(tw_shared_address(stage.codes + stage_byte(r, 16 * chunk)), k_q4 + row_at + 16 * chunk,
+                         32 * n + r < count);
+      }
+    };
+
+    // The ring. A lane's candidate in a group is found in two dependent loads (its position
+    // in the page list for token candidates, then its page's id), each issued one iteration
+    // before its result is used: the copies of group n + STAGES - 1 use a page id loaded
+    // during group n - 1. (Looked up in the iteration that copies, the slot's load stalled each
+    // warp for a fifth of its samples, ncu.)
+    unsigned first_slots[STAGES - 1];
+#pragma unroll
+    for (int k = 0; k < STAGES - 1; ++k) first_slots[k] = cands.early_slot(32 * (begin + k) + lane);
 
     // Head g's qi (tw_q8_head) into B: its largest |q| over the four lanes of the head.
     float max_abs = 0.f;
@@ -228,42 +259,6 @@ struct tw_prune {
       min_factor[e] = code_factor[e] * static_cast<float>(__shfl_sync(0xffffffffu, qi_sum, holder));
     }
 
-    const auto cands = await_candidates();
-    // This warp's groups: a contiguous, balanced share of the row's capacity (max_cands
-    // candidates), so that the first lookups below need not wait for the row's count; a share
-    // is cut at the count once it arrives.
-    const tw_share share =
-        tw_balanced_share((max_cands + 31) / 32, tw_grid_part() * WARPS + warp, gridDim.x * WARPS);
-    const int begin = share.begin;
-    const int count = cands.count;
-    ring_stage* my_ring = ring[warp];
-
-    // Copies group n's codes and (scale, min) pairs into `stage`, given the slot of the lane's
-    // candidate 32n + lane; past the row's end they read nothing and write zeros.
-    const auto copy_group = [&](int n, unsigned slot, ring_stage& stage) {
-      const int page = slot / PAGE_SIZE, offset = slot % PAGE_SIZE;
-      const tw_i64 codes_at = q4_layout::offset(page, kv_head, offset, num_kv_heads);
-      const half* scale_min = k_q4_scale_min + scale_layout::offset(page, kv_head, offset, num_kv_heads);
-      tw_copy_async_4(tw_shared_address(&stage.scale_min[lane]), scale_min, 32 * n + lane < count);
-#pragma unroll
-      for (int k = 0; k < ROW_CHUNKS; ++k) {
-        // Rows r of a copy instruction are consecutive and each is read whole by its lanes.
-        const int r = lane / ROW_CHUNKS + k * (32 / ROW_CHUNKS), chunk = lane % ROW_CHUNKS;
-        const tw_i64 row_at = __shfl_sync(0xffffffffu, codes_at, r);
-        tw_copy_async_16(tw_shared_address(stage.codes + stage_byte(r, 16 * chunk)), k_q4 + row_at + 16 * chunk,
-                         32 * n + r < count);
-      }
-    };
-
-    // The ring. A lane's candidate in a group is found in two dependent loads (its position
-    // in the page list for token candidates, then its page's id), each issued one iteration
-    // before its result is used: the copies of group n + STAGES - 1 use a page id loaded
-    // during group n - 1. (Looked up in the iteration that copies, the slot's load stalled each
-    // warp for a fifth of its samples, ncu.)
-    unsigned first_slots[STAGES - 1];
-#pragma unroll
-    for (int k = 0; k < STAGES - 1; ++k) first_slots[k] = cands.early_slot(32 * (begin + k) + lane);
-
     const int end = min(share.end, (count + 31) / 32);
     if (begin >= end) return;  // no barrier follows
 #pragma unroll
@@ -281,7 +276,7 @@ struct tw_prune {
       const int ahead = n + STAGES - 1;
       // The next lookups' loads go out before this group's copies, whose queue they would
       // otherwise wait behind.
-      const unsigned slot = cands.slot_of(copy_position, copy_page);
+      const unsigned slot = Candidates::slot_of(copy_position, copy_page);
       copy_position = next_position;
       copy_page = cands.early_page(copy_position);
       next_position = cands.early_position(32 * (ahead + 2) + lane);

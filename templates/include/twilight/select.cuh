@@ -244,8 +244,9 @@ struct tw_top_k_cached {
 // Rows the register path does not take (longer than THREADS * CACHED items, or short rows:
 // REGISTERS_FROM) take radix passes over 8-bit digits that reload the row from global
 // memory each pass. The register path needs a block per SM; the passes run in smaller blocks,
-// many per SM, so each selector has one kernel of each (CACHED = 0: passes only) and the
-// decoder launches the register kernel only when the longest row is one it takes. TOKEN_ROWS tunes them for rows of
+// several per SM, so each selector has one kernel of each (CACHED = 0: passes only), and the
+// decoder launches the register kernel only for steps of at most one row per SM or whose
+// longest row it holds. TOKEN_ROWS tunes them for rows of
 // token scores (Double Sparsity: crowded into few radix buckets): a warp's lanes that share a
 // bucket count it with one atomic; page rows (Quest), whose scores spread over many buckets,
 // count with plain atomics (bench/PERF-NOTES.md, v7 and v8). CACHED = 0 sends every row
