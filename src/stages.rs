@@ -74,7 +74,7 @@ pub(crate) struct Step<'a, T> {
     /// B0, at most the longest request's token rows.
     pub budget_tokens: usize,
     pub p: f32,
-    /// Launch the next stage with overlap (programmatic dependent launch).
+    /// Launch each stage with overlap (programmatic dependent launch).
     pub overlap: bool,
 }
 
