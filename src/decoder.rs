@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
-use twilight_jit::{pipeline_of, Jit, LoadedProgram, Stage, VariantSpec};
+use twilight_jit::{pipeline_of, Jit, LoadedProgram, Stage, Tiling, VariantSpec};
 
 use crate::buffer::{DeviceRef, VECTOR_ALIGN};
 use crate::element::KvElement;
@@ -624,7 +624,13 @@ impl Decoder {
             overlap: self.overlap_now()?,
         };
         for &planned in self.stages_for(batch * num_kv_heads) {
-            let stage = kernel_for(planned, &step, self.num_sms);
+            let stage = kernel_for(
+                planned,
+                batch * num_kv_heads,
+                self.num_sms,
+                &step.tiling,
+                &step.plan,
+            );
             before(Some(stage))?;
             let f = stages::function(&self.program, spec, stage)?;
             let tiling = &step.tiling;
@@ -680,15 +686,19 @@ impl Decoder {
 /// rows go to the kernel of passes only, several blocks per SM: a block per SM ran 1024 rows
 /// of 512 pages in eight waves, while at 64 rows the smaller blocks took the launch overlap's
 /// gain away (bench/PERF-NOTES.md, v20).
-fn kernel_for<T>(planned: Stage, step: &Step<'_, T>, num_sms: usize) -> Stage {
-    let one_wave = step.batch * step.num_kv_heads <= num_sms;
+fn kernel_for(
+    planned: Stage,
+    rows: usize,
+    num_sms: usize,
+    tiling: &Tiling,
+    plan: &StepPlan,
+) -> Stage {
+    let one_wave = rows <= num_sms;
     match planned {
-        Stage::QuestSelect
-            if one_wave || step.tiling.quest_select_in_registers(step.plan.max_pages) =>
-        {
+        Stage::QuestSelect if one_wave || tiling.quest_select_in_registers(plan.max_pages) => {
             Stage::QuestSelectInRegisters
         }
-        Stage::DsSelect if one_wave || step.tiling.ds_select_in_registers(step.plan.max_tokens) => {
+        Stage::DsSelect if one_wave || tiling.ds_select_in_registers(plan.max_tokens) => {
             Stage::DsSelectInRegisters
         }
         _ => planned,
@@ -918,4 +928,50 @@ pub(crate) fn check_pool_for(
         return Err(Error::shape("pool head_dim", spec.head_dim, shape.head_dim));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A plan whose longest row holds `max_pages` pages of 16 tokens.
+    fn plan_of(max_pages: usize) -> StepPlan {
+        StepPlan {
+            max_pages,
+            max_tokens: max_pages * 16,
+            budget_pages: 512,
+            selected_stride: 512,
+            max_cands: 8192,
+            chunk_tokens: 96,
+            num_chunks: 2,
+        }
+    }
+
+    #[test]
+    fn selections_take_their_register_kernels_for_one_wave_of_rows_or_rows_they_hold() {
+        let spec: VariantSpec = "ps16_hd128_f16_g4_hnd_quest_topp".parse().unwrap();
+        let tiling = Tiling::for_spec(&spec);
+        let quest =
+            |rows, pages| kernel_for(Stage::QuestSelect, rows, 132, &tiling, &plan_of(pages));
+        // The headline's 64 rows of 2048 pages and batch 1: one wave, as before v20.
+        assert_eq!(quest(64, 2048), Stage::QuestSelectInRegisters);
+        assert_eq!(quest(132, 512), Stage::QuestSelectInRegisters);
+        // 1024 rows of 512 or 2048 pages: the passes kernel; of 8192 pages (128k tokens): the
+        // register path holds them.
+        assert_eq!(quest(133, 512), Stage::QuestSelect);
+        assert_eq!(quest(1024, 2048), Stage::QuestSelect);
+        assert_eq!(quest(1024, 8192), Stage::QuestSelectInRegisters);
+        assert_eq!(quest(1024, 8194), Stage::QuestSelect);
+        // Token rows: 32768 tokens in registers, 8192 and 131072 in passes.
+        let ds = |rows, pages| kernel_for(Stage::DsSelect, rows, 132, &tiling, &plan_of(pages));
+        assert_eq!(ds(64, 8192), Stage::DsSelectInRegisters);
+        assert_eq!(ds(1024, 2048), Stage::DsSelectInRegisters);
+        assert_eq!(ds(1024, 512), Stage::DsSelect);
+        assert_eq!(ds(1024, 8192), Stage::DsSelect);
+        // Other stages are launched as planned.
+        assert_eq!(
+            kernel_for(Stage::Estimate, 1024, 132, &tiling, &plan_of(512)),
+            Stage::Estimate
+        );
+    }
 }
