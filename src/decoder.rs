@@ -109,6 +109,21 @@ pub enum PruneLaunch {
     FusedWhenResident,
 }
 
+/// Which kernel runs a step's top-k selection (Quest's pages, Double Sparsity's tokens).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum SelectionKernel {
+    /// The register kernel when the step's rows fit in one wave of it (at most one row per SM)
+    /// or its register path holds the longest row, else the radix passes (bench/PERF-NOTES.md,
+    /// v20).
+    #[default]
+    Auto,
+    /// The kernel of radix passes only: small blocks, several per SM.
+    RadixPasses,
+    /// The register kernel (a block per SM), which still takes rows longer than its registers
+    /// hold in passes.
+    InRegisters,
+}
+
 /// Tiles in the smallest chunk of a kept list one attention block takes. Measured on the H200
 /// (`bench sparse --chunk-tiles 2,3,4`, one call; bench/PERF-NOTES.md, v17): against 1 tile,
 /// 2 took the attention stage from 13.6 to 10.9 us at the headline (98 kept tokens per row),
@@ -187,6 +202,7 @@ pub struct Decoder {
     dense_waves: usize,
     /// Tiles in the smallest chunk of a kept list one attention block takes.
     sparse_chunk_tiles: usize,
+    selection: SelectionKernel,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -282,6 +298,7 @@ impl Decoder {
             programmatic_launch: major >= 9,
             dense_waves: 1,
             sparse_chunk_tiles: DEFAULT_SPARSE_CHUNK_TILES,
+            selection: SelectionKernel::default(),
         };
         decoder.set_attention_kernel(AttentionKernel::default());
         Ok(decoder)
@@ -354,6 +371,16 @@ impl Decoder {
 
     pub fn sparse_chunk_tiles(&self) -> usize {
         self.sparse_chunk_tiles
+    }
+
+    /// Which kernel runs the top-k selection; [`SelectionKernel::Auto`] by default. Every choice
+    /// selects the same candidates; `bench sparse` measures the one the default did not take.
+    pub fn set_selection_kernel(&mut self, kernel: SelectionKernel) {
+        self.selection = kernel;
+    }
+
+    pub fn selection_kernel(&self) -> SelectionKernel {
+        self.selection
     }
 
     /// When each stage's kernel may be scheduled while the previous one finishes;
@@ -626,6 +653,7 @@ impl Decoder {
         for &planned in self.stages_for(batch * num_kv_heads) {
             let stage = kernel_for(
                 planned,
+                self.selection,
                 batch * num_kv_heads,
                 self.num_sms,
                 &step.tiling,
@@ -688,17 +716,22 @@ impl Decoder {
 /// gain away (bench/PERF-NOTES.md, v20).
 fn kernel_for(
     planned: Stage,
+    selection: SelectionKernel,
     rows: usize,
     num_sms: usize,
     tiling: &Tiling,
     plan: &StepPlan,
 ) -> Stage {
-    let one_wave = rows <= num_sms;
+    let in_registers = |holds_longest_row: bool| match selection {
+        SelectionKernel::Auto => rows <= num_sms || holds_longest_row,
+        SelectionKernel::RadixPasses => false,
+        SelectionKernel::InRegisters => true,
+    };
     match planned {
-        Stage::QuestSelect if one_wave || tiling.quest_select_in_registers(plan.max_pages) => {
+        Stage::QuestSelect if in_registers(tiling.quest_select_in_registers(plan.max_pages)) => {
             Stage::QuestSelectInRegisters
         }
-        Stage::DsSelect if one_wave || tiling.ds_select_in_registers(plan.max_tokens) => {
+        Stage::DsSelect if in_registers(tiling.ds_select_in_registers(plan.max_tokens)) => {
             Stage::DsSelectInRegisters
         }
         _ => planned,
@@ -951,8 +984,16 @@ mod tests {
     fn selections_take_their_register_kernels_for_one_wave_of_rows_or_rows_they_hold() {
         let spec: VariantSpec = "ps16_hd128_f16_g4_hnd_quest_topp".parse().unwrap();
         let tiling = Tiling::for_spec(&spec);
-        let quest =
-            |rows, pages| kernel_for(Stage::QuestSelect, rows, 132, &tiling, &plan_of(pages));
+        let quest = |rows, pages| {
+            kernel_for(
+                Stage::QuestSelect,
+                SelectionKernel::Auto,
+                rows,
+                132,
+                &tiling,
+                &plan_of(pages),
+            )
+        };
         // The headline's 64 rows of 2048 pages and batch 1: one wave, as before v20.
         assert_eq!(quest(64, 2048), Stage::QuestSelectInRegisters);
         assert_eq!(quest(132, 512), Stage::QuestSelectInRegisters);
@@ -963,14 +1004,55 @@ mod tests {
         assert_eq!(quest(1024, 8192), Stage::QuestSelectInRegisters);
         assert_eq!(quest(1024, 8194), Stage::QuestSelect);
         // Token rows: 32768 tokens in registers, 8192 and 131072 in passes.
-        let ds = |rows, pages| kernel_for(Stage::DsSelect, rows, 132, &tiling, &plan_of(pages));
+        let ds = |rows, pages| {
+            kernel_for(
+                Stage::DsSelect,
+                SelectionKernel::Auto,
+                rows,
+                132,
+                &tiling,
+                &plan_of(pages),
+            )
+        };
         assert_eq!(ds(64, 8192), Stage::DsSelectInRegisters);
         assert_eq!(ds(1024, 2048), Stage::DsSelectInRegisters);
         assert_eq!(ds(1024, 512), Stage::DsSelect);
         assert_eq!(ds(1024, 8192), Stage::DsSelect);
         // Other stages are launched as planned.
         assert_eq!(
-            kernel_for(Stage::Estimate, 1024, 132, &tiling, &plan_of(512)),
+            kernel_for(
+                Stage::Estimate,
+                SelectionKernel::Auto,
+                1024,
+                132,
+                &tiling,
+                &plan_of(512)
+            ),
+            Stage::Estimate
+        );
+        // An explicit choice holds at any row count and length.
+        let forced = |selection, planned, rows, pages| {
+            kernel_for(planned, selection, rows, 132, &tiling, &plan_of(pages))
+        };
+        use SelectionKernel::{InRegisters, RadixPasses};
+        assert_eq!(
+            forced(RadixPasses, Stage::QuestSelect, 64, 2048),
+            Stage::QuestSelect
+        );
+        assert_eq!(
+            forced(RadixPasses, Stage::DsSelect, 8, 2048),
+            Stage::DsSelect
+        );
+        assert_eq!(
+            forced(InRegisters, Stage::QuestSelect, 1024, 512),
+            Stage::QuestSelectInRegisters
+        );
+        assert_eq!(
+            forced(InRegisters, Stage::DsSelect, 1024, 8192),
+            Stage::DsSelectInRegisters
+        );
+        assert_eq!(
+            forced(RadixPasses, Stage::Estimate, 8, 512),
             Stage::Estimate
         );
     }

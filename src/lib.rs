@@ -34,8 +34,8 @@ pub use twilight_macros::twilight_kernel;
 
 pub use buffer::{DeviceMut, DeviceRef};
 pub use decoder::{
-    AttentionKernel, DecodeOutput, Decoder, DenseDecoder, LaunchOverlap, PruneLaunch, StepParams,
-    DEFAULT_SPARSE_CHUNK_TILES,
+    AttentionKernel, DecodeOutput, Decoder, DenseDecoder, LaunchOverlap, PruneLaunch,
+    SelectionKernel, StepParams, DEFAULT_SPARSE_CHUNK_TILES,
 };
 pub use element::KvElement;
 pub use error::{Error, Result};

@@ -76,6 +76,11 @@ impl SparseDecoder {
         self.decoder.set_attention_kernel(kernel);
     }
 
+    /// See [`Decoder::set_selection_kernel`].
+    pub fn set_selection_kernel(&mut self, kernel: crate::SelectionKernel) {
+        self.decoder.set_selection_kernel(kernel);
+    }
+
     /// See [`Decoder::set_sparse_chunk_tiles`].
     pub fn set_sparse_chunk_tiles(&mut self, tiles: usize) {
         self.decoder.set_sparse_chunk_tiles(tiles);

@@ -21,7 +21,8 @@ use twilight::reference::step::{decode_step, StepInputs, StepParams};
 use twilight::reference::{attend, HostKv};
 use twilight::{
     AttentionKernel, Dtype, KvElement, KvLayout, LaunchOverlap, PageTable, PagedKvCache, Pruning,
-    Selector, SparseDecoder, SparseOutput, SparseParams, SparseWorkspace, VariantSpec,
+    SelectionKernel, Selector, SparseDecoder, SparseOutput, SparseParams, SparseWorkspace,
+    VariantSpec,
 };
 use twilight_synth::synthetic::{ragged_lengths, SyntheticStep};
 
@@ -310,8 +311,15 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     };
     // And a kept list's smallest attention chunk is 1, 2 or 3 tiles.
     let chunk_tiles = 1 + (seed / 8 % 3) as usize;
+    // And the selection runs on the decoder's choice or either kernel forced, whatever the
+    // step's rows and lengths; nine consecutive seeds meet every pair of it and the overlap.
+    let selection = [
+        SelectionKernel::Auto,
+        SelectionKernel::RadixPasses,
+        SelectionKernel::InRegisters,
+    ][((seed + seed / 3) % 3) as usize];
     let what = format!(
-        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap:?} fused prune {fused} attention {kernel:?} chunk tiles {chunk_tiles}",
+        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap:?} fused prune {fused} attention {kernel:?} chunk tiles {chunk_tiles} selection {selection:?}",
         case.budget,
         case.p,
         case.num_kv_heads,
@@ -328,6 +336,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     decoder.set_fused_prune(fused);
     decoder.set_attention_kernel(kernel);
     decoder.set_sparse_chunk_tiles(chunk_tiles);
+    decoder.set_selection_kernel(selection);
     let built = build::<T>(stream, &decoder, case, seed);
     let kv = HostKv {
         shape: built.step.shape,

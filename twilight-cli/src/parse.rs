@@ -4,7 +4,7 @@
 
 use twilight::calibration::CalibrationMode;
 use twilight::twilight_jit::spec::{parse_value, FieldValue, SpecField};
-use twilight::{Dtype, KvLayout, Pruning, Selector};
+use twilight::{Dtype, KvLayout, Pruning, SelectionKernel, Selector};
 use twilight_synth::generator::Preset;
 
 fn field(field: SpecField, text: &str) -> Result<FieldValue, String> {
@@ -53,6 +53,19 @@ pub fn pruning(text: &str) -> Result<Pruning, String> {
     }
 }
 
+/// A top-k selection kernel: `auto` (the decoder's choice per step), `passes` (radix passes
+/// only) or `registers` (the register kernel).
+pub fn selection_kernel(text: &str) -> Result<SelectionKernel, String> {
+    match text.trim() {
+        "auto" => Ok(SelectionKernel::Auto),
+        "passes" => Ok(SelectionKernel::RadixPasses),
+        "registers" => Ok(SelectionKernel::InRegisters),
+        other => Err(format!(
+            "`{other}` is not a selection kernel: auto, passes or registers"
+        )),
+    }
+}
+
 /// An attention preset of the generator: `default`, `focused`, `diffuse` or `uniform`.
 pub fn preset(text: &str) -> Result<Preset, String> {
     text.trim()
@@ -70,6 +83,22 @@ pub fn calibration_mode(text: &str) -> Result<CalibrationMode, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn selection_kernels_read_by_name_and_refuse_others() {
+        assert_eq!(selection_kernel("auto"), Ok(SelectionKernel::Auto));
+        assert_eq!(
+            selection_kernel(" passes"),
+            Ok(SelectionKernel::RadixPasses)
+        );
+        assert_eq!(
+            selection_kernel("registers"),
+            Ok(SelectionKernel::InRegisters)
+        );
+        assert!(selection_kernel("radix")
+            .unwrap_err()
+            .contains("auto, passes or registers"));
+    }
 
     #[test]
     fn every_value_reads_back_from_its_declaration_spelling() {

@@ -58,6 +58,17 @@ pub enum Stage {
 }
 
 impl Stage {
+    /// Whether the stage is a top-k selection (either kernel of either selector).
+    pub fn is_selection(self) -> bool {
+        matches!(
+            self,
+            Stage::QuestSelect
+                | Stage::QuestSelectInRegisters
+                | Stage::DsSelect
+                | Stage::DsSelectInRegisters
+        )
+    }
+
     /// Suffix of the entry symbol: `<variant name>_<suffix>`.
     pub fn suffix(self) -> &'static str {
         match self {

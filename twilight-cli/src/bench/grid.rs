@@ -98,6 +98,7 @@ pub fn run(args: GridArgs) -> CliResult {
         warmup: args.warmup,
         iters: args.iters,
         chunk_tiles: Vec::new(),
+        selection_kernels: Vec::new(),
     };
     let mut reports: Vec<SparseReport> = Vec::new();
     let mut skipped: Vec<(String, String)> = Vec::new();

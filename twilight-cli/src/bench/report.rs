@@ -72,6 +72,10 @@ pub struct SparseReport {
     /// (`bench sparse --chunk-tiles`): (tiles, step us, graph replay us, attention stage us).
     #[serde(default)]
     pub chunk_tiles: Vec<(usize, f64, f64, f64)>,
+    /// The step with each selection kernel asked for: (kernel, launched, graph replay, the
+    /// selection stage), microseconds.
+    #[serde(default)]
+    pub selection_kernels: Vec<(String, f64, f64, f64)>,
     pub twilight_floor_us: f64,
     /// DESIGN.md's bytes of one step per (request, KV head): the selector's reads, the 4-bit
     /// estimate of the candidates and K/V of the kept tokens (mean).
@@ -203,6 +207,19 @@ pub fn print(r: &SparseReport) {
             r.twilight_floor_us,
         );
         println!("| stage attention, chunks of {tiles} tiles | {stage:.1} | - | - |");
+    }
+    for (kernel, t, g, stage) in &r.selection_kernels {
+        row(
+            &format!("twilight step, selection {kernel}"),
+            *t,
+            r.twilight_floor_us,
+        );
+        row(
+            &format!("twilight step, selection {kernel}, graph replay"),
+            *g,
+            r.twilight_floor_us,
+        );
+        println!("| stage selection {kernel} | {stage:.1} | - | - |");
     }
     if let (Some(t), Some(g)) = (r.twilight_overlap_us, r.twilight_overlap_graph_us) {
         row("twilight step, launches overlapped", t, r.twilight_floor_us);

@@ -12,8 +12,8 @@ use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use twilight::twilight_jit::{open_device, Stage};
 use twilight::{
     AttentionKernel, DecodeOutput, Decoder, DenseDecoder, DeviceMut, DeviceRef, Dtype, KvElement,
-    KvPool, LaunchOverlap, PageTableView, Pruning, Selector, SparseDecoder, SparseOutput,
-    SparseParams, SparseWorkspace, StepOutputs, StepParams, VariantSpec, Workspace,
+    KvPool, LaunchOverlap, PageTableView, Pruning, SelectionKernel, Selector, SparseDecoder,
+    SparseOutput, SparseParams, SparseWorkspace, StepOutputs, StepParams, VariantSpec, Workspace,
 };
 use twilight_synth::generator::{GeneratorParams, Preset};
 
@@ -49,6 +49,10 @@ pub struct SparseArgs {
     /// (comma-separated; see `Decoder::set_sparse_chunk_tiles` for the default).
     #[arg(long, value_delimiter = ',')]
     chunk_tiles: Vec<usize>,
+    /// Also time the step with each of these selection kernels (comma-separated: passes,
+    /// registers; see `Decoder::set_selection_kernel`).
+    #[arg(long, value_delimiter = ',', value_parser = parse::selection_kernel)]
+    selection_kernels: Vec<SelectionKernel>,
 }
 
 /// How each shape is measured.
@@ -60,6 +64,8 @@ pub struct Method {
     pub iters: usize,
     /// Smallest attention chunks (in tiles) to time the step with besides the default's.
     pub chunk_tiles: Vec<usize>,
+    /// Selection kernels to time the step with besides the default's choice.
+    pub selection_kernels: Vec<SelectionKernel>,
 }
 
 pub fn run(args: SparseArgs) -> CliResult {
@@ -72,6 +78,7 @@ pub fn run(args: SparseArgs) -> CliResult {
         warmup: s.warmup,
         iters: s.iters,
         chunk_tiles: args.chunk_tiles.clone(),
+        selection_kernels: args.selection_kernels.clone(),
     };
     let stream = graph_ready_stream()?;
     let tools = BenchKernels::new(&stream)?;
@@ -388,6 +395,18 @@ fn measure_selector<T: KvElement>(
             .map_or(f64::NAN, |(_, t)| t.median_us());
         chunk_tiles.push((tiles, t.median_us(), g.median_us(), stage));
     }
+    let mut selection_kernels = Vec::new();
+    for &kernel in &method.selection_kernels {
+        let mut chosen = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
+        chosen.set_selection_kernel(kernel);
+        let (t, g) =
+            time_launched_and_replayed(stream, &chosen, instances, &mut s_out, &mut s_ws, method)?;
+        let stage = time_stages_of(stream, &chosen, instances, &mut s_out, &mut s_ws, method)?
+            .iter()
+            .find(|(s, _)| s.is_selection())
+            .map_or(f64::NAN, |(_, t)| t.median_us());
+        selection_kernels.push((format!("{kernel:?}"), t.median_us(), g.median_us(), stage));
+    }
 
     // Kept budgets of the last step on cache 0.
     stream.synchronize()?;
@@ -449,6 +468,7 @@ fn measure_selector<T: KvElement>(
         twilight_separate_us: Some(separate_t.median_us()),
         default_fuses_prune: Some(default_fuses),
         chunk_tiles,
+        selection_kernels,
         twilight_fused_graph_us: Some(fused_graph_t.median_us()),
         fused_stage_us: fused_stages
             .iter()

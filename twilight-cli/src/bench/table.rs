@@ -210,6 +210,7 @@ mod tests {
             twilight_separate_us: None,
             default_fuses_prune: None,
             chunk_tiles: Vec::new(),
+            selection_kernels: Vec::new(),
             twilight_floor_us: 23.6,
             step_bytes_per_row: 1.6e6,
             practical_floor_us: None,

@@ -51,7 +51,8 @@ pub(super) fn run<T: KvElement>(stream: &Arc<CudaStream>, x: &Inputs) -> Res<Out
     let sparse = if x.is_dense() {
         None
     } else {
-        let decoder = SparseDecoder::new(stream.clone(), x.spec, x.sparse_params())?;
+        let mut decoder = SparseDecoder::new(stream.clone(), x.spec, x.sparse_params())?;
+        decoder.set_selection_kernel(x.selection_kernel);
         print_origin(&format!("kernels of {}", x.spec), decoder.program());
         Some(decoder)
     };

@@ -28,8 +28,8 @@ use twilight::calibration::{CalibrationMode, ChannelConfig};
 use twilight::reference::{DecodeResult, HostKv};
 use twilight::twilight_jit::open_device;
 use twilight::{
-    CacheShape, Dtype, HostPageTable, KvElement, KvLayout, Pruning, Selector, SparseParams,
-    VariantSpec,
+    CacheShape, Dtype, HostPageTable, KvElement, KvLayout, Pruning, SelectionKernel, Selector,
+    SparseParams, VariantSpec,
 };
 use twilight_synth::generator::{generate, GeneratorParams, Preset};
 use twilight_synth::synthetic::{ragged_lengths, SyntheticStep};
@@ -88,6 +88,10 @@ pub struct Args {
     /// With --channels: the model's layer count (every layer must be in the file).
     #[arg(long, default_value_t = 32)]
     num_layers: usize,
+    /// The top-k selection's kernel: auto, passes or registers (every choice selects the same
+    /// candidates).
+    #[arg(long, default_value = "auto", value_parser = parse::selection_kernel)]
+    selection_kernel: SelectionKernel,
     /// Run the CPU reference even where a GPU is present.
     #[arg(long)]
     cpu: bool,
@@ -114,6 +118,7 @@ pub(super) struct Inputs {
     pub ds_channels: Option<Vec<Vec<usize>>>,
     /// Where the channels came from: a config file, or `None` when calibrated on the step.
     pub ds_channels_file: Option<PathBuf>,
+    pub selection_kernel: SelectionKernel,
 }
 
 impl Inputs {
@@ -374,6 +379,7 @@ fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
         step,
         ds_channels,
         ds_channels_file: args.channels.clone(),
+        selection_kernel: args.selection_kernel,
     })
 }
 
