@@ -18,6 +18,7 @@ use crate::page_table::{PageTable, PageTableView};
 use crate::plan::{AttentionGrid, SplitPlan, StepPlan};
 use crate::pool::{KvPool, KvPoolMut};
 use crate::sidecar::Sidecar;
+use crate::spread::RowSpread;
 use crate::stages::{self, Step, StepOutputs, StreamingSlots};
 use crate::variant::Variant;
 use crate::workspace::{Workspace, WorkspaceSizes};
@@ -112,13 +113,17 @@ pub enum PruneLaunch {
 /// Which kernel runs a step's top-k selection (Quest's pages, Double Sparsity's tokens).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SelectionKernel {
-    /// The register kernel when the step's rows fit in one wave of it (at most one row per SM)
-    /// or its register path holds the longest row, else the radix passes (bench/PERF-NOTES.md,
-    /// v20).
+    /// The register kernel when its register path holds the longest row (or the step's rows
+    /// fit in one wave of it and the passes cannot be spread), else the radix passes, spread
+    /// (bench/PERF-NOTES.md, v20 and v21).
     #[default]
     Auto,
-    /// The kernel of radix passes only: small blocks, several per SM.
+    /// The kernel of radix passes only: small blocks, spread over the SMs as evenly as the
+    /// step's rows allow ([`crate::spread`]).
     RadixPasses,
+    /// The radix passes with blocks packed as their occupancy allows (up to 6 per SM for
+    /// Quest), as before v21: under launch overlap a step's few rows then share few SMs.
+    RadixPassesPacked,
     /// The register kernel (a block per SM), which still takes rows longer than its registers
     /// hold in passes.
     InRegisters,
@@ -203,6 +208,9 @@ pub struct Decoder {
     /// Tiles in the smallest chunk of a kept list one attention block takes.
     sparse_chunk_tiles: usize,
     selection: SelectionKernel,
+    /// Paddings that spread the radix-pass selection kernels' blocks over the SMs.
+    quest_select_spread: RowSpread,
+    ds_select_spread: RowSpread,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -281,6 +289,12 @@ impl Decoder {
             None => None,
         };
         let streaming = StreamingSlots::of(&stream, &program, num_sms);
+        let spread = |stage: Stage, threads: u32| match program.function(stage) {
+            Some(f) => RowSpread::of(&stream, f, threads),
+            None => Ok(RowSpread::default()),
+        };
+        let quest_select_spread = spread(Stage::QuestSelect, program.tiling.quest_select_threads)?;
+        let ds_select_spread = spread(Stage::DsSelect, program.tiling.ds_select_threads)?;
         tracing::debug!(variant = %spec, stages = ?separate, resident_clusters, ?resident_attend_mma_blocks, ?streaming, origin = ?program.origin, "decoder ready");
         let mut decoder = Decoder {
             spec,
@@ -299,6 +313,8 @@ impl Decoder {
             dense_waves: 1,
             sparse_chunk_tiles: DEFAULT_SPARSE_CHUNK_TILES,
             selection: SelectionKernel::default(),
+            quest_select_spread,
+            ds_select_spread,
         };
         decoder.set_attention_kernel(AttentionKernel::default());
         Ok(decoder)
@@ -650,12 +666,25 @@ impl Decoder {
             p: params.p,
             overlap: self.overlap_now()?,
         };
-        for &planned in self.stages_for(batch * num_kv_heads) {
+        let rows = batch * num_kv_heads;
+        let spread = |spread: &RowSpread| match self.selection {
+            SelectionKernel::RadixPassesPacked => None,
+            _ => spread.padding(rows, self.num_sms),
+        };
+        let quest_padding = spread(&self.quest_select_spread);
+        let ds_padding = spread(&self.ds_select_spread);
+        for &planned in self.stages_for(rows) {
+            let spreads = match planned {
+                Stage::QuestSelect => quest_padding.is_some(),
+                Stage::DsSelect => ds_padding.is_some(),
+                _ => false,
+            };
             let stage = kernel_for(
                 planned,
                 self.selection,
-                batch * num_kv_heads,
+                rows,
                 self.num_sms,
+                spreads,
                 &step.tiling,
                 &step.plan,
             );
@@ -664,22 +693,31 @@ impl Decoder {
             let tiling = &step.tiling;
             match stage {
                 Stage::QuestScore => stages::quest_score(&step, f, workspace)?,
-                Stage::QuestSelect => {
-                    stages::quest_select(&step, f, tiling.quest_select_threads, workspace)?
-                }
+                Stage::QuestSelect => stages::quest_select(
+                    &step,
+                    f,
+                    tiling.quest_select_threads,
+                    quest_padding,
+                    workspace,
+                )?,
                 Stage::QuestSelectInRegisters => stages::quest_select(
                     &step,
                     f,
                     tiling.quest_select_registers_threads,
+                    None,
                     workspace,
                 )?,
                 Stage::DsScore => stages::ds_score(&step, f, workspace)?,
                 Stage::DsSelect => {
-                    stages::ds_select(&step, f, tiling.ds_select_threads, workspace)?
+                    stages::ds_select(&step, f, tiling.ds_select_threads, ds_padding, workspace)?
                 }
-                Stage::DsSelectInRegisters => {
-                    stages::ds_select(&step, f, tiling.ds_select_registers_threads, workspace)?
-                }
+                Stage::DsSelectInRegisters => stages::ds_select(
+                    &step,
+                    f,
+                    tiling.ds_select_registers_threads,
+                    None,
+                    workspace,
+                )?,
                 Stage::Estimate => stages::estimate(&step, f, workspace)?,
                 Stage::Threshold => stages::threshold(&step, f, workspace)?,
                 Stage::Compact | Stage::ThresholdCompact => {
@@ -709,22 +747,24 @@ impl Decoder {
 }
 
 /// The kernel a planned stage launches for this step. A selection's register kernel runs a
-/// block per SM: it takes the step when all its rows fit in one wave of it (it chooses rows it
-/// does not hold in passes) or when its register path holds the longest row. Otherwise the
-/// rows go to the kernel of passes only, several blocks per SM: a block per SM ran 1024 rows
-/// of 512 pages in eight waves, while at 64 rows the smaller blocks took the launch overlap's
-/// gain away (bench/PERF-NOTES.md, v20).
+/// block per SM, and it takes the step when its register path holds the longest row (it takes
+/// rows it does not hold in passes). Otherwise the rows go to the kernel of passes only, small
+/// blocks spread over the SMs (`spreads`): packed several to an SM, 1024 rows of 512 pages ran
+/// in a block per SM in eight waves, and at 64 rows under launch overlap the passes shared 22
+/// SMs (bench/PERF-NOTES.md, v20, v21). Where they cannot be spread, a step of at most one row
+/// per SM still takes the register kernel.
 fn kernel_for(
     planned: Stage,
     selection: SelectionKernel,
     rows: usize,
     num_sms: usize,
+    spreads: bool,
     tiling: &Tiling,
     plan: &StepPlan,
 ) -> Stage {
     let in_registers = |holds_longest_row: bool| match selection {
-        SelectionKernel::Auto => rows <= num_sms || holds_longest_row,
-        SelectionKernel::RadixPasses => false,
+        SelectionKernel::Auto => holds_longest_row || (rows <= num_sms && !spreads),
+        SelectionKernel::RadixPasses | SelectionKernel::RadixPassesPacked => false,
         SelectionKernel::InRegisters => true,
     };
     match planned {
@@ -981,43 +1021,41 @@ mod tests {
     }
 
     #[test]
-    fn selections_take_their_register_kernels_for_one_wave_of_rows_or_rows_they_hold() {
+    fn selections_take_their_register_kernels_for_rows_they_hold_or_unspread_waves() {
         let spec: VariantSpec = "ps16_hd128_f16_g4_hnd_quest_topp".parse().unwrap();
         let tiling = Tiling::for_spec(&spec);
-        let quest = |rows, pages| {
+        let select = |planned, rows, pages, spreads| {
             kernel_for(
-                Stage::QuestSelect,
+                planned,
                 SelectionKernel::Auto,
                 rows,
                 132,
+                spreads,
                 &tiling,
                 &plan_of(pages),
             )
         };
-        // The headline's 64 rows of 2048 pages and batch 1: one wave, as before v20.
-        assert_eq!(quest(64, 2048), Stage::QuestSelectInRegisters);
-        assert_eq!(quest(132, 512), Stage::QuestSelectInRegisters);
+        let quest = |rows, pages, spreads| select(Stage::QuestSelect, rows, pages, spreads);
+        // The headline's 64 rows of 2048 pages and batch 1: passes spread over the SMs, or the
+        // register kernel (one wave of it) where they cannot be spread.
+        assert_eq!(quest(64, 2048, true), Stage::QuestSelect);
+        assert_eq!(quest(64, 2048, false), Stage::QuestSelectInRegisters);
+        assert_eq!(quest(132, 512, false), Stage::QuestSelectInRegisters);
         // 1024 rows of 512 or 2048 pages: the passes kernel; of 8192 pages (128k tokens): the
         // register path holds them.
-        assert_eq!(quest(133, 512), Stage::QuestSelect);
-        assert_eq!(quest(1024, 2048), Stage::QuestSelect);
-        assert_eq!(quest(1024, 8192), Stage::QuestSelectInRegisters);
-        assert_eq!(quest(1024, 8194), Stage::QuestSelect);
+        assert_eq!(quest(133, 512, false), Stage::QuestSelect);
+        assert_eq!(quest(1024, 2048, false), Stage::QuestSelect);
+        assert_eq!(quest(1024, 8192, false), Stage::QuestSelectInRegisters);
+        assert_eq!(quest(64, 8192, true), Stage::QuestSelectInRegisters);
+        assert_eq!(quest(1024, 8194, false), Stage::QuestSelect);
         // Token rows: 32768 tokens in registers, 8192 and 131072 in passes.
-        let ds = |rows, pages| {
-            kernel_for(
-                Stage::DsSelect,
-                SelectionKernel::Auto,
-                rows,
-                132,
-                &tiling,
-                &plan_of(pages),
-            )
-        };
-        assert_eq!(ds(64, 8192), Stage::DsSelectInRegisters);
-        assert_eq!(ds(1024, 2048), Stage::DsSelectInRegisters);
-        assert_eq!(ds(1024, 512), Stage::DsSelect);
-        assert_eq!(ds(1024, 8192), Stage::DsSelect);
+        let ds = |rows, pages, spreads| select(Stage::DsSelect, rows, pages, spreads);
+        assert_eq!(ds(64, 2048, true), Stage::DsSelectInRegisters);
+        assert_eq!(ds(64, 8192, true), Stage::DsSelect);
+        assert_eq!(ds(64, 8192, false), Stage::DsSelectInRegisters);
+        assert_eq!(ds(1024, 2048, false), Stage::DsSelectInRegisters);
+        assert_eq!(ds(1024, 512, false), Stage::DsSelect);
+        assert_eq!(ds(1024, 8192, false), Stage::DsSelect);
         // Other stages are launched as planned.
         assert_eq!(
             kernel_for(
@@ -1025,6 +1063,7 @@ mod tests {
                 SelectionKernel::Auto,
                 1024,
                 132,
+                false,
                 &tiling,
                 &plan_of(512)
             ),
@@ -1032,9 +1071,17 @@ mod tests {
         );
         // An explicit choice holds at any row count and length.
         let forced = |selection, planned, rows, pages| {
-            kernel_for(planned, selection, rows, 132, &tiling, &plan_of(pages))
+            kernel_for(
+                planned,
+                selection,
+                rows,
+                132,
+                false,
+                &tiling,
+                &plan_of(pages),
+            )
         };
-        use SelectionKernel::{InRegisters, RadixPasses};
+        use SelectionKernel::{InRegisters, RadixPasses, RadixPassesPacked};
         assert_eq!(
             forced(RadixPasses, Stage::QuestSelect, 64, 2048),
             Stage::QuestSelect

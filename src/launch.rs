@@ -32,6 +32,9 @@ pub(crate) struct Grid {
     pub threads: u32,
     /// Dynamic shared memory per block, in bytes.
     pub shared_bytes: u32,
+    /// Asks for the largest shared-memory carveout, so that an occupancy set by padding the
+    /// dynamic shared memory ([`crate::spread`]) is the one the launch gets.
+    pub max_shared_carveout: bool,
 }
 
 impl Grid {
@@ -40,6 +43,19 @@ impl Grid {
         Grid {
             shared_bytes: bytes,
             ..self
+        }
+    }
+
+    /// The same grid with `padding` bytes of dynamic shared memory the kernel does not use,
+    /// which caps the blocks one SM holds ([`crate::spread::RowSpread`]).
+    pub fn with_padding(self, padding: Option<u32>) -> Grid {
+        match padding {
+            Some(bytes) => Grid {
+                shared_bytes: bytes,
+                max_shared_carveout: true,
+                ..self
+            },
+            None => self,
         }
     }
 
@@ -56,6 +72,7 @@ impl Grid {
             requests: requests as u32,
             threads,
             shared_bytes: 0,
+            max_shared_carveout: false,
         }
     }
 
@@ -67,6 +84,7 @@ impl Grid {
             requests: 1,
             threads,
             shared_bytes: 0,
+            max_shared_carveout: false,
         }
     }
 }
@@ -204,10 +222,23 @@ impl<'a> Launcher<'a> {
         self.stream.context().bind_to_thread().map_err(failed)?;
         // SAFETY: an all-zero attribute is a valid "ignore" entry; its id and value are set
         // before use.
-        let mut overlap: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
-        overlap.id =
-            sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
-        overlap.value.programmaticStreamSerializationAllowed = 1;
+        let mut attributes: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut used = 0;
+        if self.overlap {
+            let overlap = &mut attributes[used];
+            overlap.id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+            overlap.value.programmaticStreamSerializationAllowed = 1;
+            used += 1;
+        }
+        if grid.max_shared_carveout {
+            let carveout = &mut attributes[used];
+            carveout.id =
+                sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
+            carveout.value.sharedMemCarveout =
+                sys::CUshared_carveout::CU_SHAREDMEM_CARVEOUT_MAX_SHARED as u32;
+            used += 1;
+        }
         let config = sys::CUlaunchConfig {
             gridDimX: grid.parts,
             gridDimY: grid.heads,
@@ -217,12 +248,12 @@ impl<'a> Launcher<'a> {
             blockDimZ: 1,
             sharedMemBytes: grid.shared_bytes,
             hStream: self.stream.cu_stream(),
-            attrs: &mut overlap,
-            numAttrs: u32::from(self.overlap),
+            attrs: attributes.as_mut_ptr(),
+            numAttrs: used as u32,
         };
         // The kernel's one argument: the address of the struct, which the driver copies.
         let mut args = [&params as *const P as *mut std::ffi::c_void];
-        // SAFETY: the caller's contract; `config`, `overlap`, `params` and `args` outlive the
+        // SAFETY: the caller's contract; `config`, `attributes`, `params` and `args` outlive the
         // call, which copies the arguments before it returns.
         unsafe {
             sys::cuLaunchKernelEx(

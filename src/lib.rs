@@ -22,6 +22,7 @@ pub mod pool;
 pub mod reference;
 pub mod sidecar;
 pub mod sparse;
+mod spread;
 mod stages;
 pub mod variant;
 pub mod workspace;

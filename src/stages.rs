@@ -240,6 +240,7 @@ pub(crate) fn quest_select<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
     threads: u32,
+    padding: Option<u32>,
     ws: &mut Workspace,
 ) -> Result<()> {
     let mut l = Launcher::new(s.stream, s.overlap);
@@ -254,7 +255,7 @@ pub(crate) fn quest_select<T: KvElement>(
         max_pages: s.plan.max_pages as i32,
         budget_pages: s.plan.budget_pages as i32,
     };
-    let grid = Grid::rows(s.num_kv_heads, s.batch, threads);
+    let grid = Grid::rows(s.num_kv_heads, s.batch, threads).with_padding(padding);
     // SAFETY: `f` is `_quest_select` or `_quest_select_in_registers` on its block size;
     // selected and selected_pages hold rows * budget_pages entries each (the workspace was
     // sized from the plan), the kernel writes at most budget_pages per row, and the table's
@@ -301,6 +302,7 @@ pub(crate) fn ds_select<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
     threads: u32,
+    padding: Option<u32>,
     ws: &mut Workspace,
 ) -> Result<()> {
     let mut l = Launcher::new(s.stream, s.overlap);
@@ -315,7 +317,7 @@ pub(crate) fn ds_select<T: KvElement>(
         budget: s.budget_tokens as i32,
         stride: s.plan.selected_stride as i32,
     };
-    let grid = Grid::rows(s.num_kv_heads, s.batch, threads);
+    let grid = Grid::rows(s.num_kv_heads, s.batch, threads).with_padding(padding);
     // SAFETY: `f` is `_ds_select` or `_ds_select_in_registers` on its block size; selected
     // holds rows * selected_stride entries and a row gets at most min(B0, its length) <=
     // selected_stride positions.

@@ -311,13 +311,14 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     };
     // And a kept list's smallest attention chunk is 1, 2 or 3 tiles.
     let chunk_tiles = 1 + (seed / 8 % 3) as usize;
-    // And the selection runs on the decoder's choice or either kernel forced, whatever the
-    // step's rows and lengths; nine consecutive seeds meet every pair of it and the overlap.
+    // And the selection runs on the decoder's choice or a kernel forced (passes spread or
+    // packed, registers), whatever the step's rows and lengths.
     let selection = [
         SelectionKernel::Auto,
         SelectionKernel::RadixPasses,
+        SelectionKernel::RadixPassesPacked,
         SelectionKernel::InRegisters,
-    ][((seed + seed / 3) % 3) as usize];
+    ][((seed + seed / 3) % 4) as usize];
     let what = format!(
         "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap:?} fused prune {fused} attention {kernel:?} chunk tiles {chunk_tiles} selection {selection:?}",
         case.budget,

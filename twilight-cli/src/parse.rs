@@ -54,14 +54,16 @@ pub fn pruning(text: &str) -> Result<Pruning, String> {
 }
 
 /// A top-k selection kernel: `auto` (the decoder's choice per step), `passes` (radix passes
-/// only) or `registers` (the register kernel).
+/// only, spread over the SMs), `passes-packed` (packed as their occupancy allows) or
+/// `registers` (the register kernel).
 pub fn selection_kernel(text: &str) -> Result<SelectionKernel, String> {
     match text.trim() {
         "auto" => Ok(SelectionKernel::Auto),
         "passes" => Ok(SelectionKernel::RadixPasses),
+        "passes-packed" => Ok(SelectionKernel::RadixPassesPacked),
         "registers" => Ok(SelectionKernel::InRegisters),
         other => Err(format!(
-            "`{other}` is not a selection kernel: auto, passes or registers"
+            "`{other}` is not a selection kernel: auto, passes, passes-packed or registers"
         )),
     }
 }
@@ -95,9 +97,13 @@ mod tests {
             selection_kernel("registers"),
             Ok(SelectionKernel::InRegisters)
         );
+        assert_eq!(
+            selection_kernel("passes-packed"),
+            Ok(SelectionKernel::RadixPassesPacked)
+        );
         assert!(selection_kernel("radix")
             .unwrap_err()
-            .contains("auto, passes or registers"));
+            .contains("auto, passes, passes-packed or registers"));
     }
 
     #[test]

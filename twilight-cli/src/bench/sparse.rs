@@ -50,7 +50,7 @@ pub struct SparseArgs {
     #[arg(long, value_delimiter = ',')]
     chunk_tiles: Vec<usize>,
     /// Also time the step with each of these selection kernels (comma-separated: passes,
-    /// registers; see `Decoder::set_selection_kernel`).
+    /// passes-packed, registers; see `Decoder::set_selection_kernel`).
     #[arg(long, value_delimiter = ',', value_parser = parse::selection_kernel)]
     selection_kernels: Vec<SelectionKernel>,
 }

@@ -19,11 +19,27 @@ use super::check::{attend_kept, exactness, kept_lists, reference_step};
 use super::{HostCache, Inputs, Outcome};
 use crate::bench::{dense_decode_bytes, time_stages, time_with_events, Timing};
 
-const WARMUP: usize = 5;
-/// Timed runs of the whole step.
-const STEP_RUNS: usize = 50;
-/// Instrumented runs (an event before each stage).
-const STAGE_RUNS: usize = 20;
+/// How many times each step runs after the checked one.
+#[derive(Clone, Copy, Debug)]
+struct Runs {
+    warmup: usize,
+    /// Timed runs of the whole step.
+    timed: usize,
+    /// Instrumented runs (an event before each stage).
+    staged: usize,
+}
+
+impl Runs {
+    /// 50 timed runs by default (`--runs`), after at most 5 warm-up ones, and at most 20
+    /// instrumented ones.
+    fn of(x: &Inputs) -> Runs {
+        Runs {
+            warmup: x.runs.min(5),
+            timed: x.runs,
+            staged: x.runs.min(20),
+        }
+    }
+}
 
 type Res<T> = Result<T, Box<dyn Error>>;
 
@@ -64,9 +80,10 @@ pub(super) fn run<T: KvElement>(stream: &Arc<CudaStream>, x: &Inputs) -> Res<Out
     let host_table = cache.host_page_table(&ids)?;
     let q = stream.clone_htod(&SyntheticStep::to_elements::<T>(&x.step.q))?;
 
-    let dense_run = run_dense(stream, &dense, &q, &cache, &table)?;
+    let runs = Runs::of(x);
+    let dense_run = run_dense(stream, &dense, &q, &cache, &table, runs)?;
     let main = match &sparse {
-        Some(decoder) => Some(run_sparse(stream, decoder, &q, &cache, &table)?),
+        Some(decoder) => Some(run_sparse(stream, decoder, &q, &cache, &table, runs)?),
         None => None,
     };
     print_timings(x, main.as_ref(), &dense_run, &dense, &table);
@@ -242,6 +259,7 @@ fn run_sparse<T: KvElement>(
     q: &CudaSlice<T>,
     cache: &PagedKvCache<T>,
     table: &PageTable,
+    runs: Runs,
 ) -> Res<GpuStep> {
     let mut out = decoder.alloc_output::<T>(table, cache.shape().num_kv_heads)?;
     stream.memcpy_htod(&vec![T::poison(); out.o.len()], &mut out.o)?;
@@ -256,10 +274,10 @@ fn run_sparse<T: KvElement>(
     let kept = stream.clone_dtoh(&out.kept)?;
     let max_cands = out.max_cands;
 
-    let timing = time_with_events(stream, WARMUP, STEP_RUNS, |_| {
+    let timing = time_with_events(stream, runs.warmup, runs.timed, |_| {
         decoder.run_into(q, cache, table, &mut out, &mut ws)
     })?;
-    let stages = time_stages(stream, 0, STAGE_RUNS, |_, hook| {
+    let stages = time_stages(stream, 0, runs.staged, |_, hook| {
         decoder.run_instrumented(q, cache, table, &mut out, &mut ws, hook)
     })?
     .into_iter()
@@ -281,6 +299,7 @@ fn run_dense<T: KvElement>(
     q: &CudaSlice<T>,
     cache: &PagedKvCache<T>,
     table: &PageTable,
+    runs: Runs,
 ) -> Res<GpuStep> {
     let heads = q.len() / decoder.spec().head_dim as usize;
     let mut out = DecodeOutput {
@@ -291,7 +310,7 @@ fn run_dense<T: KvElement>(
     decoder.run_into(q, cache, table, None, &mut out, &mut ws)?;
     let o = download(stream, &out.o)?;
     let lse = stream.clone_dtoh(&out.lse)?;
-    let timing = time_with_events(stream, WARMUP, STEP_RUNS, |_| {
+    let timing = time_with_events(stream, runs.warmup, runs.timed, |_| {
         decoder.run_into(q, cache, table, None, &mut out, &mut ws)
     })?;
     Ok(GpuStep {
@@ -310,13 +329,15 @@ fn print_timings(
     dense_decoder: &DenseDecoder,
     table: &PageTable,
 ) {
+    let runs = Runs::of(x);
     let plan = dense_decoder.plan(x.batch(), x.num_kv_heads(), table.max_len());
     let bytes = dense_decode_bytes(&x.lens, x.num_kv_heads(), x.head_dim(), 2);
     let dense_line = format!(
-        "median {:.1} us (min {:.1}, max {:.1}) over {STEP_RUNS} runs; {} chunk(s) of {} tokens; {:.0} GB/s of K/V",
+        "median {:.1} us (min {:.1}, max {:.1}) over {} runs; {} chunk(s) of {} tokens; {:.0} GB/s of K/V",
         dense.timing.median_us(),
         dense.timing.min_us(),
         dense.timing.max_us(),
+        runs.timed,
         plan.num_chunks,
         plan.chunk_tokens,
         bytes as f64 / dense.timing.median_us() * 1e-3
@@ -326,10 +347,12 @@ fn print_timings(
         return;
     };
     println!(
-        "  sparse step: median {:.1} us (min {:.1}, max {:.1}) over {STEP_RUNS} runs after {WARMUP} warm-up, CUDA events",
+        "  sparse step: median {:.1} us (min {:.1}, max {:.1}) over {} runs after {} warm-up, CUDA events",
         step.timing.median_us(),
         step.timing.min_us(),
-        step.timing.max_us()
+        step.timing.max_us(),
+        runs.timed,
+        runs.warmup
     );
     let parts: Vec<String> = step
         .stages
@@ -338,7 +361,8 @@ fn print_timings(
         .collect();
     let sum: f64 = step.stages.iter().map(|(_, us)| us).sum();
     println!(
-        "  per stage, us (median of {STAGE_RUNS} runs, an event before each launch): {} | sum {sum:.1}",
+        "  per stage, us (median of {} runs, an event before each launch): {} | sum {sum:.1}",
+        runs.staged,
         parts.join(" | ")
     );
     println!("  dense decode (full/none) on the same cache: {dense_line}");
