@@ -118,12 +118,9 @@ pub enum SelectionKernel {
     /// (bench/PERF-NOTES.md, v20 and v21).
     #[default]
     Auto,
-    /// The kernel of radix passes only: small blocks, spread over the SMs as evenly as the
-    /// step's rows allow ([`crate::spread`]).
+    /// The kernel of radix passes only: small blocks, several per SM (spread over the SMs when
+    /// [`Decoder::set_spread_rows`] is on).
     RadixPasses,
-    /// The radix passes with blocks packed as their occupancy allows (up to 6 per SM for
-    /// Quest), as before v21: under launch overlap a step's few rows then share few SMs.
-    RadixPassesPacked,
     /// The register kernel (a block per SM), which still takes rows longer than its registers
     /// hold in passes.
     InRegisters,
@@ -208,9 +205,12 @@ pub struct Decoder {
     /// Tiles in the smallest chunk of a kept list one attention block takes.
     sparse_chunk_tiles: usize,
     selection: SelectionKernel,
-    /// Paddings that spread the radix-pass selection kernels' blocks over the SMs.
+    /// Whether kernels of a block per row spread their blocks over the SMs.
+    spread_rows: bool,
+    /// Paddings that spread the blocks of the radix-pass selections and of the compaction.
     quest_select_spread: RowSpread,
     ds_select_spread: RowSpread,
+    compact_spread: RowSpread,
 }
 
 impl std::fmt::Debug for Decoder {
@@ -295,6 +295,7 @@ impl Decoder {
         };
         let quest_select_spread = spread(Stage::QuestSelect, program.tiling.quest_select_threads)?;
         let ds_select_spread = spread(Stage::DsSelect, program.tiling.ds_select_threads)?;
+        let compact_spread = spread(Stage::Compact, program.tiling.compact_threads)?;
         tracing::debug!(variant = %spec, stages = ?separate, resident_clusters, ?resident_attend_mma_blocks, ?streaming, origin = ?program.origin, "decoder ready");
         let mut decoder = Decoder {
             spec,
@@ -313,8 +314,10 @@ impl Decoder {
             dense_waves: 1,
             sparse_chunk_tiles: DEFAULT_SPARSE_CHUNK_TILES,
             selection: SelectionKernel::default(),
+            spread_rows: true,
             quest_select_spread,
             ds_select_spread,
+            compact_spread,
         };
         decoder.set_attention_kernel(AttentionKernel::default());
         Ok(decoder)
@@ -397,6 +400,19 @@ impl Decoder {
 
     pub fn selection_kernel(&self) -> SelectionKernel {
         self.selection
+    }
+
+    /// Whether the kernels that run a block per row (the radix-pass selections, the
+    /// compaction) spread their blocks over the SMs when a step has few rows: on by default.
+    /// Under launch overlap a kernel's blocks are placed while the previous kernel still holds
+    /// the SMs, and without the spread the headline's 64 selection rows shared 18-24 SMs
+    /// ([`crate::spread`]; bench/PERF-NOTES.md, v21).
+    pub fn set_spread_rows(&mut self, on: bool) {
+        self.spread_rows = on;
+    }
+
+    pub fn spread_rows(&self) -> bool {
+        self.spread_rows
     }
 
     /// When each stage's kernel may be scheduled while the previous one finishes;
@@ -667,12 +683,14 @@ impl Decoder {
             overlap: self.overlap_now()?,
         };
         let rows = batch * num_kv_heads;
-        let spread = |spread: &RowSpread| match self.selection {
-            SelectionKernel::RadixPassesPacked => None,
-            _ => spread.padding(rows, self.num_sms),
+        let spread = |spread: &RowSpread| {
+            self.spread_rows
+                .then(|| spread.padding(rows, self.num_sms))
+                .flatten()
         };
         let quest_padding = spread(&self.quest_select_spread);
         let ds_padding = spread(&self.ds_select_spread);
+        let compact_padding = spread(&self.compact_spread);
         for &planned in self.stages_for(rows) {
             let spreads = match planned {
                 Stage::QuestSelect => quest_padding.is_some(),
@@ -725,7 +743,7 @@ impl Decoder {
                         unreachable!("checked above: sparse variants have kept outputs");
                     };
                     if stage == Stage::Compact {
-                        stages::compact(&step, f, workspace, counts, slots)?
+                        stages::compact(&step, f, compact_padding, workspace, counts, slots)?
                     } else {
                         stages::threshold_compact(&step, f, workspace, counts, slots)?
                     }
@@ -764,7 +782,7 @@ fn kernel_for(
 ) -> Stage {
     let in_registers = |holds_longest_row: bool| match selection {
         SelectionKernel::Auto => holds_longest_row || (rows <= num_sms && !spreads),
-        SelectionKernel::RadixPasses | SelectionKernel::RadixPassesPacked => false,
+        SelectionKernel::RadixPasses => false,
         SelectionKernel::InRegisters => true,
     };
     match planned {
@@ -1081,7 +1099,7 @@ mod tests {
                 &plan_of(pages),
             )
         };
-        use SelectionKernel::{InRegisters, RadixPasses, RadixPassesPacked};
+        use SelectionKernel::{InRegisters, RadixPasses};
         assert_eq!(
             forced(RadixPasses, Stage::QuestSelect, 64, 2048),
             Stage::QuestSelect

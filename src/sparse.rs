@@ -81,6 +81,11 @@ impl SparseDecoder {
         self.decoder.set_selection_kernel(kernel);
     }
 
+    /// See [`Decoder::set_spread_rows`].
+    pub fn set_spread_rows(&mut self, on: bool) {
+        self.decoder.set_spread_rows(on);
+    }
+
     /// See [`Decoder::set_sparse_chunk_tiles`].
     pub fn set_sparse_chunk_tiles(&mut self, tiles: usize) {
         self.decoder.set_sparse_chunk_tiles(tiles);

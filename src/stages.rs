@@ -402,6 +402,7 @@ pub(crate) fn threshold_compact<T: KvElement>(
 pub(crate) fn compact<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
+    padding: Option<u32>,
     ws: &Workspace,
     kept_counts: &mut DeviceMut<'_, i32>,
     kept: &mut DeviceMut<'_, i32>,
@@ -421,7 +422,7 @@ pub(crate) fn compact<T: KvElement>(
         kept: l.write_mut(kept),
         kept_count: l.write_mut(kept_counts),
     });
-    let grid = Grid::rows(s.num_kv_heads, s.batch, s.tiling.compact_threads);
+    let grid = Grid::rows(s.num_kv_heads, s.batch, s.tiling.compact_threads).with_padding(padding);
     // SAFETY: `f` is `_compact`; kept holds rows * max_cands entries (the decoder checked the
     // outputs against the plan).
     unsafe { l.launch(f, grid, params, "compact") }

@@ -311,16 +311,17 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     };
     // And a kept list's smallest attention chunk is 1, 2 or 3 tiles.
     let chunk_tiles = 1 + (seed / 8 % 3) as usize;
-    // And the selection runs on the decoder's choice or a kernel forced (passes spread or
-    // packed, registers), whatever the step's rows and lengths.
+    // And the selection runs on the decoder's choice or either kernel forced, whatever the
+    // step's rows and lengths; nine consecutive seeds meet every pair of it and the overlap.
     let selection = [
         SelectionKernel::Auto,
         SelectionKernel::RadixPasses,
-        SelectionKernel::RadixPassesPacked,
         SelectionKernel::InRegisters,
-    ][((seed + seed / 3) % 4) as usize];
+    ][((seed + seed / 3) % 3) as usize];
+    // And blocks of a kernel per row are spread over the SMs, or packed, in every other run.
+    let spread_rows = (seed / 9) % 2 == 0;
     let what = format!(
-        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap:?} fused prune {fused} attention {kernel:?} chunk tiles {chunk_tiles} selection {selection:?}",
+        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap:?} fused prune {fused} attention {kernel:?} chunk tiles {chunk_tiles} selection {selection:?} spread rows {spread_rows}",
         case.budget,
         case.p,
         case.num_kv_heads,
@@ -338,6 +339,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     decoder.set_attention_kernel(kernel);
     decoder.set_sparse_chunk_tiles(chunk_tiles);
     decoder.set_selection_kernel(selection);
+    decoder.set_spread_rows(spread_rows);
     let built = build::<T>(stream, &decoder, case, seed);
     let kv = HostKv {
         shape: built.step.shape,

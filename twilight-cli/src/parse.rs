@@ -54,16 +54,14 @@ pub fn pruning(text: &str) -> Result<Pruning, String> {
 }
 
 /// A top-k selection kernel: `auto` (the decoder's choice per step), `passes` (radix passes
-/// only, spread over the SMs), `passes-packed` (packed as their occupancy allows) or
-/// `registers` (the register kernel).
+/// only) or `registers` (the register kernel).
 pub fn selection_kernel(text: &str) -> Result<SelectionKernel, String> {
     match text.trim() {
         "auto" => Ok(SelectionKernel::Auto),
         "passes" => Ok(SelectionKernel::RadixPasses),
-        "passes-packed" => Ok(SelectionKernel::RadixPassesPacked),
         "registers" => Ok(SelectionKernel::InRegisters),
         other => Err(format!(
-            "`{other}` is not a selection kernel: auto, passes, passes-packed or registers"
+            "`{other}` is not a selection kernel: auto, passes or registers"
         )),
     }
 }
@@ -97,13 +95,9 @@ mod tests {
             selection_kernel("registers"),
             Ok(SelectionKernel::InRegisters)
         );
-        assert_eq!(
-            selection_kernel("passes-packed"),
-            Ok(SelectionKernel::RadixPassesPacked)
-        );
         assert!(selection_kernel("radix")
             .unwrap_err()
-            .contains("auto, passes, passes-packed or registers"));
+            .contains("auto, passes or registers"));
     }
 
     #[test]

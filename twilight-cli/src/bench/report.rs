@@ -51,6 +51,12 @@ pub struct SparseReport {
     pub twilight_overlap_us: Option<f64>,
     #[serde(default)]
     pub twilight_overlap_graph_us: Option<f64>,
+    /// The step with the blocks of kernels that run a block per row packed on the SMs (not
+    /// spread), launched and as a graph.
+    #[serde(default)]
+    pub twilight_packed_us: Option<f64>,
+    #[serde(default)]
+    pub twilight_packed_graph_us: Option<f64>,
     /// The step with launch overlap off, launched.
     #[serde(default)]
     pub twilight_no_overlap_us: Option<f64>,
@@ -225,6 +231,18 @@ pub fn print(r: &SparseReport) {
         row("twilight step, launches overlapped", t, r.twilight_floor_us);
         row(
             "twilight step, launches overlapped, graph replay",
+            g,
+            r.twilight_floor_us,
+        );
+    }
+    if let (Some(t), Some(g)) = (r.twilight_packed_us, r.twilight_packed_graph_us) {
+        row(
+            "twilight step, rows packed (not spread)",
+            t,
+            r.twilight_floor_us,
+        );
+        row(
+            "twilight step, rows packed (not spread), graph replay",
             g,
             r.twilight_floor_us,
         );

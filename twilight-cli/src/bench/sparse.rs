@@ -50,7 +50,7 @@ pub struct SparseArgs {
     #[arg(long, value_delimiter = ',')]
     chunk_tiles: Vec<usize>,
     /// Also time the step with each of these selection kernels (comma-separated: passes,
-    /// passes-packed, registers; see `Decoder::set_selection_kernel`).
+    /// registers; see `Decoder::set_selection_kernel`).
     #[arg(long, value_delimiter = ',', value_parser = parse::selection_kernel)]
     selection_kernels: Vec<SelectionKernel>,
 }
@@ -312,6 +312,9 @@ fn measure_selector<T: KvElement>(
     let other_attention = other_kernel(sparse.decoder().attention_kernel());
     let mut other = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
     other.set_attention_kernel(other_attention);
+    // And with the blocks of kernels that run a block per row packed, not spread.
+    let mut packed = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
+    packed.set_spread_rows(false);
     // And with them always apart, for the default's choice to be judged against.
     let mut separate = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
     separate.set_fused_prune(false);
@@ -373,6 +376,8 @@ fn measure_selector<T: KvElement>(
         &mut s_ws,
         method,
     )?;
+    let (packed_t, packed_graph_t) =
+        time_launched_and_replayed(stream, &packed, instances, &mut s_out, &mut s_ws, method)?;
     let (separate_t, _) =
         time_launched_and_replayed(stream, &separate, instances, &mut s_out, &mut s_ws, method)?;
     let (fused_t, fused_graph_t) =
@@ -464,6 +469,8 @@ fn measure_selector<T: KvElement>(
         twilight_overlap_us: Some(overlap_t.median_us()),
         twilight_overlap_graph_us: Some(overlap_graph_t.median_us()),
         twilight_no_overlap_us: Some(no_overlap_t.median_us()),
+        twilight_packed_us: Some(packed_t.median_us()),
+        twilight_packed_graph_us: Some(packed_graph_t.median_us()),
         twilight_fused_us: Some(fused_t.median_us()),
         twilight_separate_us: Some(separate_t.median_us()),
         default_fuses_prune: Some(default_fuses),

@@ -204,6 +204,8 @@ mod tests {
             twilight_overlap_us: None,
             twilight_overlap_graph_us: None,
             twilight_no_overlap_us: None,
+            twilight_packed_us: None,
+            twilight_packed_graph_us: None,
             twilight_fused_us: None,
             twilight_fused_graph_us: None,
             fused_stage_us: None,

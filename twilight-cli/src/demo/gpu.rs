@@ -69,6 +69,7 @@ pub(super) fn run<T: KvElement>(stream: &Arc<CudaStream>, x: &Inputs) -> Res<Out
     } else {
         let mut decoder = SparseDecoder::new(stream.clone(), x.spec, x.sparse_params())?;
         decoder.set_selection_kernel(x.selection_kernel);
+        decoder.set_spread_rows(x.spread_rows);
         print_origin(&format!("kernels of {}", x.spec), decoder.program());
         Some(decoder)
     };

@@ -88,10 +88,14 @@ pub struct Args {
     /// With --channels: the model's layer count (every layer must be in the file).
     #[arg(long, default_value_t = 32)]
     num_layers: usize,
-    /// The top-k selection's kernel: auto, passes, passes-packed or registers (every choice
-    /// selects the same candidates).
+    /// The top-k selection's kernel: auto, passes or registers (every choice selects the same
+    /// candidates).
     #[arg(long, default_value = "auto", value_parser = parse::selection_kernel)]
     selection_kernel: SelectionKernel,
+    /// Leave the blocks of kernels that run a block per row packed on the SMs as their
+    /// occupancy allows (`Decoder::set_spread_rows(false)`).
+    #[arg(long)]
+    packed_rows: bool,
     /// Timed runs of each step on the GPU after the checked one (with up to 5 warm-up and 20
     /// instrumented runs); 1 keeps a run under compute-sanitizer short.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
@@ -123,6 +127,7 @@ pub(super) struct Inputs {
     /// Where the channels came from: a config file, or `None` when calibrated on the step.
     pub ds_channels_file: Option<PathBuf>,
     pub selection_kernel: SelectionKernel,
+    pub spread_rows: bool,
     /// Timed runs of each step on the GPU after the checked one.
     pub runs: usize,
 }
@@ -386,6 +391,7 @@ fn prepare(args: &Args) -> Result<Inputs, Box<dyn std::error::Error>> {
         ds_channels,
         ds_channels_file: args.channels.clone(),
         selection_kernel: args.selection_kernel,
+        spread_rows: !args.packed_rows,
         runs: args.runs as usize,
     })
 }
