@@ -402,10 +402,11 @@ impl Decoder {
         self.selection
     }
 
-    /// Whether the kernels that run a block per row (the radix-pass selections, the
-    /// compaction) spread their blocks over the SMs when a step has few rows: on by default.
+    /// Whether the kernels that run a block per row (the radix-pass selections, and the
+    /// compaction where more than one of its blocks fits an SM) spread their blocks over the
+    /// SMs when a step has few rows: on by default.
     /// Under launch overlap a kernel's blocks are placed while the previous kernel still holds
-    /// the SMs, and without the spread the headline's 64 selection rows shared 18-24 SMs
+    /// the SMs, and without the spread the headline's 64 selection rows shared 18-25 SMs
     /// ([`crate::spread`]; bench/PERF-NOTES.md, v21).
     pub fn set_spread_rows(&mut self, on: bool) {
         self.spread_rows = on;
@@ -765,12 +766,12 @@ impl Decoder {
 }
 
 /// The kernel a planned stage launches for this step. A selection's register kernel runs a
-/// block per SM, and it takes the step when its register path holds the longest row (it takes
-/// rows it does not hold in passes). Otherwise the rows go to the kernel of passes only, small
-/// blocks spread over the SMs (`spreads`): packed several to an SM, 1024 rows of 512 pages ran
-/// in a block per SM in eight waves, and at 64 rows under launch overlap the passes shared 22
-/// SMs (bench/PERF-NOTES.md, v20, v21). Where they cannot be spread, a step of at most one row
-/// per SM still takes the register kernel.
+/// block per SM; it takes the step when its register path holds the longest row (rows it does
+/// not hold it takes in passes). Otherwise the rows go to the kernel of passes only, in small
+/// blocks spread over the SMs (`spreads`): in the register kernel 1024 rows of 512 pages ran in
+/// eight waves of a block per SM (v20), and the passes packed several to an SM under launch
+/// overlap put the headline's 64 rows on 18-25 SMs (v21; bench/PERF-NOTES.md). Where the passes
+/// cannot be spread, a step of at most one row per SM still takes the register kernel.
 fn kernel_for(
     planned: Stage,
     selection: SelectionKernel,

@@ -3,8 +3,8 @@
 //! With launch overlap (programmatic dependent launch) a kernel's blocks are placed while the
 //! previous kernel still holds most SMs, and the block scheduler fills the SMs with room up to
 //! the kernel's occupancy: the headline's 64 selection rows in 256-thread blocks (six fit an
-//! SM) landed on 22 SMs, and each row's latency-bound chain of radix passes shared its SM with
-//! two others (bench/PERF-NOTES.md, v21). A kernel of one block per row is fastest with its rows
+//! SM) landed on 18-25 SMs, and each row's latency-bound chain of radix passes shared its SM
+//! with two or three others (bench/PERF-NOTES.md, v21). A kernel of one block per row is fastest with its rows
 //! spread as evenly as the SMs allow; padding each block's dynamic shared memory so that only
 //! `ceil(rows / SMs)` fit an SM does that, whatever else is running. The padding is not used by
 //! the kernel.
