@@ -407,7 +407,7 @@ impl Decoder {
     /// SMs when a step has few rows: on by default.
     /// Under launch overlap a kernel's blocks are placed while the previous kernel still holds
     /// the SMs, and without the spread the headline's 64 selection rows shared 18-25 SMs
-    /// ([`crate::spread`]; bench/PERF-NOTES.md, v21).
+    /// (`src/spread.rs`; bench/PERF-NOTES.md, v21).
     pub fn set_spread_rows(&mut self, on: bool) {
         self.spread_rows = on;
     }
