@@ -319,7 +319,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         SelectionKernel::InRegisters,
     ][((seed + seed / 3) % 3) as usize];
     // And blocks of a kernel per row are spread over the SMs, or packed, in every other run.
-    let spread_rows = (seed / 9) % 2 == 0;
+    let spread_rows = (seed / 9).is_multiple_of(2);
     let what = format!(
         "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap:?} fused prune {fused} attention {kernel:?} chunk tiles {chunk_tiles} selection {selection:?} spread rows {spread_rows}",
         case.budget,
