@@ -113,9 +113,9 @@ pub enum PruneLaunch {
 /// Which kernel runs a step's top-k selection (Quest's pages, Double Sparsity's tokens).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum SelectionKernel {
-    /// The register kernel when its register path holds the longest row (or the step's rows
-    /// fit in one wave of it and the passes cannot be spread), else the radix passes, spread
-    /// (bench/PERF-NOTES.md, v20 and v21).
+    /// The register kernel when the step's rows fit in one wave of it (at most one per SM) and
+    /// its register path holds the longest row (or the passes cannot be spread), else the radix
+    /// passes (bench/PERF-NOTES.md, v20 and v21).
     #[default]
     Auto,
     /// The kernel of radix passes only: small blocks, several per SM (spread over the SMs when
@@ -350,9 +350,9 @@ impl Decoder {
 
     /// The stages a step over `rows` (request, KV head) pairs launches, in order. A selection
     /// stage launches its register kernel in its place ([`Stage::QuestSelectInRegisters`],
-    /// [`Stage::DsSelectInRegisters`]) when the rows are at most the device's SMs or the
-    /// longest row is one its register path holds; the hook of [`Decoder::run_into`] names the
-    /// kernel launched.
+    /// [`Stage::DsSelectInRegisters`]) as [`SelectionKernel`] says (by default for at most one
+    /// row per SM whose longest row its register path holds); the hook of
+    /// [`Decoder::run_into`] names the kernel launched.
     pub fn stages_for(&self, rows: usize) -> &[Stage] {
         let fuse = match self.prune_launch {
             PruneLaunch::Separate => false,
@@ -766,12 +766,13 @@ impl Decoder {
 }
 
 /// The kernel a planned stage launches for this step. A selection's register kernel runs a
-/// block per SM; it takes the step when its register path holds the longest row (rows it does
-/// not hold it takes in passes). Otherwise the rows go to the kernel of passes only, in small
-/// blocks spread over the SMs (`spreads`): in the register kernel 1024 rows of 512 pages ran in
-/// eight waves of a block per SM (v20), and the passes packed several to an SM under launch
-/// overlap put the headline's 64 rows on 18-25 SMs (v21; bench/PERF-NOTES.md). Where the passes
-/// cannot be spread, a step of at most one row per SM still takes the register kernel.
+/// block per SM: it takes a step of at most one row per SM whose longest row its register path
+/// holds (rows it does not hold it takes in passes), or, where the passes cannot be spread
+/// (`spreads`), any step of at most one row per SM. Every other step goes to the kernel of
+/// passes only, in small blocks, several per SM: with more rows than SMs the register kernel
+/// runs in waves (1024 rows of 512 pages in eight, v20; 1024 token rows of 32768 took 362 us
+/// against 284 in passes, v21), and the passes packed several to an SM under launch overlap put
+/// the headline's 64 rows on 18-25 SMs (v21; bench/PERF-NOTES.md).
 fn kernel_for(
     planned: Stage,
     selection: SelectionKernel,
@@ -782,7 +783,7 @@ fn kernel_for(
     plan: &StepPlan,
 ) -> Stage {
     let in_registers = |holds_longest_row: bool| match selection {
-        SelectionKernel::Auto => holds_longest_row || (rows <= num_sms && !spreads),
+        SelectionKernel::Auto => rows <= num_sms && (holds_longest_row || !spreads),
         SelectionKernel::RadixPasses => false,
         SelectionKernel::InRegisters => true,
     };
@@ -1040,7 +1041,7 @@ mod tests {
     }
 
     #[test]
-    fn selections_take_their_register_kernels_for_rows_they_hold_or_unspread_waves() {
+    fn selections_take_their_register_kernels_for_one_wave_of_rows_they_hold() {
         let spec: VariantSpec = "ps16_hd128_f16_g4_hnd_quest_topp".parse().unwrap();
         let tiling = Tiling::for_spec(&spec);
         let select = |planned, rows, pages, spreads| {
@@ -1060,21 +1061,24 @@ mod tests {
         assert_eq!(quest(64, 2048, true), Stage::QuestSelect);
         assert_eq!(quest(64, 2048, false), Stage::QuestSelectInRegisters);
         assert_eq!(quest(132, 512, false), Stage::QuestSelectInRegisters);
-        // 1024 rows of 512 or 2048 pages: the passes kernel; of 8192 pages (128k tokens): the
-        // register path holds them.
+        // Rows of 8192 pages (128k tokens), which the register path holds: in registers while
+        // one wave of it takes them, else in passes.
+        assert_eq!(quest(64, 8192, true), Stage::QuestSelectInRegisters);
+        assert_eq!(quest(132, 8192, false), Stage::QuestSelectInRegisters);
+        assert_eq!(quest(256, 8192, true), Stage::QuestSelect);
+        assert_eq!(quest(1024, 8192, false), Stage::QuestSelect);
+        // More rows than SMs of any other length: the passes.
         assert_eq!(quest(133, 512, false), Stage::QuestSelect);
         assert_eq!(quest(1024, 2048, false), Stage::QuestSelect);
-        assert_eq!(quest(1024, 8192, false), Stage::QuestSelectInRegisters);
-        assert_eq!(quest(64, 8192, true), Stage::QuestSelectInRegisters);
-        assert_eq!(quest(1024, 8194, false), Stage::QuestSelect);
-        // Token rows: 32768 tokens in registers, 8192 and 131072 in passes.
+        assert_eq!(quest(64, 8194, true), Stage::QuestSelect);
+        // Token rows: 32768 tokens in registers at one wave, 8192 and 131072 in passes.
         let ds = |rows, pages, spreads| select(Stage::DsSelect, rows, pages, spreads);
         assert_eq!(ds(64, 2048, true), Stage::DsSelectInRegisters);
         assert_eq!(ds(64, 8192, true), Stage::DsSelect);
         assert_eq!(ds(64, 8192, false), Stage::DsSelectInRegisters);
-        assert_eq!(ds(1024, 2048, false), Stage::DsSelectInRegisters);
+        assert_eq!(ds(256, 2048, true), Stage::DsSelect);
+        assert_eq!(ds(1024, 2048, false), Stage::DsSelect);
         assert_eq!(ds(1024, 512, false), Stage::DsSelect);
-        assert_eq!(ds(1024, 8192, false), Stage::DsSelect);
         // Other stages are launched as planned.
         assert_eq!(
             kernel_for(
