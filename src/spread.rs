@@ -11,7 +11,7 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaStream};
 
 use crate::error::Result;
@@ -38,6 +38,20 @@ struct SharedMemory {
 /// Paddings are whole KB, so that the allocation granularity cannot push one over its cap.
 const GRANULE: u32 = 1024;
 
+/// The first driver (12.5) that takes a shared-memory carveout as a launch attribute; with an
+/// older one a padded launch could get a smaller carveout than its cap assumes, so nothing is
+/// padded.
+const CARVEOUT_ATTRIBUTE_DRIVER: i32 = 12050;
+
+fn driver_version() -> Option<i32> {
+    let mut version = 0;
+    // SAFETY: writes one integer that outlives the call.
+    unsafe { sys::cuDriverGetVersion(&mut version) }
+        .result()
+        .ok()
+        .map(|()| version)
+}
+
 impl RowSpread {
     /// The paddings of `function` on blocks of `threads`, checked against the driver's own
     /// occupancy figure; lets the function take the largest of them.
@@ -45,6 +59,16 @@ impl RowSpread {
     /// # Errors
     /// A driver error while allowing the function the padding.
     pub fn of(stream: &Arc<CudaStream>, function: &CudaFunction, threads: u32) -> Result<Self> {
+        match driver_version() {
+            Some(version) if version >= CARVEOUT_ATTRIBUTE_DRIVER => {}
+            version => {
+                tracing::debug!(
+                    ?version,
+                    "the driver takes no carveout per launch; blocks will not be spread"
+                );
+                return Ok(RowSpread::default());
+            }
+        }
         let Some(memory) = SharedMemory::of(stream) else {
             return Ok(RowSpread::default());
         };
