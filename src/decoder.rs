@@ -291,11 +291,11 @@ impl Decoder {
         let streaming = StreamingSlots::of(&stream, &program, num_sms);
         let spread = |stage: Stage, threads: u32| match program.function(stage) {
             Some(f) => RowSpread::of(&stream, f, threads),
-            None => Ok(RowSpread::default()),
+            None => RowSpread::default(),
         };
-        let quest_select_spread = spread(Stage::QuestSelect, program.tiling.quest_select_threads)?;
-        let ds_select_spread = spread(Stage::DsSelect, program.tiling.ds_select_threads)?;
-        let compact_spread = spread(Stage::Compact, program.tiling.compact_threads)?;
+        let quest_select_spread = spread(Stage::QuestSelect, program.tiling.quest_select_threads);
+        let ds_select_spread = spread(Stage::DsSelect, program.tiling.ds_select_threads);
+        let compact_spread = spread(Stage::Compact, program.tiling.compact_threads);
         tracing::debug!(variant = %spec, stages = ?separate, resident_clusters, ?resident_attend_mma_blocks, ?streaming, origin = ?program.origin, "decoder ready");
         let mut decoder = Decoder {
             spec,

@@ -14,8 +14,6 @@ use std::sync::Arc;
 use cudarc::driver::sys::{self, CUdevice_attribute, CUfunction_attribute};
 use cudarc::driver::{CudaFunction, CudaStream};
 
-use crate::error::Result;
-
 /// Dynamic shared memory per block that holds a kernel at each small occupancy.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(crate) struct RowSpread {
@@ -54,11 +52,9 @@ fn driver_version() -> Option<i32> {
 
 impl RowSpread {
     /// The paddings of `function` on blocks of `threads`, checked against the driver's own
-    /// occupancy figure; lets the function take the largest of them.
-    ///
-    /// # Errors
-    /// A driver error while allowing the function the padding.
-    pub fn of(stream: &Arc<CudaStream>, function: &CudaFunction, threads: u32) -> Result<Self> {
+    /// occupancy figure; lets the function take the largest of them. Spreading is an
+    /// optimization: where the driver cannot say or refuses, the blocks are not spread.
+    pub fn of(stream: &Arc<CudaStream>, function: &CudaFunction, threads: u32) -> Self {
         match driver_version() {
             Some(version) if version >= CARVEOUT_ATTRIBUTE_DRIVER => {}
             version => {
@@ -66,11 +62,11 @@ impl RowSpread {
                     ?version,
                     "the driver takes no carveout per launch; blocks will not be spread"
                 );
-                return Ok(RowSpread::default());
+                return RowSpread::default();
             }
         }
         let Some(memory) = SharedMemory::of(stream) else {
-            return Ok(RowSpread::default());
+            return RowSpread::default();
         };
         let occupancy = |bytes: u32| {
             function
@@ -82,7 +78,7 @@ impl RowSpread {
             .get_attribute(CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES)
             .map(|bytes| bytes.max(0) as u32)
         else {
-            return Ok(RowSpread::default());
+            return RowSpread::default();
         };
         let mut padding = Vec::new();
         for cap in 1..natural {
@@ -92,9 +88,12 @@ impl RowSpread {
             }
         }
         let Some(&largest) = padding.first() else {
-            return Ok(RowSpread::default());
+            return RowSpread::default();
         };
-        crate::launch::allow_dynamic_shared(stream, function, largest)?;
+        if let Err(error) = crate::launch::allow_dynamic_shared(stream, function, largest) {
+            tracing::debug!(%error, "blocks will not be spread");
+            return RowSpread::default();
+        }
         // The driver's figure decides: a padding it counts otherwise is not used.
         for (cap, &bytes) in (1..).zip(&padding) {
             let resident = occupancy(bytes);
@@ -105,10 +104,10 @@ impl RowSpread {
                     resident,
                     "the driver counts a padding otherwise; blocks will not be spread"
                 );
-                return Ok(RowSpread::default());
+                return RowSpread::default();
             }
         }
-        Ok(RowSpread { padding })
+        RowSpread { padding }
     }
 
     /// The padding for a grid of `rows` blocks on `num_sms` SMs; `None` where the kernel's own
