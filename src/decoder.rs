@@ -693,17 +693,17 @@ impl Decoder {
         let ds_padding = spread(&self.ds_select_spread);
         let compact_padding = spread(&self.compact_spread);
         for &planned in self.stages_for(rows) {
-            let spreads = match planned {
-                Stage::QuestSelect => quest_padding.is_some(),
-                Stage::DsSelect => ds_padding.is_some(),
-                _ => false,
+            let passes_padding = match planned {
+                Stage::QuestSelect => quest_padding,
+                Stage::DsSelect => ds_padding,
+                _ => None,
             };
             let stage = kernel_for(
                 planned,
                 self.selection,
                 rows,
                 self.num_sms,
-                spreads,
+                passes_padding.is_some(),
                 &step.tiling,
                 &step.plan,
             );
@@ -716,7 +716,7 @@ impl Decoder {
                     &step,
                     f,
                     tiling.quest_select_threads,
-                    quest_padding,
+                    passes_padding,
                     workspace,
                 )?,
                 Stage::QuestSelectInRegisters => stages::quest_select(
@@ -727,9 +727,13 @@ impl Decoder {
                     workspace,
                 )?,
                 Stage::DsScore => stages::ds_score(&step, f, workspace)?,
-                Stage::DsSelect => {
-                    stages::ds_select(&step, f, tiling.ds_select_threads, ds_padding, workspace)?
-                }
+                Stage::DsSelect => stages::ds_select(
+                    &step,
+                    f,
+                    tiling.ds_select_threads,
+                    passes_padding,
+                    workspace,
+                )?,
                 Stage::DsSelectInRegisters => stages::ds_select(
                     &step,
                     f,
