@@ -387,30 +387,30 @@ fn measure_selector<T: KvElement>(
     let other_stages = time_stages_of(stream, &other, instances, &mut s_out, &mut s_ws, method)?;
     let fused_stages = time_stages_of(stream, &fused, instances, &mut s_out, &mut s_ws, method)?;
     let stages = time_stages_of(stream, sparse, instances, &mut s_out, &mut s_ws, method)?;
+    // A step with one setting changed: launched, replayed, and the stage `is_stage` names.
+    let mut time_variant = |decoder: &SparseDecoder, is_stage: &dyn Fn(Stage) -> bool| {
+        let (t, g) =
+            time_launched_and_replayed(stream, decoder, instances, &mut s_out, &mut s_ws, method)?;
+        let stage = time_stages_of(stream, decoder, instances, &mut s_out, &mut s_ws, method)?
+            .iter()
+            .find(|(s, _)| is_stage(*s))
+            .map_or(f64::NAN, |(_, t)| t.median_us());
+        Ok::<_, Box<dyn std::error::Error>>((t.median_us(), g.median_us(), stage))
+    };
     let mut chunk_tiles = Vec::new();
     for &tiles in &method.chunk_tiles {
         let mut chunked = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
         chunked.set_sparse_chunk_tiles(tiles);
-        let (t, g) =
-            time_launched_and_replayed(stream, &chunked, instances, &mut s_out, &mut s_ws, method)?;
         let attention = chunked.decoder().attention_kernel().stage();
-        let stage = time_stages_of(stream, &chunked, instances, &mut s_out, &mut s_ws, method)?
-            .iter()
-            .find(|(s, _)| *s == attention)
-            .map_or(f64::NAN, |(_, t)| t.median_us());
-        chunk_tiles.push((tiles, t.median_us(), g.median_us(), stage));
+        let (t, g, stage) = time_variant(&chunked, &|s| s == attention)?;
+        chunk_tiles.push((tiles, t, g, stage));
     }
     let mut selection_kernels = Vec::new();
     for &kernel in &method.selection_kernels {
         let mut chosen = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
         chosen.set_selection_kernel(kernel);
-        let (t, g) =
-            time_launched_and_replayed(stream, &chosen, instances, &mut s_out, &mut s_ws, method)?;
-        let stage = time_stages_of(stream, &chosen, instances, &mut s_out, &mut s_ws, method)?
-            .iter()
-            .find(|(s, _)| s.is_selection())
-            .map_or(f64::NAN, |(_, t)| t.median_us());
-        selection_kernels.push((format!("{kernel:?}"), t.median_us(), g.median_us(), stage));
+        let (t, g, stage) = time_variant(&chosen, &|s| s.is_selection())?;
+        selection_kernels.push((format!("{kernel:?}"), t, g, stage));
     }
 
     // Kept budgets of the last step on cache 0.
