@@ -179,6 +179,22 @@ struct tw_split_merge {
   }
 };
 
+// Which chunk of which list a block takes. The grid is (chunks, KV heads, requests), but its
+// blocks are numbered chunk-major: the hardware dispatches blocks in linear order, and a kept
+// list is mostly far shorter than the bound the grid is sized for, so numbered list by list the
+// first chunks of the last lists would wait behind the empty chunks of every list before them.
+struct tw_attend_block {
+  int chunk, kv_head, request;
+  TW_DEVICE static tw_attend_block current() {
+    const int rows = gridDim.y * gridDim.z;
+    const int linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    const int row = linear % rows;
+    return {linear / rows, row % int(gridDim.y), row / int(gridDim.y)};
+  }
+  // request * KV heads + KV head: the list's index in per-row buffers.
+  TW_DEVICE int row() const { return request * gridDim.y + kv_head; }
+};
+
 // The chunk of a list one block takes. The list is spread over the grid's num_chunks blocks in
 // whole tiles of at least min_chunk_tokens: a kept list's length is only known here, so a short
 // one takes few blocks (the rest exit at once) and a long one all of them.
@@ -210,13 +226,14 @@ struct tw_attend {
   // q: [batch, num_qo_heads, HEAD_DIM]; the outputs as tw_split_merge describes.
   template <typename Tokens>
   TW_DEVICE static void run(const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
-                            const Tokens& tokens, T* __restrict__ o, float* __restrict__ lse,
+                            const tw_attend_block& block, const Tokens& tokens, T* __restrict__ o,
+                            float* __restrict__ lse,
                             float* __restrict__ partial_o, float* __restrict__ partial_lse, int* __restrict__ done,
                             int num_kv_heads, int min_chunk_tokens, int num_chunks, float sm_scale,
                             shared_state& smem) {
-    const int chunk = tw_grid_part();
-    const int kv_head = tw_grid_head();
-    const int request = tw_grid_request();
+    const int chunk = block.chunk;
+    const int kv_head = block.kv_head;
+    const int request = block.request;
     const int len = tokens.length();
     const int chunk_tokens = tw_chunk_tokens<TILE>(len, min_chunk_tokens, num_chunks);
     const int begin = chunk * chunk_tokens;
@@ -401,13 +418,14 @@ struct tw_attend_mma {
 
   template <typename Tokens>
   TW_DEVICE static void run(const T* __restrict__ q, const T* __restrict__ k_cache, const T* __restrict__ v_cache,
-                            const Tokens& tokens, T* __restrict__ o, float* __restrict__ lse,
+                            const tw_attend_block& block, const Tokens& tokens, T* __restrict__ o,
+                            float* __restrict__ lse,
                             float* __restrict__ partial_o, float* __restrict__ partial_lse, int* __restrict__ done,
                             int num_kv_heads, int min_chunk_tokens, int num_chunks, float sm_scale,
                             shared_state& smem) {
-    const int chunk = tw_grid_part();
-    const int kv_head = tw_grid_head();
-    const int request = tw_grid_request();
+    const int chunk = block.chunk;
+    const int kv_head = block.kv_head;
+    const int request = block.request;
     const int len = tokens.length();
     const int chunk_tokens = tw_chunk_tokens<TILE>(len, min_chunk_tokens, num_chunks);
     const int begin = chunk * chunk_tokens;
