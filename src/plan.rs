@@ -39,7 +39,9 @@ impl SplitPlan {
     /// the kernel fit on the device at once and a block's partial result costs as many bytes
     /// as `merge_tokens` tokens of K and V: the number of chunks whose blocks fill the
     /// resident slots most evenly (the fewest tokens per slot, counting each wave's longest
-    /// chunk), chunks never below `MIN_CHUNK_TOKENS` unless the longest request is shorter.
+    /// chunk and one tile more per wave), chunks never below `MIN_CHUNK_TOKENS` unless the
+    /// longest request is shorter. The extra tile is what a wave's blocks pay together before
+    /// they stream: the first copies of every pipeline in flight at once, none yet computed.
     pub fn balanced(
         tile: usize,
         resident_blocks: usize,
@@ -75,7 +77,7 @@ impl SplitPlan {
                 0
             };
             waves
-                .saturating_mul(plan.chunk_tokens)
+                .saturating_mul(plan.chunk_tokens.saturating_add(tile))
                 .saturating_add(merge)
         };
         (1..=most)
@@ -287,6 +289,18 @@ mod tests {
         // Many rows fill the device by themselves: chunks stay long.
         let plan = SplitPlan::balanced(32, 792, 4096, 8192, 8);
         assert!(plan.chunk_tokens >= 4096, "{plan:?}");
+    }
+
+    #[test]
+    fn balanced_splits_pay_for_each_wave() {
+        // Batch 1 with 32 KV heads on the H200's 264 slots of the tensor-core attention: one
+        // wave of 4128-token chunks, not six of 672 (which save 96 rounded-up tokens per slot
+        // but restart every pipeline five more times).
+        let plan = SplitPlan::balanced(96, 264, 32, 32768, 2);
+        assert_eq!((plan.chunk_tokens, plan.num_chunks), (4128, 8));
+        // The headline keeps its one wave of four chunks.
+        let plan = SplitPlan::balanced(96, 264, 64, 32768, 8);
+        assert_eq!((plan.chunk_tokens, plan.num_chunks), (8256, 4));
     }
 
     #[test]
