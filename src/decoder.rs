@@ -140,13 +140,17 @@ pub const DEFAULT_SPARSE_CHUNK_TILES: usize = 2;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum LaunchOverlap {
     Off,
-    Always,
-    /// On for launches on sm_90 and later, off while the stream captures a graph. Launched, the
-    /// overlap took the headline step from 77.6-78.1 to 70.3-70.6 us, batch 1 from 38.0 to
-    /// 35.2, 128k from 133.3 to 128.0 and double_sparse(32) from 155.5 to 153.2; replayed as a
-    /// graph it was within 1 us of off, except double_sparse(32) at 150.6 against 146.2
-    /// (bench/PERF-NOTES.md, v18 and v19).
+    /// On for every launch on sm_90 and later, graph captures included (the graph keeps the
+    /// programmatic dependencies). Launched, the overlap took the headline step from 77.6-78.1
+    /// to 70.3-70.6 us, batch 1 from 38.0 to 35.2, 128k from 133.3 to 128.0 and
+    /// double_sparse(32) from 155.5 to 153.2 (v18, v19). In graphs it lost at first
+    /// (double_sparse(32) 150.6 against 146.2) while the small selection blocks packed onto few
+    /// SMs; since they are spread (v21) it was 0.1-1.7 us faster in each of 26 graph replays
+    /// over 7 shapes in three device calls (bench/PERF-NOTES.md, v22).
     #[default]
+    Always,
+    /// On for launches on sm_90 and later, off while the stream captures a graph (the default
+    /// before v22).
     WhenLaunched,
 }
 
@@ -370,7 +374,9 @@ impl Decoder {
     /// default) plans one block per resident slot, each wave's longest chunk counted; more
     /// waves mean shorter chunks and more partial results to merge. `bench dense --waves`
     /// measures the trade; on the H200 one wave was the fastest at every shape tried
-    /// (bench/PERF-NOTES.md, "Dense decode: paging and the split's waves").
+    /// (bench/PERF-NOTES.md, "Dense decode: paging and the split's waves"). The split also
+    /// counts a tile per wave ([`SplitPlan::balanced`]), so it takes more waves than this only
+    /// where they cut the longest chunk by more than that.
     pub fn set_dense_waves(&mut self, waves: usize) {
         self.dense_waves = waves.max(1);
     }
@@ -417,7 +423,7 @@ impl Decoder {
     }
 
     /// When each stage's kernel may be scheduled while the previous one finishes;
-    /// [`LaunchOverlap::WhenLaunched`] by default.
+    /// [`LaunchOverlap::Always`] by default.
     pub fn set_launch_overlap(&mut self, overlap: LaunchOverlap) {
         self.launch_overlap = overlap;
     }
@@ -431,7 +437,7 @@ impl Decoder {
     fn overlap_now(&self) -> Result<bool> {
         Ok(match self.launch_overlap {
             LaunchOverlap::Off => false,
-            LaunchOverlap::Always => true,
+            LaunchOverlap::Always => self.programmatic_launch,
             LaunchOverlap::WhenLaunched => {
                 self.programmatic_launch
                     && self

@@ -45,12 +45,12 @@ pub struct SparseReport {
     pub other_attention_stage_us: Option<f64>,
     #[serde(default)]
     pub dense_other_attention_us: Option<f64>,
-    /// The step with launch overlap (programmatic dependent launch) always on, launched and as
-    /// a graph (the default overlaps launches only).
+    /// The step with launch overlap (programmatic dependent launch) off while a graph is
+    /// captured, launched and as a graph (the default overlaps every launch).
     #[serde(default)]
-    pub twilight_overlap_us: Option<f64>,
+    pub twilight_captured_apart_us: Option<f64>,
     #[serde(default)]
-    pub twilight_overlap_graph_us: Option<f64>,
+    pub twilight_captured_apart_graph_us: Option<f64>,
     /// The step with the blocks of kernels that run a block per row packed on the SMs (not
     /// spread), launched and as a graph.
     #[serde(default)]
@@ -227,10 +227,17 @@ pub fn print(r: &SparseReport) {
         );
         println!("| stage selection {kernel} | {stage:.1} | - | - |");
     }
-    if let (Some(t), Some(g)) = (r.twilight_overlap_us, r.twilight_overlap_graph_us) {
-        row("twilight step, launches overlapped", t, r.twilight_floor_us);
+    if let (Some(t), Some(g)) = (
+        r.twilight_captured_apart_us,
+        r.twilight_captured_apart_graph_us,
+    ) {
         row(
-            "twilight step, launches overlapped, graph replay",
+            "twilight step, graph captured without overlap",
+            t,
+            r.twilight_floor_us,
+        );
+        row(
+            "twilight step, graph captured without overlap, graph replay",
             g,
             r.twilight_floor_us,
         );
