@@ -141,17 +141,19 @@ pub const DEFAULT_SPARSE_CHUNK_TILES: usize = 2;
 pub enum LaunchOverlap {
     Off,
     /// On for every launch on sm_90 and later, graph captures included (the graph keeps the
-    /// programmatic dependencies). Launched, the overlap took the headline step from 77.6-78.1
-    /// to 70.3-70.6 us, batch 1 from 38.0 to 35.2, 128k from 133.3 to 128.0 and
-    /// double_sparse(32) from 155.5 to 153.2 (v18, v19). In graphs it lost at first
-    /// (double_sparse(32) 150.6 against 146.2) while the small selection blocks packed onto few
-    /// SMs; since they are spread (v21) it was 0.1-1.7 us faster in each of 26 graph replays
-    /// over 7 shapes in three device calls (bench/PERF-NOTES.md, v22).
-    #[default]
+    /// programmatic dependencies).
     Always,
-    /// On for launches on sm_90 and later, off while the stream captures a graph (the default
-    /// before v22).
+    /// On for launches on sm_90 and later, off while the stream captures a graph.
     WhenLaunched,
+    /// On for launches on sm_90 and later; in graph captures, on for steps of at most one
+    /// (request, KV head) row per SM and off for larger ones. Launched, the overlap took the
+    /// headline step from 77.6-78.1 to 70.3-70.6 us and batch 1 from 38.0 to 35.2 (v18, v19).
+    /// In graphs, since row spreading (v21), one grid (bench/PERF-NOTES.md, v22) measured it
+    /// faster in 27 of its 36 reports of at most 132 rows (by up to 4.5%; the other 9 lost at
+    /// most 0.8%), but slower in 25 of the 44 larger ones, by up to 11.8% (512 rows of 32k
+    /// tokens), and faster there by at most 1.8%.
+    #[default]
+    Auto,
 }
 
 /// Which kernel runs a step's attention.
@@ -423,7 +425,7 @@ impl Decoder {
     }
 
     /// When each stage's kernel may be scheduled while the previous one finishes;
-    /// [`LaunchOverlap::Always`] by default.
+    /// [`LaunchOverlap::Auto`] by default.
     pub fn set_launch_overlap(&mut self, overlap: LaunchOverlap) {
         self.launch_overlap = overlap;
     }
@@ -432,21 +434,23 @@ impl Decoder {
         self.launch_overlap
     }
 
-    /// Whether this step's launches overlap: asks the driver whether the stream is capturing
-    /// a graph when that decides it.
-    fn overlap_now(&self) -> Result<bool> {
-        Ok(match self.launch_overlap {
-            LaunchOverlap::Off => false,
-            LaunchOverlap::Always => self.programmatic_launch,
-            LaunchOverlap::WhenLaunched => {
-                self.programmatic_launch
-                    && self
-                        .stream
-                        .capture_status()
-                        .map_err(|e| Error::driver("asking whether the stream captures", e))?
-                        == cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE
-            }
-        })
+    /// Whether the launches of a step of `rows` (request, KV head) rows overlap: asks the
+    /// driver whether the stream is capturing a graph when that decides it.
+    fn overlap_now(&self, rows: usize) -> Result<bool> {
+        let capturing = || -> Result<bool> {
+            let status = self
+                .stream
+                .capture_status()
+                .map_err(|e| Error::driver("asking whether the stream captures", e))?;
+            Ok(status != cudarc::driver::sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+        };
+        Ok(self.programmatic_launch
+            && match self.launch_overlap {
+                LaunchOverlap::Off => false,
+                LaunchOverlap::Always => true,
+                LaunchOverlap::WhenLaunched => !capturing()?,
+                LaunchOverlap::Auto => rows <= self.num_sms || !capturing()?,
+            })
     }
 
     /// Threshold and compaction always fused (`true`) or always apart (`false`); see
@@ -687,7 +691,7 @@ impl Decoder {
             sm_scale,
             budget_tokens: params.budget.min(plan.max_tokens),
             p: params.p,
-            overlap: self.overlap_now()?,
+            overlap: self.overlap_now(batch * num_kv_heads)?,
         };
         let rows = batch * num_kv_heads;
         let spread = |spread: &RowSpread| {

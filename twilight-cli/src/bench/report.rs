@@ -46,7 +46,8 @@ pub struct SparseReport {
     #[serde(default)]
     pub dense_other_attention_us: Option<f64>,
     /// The step with launch overlap (programmatic dependent launch) off while a graph is
-    /// captured, launched and as a graph (the default overlaps every launch).
+    /// captured, launched and as a graph (the default also overlaps the captures of steps of at
+    /// most one row per SM).
     #[serde(default)]
     pub twilight_captured_apart_us: Option<f64>,
     #[serde(default)]

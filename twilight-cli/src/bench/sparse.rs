@@ -300,7 +300,7 @@ fn measure_selector<T: KvElement>(
     let mut q_ws: Vec<SparseWorkspace> = (0..n).map(|_| SparseWorkspace::default()).collect();
 
     // The same step with graphs captured without launch overlap (the default overlaps every
-    // launch, captured or not), and with no overlap at all.
+    // launch, and the captures of steps of at most one row per SM), and with no overlap at all.
     let mut captured_apart = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
     captured_apart.set_launch_overlap(LaunchOverlap::WhenLaunched);
     let mut not_overlapped = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
