@@ -19,7 +19,7 @@ use crate::plan::{AttentionGrid, SplitPlan, StepPlan};
 use crate::pool::{KvPool, KvPoolMut};
 use crate::sidecar::Sidecar;
 use crate::spread::RowSpread;
-use crate::stages::{self, Step, StepOutputs, StreamingSlots};
+use crate::stages::{self, chunk_major_attention, Step, StepOutputs, StreamingSlots};
 use crate::variant::Variant;
 use crate::workspace::{Workspace, WorkspaceSizes};
 
@@ -692,6 +692,7 @@ impl Decoder {
             budget_tokens: params.budget.min(plan.max_tokens),
             p: params.p,
             overlap: self.overlap_now(batch * num_kv_heads)?,
+            attend_chunk_major: chunk_major_attention(spec, batch * num_kv_heads, self.num_sms),
         };
         let rows = batch * num_kv_heads;
         let spread = |spread: &RowSpread| {

@@ -76,6 +76,19 @@ pub(crate) struct Step<'a, T> {
     pub p: f32,
     /// Launch each stage with overlap (programmatic dependent launch).
     pub overlap: bool,
+    /// Number the attention's blocks chunk-major (see `chunk_major_attention`).
+    pub attend_chunk_major: bool,
+}
+
+/// Whether a step's attention numbers its blocks chunk-major (attend.cuh, `tw_attend_block`):
+/// kept lists of steps of at most one row per SM. There every list's first chunk is then
+/// dispatched ahead of other lists' empty chunks (H200, one grid against the last: the
+/// attention stage up to 2.0 us faster at 32 and 64 rows, unchanged at 8). With more rows the
+/// first chunks fill the resident slots, and a list's second chunk waits for a later wave
+/// instead of running beside its first (Double Sparsity at 256 to 2048 rows: 0.4-3.5 us
+/// slower; bench/PERF-NOTES.md, v22). Dense lists fill every chunk and keep the grid's order.
+pub(crate) fn chunk_major_attention(spec: &VariantSpec, rows: usize, num_sms: usize) -> bool {
+    !spec.is_dense() && rows <= num_sms
 }
 
 /// Where a step's results go: buffers twilight allocated or an engine's own (any
@@ -466,6 +479,7 @@ pub(crate) fn attend<T: KvElement>(
         max_kept: s.plan.max_cands as i32,
         min_chunk_tokens: s.plan.chunk_tokens as i32,
         num_chunks: s.plan.num_chunks as i32,
+        chunk_major: i32::from(s.attend_chunk_major),
         sm_scale: s.sm_scale,
     };
     let grid = Grid::parts(s.plan.num_chunks, s.num_kv_heads, s.batch, threads)
@@ -474,4 +488,24 @@ pub(crate) fn attend<T: KvElement>(
     // hold the pool the validated table (or the kept lists compact wrote from it) indexes,
     // partials hold batch * num_qo_heads * num_chunks rows when split, counters one per row.
     unsafe { l.launch(f, grid, params, "attend") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_major_attention;
+    use twilight_jit::{Dtype, KvLayout, Pruning, Selector, VariantSpec};
+
+    #[test]
+    fn kept_lists_of_at_most_a_row_per_sm_number_their_blocks_chunk_major() {
+        let dense = VariantSpec::dense(16, 128, Dtype::F16, 4, KvLayout::Hnd);
+        let sparse = VariantSpec {
+            selector: Selector::Quest,
+            pruning: Pruning::TopP,
+            ..dense
+        };
+        assert!(chunk_major_attention(&sparse, 64, 132));
+        assert!(chunk_major_attention(&sparse, 132, 132));
+        assert!(!chunk_major_attention(&sparse, 133, 132));
+        assert!(!chunk_major_attention(&dense, 8, 132));
+    }
 }

@@ -368,6 +368,8 @@ kernel_params! {
         max_kept: i32,
         min_chunk_tokens: i32,
         num_chunks: i32,
+        /// Nonzero: blocks numbered chunk-major (attend.cuh, `tw_attend_block`).
+        chunk_major: i32,
         sm_scale: f32,
     }
 }

@@ -179,18 +179,16 @@ struct tw_split_merge {
   }
 };
 
-// Which chunk of which list a block takes, from a grid of (chunks, KV heads, requests).
-// Kept lists number the blocks chunk-major: the hardware dispatches blocks in linear order, and
-// a kept list is mostly far shorter than the bound the grid is sized for, so numbered list by
-// list the first chunks of the last lists would wait behind the empty chunks of every list
-// before them. Dense lists fill every chunk and keep the grid's own order: there chunk-major
-// measured no faster on tensor cores and up to 28% slower on CUDA cores at batch 1 (H200,
-// bench/PERF-NOTES.md, v22; not profiled).
+// Which chunk of which list a block takes, from a grid of (chunks, KV heads, requests). The
+// hardware dispatches blocks in linear order; `chunk_major` numbers them chunk by chunk instead
+// of list by list, so that where a step's kept lists are few and mostly far shorter than the
+// grid's bound, every list's first chunk is dispatched before the empty chunks of the lists
+// ahead of it. The launch decides (the Rust `chunk_major_attention`): with many lists, or
+// dense ones, the grid's own order measured faster.
 struct tw_attend_block {
   int chunk, kv_head, request;
-  template <bool CHUNK_MAJOR>
-  TW_DEVICE static tw_attend_block current() {
-    if (!CHUNK_MAJOR) return {int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
+  TW_DEVICE static tw_attend_block current(bool chunk_major) {
+    if (!chunk_major) return {int(blockIdx.x), int(blockIdx.y), int(blockIdx.z)};
     const int rows = gridDim.y * gridDim.z;
     const int linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
     const int row = linear % rows;
