@@ -294,8 +294,8 @@ fn check_selection(
 
 fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     let spec = case.spec;
-    // The cases cycle through three launch overlap choices (programmatic dependent launch;
-    // launched, not captured, `WhenLaunched` overlaps as `Auto` does), and every other pair runs
+    // The cases cycle through launch overlap off, always, and the default (programmatic
+    // dependent launch; launched, as here, the default overlaps too), and every other pair runs
     // top-p's threshold and compaction fused in one cluster launch: each launch path meets
     // every part of the matrix over the runs.
     let overlap = [
