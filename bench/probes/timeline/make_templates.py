@@ -5,10 +5,14 @@ its wait for the previous kernel returned and it left; a program prints a window
 once the window is full. Run a step on these
 templates through TWILIGHT_TEMPLATE_DIR and summarize the lines with summarize.py (README.md).
 
-    python3 bench/probes/timeline/make_templates.py OUT_DIR [SKIP]
+    python3 bench/probes/timeline/make_templates.py OUT_DIR [SKIP] [--attend-phases]
 
 A program's first SKIP blocks (default 0) are not stamped, so that a window of steady-state
 steps is: the first steps of a process pay for loading each kernel at its first launch.
+With --attend-phases, each block of the tensor-core attention also stamps three marks from its
+thread 0: its list's length known (past the empty-chunk exit), its first tile's copies landed,
+and its last tile done (the output or the split merge follows); blocks that exit empty leave
+them 0.
 """
 import pathlib
 import shutil
@@ -34,6 +38,7 @@ struct tw_timeline_stamp {
   unsigned x, y, z, sm;
   unsigned long long start;
   unsigned waited, ended;  // ns after start
+  unsigned marks[3];       // ns after start, 0 where not reached (the attention's phases)
 };
 __device__ tw_timeline_stamp tw_timeline_stamps[TW_TIMELINE_LINES];
 __device__ unsigned tw_timeline_blocks;
@@ -51,15 +56,28 @@ TW_DEVICE void tw_timeline_print() {
     while ((stage = const_cast<const char*>(slot->stage)) == nullptr) {
     }
     __threadfence();
-    printf("TWTL %s %u %u %u %u %llu %u %u\n", stage, slot->x, slot->y, slot->z, slot->sm, slot->start,
-           slot->waited, slot->ended);
+    printf("TWTL %s %u %u %u %u %llu %u %u %u %u %u\n", stage, slot->x, slot->y, slot->z, slot->sm,
+           slot->start, slot->waited, slot->ended, slot->marks[0], slot->marks[1], slot->marks[2]);
   }
 }
+// A block's phase marks, kept by its thread 0 in shared memory. Only kernels whose scope has
+// MARKS reference them: QuestScore's static shared memory is full.
+TW_DEVICE unsigned long long* tw_timeline_marks() {
+  __shared__ unsigned long long marks[3];
+  return marks;
+}
+TW_DEVICE void tw_timeline_mark(int i) {
+  if (threadIdx.x == 0) tw_timeline_marks()[i] = tw_timeline_now();
+}
+template <bool MARKS>
 struct tw_timeline_scope {
   const char* stage;
   unsigned long long start, waited;
   TW_DEVICE explicit tw_timeline_scope(const char* name) : stage(name) {
     start = tw_timeline_now();
+    if constexpr (MARKS) {
+      if (threadIdx.x == 0) tw_timeline_marks()[0] = tw_timeline_marks()[1] = tw_timeline_marks()[2] = 0;
+    }
     tw_after_previous_kernel();
     waited = tw_timeline_now();
   }
@@ -78,6 +96,11 @@ struct tw_timeline_scope {
     slot.start = start;
     slot.waited = unsigned(waited - start);
     slot.ended = unsigned(end - start);
+    for (int i = 0; i < 3; ++i) {
+      unsigned long long mark = 0;
+      if constexpr (MARKS) mark = tw_timeline_marks()[i];
+      slot.marks[i] = mark ? unsigned(mark - start) : 0u;
+    }
     __threadfence();
     *const_cast<const char* volatile*>(&slot.stage) = stage;
     if (at == TW_TIMELINE_LINES - 1) tw_timeline_print();
@@ -86,11 +109,36 @@ struct tw_timeline_scope {
 '''
 
 
+# Where --attend-phases marks the tensor-core attention (twilight/attend.cuh, tw_attend_mma):
+# each anchor is found once, after the kernel's struct begins, and the mark goes after it.
+ATTEND_MMA = "struct tw_attend_mma {"
+ATTEND_MARKS = [
+    ("    const int end = min(len, begin + chunk_tokens);\n", "    tw_timeline_mark(0);\n"),
+    ("      tw_copy_async_wait<STAGES - 1>();\n      __syncwarp();\n", "      if (i == 0) tw_timeline_mark(1);\n"),
+    ("    tw_copy_async_wait<0>();\n", "    tw_timeline_mark(2);\n"),
+]
+
+
+def mark_attend_phases(header: pathlib.Path) -> None:
+    text = header.read_text()
+    at = text.find(ATTEND_MMA)
+    if at < 0:
+        sys.exit(f"{header}: no `{ATTEND_MMA}` to mark")
+    head, body = text[:at], text[at:]
+    for anchor, mark in ATTEND_MARKS:
+        if body.count(anchor) != 1:
+            sys.exit(f"{header}: the anchor {anchor!r} is not found exactly once in tw_attend_mma")
+        body = body.replace(anchor, anchor + mark, 1)
+    header.write_text(head + body)
+
+
 def main() -> None:
-    if len(sys.argv) not in (2, 3):
+    args = [a for a in sys.argv[1:] if a != "--attend-phases"]
+    phases = len(args) != len(sys.argv) - 1
+    if len(args) not in (1, 2):
         sys.exit(__doc__)
-    out = pathlib.Path(sys.argv[1])
-    skip = int(sys.argv[2]) if len(sys.argv) == 3 else 0
+    out = pathlib.Path(args[0])
+    skip = int(args[1]) if len(args) == 2 else 0
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(ROOT / "templates", out)
@@ -105,8 +153,11 @@ def main() -> None:
         text = template.read_text()
         entries += text.count(ENTRY_CALL)
         # `__func__` is `<variant>_<stage>`: the stage's name starts sizeof("<variant>") bytes in.
-        scope = 'const tw_timeline_scope tw_timeline(__func__ + sizeof("{{ variant }}"));'
+        marks = "true" if phases and template.name == "attend.cu.tera" else "false"
+        scope = f'const tw_timeline_scope<{marks}> tw_timeline(__func__ + sizeof("{{{{ variant }}}}"));'
         template.write_text(text.replace(ENTRY_CALL, scope))
+    if phases:
+        mark_attend_phases(out / "include/twilight/attend.cuh")
     print(f"{out}: {entries} entries stamped")
 
 

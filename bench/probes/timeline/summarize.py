@@ -10,8 +10,14 @@ Lines of one kernel belong to one launch until a block starts after every block 
 launch so far has ended (the same kernel is not launched again before its previous launch
 ends: each step's kernels wait for one another).
 
+Where blocks carry phase marks (make_templates.py --attend-phases), each such launch is
+followed by a line of the medians and maxima, over its marked blocks, of the time from the
+wait to the list's length, from there to the first tile's copies, from there to the last
+tile, and from there to the block's end.
+
     python3 bench/probes/timeline/summarize.py < demo-output.txt
 """
+import statistics
 import sys
 
 
@@ -20,9 +26,11 @@ def main() -> None:
     for line in sys.stdin:
         if not line.startswith("TWTL "):
             continue
-        _, kernel, _x, _y, _z, sm, start, waited, end = line.split()
+        fields = line.split()
+        kernel, sm, start, waited, end = fields[1], fields[5], fields[6], fields[7], fields[8]
+        marks = tuple(int(m) for m in fields[9:12]) if len(fields) >= 12 else (0, 0, 0)
         start = int(start)
-        by_kernel.setdefault(kernel, []).append((start, start + int(waited), start + int(end), int(sm)))
+        by_kernel.setdefault(kernel, []).append((start, start + int(waited), start + int(end), int(sm), marks))
     if not by_kernel:
         sys.exit("no TWTL lines: was the step run on the probe's templates?")
     launches = []
@@ -52,7 +60,24 @@ def main() -> None:
         gap = "" if prev_end is None else f"{(min(starts) - prev_end) / 1e3:8.2f}"
         print(f"{kernel[:28]:28} {len(blocks):6} {len({b[3] for b in blocks}):4} {us(min(starts))} "
               f"{us(max(starts))} {us(min(waits))} {us(max(waits))} {us(end)} {gap:>8}")
+        print_phases(blocks)
         prev_end = end
+
+
+def print_phases(blocks) -> None:
+    # (start, wait, end) are absolute; marks are ns after the block's start, all three set.
+    marked = [b for b in blocks if all(b[4])]
+    if not marked:
+        return
+    spans = []
+    for start, wait, end, _sm, marks in marked:
+        at = [wait] + [start + m for m in marks] + [end]
+        spans.append([(at[i + 1] - at[i]) / 1e3 for i in range(4)])
+    names = ("wait->length", "->first tile", "->last tile", "->end")
+    cells = "  ".join(
+        f"{name} {statistics.median(s[i] for s in spans):.2f}/{max(s[i] for s in spans):.2f}"
+        for i, name in enumerate(names))
+    print(f"  {len(marked)} blocks with work, median/max us: {cells}")
 
 
 if __name__ == "__main__":
