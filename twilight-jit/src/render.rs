@@ -344,13 +344,13 @@ fn registers_take(threads: u32, keys: u32, items: usize) -> bool {
 const ATTEND_MMA_STAGES: u32 = 2;
 
 /// The kernel's `shared_state` (attend.cuh, tw_attend_mma): `warps * stages` tiles of 16 rows
-/// of K and V, or the merge state (per warp and head: max, sum and head_dim outputs; a ticket;
-/// per head: two floats), whichever is larger, rounded to 16 bytes. The kernel checks it
-/// with a static_assert.
+/// of K and V, or the merge state (per warp and head: max, sum and head_dim outputs; a
+/// ticket), whichever is larger, rounded to 16 bytes. The kernel checks it with a
+/// static_assert.
 fn attend_mma_shared_bytes(spec: &VariantSpec, warps: u32, stages: u32) -> u32 {
     let (head_dim, group) = (spec.head_dim, spec.group_size);
     let tiles = warps * stages * 2 * 16 * head_dim * 2;
-    let merge = 4 * (warps * group * (2 + head_dim) + 1 + 2 * group);
+    let merge = 4 * (warps * group * (2 + head_dim) + 1);
     tiles.max(merge).next_multiple_of(16)
 }
 

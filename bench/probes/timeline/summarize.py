@@ -13,7 +13,8 @@ ends: each step's kernels wait for one another).
 Where blocks carry phase marks (make_templates.py --attend-phases), each such launch is
 followed by a line of the medians and maxima, over its marked blocks, of the time from the
 wait to the list's length, from there to the first tile's copies, from there to the last
-tile, and from there to the block's end.
+tile, and from there to the block's end; and a line of when, from the launch's first start, the
+blocks' first tiles landed and their last tiles were done (10th percentile, median, maximum).
 
     python3 bench/probes/timeline/summarize.py < demo-output.txt
 """
@@ -60,11 +61,11 @@ def main() -> None:
         gap = "" if prev_end is None else f"{(min(starts) - prev_end) / 1e3:8.2f}"
         print(f"{kernel[:28]:28} {len(blocks):6} {len({b[3] for b in blocks}):4} {us(min(starts))} "
               f"{us(max(starts))} {us(min(waits))} {us(max(waits))} {us(end)} {gap:>8}")
-        print_phases(blocks)
+        print_phases(blocks, min(starts))
         prev_end = end
 
 
-def print_phases(blocks) -> None:
+def print_phases(blocks, t0: int) -> None:
     # (start, wait, end) are absolute; marks are ns after the block's start, all three set.
     marked = [b for b in blocks if all(b[4])]
     if not marked:
@@ -78,6 +79,14 @@ def print_phases(blocks) -> None:
         f"{name} {statistics.median(s[i] for s in spans):.2f}/{max(s[i] for s in spans):.2f}"
         for i, name in enumerate(names))
     print(f"  {len(marked)} blocks with work, median/max us: {cells}")
+    # When the blocks' streams start and stop, from the launch's first start: a wide spread of
+    # last tiles over blocks of equal work is a tail of unequal bandwidth, not of work.
+    def spread(times) -> str:
+        times = sorted((t - t0) / 1e3 for t in times)
+        return f"{times[len(times) // 10]:.1f}/{statistics.median(times):.1f}/{times[-1]:.1f}"
+    first = spread(start + marks[1] for start, _w, _e, _sm, marks in marked)
+    last = spread(start + marks[2] for start, _w, _e, _sm, marks in marked)
+    print(f"  from the launch's start, p10/median/max us: first tile landed {first}, last tile done {last}")
 
 
 if __name__ == "__main__":

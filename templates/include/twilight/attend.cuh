@@ -42,65 +42,67 @@ struct tw_split_merge {
   float walker_d[ROWS][GROUP];
   float walker_o[ROWS][GROUP][HEAD_DIM];
   int ticket;
-  // Per query head of the group: the largest chunk lse, and sum_c exp(lse_c - largest).
-  float chunk_lse_max[GROUP];
-  float chunk_weight_sum[GROUP];
 
-  // The merge of `used` chunks' partials of the group's heads (the first is `first_head`).
-  // Its time is a chain of L2 reads over the chunks, so each thread keeps several in flight:
-  // one warp per head reduces the chunks' lse, then every thread accumulates 4-channel
-  // vectors, VECTORS_PER_THREAD of them over UNROLL chunks at a time.
+  // The merge of `used` chunks' partials of the group's heads (the first is `first_head`), in
+  // one pass of L2 reads: each thread owns VECTORS_PER_THREAD 4-channel vectors of the output
+  // and folds the chunks' (lse, o) into them with an online softmax, UNROLL chunks in flight at
+  // a time, so a short merge waits for one round of reads. (A pass over the
+  // lse first, for their max and sum, put two more rounds and a barrier on the step's path.)
   template <typename T, int BLOCK_THREADS>
-  TW_DEVICE void merge_chunks(T* __restrict__ o, float* __restrict__ lse, const float* __restrict__ partial_o,
-                              const float* __restrict__ partial_lse, int first_head, int used, int num_chunks) {
-    constexpr int WARPS = BLOCK_THREADS / 32;
-    const int warp = threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
-    for (int g = warp; g < GROUP; g += WARPS) {
-      // L2 reads (__ldcg): the partials were written by other blocks.
-      const float* lse_in = partial_lse + tw_i64(first_head + g) * num_chunks;
-      float m = tw_neg_inf();
-      for (int k = lane; k < used; k += 32) m = fmaxf(m, __ldcg(lse_in + k));
-      m = tw_group_max<32>(m);
-      float total = 0.f;
-      for (int k = lane; k < used; k += 32) total += __expf(__ldcg(lse_in + k) - m);
-      total = tw_group_sum<32>(total);
-      if (lane == 0) {
-        chunk_lse_max[g] = m;
-        chunk_weight_sum[g] = total;
-      }
-    }
-    __syncthreads();
+  TW_DEVICE static void merge_chunks(T* __restrict__ o, float* __restrict__ lse, const float* __restrict__ partial_o,
+                                     const float* __restrict__ partial_lse, int first_head, int used, int num_chunks) {
     constexpr int VECTORS = GROUP * HEAD_DIM / 4;
     constexpr int VECTORS_PER_THREAD = (VECTORS + BLOCK_THREADS - 1) / BLOCK_THREADS;
-    constexpr int UNROLL = 8;
-    int head[VECTORS_PER_THREAD];
+    // About eight chunks' vectors in flight per thread: more vectors each, fewer chunks at a
+    // time. (Sixteen took head_dim 64's kernel from 80 to 97 registers, one block per SM.)
+    constexpr int UNROLL = VECTORS_PER_THREAD >= 4 ? 2 : 8 / VECTORS_PER_THREAD;
+    const float* lse_in[VECTORS_PER_THREAD];
     const float4* in[VECTORS_PER_THREAD];
+    float m[VECTORS_PER_THREAD], total[VECTORS_PER_THREAD];
     float4 acc[VECTORS_PER_THREAD];
 #pragma unroll
     for (int j = 0; j < VECTORS_PER_THREAD; ++j) {
       const int v = min(threadIdx.x + j * BLOCK_THREADS, VECTORS - 1);
-      head[j] = v / (HEAD_DIM / 4);
-      in[j] = reinterpret_cast<const float4*>(partial_o + tw_i64(first_head + head[j]) * num_chunks * HEAD_DIM) +
-              v % (HEAD_DIM / 4);
+      const int head = first_head + v / (HEAD_DIM / 4);
+      // L2 reads (__ldcg): the partials were written by other blocks.
+      lse_in[j] = partial_lse + tw_i64(head) * num_chunks;
+      in[j] = reinterpret_cast<const float4*>(partial_o + tw_i64(head) * num_chunks * HEAD_DIM) + v % (HEAD_DIM / 4);
+      m[j] = tw_neg_inf();
+      total[j] = 0.f;
       acc[j] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
     for (int k0 = 0; k0 < used; k0 += UNROLL) {
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const int k = k0 + u;
-        if (k < used) {
+      for (int j = 0; j < VECTORS_PER_THREAD; ++j) {
+        float chunk_lse[UNROLL];
+        float4 x[UNROLL];
 #pragma unroll
-          for (int j = 0; j < VECTORS_PER_THREAD; ++j) {
-            const float w = __expf(__ldcg(partial_lse + tw_i64(first_head + head[j]) * num_chunks + k) -
-                                   chunk_lse_max[head[j]]);
-            const float4 x = __ldcg(in[j] + tw_i64(k) * (HEAD_DIM / 4));
-            acc[j].x = fmaf(x.x, w, acc[j].x);
-            acc[j].y = fmaf(x.y, w, acc[j].y);
-            acc[j].z = fmaf(x.z, w, acc[j].z);
-            acc[j].w = fmaf(x.w, w, acc[j].w);
-          }
+        for (int u = 0; u < UNROLL; ++u) {
+          const int k = k0 + u;
+          chunk_lse[u] = k < used ? __ldcg(lse_in[j] + k) : tw_neg_inf();
+          x[u] = k < used ? __ldcg(in[j] + tw_i64(k) * (HEAD_DIM / 4)) : make_float4(0.f, 0.f, 0.f, 0.f);
         }
+        // Every chunk with tokens has a finite lse, so m_new is finite from the first round
+        // on, and chunks past `used` (lse -inf) weigh exactly 0.
+        float m_new = m[j];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) m_new = fmaxf(m_new, chunk_lse[u]);
+        const float rescale = __expf(m[j] - m_new);
+        total[j] *= rescale;
+        acc[j].x *= rescale;
+        acc[j].y *= rescale;
+        acc[j].z *= rescale;
+        acc[j].w *= rescale;
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+          const float w = __expf(chunk_lse[u] - m_new);
+          total[j] += w;
+          acc[j].x = fmaf(x[u].x, w, acc[j].x);
+          acc[j].y = fmaf(x[u].y, w, acc[j].y);
+          acc[j].z = fmaf(x[u].z, w, acc[j].z);
+          acc[j].w = fmaf(x[u].w, w, acc[j].w);
+        }
+        m[j] = m_new;
       }
     }
 #pragma unroll
@@ -108,13 +110,13 @@ struct tw_split_merge {
       const int v = threadIdx.x + j * BLOCK_THREADS;
       if (v >= VECTORS) continue;
       const int c = 4 * (v % (HEAD_DIM / 4));
-      const float total = chunk_weight_sum[head[j]];
-      const tw_i64 at = tw_i64(first_head + head[j]) * HEAD_DIM + c;
-      o[at] = tw_from_float<T>(acc[j].x / total);
-      o[at + 1] = tw_from_float<T>(acc[j].y / total);
-      o[at + 2] = tw_from_float<T>(acc[j].z / total);
-      o[at + 3] = tw_from_float<T>(acc[j].w / total);
-      if (c == 0) lse[first_head + head[j]] = chunk_lse_max[head[j]] + logf(total);
+      const int head = first_head + v / (HEAD_DIM / 4);
+      const tw_i64 at = tw_i64(head) * HEAD_DIM + c;
+      o[at] = tw_from_float<T>(acc[j].x / total[j]);
+      o[at + 1] = tw_from_float<T>(acc[j].y / total[j]);
+      o[at + 2] = tw_from_float<T>(acc[j].z / total[j]);
+      o[at + 3] = tw_from_float<T>(acc[j].w / total[j]);
+      if (c == 0) lse[head] = m[j] + logf(total[j]);
     }
   }
 
