@@ -46,16 +46,17 @@ struct tw_split_merge {
   // The merge of `used` chunks' partials of the group's heads (the first is `first_head`), in
   // one pass of L2 reads: each thread owns VECTORS_PER_THREAD 4-channel vectors of the output
   // and folds the chunks' (lse, o) into them with an online softmax, UNROLL chunks in flight at
-  // a time, so a short merge waits for one round of reads. (A pass over the
-  // lse first, for their max and sum, put two more rounds and a barrier on the step's path.)
+  // a time, so a short merge waits for one round of reads. (A pass over the lse first, for
+  // their max and sum, put two more rounds and a barrier on the step's path.)
   template <typename T, int BLOCK_THREADS>
   TW_DEVICE static void merge_chunks(T* __restrict__ o, float* __restrict__ lse, const float* __restrict__ partial_o,
                                      const float* __restrict__ partial_lse, int first_head, int used, int num_chunks) {
     constexpr int VECTORS = GROUP * HEAD_DIM / 4;
     constexpr int VECTORS_PER_THREAD = (VECTORS + BLOCK_THREADS - 1) / BLOCK_THREADS;
-    // About eight chunks' vectors in flight per thread: more vectors each, fewer chunks at a
-    // time. (Sixteen took head_dim 64's kernel from 80 to 97 registers, one block per SM.)
-    constexpr int UNROLL = VECTORS_PER_THREAD >= 4 ? 2 : 8 / VECTORS_PER_THREAD;
+    // Up to sixteen chunks' vectors in flight per thread: more vectors each, fewer chunks at a
+    // time. Eight at head_dim 64, where sixteen took the kernel from 80 to 97 registers (one
+    // block per SM); at head_dim 128 and up sixteen cost the tensor-core kernels no register.
+    constexpr int UNROLL = VECTORS_PER_THREAD >= 4 ? 2 : (HEAD_DIM >= 128 ? 16 : 8) / VECTORS_PER_THREAD;
     const float* lse_in[VECTORS_PER_THREAD];
     const float4* in[VECTORS_PER_THREAD];
     float m[VECTORS_PER_THREAD], total[VECTORS_PER_THREAD];
