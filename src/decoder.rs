@@ -8,7 +8,10 @@
 use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, CudaStream};
-use twilight_jit::{pipeline_of, Jit, LoadedProgram, Stage, Tiling, VariantSpec};
+use twilight_jit::{
+    pipeline_of, Jit, LoadedProgram, RegisterSelection, Stage, Tiling, VariantSpec,
+    MAX_SELECT_CLUSTER,
+};
 
 use crate::buffer::{DeviceRef, VECTOR_ALIGN};
 use crate::element::KvElement;
@@ -211,6 +214,8 @@ pub struct Decoder {
     /// Tiles in the smallest chunk of a kept list one attention block takes.
     sparse_chunk_tiles: usize,
     selection: SelectionKernel,
+    /// The largest cluster of CTAs a register selection spreads a row over.
+    selection_cluster: u32,
     /// Whether kernels of a block per row spread their blocks over the SMs.
     spread_rows: bool,
     /// Paddings that spread the blocks of the radix-pass selections and of the compaction.
@@ -320,6 +325,7 @@ impl Decoder {
             dense_waves: 1,
             sparse_chunk_tiles: DEFAULT_SPARSE_CHUNK_TILES,
             selection: SelectionKernel::default(),
+            selection_cluster: MAX_SELECT_CLUSTER,
             spread_rows: true,
             quest_select_spread,
             ds_select_spread,
@@ -408,6 +414,28 @@ impl Decoder {
 
     pub fn selection_kernel(&self) -> SelectionKernel {
         self.selection
+    }
+
+    /// The largest thread-block cluster a selection's register kernel spreads one row over:
+    /// 1, 2, 4 or 8 ([`MAX_SELECT_CLUSTER`], the default). Rows of more scores than one CTA
+    /// holds run on the fewest CTAs that hold them, if this limit allows that many (else the
+    /// step takes the radix passes); 1 keeps each row on one CTA. `bench sparse
+    /// --select-clusters` measures it.
+    ///
+    /// # Errors
+    /// [`Error::Parameter`] for any other size.
+    pub fn set_selection_cluster_limit(&mut self, limit: u32) -> Result<()> {
+        if !limit.is_power_of_two() || limit > MAX_SELECT_CLUSTER {
+            return Err(Error::Parameter(format!(
+                "the selection's cluster limit must be 1, 2, 4 or {MAX_SELECT_CLUSTER} CTAs, got {limit}"
+            )));
+        }
+        self.selection_cluster = limit;
+        Ok(())
+    }
+
+    pub fn selection_cluster_limit(&self) -> u32 {
+        self.selection_cluster
     }
 
     /// Whether the kernels that run a block per row (the radix-pass selections, and the
@@ -709,9 +737,10 @@ impl Decoder {
                 Stage::DsSelect => ds_padding,
                 _ => None,
             };
-            let stage = kernel_for(
+            let (stage, cluster) = kernel_for(
                 planned,
                 self.selection,
+                self.selection_cluster,
                 rows,
                 self.num_sms,
                 passes_padding.is_some(),
@@ -727,6 +756,7 @@ impl Decoder {
                     &step,
                     f,
                     tiling.quest_select_threads,
+                    1,
                     passes_padding,
                     workspace,
                 )?,
@@ -734,6 +764,7 @@ impl Decoder {
                     &step,
                     f,
                     tiling.quest_select_registers_threads,
+                    cluster,
                     None,
                     workspace,
                 )?,
@@ -742,6 +773,7 @@ impl Decoder {
                     &step,
                     f,
                     tiling.ds_select_threads,
+                    1,
                     passes_padding,
                     workspace,
                 )?,
@@ -749,6 +781,7 @@ impl Decoder {
                     &step,
                     f,
                     tiling.ds_select_registers_threads,
+                    cluster,
                     None,
                     workspace,
                 )?,
@@ -780,36 +813,56 @@ impl Decoder {
     }
 }
 
-/// The kernel a planned stage launches for this step. A selection's register kernel runs a
-/// block per SM: it takes a step of at most one row per SM whose longest row its register path
-/// holds (rows it does not hold it takes in passes), or, where the passes cannot be spread
-/// (`spreads`), any step of at most one row per SM. Every other step goes to the kernel of
-/// passes only, in small blocks, several per SM: with more rows than SMs the register kernel
-/// runs in waves (1024 rows of 512 pages in eight, v20; 1024 token rows of 32768 took 362 us
-/// against 284 in passes, v21), and the passes packed several to an SM under launch overlap put
-/// the headline's 64 rows on 18-25 SMs (v21; bench/PERF-NOTES.md).
+/// The kernel a planned stage launches for this step, and the CTAs per cluster it runs on. A
+/// selection's register kernel spreads each row over a cluster of as many CTAs as hold it, one
+/// CTA per SM ([`Tiling::quest_register_selection`]): it takes a step whose clusters fit the SMs in one
+/// wave and whose longest row its register path holds (rows it does not hold it takes in
+/// passes), or, where the passes cannot be spread (`spreads`), any step of at most one row per
+/// SM. Every other step goes to the kernel of passes only, in small blocks, several per SM:
+/// with more CTAs than SMs the register kernel runs in waves (1024 rows of 512 pages in eight,
+/// v20; 1024 token rows of 32768 took 362 us against 284 in passes, v21; 64 rows of 131072 on
+/// clusters of 8 took 236 us against 197, v24), and the passes packed several to an SM under
+/// launch overlap put the headline's 64 rows on 18-25 SMs (v21; bench/PERF-NOTES.md).
+#[allow(clippy::too_many_arguments)]
 fn kernel_for(
     planned: Stage,
     selection: SelectionKernel,
+    max_cluster: u32,
     rows: usize,
     num_sms: usize,
     spreads: bool,
     tiling: &Tiling,
     plan: &StepPlan,
-) -> Stage {
-    let in_registers = |holds_longest_row: bool| match selection {
-        SelectionKernel::Auto => rows <= num_sms && (holds_longest_row || !spreads),
+) -> (Stage, u32) {
+    let registers = match planned {
+        Stage::QuestSelect => (
+            Stage::QuestSelectInRegisters,
+            tiling.quest_register_selection(plan.max_pages, max_cluster),
+        ),
+        Stage::DsSelect => (
+            Stage::DsSelectInRegisters,
+            tiling.ds_register_selection(plan.max_tokens, max_cluster),
+        ),
+        _ => return (planned, 1),
+    };
+    let (
+        stage,
+        RegisterSelection {
+            cluster,
+            holds_longest_row,
+        },
+    ) = registers;
+    let in_registers = match selection {
+        SelectionKernel::Auto => {
+            rows * cluster as usize <= num_sms && (holds_longest_row || !spreads)
+        }
         SelectionKernel::RadixPasses => false,
         SelectionKernel::InRegisters => true,
     };
-    match planned {
-        Stage::QuestSelect if in_registers(tiling.quest_select_in_registers(plan.max_pages)) => {
-            Stage::QuestSelectInRegisters
-        }
-        Stage::DsSelect if in_registers(tiling.ds_select_in_registers(plan.max_tokens)) => {
-            Stage::DsSelectInRegisters
-        }
-        _ => planned,
+    if in_registers {
+        (stage, cluster)
+    } else {
+        (planned, 1)
     }
 }
 
@@ -1056,13 +1109,14 @@ mod tests {
     }
 
     #[test]
-    fn selections_take_their_register_kernels_for_one_wave_of_rows_they_hold() {
+    fn selections_take_their_register_kernels_for_one_wave_of_clusters_that_hold_the_rows() {
         let spec: VariantSpec = "ps16_hd128_f16_g4_hnd_quest_topp".parse().unwrap();
         let tiling = Tiling::for_spec(&spec);
-        let select = |planned, rows, pages, spreads| {
+        let select = |planned, max_cluster, rows, pages, spreads| {
             kernel_for(
                 planned,
                 SelectionKernel::Auto,
+                max_cluster,
                 rows,
                 132,
                 spreads,
@@ -1070,48 +1124,63 @@ mod tests {
                 &plan_of(pages),
             )
         };
-        let quest = |rows, pages, spreads| select(Stage::QuestSelect, rows, pages, spreads);
-        // The headline's 64 rows of 2048 pages and batch 1: passes spread over the SMs, or the
-        // register kernel (one wave of it) where they cannot be spread.
-        assert_eq!(quest(64, 2048, true), Stage::QuestSelect);
-        assert_eq!(quest(64, 2048, false), Stage::QuestSelectInRegisters);
-        assert_eq!(quest(132, 512, false), Stage::QuestSelectInRegisters);
-        // Rows of 8192 pages (128k tokens), which the register path holds: in registers while
-        // one wave of it takes them, else in passes.
-        assert_eq!(quest(64, 8192, true), Stage::QuestSelectInRegisters);
-        assert_eq!(quest(132, 8192, false), Stage::QuestSelectInRegisters);
-        assert_eq!(quest(256, 8192, true), Stage::QuestSelect);
-        assert_eq!(quest(1024, 8192, false), Stage::QuestSelect);
-        // More rows than SMs of any other length: the passes.
-        assert_eq!(quest(133, 512, false), Stage::QuestSelect);
-        assert_eq!(quest(1024, 2048, false), Stage::QuestSelect);
-        assert_eq!(quest(64, 8194, true), Stage::QuestSelect);
-        // Token rows: 32768 tokens in registers at one wave, 8192 and 131072 in passes.
-        let ds = |rows, pages, spreads| select(Stage::DsSelect, rows, pages, spreads);
-        assert_eq!(ds(64, 2048, true), Stage::DsSelectInRegisters);
-        assert_eq!(ds(64, 8192, true), Stage::DsSelect);
-        assert_eq!(ds(64, 8192, false), Stage::DsSelectInRegisters);
-        assert_eq!(ds(256, 2048, true), Stage::DsSelect);
-        assert_eq!(ds(1024, 2048, false), Stage::DsSelect);
-        assert_eq!(ds(1024, 512, false), Stage::DsSelect);
+        use Stage::{DsSelect, DsSelectInRegisters, QuestSelect, QuestSelectInRegisters};
+        let quest = |rows, pages, spreads| select(QuestSelect, 8, rows, pages, spreads);
+        // The headline's 64 rows of 2048 pages fill less than half a CTA: passes spread over
+        // the SMs, or one CTA per row of the register kernel where they cannot be spread.
+        assert_eq!(quest(64, 2048, true), (QuestSelect, 1));
+        assert_eq!(quest(64, 2048, false), (QuestSelectInRegisters, 1));
+        assert_eq!(quest(132, 512, false), (QuestSelectInRegisters, 1));
+        // Rows of 8192 pages (128k tokens): one CTA holds each, however few the rows.
+        assert_eq!(quest(64, 8192, true), (QuestSelectInRegisters, 1));
+        assert_eq!(quest(8, 8192, true), (QuestSelectInRegisters, 1));
+        assert_eq!(quest(132, 8192, true), (QuestSelectInRegisters, 1));
+        assert_eq!(quest(132, 8192, false), (QuestSelectInRegisters, 1));
+        assert_eq!(quest(133, 8192, true), (QuestSelect, 1));
+        // More CTAs than SMs: the passes.
+        assert_eq!(quest(256, 8192, true), (QuestSelect, 1));
+        assert_eq!(quest(1024, 8192, false), (QuestSelect, 1));
+        assert_eq!(quest(133, 512, false), (QuestSelect, 1));
+        assert_eq!(quest(1024, 2048, false), (QuestSelect, 1));
+        // The largest cluster holds 8 x 8192 scored pages, the last page besides.
+        assert_eq!(quest(16, 8 * 8192 + 1, true), (QuestSelectInRegisters, 8));
+        assert_eq!(quest(16, 8 * 8192 + 2, true), (QuestSelect, 1));
+        assert_eq!(quest(17, 8 * 8192, true), (QuestSelect, 1));
+        // Token rows (16 to a page, 16384 to a CTA).
+        let ds = |rows, pages, spreads| select(DsSelect, 8, rows, pages, spreads);
+        assert_eq!(ds(64, 2048, true), (DsSelectInRegisters, 2));
+        assert_eq!(ds(8, 2048, true), (DsSelectInRegisters, 2));
+        assert_eq!(ds(66, 2048, true), (DsSelectInRegisters, 2));
+        assert_eq!(ds(67, 2048, true), (DsSelect, 1));
+        assert_eq!(ds(16, 8192, true), (DsSelectInRegisters, 8));
+        assert_eq!(ds(64, 8192, true), (DsSelect, 1));
+        assert_eq!(ds(64, 8192, false), (DsSelect, 1));
+        assert_eq!(ds(16, 8193, true), (DsSelect, 1));
+        assert_eq!(ds(64, 512, true), (DsSelect, 1));
+        assert_eq!(ds(256, 2048, true), (DsSelect, 1));
+        assert_eq!(ds(1024, 512, false), (DsSelect, 1));
+        // A smaller cluster limit: rows a cluster of the limit cannot hold take the passes.
+        assert_eq!(select(DsSelect, 2, 8, 2048, true), (DsSelectInRegisters, 2));
+        assert_eq!(select(DsSelect, 1, 8, 2048, true), (DsSelect, 1));
+        assert_eq!(
+            select(DsSelect, 1, 8, 2048, false),
+            (DsSelectInRegisters, 1)
+        );
+        assert_eq!(
+            select(DsSelect, 1, 64, 1024, true),
+            (DsSelectInRegisters, 1)
+        );
         // Other stages are launched as planned.
         assert_eq!(
-            kernel_for(
-                Stage::Estimate,
-                SelectionKernel::Auto,
-                1024,
-                132,
-                false,
-                &tiling,
-                &plan_of(512)
-            ),
-            Stage::Estimate
+            select(Stage::Estimate, 8, 1024, 512, false),
+            (Stage::Estimate, 1)
         );
         // An explicit choice holds at any row count and length.
         let forced = |selection, planned, rows, pages| {
             kernel_for(
                 planned,
                 selection,
+                8,
                 rows,
                 132,
                 false,
@@ -1120,25 +1189,19 @@ mod tests {
             )
         };
         use SelectionKernel::{InRegisters, RadixPasses};
+        assert_eq!(forced(RadixPasses, QuestSelect, 64, 8192), (QuestSelect, 1));
+        assert_eq!(forced(RadixPasses, DsSelect, 8, 2048), (DsSelect, 1));
         assert_eq!(
-            forced(RadixPasses, Stage::QuestSelect, 64, 2048),
-            Stage::QuestSelect
+            forced(InRegisters, QuestSelect, 1024, 512),
+            (QuestSelectInRegisters, 1)
         );
         assert_eq!(
-            forced(RadixPasses, Stage::DsSelect, 8, 2048),
-            Stage::DsSelect
-        );
-        assert_eq!(
-            forced(InRegisters, Stage::QuestSelect, 1024, 512),
-            Stage::QuestSelectInRegisters
-        );
-        assert_eq!(
-            forced(InRegisters, Stage::DsSelect, 1024, 8192),
-            Stage::DsSelectInRegisters
+            forced(InRegisters, DsSelect, 1024, 8192),
+            (DsSelectInRegisters, 8)
         );
         assert_eq!(
             forced(RadixPasses, Stage::Estimate, 8, 512),
-            Stage::Estimate
+            (Stage::Estimate, 1)
         );
     }
 }

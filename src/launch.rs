@@ -35,6 +35,9 @@ pub(crate) struct Grid {
     /// Asks for the largest shared-memory carveout, so that an occupancy set by padding the
     /// dynamic shared memory ([`crate::spread`]) is the one the launch gets.
     pub max_shared_carveout: bool,
+    /// Blocks per thread-block cluster along `parts` (1: no clusters), for kernels compiled
+    /// without a cluster size of their own; `parts` is a multiple of it.
+    pub cluster: u32,
 }
 
 impl Grid {
@@ -59,6 +62,15 @@ impl Grid {
         }
     }
 
+    /// The same grid launched in clusters of `blocks` along `parts`.
+    pub fn with_cluster(self, blocks: u32) -> Grid {
+        debug_assert!(blocks >= 1 && self.parts.is_multiple_of(blocks));
+        Grid {
+            cluster: blocks,
+            ..self
+        }
+    }
+
     /// One block per row.
     pub fn rows(heads: usize, requests: usize, threads: u32) -> Grid {
         Grid::parts(1, heads, requests, threads)
@@ -73,6 +85,7 @@ impl Grid {
             threads,
             shared_bytes: 0,
             max_shared_carveout: false,
+            cluster: 1,
         }
     }
 
@@ -85,6 +98,7 @@ impl Grid {
             threads,
             shared_bytes: 0,
             max_shared_carveout: false,
+            cluster: 1,
         }
     }
 }
@@ -222,7 +236,7 @@ impl<'a> Launcher<'a> {
         self.stream.context().bind_to_thread().map_err(failed)?;
         // SAFETY: an all-zero attribute is a valid "ignore" entry; its id and value are set
         // before use.
-        let mut attributes: [sys::CUlaunchAttribute; 2] = unsafe { std::mem::zeroed() };
+        let mut attributes: [sys::CUlaunchAttribute; 3] = unsafe { std::mem::zeroed() };
         let mut used = 0;
         if self.overlap {
             let overlap = &mut attributes[used];
@@ -237,6 +251,14 @@ impl<'a> Launcher<'a> {
                 sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT;
             carveout.value.sharedMemCarveout =
                 sys::CUshared_carveout::CU_SHAREDMEM_CARVEOUT_MAX_SHARED as u32;
+            used += 1;
+        }
+        if grid.cluster > 1 {
+            let cluster = &mut attributes[used];
+            cluster.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION;
+            cluster.value.clusterDim.x = grid.cluster;
+            cluster.value.clusterDim.y = 1;
+            cluster.value.clusterDim.z = 1;
             used += 1;
         }
         let config = sys::CUlaunchConfig {

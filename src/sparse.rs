@@ -81,6 +81,14 @@ impl SparseDecoder {
         self.decoder.set_selection_kernel(kernel);
     }
 
+    /// See [`Decoder::set_selection_cluster_limit`].
+    ///
+    /// # Errors
+    /// See [`Decoder::set_selection_cluster_limit`].
+    pub fn set_selection_cluster_limit(&mut self, limit: u32) -> crate::Result<()> {
+        self.decoder.set_selection_cluster_limit(limit)
+    }
+
     /// See [`Decoder::set_spread_rows`].
     pub fn set_spread_rows(&mut self, on: bool) {
         self.decoder.set_spread_rows(on);

@@ -248,11 +248,13 @@ pub(crate) fn quest_score<T: KvElement>(
 }
 
 /// Quest's selection on `f`, either of its kernels ([`Stage::QuestSelect`] in passes or
-/// [`Stage::QuestSelectInRegisters`]) on its block of `threads`.
+/// [`Stage::QuestSelectInRegisters`]) on its block of `threads`, in clusters of
+/// `cluster` blocks per row (1 for the passes).
 pub(crate) fn quest_select<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
     threads: u32,
+    cluster: u32,
     padding: Option<u32>,
     ws: &mut Workspace,
 ) -> Result<()> {
@@ -268,9 +270,12 @@ pub(crate) fn quest_select<T: KvElement>(
         max_pages: s.plan.max_pages as i32,
         budget_pages: s.plan.budget_pages as i32,
     };
-    let grid = Grid::rows(s.num_kv_heads, s.batch, threads).with_padding(padding);
-    // SAFETY: `f` is `_quest_select` or `_quest_select_in_registers` on its block size;
-    // selected and selected_pages hold rows * budget_pages entries each (the workspace was
+    let grid = Grid::parts(cluster as usize, s.num_kv_heads, s.batch, threads)
+        .with_cluster(cluster)
+        .with_padding(padding);
+    // SAFETY: `f` is `_quest_select` or `_quest_select_in_registers` on its block size, in
+    // clusters of `cluster` blocks per row (the kernel reads the size); selected and
+    // selected_pages hold rows * budget_pages entries each (the workspace was
     // sized from the plan), the kernel writes at most budget_pages per row, and the table's
     // page list covers every request's pages.
     unsafe { l.launch(f, grid, params, "quest_select") }
@@ -310,11 +315,13 @@ pub(crate) fn ds_score<T: KvElement>(
 }
 
 /// Double Sparsity's selection on `f`, either of its kernels ([`Stage::DsSelect`] or
-/// [`Stage::DsSelectInRegisters`]) on its block of `threads`.
+/// [`Stage::DsSelectInRegisters`]) on its block of `threads`, in clusters of
+/// `cluster` blocks per row (1 for the passes).
 pub(crate) fn ds_select<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
     threads: u32,
+    cluster: u32,
     padding: Option<u32>,
     ws: &mut Workspace,
 ) -> Result<()> {
@@ -330,9 +337,11 @@ pub(crate) fn ds_select<T: KvElement>(
         budget: s.budget_tokens as i32,
         stride: s.plan.selected_stride as i32,
     };
-    let grid = Grid::rows(s.num_kv_heads, s.batch, threads).with_padding(padding);
-    // SAFETY: `f` is `_ds_select` or `_ds_select_in_registers` on its block size; selected
-    // holds rows * selected_stride entries and a row gets at most min(B0, its length) <=
+    let grid = Grid::parts(cluster as usize, s.num_kv_heads, s.batch, threads)
+        .with_cluster(cluster)
+        .with_padding(padding);
+    // SAFETY: `f` is `_ds_select` or `_ds_select_in_registers` on its block size, in clusters
+    // of `cluster` blocks per row (the kernel reads the size); selected holds rows * selected_stride entries and a row gets at most min(B0, its length) <=
     // selected_stride positions.
     unsafe { l.launch(f, grid, params, "ds_select") }
 }

@@ -321,8 +321,11 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     ][((seed + seed / 3) % 3) as usize];
     // And blocks of a kernel per row are spread over the SMs, or packed, in every other run.
     let spread_rows = (seed / 9).is_multiple_of(2);
+    // And the register selection's clusters are limited to 8 (the default; twice as often), 4,
+    // 2 or 1 CTAs per row.
+    let cluster_limit = [8, 8, 4, 2, 1][(seed % 5) as usize];
     let what = format!(
-        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap:?} fused prune {fused} attention {kernel:?} chunk tiles {chunk_tiles} selection {selection:?} spread rows {spread_rows}",
+        "{spec} B0 {} p {} kv_heads {} lens {:?} seed {seed} launch overlap {overlap:?} fused prune {fused} attention {kernel:?} chunk tiles {chunk_tiles} selection {selection:?} clusters of at most {cluster_limit} spread rows {spread_rows}",
         case.budget,
         case.p,
         case.num_kv_heads,
@@ -341,6 +344,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
     decoder.set_sparse_chunk_tiles(chunk_tiles);
     decoder.set_selection_kernel(selection);
     decoder.set_spread_rows(spread_rows);
+    decoder.set_selection_cluster_limit(cluster_limit).unwrap();
     let built = build::<T>(stream, &decoder, case, seed);
     let kv = HostKv {
         shape: built.step.shape,
@@ -691,10 +695,13 @@ fn gpu_sparse_step_every_p_on_one_long_batch() {
     }
 }
 
-/// Selections over long requests: Double Sparsity for each r (scores over many token blocks;
-/// rows past 32768 tokens, which the selection re-reads from global memory instead of keeping
-/// in registers), and Quest on pages of one token, inside and past the 8192 pages it keeps in
-/// registers.
+/// Selections over long requests: Double Sparsity for each r (scores over many token blocks),
+/// and Quest on pages of one token. The register kernels spread a row longer than half a CTA's
+/// share of scores (8192 pages, 16384 tokens) over a cluster of CTAs, as many as hold the
+/// step's longest row and as the SMs allow (up to the decoder's limit), and choose shorter rows
+/// in passes on the cluster's first CTA (see select.cuh). Under the default choice and limit the
+/// cases below meet clusters of 8, 4, 2 and 1 on a GPU of 132 SMs (the H200); `run_case` also
+/// forces either kernel and lower limits, and every case is checked against the reference.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_selection_over_long_requests() {
@@ -702,45 +709,37 @@ fn gpu_selection_over_long_requests() {
         return;
     };
     let seed = common::fresh_seed();
+    let ds = |channels| Selector::DoubleSparse { channels };
+    // (selector, page size, pruning, dtype, longest request, KV heads); 6 requests each.
     let rows = [
-        (
-            Selector::DoubleSparse { channels: 16 },
-            16,
-            Pruning::TopP,
-            Dtype::F16,
-            20_000,
-        ),
-        (
-            Selector::DoubleSparse { channels: 32 },
-            16,
-            Pruning::None,
-            Dtype::Bf16,
-            40_000,
-        ),
-        (
-            Selector::DoubleSparse { channels: 64 },
-            8,
-            Pruning::TopP,
-            Dtype::Bf16,
-            33_000,
-        ),
-        (Selector::Quest, 1, Pruning::TopP, Dtype::F16, 20_000),
-        (Selector::Quest, 1, Pruning::None, Dtype::Bf16, 7_000),
+        // 12 rows: clusters of 8.
+        (ds(16), 16, Pruning::TopP, Dtype::F16, 20_000, 2),
+        (ds(32), 16, Pruning::None, Dtype::Bf16, 40_000, 2),
+        (ds(64), 8, Pruning::TopP, Dtype::Bf16, 33_000, 2),
+        (Selector::Quest, 1, Pruning::TopP, Dtype::F16, 20_000, 2),
+        (Selector::Quest, 1, Pruning::None, Dtype::Bf16, 7_000, 2),
+        // 24 rows: clusters of 4; 48 rows: clusters of 2.
+        (ds(16), 16, Pruning::TopP, Dtype::Bf16, 30_000, 4),
+        (ds(32), 16, Pruning::TopP, Dtype::F16, 20_000, 8),
+        // 96 rows: one CTA per row where it holds the longest (16000 tokens); clusters of two
+        // for 12000 pages, in more than one wave where the register kernel is forced (else
+        // the passes).
+        (ds(32), 16, Pruning::TopP, Dtype::F16, 16_000, 16),
+        (Selector::Quest, 1, Pruning::TopP, Dtype::F16, 12_000, 16),
     ];
-    let spec_of = |(selector, page_size, pruning, dtype, _)| {
+    let spec_of = |(selector, page_size, pruning, dtype, _, _)| {
         spec(page_size, 128, dtype, 4, KvLayout::Hnd, selector, pruning)
     };
     common::warm_jit(&stream, rows.into_iter().map(spec_of));
     for (n, row) in rows.into_iter().enumerate() {
-        let longest = row.4;
+        let (longest, num_kv_heads) = (row.4, row.5);
         let case = Case {
             spec: spec_of(row),
-            // These 10 rows take the register kernels, whose register path holds Quest's rows
-            // of 4097 to 8192 pages (here 6000 and 7000) and token rows of 16385 to 32768
-            // (here 20000); they choose the other rows in passes (see select.cuh;
-            // `gpu_selection_over_more_rows_than_sms` covers the kernels of passes only).
-            lens: vec![longest, 333, 6000, 4097, 20],
-            num_kv_heads: 2,
+            // Rows in registers (token rows past 8192, page rows past 4096) beside rows in
+            // passes (`gpu_selection_over_more_rows_than_sms` covers the kernels of passes
+            // only).
+            lens: vec![longest, 333, 6000, 4097, 20, 9000],
+            num_kv_heads,
             budget: 2048,
             p: 0.9,
             key_scale: 2.0,
@@ -989,7 +988,22 @@ fn gpu_sparse_bad_parameters_are_errors() {
             "{bad:?}"
         );
     }
-    let decoder = SparseDecoder::new(stream.clone(), quest, ok).unwrap();
+    let mut decoder = SparseDecoder::new(stream.clone(), quest, ok).unwrap();
+    // A selection cluster is 1, 2, 4 or 8 CTAs.
+    for bad in [0, 3, 6, 16, u32::MAX] {
+        assert!(
+            matches!(
+                decoder.set_selection_cluster_limit(bad),
+                Err(twilight::Error::Parameter(_))
+            ),
+            "{bad}"
+        );
+    }
+    assert_eq!(decoder.decoder().selection_cluster_limit(), 8);
+    for good in [1, 2, 4, 8] {
+        decoder.set_selection_cluster_limit(good).unwrap();
+        assert_eq!(decoder.decoder().selection_cluster_limit(), good);
+    }
     // A cache without the variant's metadata is refused, for append and for a step.
     let step =
         SyntheticStep::random::<half::f16>(3, &[40], 1, 2, 16, 64, KvLayout::Hnd, 1.0).unwrap();

@@ -24,7 +24,10 @@ pub mod nvrtc;
 #[cfg(feature = "cuda")]
 pub mod store;
 
-pub use render::{pipeline_of, render, stages_of, RenderError, RenderedProgram, Stage, Tiling};
+pub use render::{
+    pipeline_of, render, stages_of, RegisterSelection, RenderError, RenderedProgram, Stage, Tiling,
+    MAX_SELECT_CLUSTER,
+};
 
 #[cfg(feature = "cuda")]
 pub use cache::{device_count, open_device, Jit, LoadedProgram, Origin};

@@ -27,17 +27,17 @@ pub enum Stage {
     /// Quest: the budget's best pages, plus the last page, in radix passes over the scores
     /// (small blocks, many rows at once).
     QuestSelect,
-    /// [`Stage::QuestSelect`] with every page score of a row in registers, one block per SM
-    /// (rows it does not hold take its passes); the decoder launches it in its place for the
-    /// rows that path holds ([`Tiling::quest_select_in_registers`]) and for steps of at most
-    /// one row per SM.
+    /// [`Stage::QuestSelect`] with every page score of a row in registers, spread over a
+    /// cluster of CTAs per row (rows it does not hold take its passes on one CTA); the decoder
+    /// launches it in its place for the rows that path holds and the steps whose clusters fit
+    /// the SMs ([`Tiling::quest_register_selection`]).
     QuestSelectInRegisters,
     /// Double Sparsity: q.k over the calibrated channels per token, from the label cache.
     DsScore,
     /// Double Sparsity: the budget's best tokens, plus the newest, in radix passes.
     DsSelect,
     /// [`Stage::DsSelect`] with every token score of a row in registers; launched in its
-    /// place as for [`Stage::QuestSelectInRegisters`] ([`Tiling::ds_select_in_registers`]).
+    /// place as for [`Stage::QuestSelectInRegisters`] ([`Tiling::ds_register_selection`]).
     DsSelectInRegisters,
     /// Top-p: estimated logits of the candidates from the 4-bit K.
     Estimate,
@@ -241,9 +241,11 @@ pub struct Tiling {
     pub quest_select_threads: u32,
     pub quest_select_min_blocks: u32,
     /// Quest's selection with page scores in registers ([`Stage::QuestSelectInRegisters`]):
-    /// its block and the scores each thread keeps. It takes rows of 4097 to 512 x 16 = 8192
-    /// pages (128k tokens at page 16); shorter rows were measured faster in passes (2048
-    /// pages; select.cuh's REGISTERS_FROM). 32 keys on 256 threads spilled.
+    /// its block and the scores each thread keeps, so 512 x 16 = 8192 pages per CTA (128k
+    /// tokens at page 16), on clusters of up to [`MAX_SELECT_CLUSTER`] CTAs per row
+    /// ([`Tiling::quest_register_selection`]). It takes rows of more than 4096 pages; shorter rows were
+    /// measured faster in passes (2048 pages; select.cuh's REGISTERS_FROM). 32 keys on 256
+    /// threads spilled.
     pub quest_select_registers_threads: u32,
     pub quest_select_keys: u32,
     /// The token selection in radix passes ([`Stage::DsSelect`]): its block, and the blocks
@@ -252,7 +254,9 @@ pub struct Tiling {
     pub ds_select_threads: u32,
     pub ds_select_min_blocks: u32,
     /// The token selection with scores in registers ([`Stage::DsSelectInRegisters`]): 512 x
-    /// 64 hold a 32k-token row; it takes rows of 16385 to 32768 tokens.
+    /// 32 = 16384 tokens per CTA, on clusters as Quest's; it takes rows of more than 8192
+    /// tokens. One CTA of 512 x 64 per 32k-token row spilled 100 bytes and counted on one
+    /// SM per row (v23).
     pub ds_select_registers_threads: u32,
     pub ds_select_keys: u32,
     pub estimate_threads: u32,
@@ -291,7 +295,7 @@ impl Tiling {
             ds_select_threads: 512,
             ds_select_min_blocks: 3,
             ds_select_registers_threads: 512,
-            ds_select_keys: 64,
+            ds_select_keys: 32,
             estimate_threads: 128,
             estimate_stages: if spec.head_dim >= 256 { 2 } else { 3 },
             threshold_threads: 512,
@@ -300,24 +304,30 @@ impl Tiling {
         }
     }
 
-    /// Whether the register path of [`Stage::QuestSelectInRegisters`] holds a row of
-    /// `max_pages` pages (rows it does not hold it chooses in passes, a block per SM).
-    pub fn quest_select_in_registers(&self, max_pages: usize) -> bool {
-        registers_take(
-            self.quest_select_registers_threads,
-            self.quest_select_keys,
-            max_pages,
-        )
+    /// How [`Stage::QuestSelectInRegisters`] would run a step whose rows hold at most
+    /// `max_pages` pages, in clusters of at most `max_cluster` CTAs.
+    pub fn quest_register_selection(
+        &self,
+        max_pages: usize,
+        max_cluster: u32,
+    ) -> RegisterSelection {
+        RegisterSelection::plan(self.quest_select_per_cta(), max_pages, max_cluster)
     }
 
-    /// As [`Tiling::quest_select_in_registers`], for Double Sparsity's rows of `max_tokens`
-    /// tokens.
-    pub fn ds_select_in_registers(&self, max_tokens: usize) -> bool {
-        registers_take(
-            self.ds_select_registers_threads,
-            self.ds_select_keys,
-            max_tokens,
-        )
+    /// As [`Tiling::quest_register_selection`], for Double Sparsity's rows of at most
+    /// `max_tokens` tokens.
+    pub fn ds_register_selection(&self, max_tokens: usize, max_cluster: u32) -> RegisterSelection {
+        RegisterSelection::plan(self.ds_select_per_cta(), max_tokens, max_cluster)
+    }
+
+    /// Page scores one CTA of [`Stage::QuestSelectInRegisters`] holds.
+    pub fn quest_select_per_cta(&self) -> usize {
+        self.quest_select_registers_threads as usize * self.quest_select_keys as usize
+    }
+
+    /// Token scores one CTA of [`Stage::DsSelectInRegisters`] holds.
+    pub fn ds_select_per_cta(&self) -> usize {
+        self.ds_select_registers_threads as usize * self.ds_select_keys as usize
     }
 
     /// Tokens one decode block consumes per iteration; split-KV chunks are multiples of it.
@@ -331,12 +341,43 @@ impl Tiling {
     }
 }
 
-/// select.cuh's rule (`tw_top_k`): a row of `items` items, the last always kept, takes the
-/// register path when its `items - 1` scored ones fill more than half of `threads * keys`.
-fn registers_take(threads: u32, keys: u32, items: usize) -> bool {
-    let capacity = threads as usize * keys as usize;
-    let scored = items.saturating_sub(1);
-    scored > capacity / 2 && scored <= capacity
+/// The largest cluster a register selection runs on (the portable cluster size).
+pub const MAX_SELECT_CLUSTER: u32 = 8;
+
+/// How a selection's register kernel runs a step: a cluster of `cluster` CTAs per row (the
+/// launch sets it; select.cuh spreads each row over its cluster), and whether its register
+/// path takes the step's longest row (select.cuh's rule, `tw_top_k`: a row whose scored items,
+/// all but the last, fill more than half of one CTA and fit the cluster; other rows it
+/// chooses in passes on the cluster's first CTA).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegisterSelection {
+    pub cluster: u32,
+    pub holds_longest_row: bool,
+}
+
+impl RegisterSelection {
+    /// For rows of at most `max_items` items, `per_cta` scores to a CTA and clusters of at most
+    /// `max_cluster` CTAs (a power of two, 1 to [`MAX_SELECT_CLUSTER`]): the fewest CTAs that
+    /// hold the longest row, a power of two (a cluster's CTAs share a GPC). Spreading a row
+    /// over more CTAs than it needs measured no faster: batch 1's 8 rows of 8192 pages took
+    /// 19.4 us on one CTA each, 20.6 on 4 and 26.9 on 8; of 32768 tokens 31.7 on 2, 29.6 on 4
+    /// and 31.6 on 8 (bench/PERF-NOTES.md, v24). A step whose longest row the path does not
+    /// take gets one CTA per row.
+    pub fn plan(per_cta: usize, max_items: usize, max_cluster: u32) -> RegisterSelection {
+        let max_cluster = max_cluster.clamp(1, MAX_SELECT_CLUSTER) as usize;
+        let scored = max_items.saturating_sub(1);
+        let needed = scored.div_ceil(per_cta.max(1)).max(1).next_power_of_two();
+        if scored <= per_cta / 2 || needed > max_cluster {
+            return RegisterSelection {
+                cluster: 1,
+                holds_longest_row: false,
+            };
+        }
+        RegisterSelection {
+            cluster: needed as u32,
+            holds_longest_row: true,
+        }
+    }
 }
 
 /// Two stages: with six warps per block a third one measured no faster at the headline and
@@ -590,16 +631,51 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_register_paths_hold_rows_of_half_to_all_of_their_capacity() {
+    fn the_register_paths_hold_rows_from_half_a_cta_to_the_largest_cluster() {
         let spec: VariantSpec = "ps16_hd128_f16_g4_hnd_quest_topp".parse().unwrap();
         let tiling = Tiling::for_spec(&spec);
-        // 512 threads x 16 keys: rows of 4097 to 8192 scored pages, the last page besides.
-        let quest = |pages| tiling.quest_select_in_registers(pages);
-        assert!(!quest(0) && !quest(1) && !quest(4097));
-        assert!(quest(4098) && quest(6000) && quest(8193));
-        assert!(!quest(8194) && !quest(20_000));
-        // 512 x 64: token rows of 16385 to 32768 scored tokens.
-        let tokens = |len| tiling.ds_select_in_registers(len);
-        assert!(!tokens(16_385) && tokens(16_386) && tokens(32_769) && !tokens(32_770));
+        // 512 threads x 16 keys a CTA, up to 8 CTAs: rows of 4097 to 65536 scored pages, the
+        // last page besides.
+        let quest = |pages, max_cluster| {
+            tiling
+                .quest_register_selection(pages, max_cluster)
+                .holds_longest_row
+        };
+        assert!(!quest(0, 8) && !quest(1, 8) && !quest(4097, 8));
+        assert!(quest(4098, 8) && quest(8193, 8) && quest(8194, 8) && quest(65_537, 8));
+        assert!(!quest(65_538, 8) && !quest(200_000, 8));
+        // Clusters of one CTA: the rows one CTA holds.
+        assert!(quest(8193, 1) && !quest(8194, 1) && quest(16_385, 2) && !quest(16_386, 2));
+        // 512 x 32 a CTA: token rows of 8193 to 131072 scored tokens.
+        let tokens = |len| {
+            tiling
+                .ds_register_selection(len, MAX_SELECT_CLUSTER)
+                .holds_longest_row
+        };
+        assert!(!tokens(8_193) && tokens(8_194) && tokens(32_769) && tokens(131_073));
+        assert!(!tokens(131_074));
+    }
+
+    #[test]
+    fn a_register_selection_takes_the_fewest_ctas_that_hold_the_longest_row() {
+        let cluster =
+            |items, max_cluster| RegisterSelection::plan(16_384, items, max_cluster).cluster;
+        // The headline's rows of 32768 tokens: two CTAs hold a row.
+        assert_eq!(cluster(32_768, 8), 2);
+        // One CTA holds 16384 scored items, two hold one more.
+        assert_eq!(cluster(16_385, 8), 1);
+        assert_eq!(cluster(16_386, 8), 2);
+        // A row of 3 CTAs' scores takes a cluster of 4; 8 at most.
+        assert_eq!(cluster(40_000, 8), 4);
+        assert_eq!(cluster(131_073, 8), 8);
+        // Rows the path does not take: one CTA each.
+        assert_eq!(cluster(8_193, 8), 1);
+        assert_eq!(cluster(131_074, 8), 1);
+        assert_eq!(cluster(0, 8), 1);
+        // A smaller largest cluster that still holds the row changes nothing; one that does not
+        // leaves the row to the passes.
+        assert_eq!(cluster(32_768, 2), 2);
+        assert!(!RegisterSelection::plan(16_384, 32_768, 1).holds_longest_row);
+        assert!(RegisterSelection::plan(16_384, 16_385, 1).holds_longest_row);
     }
 }

@@ -66,11 +66,31 @@ TW_DEVICE unsigned tw_cluster_rank() {
 #endif
   return rank;
 }
+// CTAs in this CTA's cluster: 1 for a launch without clusters.
+TW_DEVICE unsigned tw_cluster_size() {
+  unsigned size = 1;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(size));
+#endif
+  return size;
+}
 TW_DEVICE void tw_cluster_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 #else
   __syncthreads();
+#endif
+}
+// The two halves of tw_cluster_sync, for a CTA that must stay resident (its shared memory
+// readable by the others) until they are done, but has work of its own in between.
+TW_DEVICE void tw_cluster_arrive() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+TW_DEVICE void tw_cluster_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
 #endif
 }
 template <typename V>
@@ -86,5 +106,18 @@ TW_DEVICE V tw_cluster_load(const V* local, unsigned rank) {
   return value;
 #else
   return *local;
+#endif
+}
+// `local`'s twin in the shared memory of the cluster's CTA `rank`, as a generic pointer:
+// loads through it are ordinary loads, which the compiler may keep in flight together (each
+// tw_cluster_load waits for its own), ordered by the cluster barriers like any other.
+template <typename V>
+TW_DEVICE const V* tw_cluster_map(const V* local, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned long long remote;
+  asm("mapa.u64 %0, %1, %2;" : "=l"(remote) : "l"(reinterpret_cast<unsigned long long>(local)), "r"(rank));
+  return reinterpret_cast<const V*>(remote);
+#else
+  return local;
 #endif
 }

@@ -60,8 +60,8 @@ struct tw_double_sparse {
     }
   }
 
-  // Grid (1, kv heads, requests): the chosen token positions, ascending, in rows of
-  // `stride`, and their count (at most budget).
+  // Grid (cluster size, kv heads, requests), a cluster per row: the chosen token positions,
+  // ascending, in rows of `stride`, and their count (at most budget).
   template <int THREADS, int KEYS>
   TW_DEVICE static void select(const float* __restrict__ scores, const int* __restrict__ kv_indptr,
                                const int* __restrict__ kv_last_page_len, int* __restrict__ selected,

@@ -134,10 +134,10 @@ struct tw_quest {
     }
   }
 
-  // Grid (1, kv heads, requests): writes the selected page positions, ascending, their count
-  // (at most budget_pages) and the selected pages' ids in the pool, with blocks of
-  // SELECT_THREADS holding KEYS page scores per thread in registers (0: radix passes only;
-  // tw_top_k).
+  // Grid (cluster size, kv heads, requests), a cluster per row: writes the selected page
+  // positions, ascending, their count (at most budget_pages) and the selected pages' ids in
+  // the pool, with blocks of SELECT_THREADS holding KEYS page scores per thread in registers
+  // (0: radix passes only; tw_top_k).
   template <int SELECT_THREADS, int KEYS>
   TW_DEVICE static void select(const float* __restrict__ scores, const int* __restrict__ kv_indptr,
                                const int* __restrict__ kv_indices, int* __restrict__ selected,

@@ -53,6 +53,11 @@ pub struct SparseArgs {
     /// registers; see `Decoder::set_selection_kernel`).
     #[arg(long, value_delimiter = ',', value_parser = parse::selection_kernel)]
     selection_kernels: Vec<SelectionKernel>,
+    /// Also time the step with the selection's register kernel limited to clusters of at most
+    /// this many CTAs per row (comma-separated: 1, 2, 4, 8; see
+    /// `Decoder::set_selection_cluster_limit` for the default).
+    #[arg(long, value_delimiter = ',')]
+    select_clusters: Vec<u32>,
 }
 
 /// How each shape is measured.
@@ -66,6 +71,8 @@ pub struct Method {
     pub chunk_tiles: Vec<usize>,
     /// Selection kernels to time the step with besides the default's choice.
     pub selection_kernels: Vec<SelectionKernel>,
+    /// Largest selection clusters to time the step with besides the default's.
+    pub select_clusters: Vec<u32>,
 }
 
 pub fn run(args: SparseArgs) -> CliResult {
@@ -79,6 +86,7 @@ pub fn run(args: SparseArgs) -> CliResult {
         iters: s.iters,
         chunk_tiles: args.chunk_tiles.clone(),
         selection_kernels: args.selection_kernels.clone(),
+        select_clusters: args.select_clusters.clone(),
     };
     let stream = graph_ready_stream()?;
     let tools = BenchKernels::new(&stream)?;
@@ -411,6 +419,12 @@ fn measure_selector<T: KvElement>(
         chosen.set_selection_kernel(kernel);
         let (t, g, stage) = time_variant(&chosen, &|s| s.is_selection())?;
         selection_kernels.push((format!("{kernel:?}"), t, g, stage));
+    }
+    for &limit in &method.select_clusters {
+        let mut limited = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
+        limited.set_selection_cluster_limit(limit)?;
+        let (t, g, stage) = time_variant(&limited, &|s| s.is_selection())?;
+        selection_kernels.push((format!("clusters of at most {limit}"), t, g, stage));
     }
 
     // Kept budgets of the last step on cache 0.
