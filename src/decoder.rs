@@ -815,14 +815,18 @@ impl Decoder {
 
 /// The kernel a planned stage launches for this step, and the CTAs per cluster it runs on. A
 /// selection's register kernel spreads each row over a cluster of as many CTAs as hold it, one
-/// CTA per SM ([`Tiling::quest_register_selection`]): it takes a step whose clusters fit the SMs in one
-/// wave and whose longest row its register path holds (rows it does not hold it takes in
-/// passes), or, where the passes cannot be spread (`spreads`), any step of at most one row per
-/// SM. Every other step goes to the kernel of passes only, in small blocks, several per SM:
-/// with more CTAs than SMs the register kernel runs in waves (1024 rows of 512 pages in eight,
-/// v20; 1024 token rows of 32768 took 362 us against 284 in passes, v21; 64 rows of 131072 on
-/// clusters of 8 took 236 us against 197, v24), and the passes packed several to an SM under
-/// launch overlap put the headline's 64 rows on 18-25 SMs (v21; bench/PERF-NOTES.md).
+/// CTA per SM ([`Tiling::quest_register_selection`]): it takes a step whose clusters fit the
+/// SMs in one wave and whose longest row its register path holds (rows it does not hold it
+/// takes in passes), or, where the passes cannot be spread (`spreads`), any step of at most one
+/// row per SM. Rows that need the largest cluster (more scores than four CTAs hold) take it in
+/// up to two waves: their passes are slow (8 selection passes over half a megabyte a row), and
+/// 32 rows of 131072 tokens on clusters of 8 took 132.5 us against 184.7 in passes (v24).
+/// Every other step goes to the kernel of passes only, in small blocks, several per SM: with
+/// more waves the register kernel loses (1024 rows of 512 pages in eight, v20; 1024 token rows
+/// of 32768 took 362 us against 284 in passes, v21; 256 rows of 32768 on clusters of 2, four
+/// waves, 116 against 89, and 64 rows of 131072 on clusters of 8, four waves, 236 against 197,
+/// v24), and the passes packed several to an SM under launch overlap put the headline's 64
+/// rows on 18-25 SMs (v21; bench/PERF-NOTES.md).
 #[allow(clippy::too_many_arguments)]
 fn kernel_for(
     planned: Stage,
@@ -854,7 +858,9 @@ fn kernel_for(
     ) = registers;
     let in_registers = match selection {
         SelectionKernel::Auto => {
-            rows * cluster as usize <= num_sms && (holds_longest_row || !spreads)
+            let ctas = rows * cluster as usize;
+            let waves = if cluster >= MAX_SELECT_CLUSTER { 2 } else { 1 };
+            (holds_longest_row && ctas <= waves * num_sms) || (!spreads && ctas <= num_sms)
         }
         SelectionKernel::RadixPasses => false,
         SelectionKernel::InRegisters => true,
@@ -1109,7 +1115,7 @@ mod tests {
     }
 
     #[test]
-    fn selections_take_their_register_kernels_for_one_wave_of_clusters_that_hold_the_rows() {
+    fn selections_take_their_register_kernels_where_clusters_that_hold_the_rows_fit_the_sms() {
         let spec: VariantSpec = "ps16_hd128_f16_g4_hnd_quest_topp".parse().unwrap();
         let tiling = Tiling::for_spec(&spec);
         let select = |planned, max_cluster, rows, pages, spreads| {
@@ -1145,7 +1151,10 @@ mod tests {
         // The largest cluster holds 8 x 8192 scored pages, the last page besides.
         assert_eq!(quest(16, 8 * 8192 + 1, true), (QuestSelectInRegisters, 8));
         assert_eq!(quest(16, 8 * 8192 + 2, true), (QuestSelect, 1));
-        assert_eq!(quest(17, 8 * 8192, true), (QuestSelect, 1));
+        // Rows that need clusters of 8 take them in up to two waves; others in one.
+        assert_eq!(quest(33, 8 * 8192, true), (QuestSelectInRegisters, 8));
+        assert_eq!(quest(34, 8 * 8192, true), (QuestSelect, 1));
+        assert_eq!(quest(34, 8 * 8192, false), (QuestSelect, 1));
         // Token rows (16 to a page, 16384 to a CTA).
         let ds = |rows, pages, spreads| select(DsSelect, 8, rows, pages, spreads);
         assert_eq!(ds(64, 2048, true), (DsSelectInRegisters, 2));
@@ -1153,6 +1162,11 @@ mod tests {
         assert_eq!(ds(66, 2048, true), (DsSelectInRegisters, 2));
         assert_eq!(ds(67, 2048, true), (DsSelect, 1));
         assert_eq!(ds(16, 8192, true), (DsSelectInRegisters, 8));
+        assert_eq!(ds(32, 8192, true), (DsSelectInRegisters, 8));
+        assert_eq!(ds(33, 8192, false), (DsSelectInRegisters, 8));
+        assert_eq!(ds(34, 8192, true), (DsSelect, 1));
+        assert_eq!(ds(33, 4096, true), (DsSelectInRegisters, 4));
+        assert_eq!(ds(34, 4096, true), (DsSelect, 1));
         assert_eq!(ds(64, 8192, true), (DsSelect, 1));
         assert_eq!(ds(64, 8192, false), (DsSelect, 1));
         assert_eq!(ds(16, 8193, true), (DsSelect, 1));

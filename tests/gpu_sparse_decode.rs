@@ -697,11 +697,11 @@ fn gpu_sparse_step_every_p_on_one_long_batch() {
 
 /// Selections over long requests: Double Sparsity for each r (scores over many token blocks),
 /// and Quest on pages of one token. The register kernels spread a row longer than half a CTA's
-/// share of scores (8192 pages, 16384 tokens) over a cluster of CTAs, as many as hold the
-/// step's longest row and as the SMs allow (up to the decoder's limit), and choose shorter rows
-/// in passes on the cluster's first CTA (see select.cuh). Under the default choice and limit the
-/// cases below meet clusters of 8, 4, 2 and 1 on a GPU of 132 SMs (the H200); `run_case` also
-/// forces either kernel and lower limits, and every case is checked against the reference.
+/// share of scores (8192 pages, 16384 tokens) over a cluster of the fewest CTAs that hold the
+/// step's longest row (up to the decoder's limit), and choose shorter rows in passes on the
+/// cluster's first CTA (see select.cuh). Under the default choice and limit the cases below
+/// meet clusters of 8, 4, 2 and 1 on a GPU of 132 SMs (the H200); `run_case` also forces
+/// either kernel and lower limits, and every case is checked against the reference.
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_selection_over_long_requests() {
@@ -712,13 +712,16 @@ fn gpu_selection_over_long_requests() {
     let ds = |channels| Selector::DoubleSparse { channels };
     // (selector, page size, pruning, dtype, longest request, KV heads); 6 requests each.
     let rows = [
-        // 12 rows: clusters of 8.
+        // 12 rows: clusters of 8 (70000 tokens, 60000 pages), 4 (40000 and 33000 tokens,
+        // 20000 pages), 2 (20000 tokens) and 1 (7000 pages).
+        (ds(32), 16, Pruning::TopP, Dtype::F16, 70_000, 2),
+        (Selector::Quest, 1, Pruning::TopP, Dtype::Bf16, 60_000, 2),
         (ds(16), 16, Pruning::TopP, Dtype::F16, 20_000, 2),
         (ds(32), 16, Pruning::None, Dtype::Bf16, 40_000, 2),
         (ds(64), 8, Pruning::TopP, Dtype::Bf16, 33_000, 2),
         (Selector::Quest, 1, Pruning::TopP, Dtype::F16, 20_000, 2),
         (Selector::Quest, 1, Pruning::None, Dtype::Bf16, 7_000, 2),
-        // 24 rows: clusters of 4; 48 rows: clusters of 2.
+        // 24 and 48 rows: clusters of 2.
         (ds(16), 16, Pruning::TopP, Dtype::Bf16, 30_000, 4),
         (ds(32), 16, Pruning::TopP, Dtype::F16, 20_000, 8),
         // 96 rows: one CTA per row where it holds the longest (16000 tokens); clusters of two
