@@ -216,6 +216,8 @@ pub struct Decoder {
     selection: SelectionKernel,
     /// The largest cluster of CTAs a register selection spreads a row over.
     selection_cluster: u32,
+    /// Whether the device launches thread-block clusters (sm_90 and later).
+    launches_clusters: bool,
     /// Whether kernels of a block per row spread their blocks over the SMs.
     spread_rows: bool,
     /// Paddings that spread the blocks of the radix-pass selections and of the compaction.
@@ -325,7 +327,8 @@ impl Decoder {
             dense_waves: 1,
             sparse_chunk_tiles: DEFAULT_SPARSE_CHUNK_TILES,
             selection: SelectionKernel::default(),
-            selection_cluster: MAX_SELECT_CLUSTER,
+            selection_cluster: if major >= 9 { MAX_SELECT_CLUSTER } else { 1 },
+            launches_clusters: major >= 9,
             spread_rows: true,
             quest_select_spread,
             ds_select_spread,
@@ -417,20 +420,16 @@ impl Decoder {
     }
 
     /// The largest thread-block cluster a selection's register kernel spreads one row over:
-    /// 1, 2, 4 or 8 ([`MAX_SELECT_CLUSTER`], the default). Rows of more scores than one CTA
-    /// holds run on the fewest CTAs that hold them, if this limit allows that many (else the
-    /// step takes the radix passes); 1 keeps each row on one CTA. `bench sparse
-    /// --select-clusters` measures it.
+    /// 1, 2, 4 or 8 ([`MAX_SELECT_CLUSTER`], the default on sm_90 and later; 1 before, which
+    /// has no clusters). Rows of more scores than one CTA holds run on the fewest CTAs that
+    /// hold them, if this limit allows that many (else the step takes the radix passes); 1
+    /// keeps each row on one CTA. `bench sparse --select-clusters` measures it.
     ///
     /// # Errors
-    /// [`Error::Parameter`] for any other size.
+    /// [`Error::Parameter`] for any other size, and for a limit above 1 on a device before
+    /// sm_90.
     pub fn set_selection_cluster_limit(&mut self, limit: u32) -> Result<()> {
-        if !limit.is_power_of_two() || limit > MAX_SELECT_CLUSTER {
-            return Err(Error::Parameter(format!(
-                "the selection's cluster limit must be 1, 2, 4 or {MAX_SELECT_CLUSTER} CTAs, got {limit}"
-            )));
-        }
-        self.selection_cluster = limit;
+        self.selection_cluster = checked_cluster_limit(limit, self.launches_clusters)?;
         Ok(())
     }
 
@@ -813,6 +812,21 @@ impl Decoder {
     }
 }
 
+/// `limit` as a selection's cluster limit on a device that does or does not launch clusters.
+fn checked_cluster_limit(limit: u32, launches_clusters: bool) -> Result<u32> {
+    if !limit.is_power_of_two() || limit > MAX_SELECT_CLUSTER {
+        return Err(Error::Parameter(format!(
+            "the selection's cluster limit must be 1, 2, 4 or {MAX_SELECT_CLUSTER} CTAs, got {limit}"
+        )));
+    }
+    if limit > 1 && !launches_clusters {
+        return Err(Error::Parameter(format!(
+            "a selection cluster of {limit} CTAs needs thread-block clusters (sm_90 and later); this device has none, so the limit is 1"
+        )));
+    }
+    Ok(limit)
+}
+
 /// The kernel a planned stage launches for this step, and the CTAs per cluster it runs on. A
 /// selection's register kernel spreads each row over a cluster of as many CTAs as hold it, one
 /// CTA per SM ([`Tiling::quest_register_selection`]): it takes a step whose clusters fit the
@@ -1111,6 +1125,24 @@ mod tests {
             max_cands: 8192,
             chunk_tokens: 96,
             num_chunks: 2,
+        }
+    }
+
+    #[test]
+    fn cluster_limits_are_powers_of_two_up_to_eight_and_need_clusters_above_one() {
+        for limit in [1, 2, 4, 8] {
+            assert_eq!(checked_cluster_limit(limit, true).unwrap(), limit);
+        }
+        assert_eq!(checked_cluster_limit(1, false).unwrap(), 1);
+        for limit in [0, 3, 6, 16, u32::MAX] {
+            assert!(matches!(
+                checked_cluster_limit(limit, true),
+                Err(Error::Parameter(_))
+            ));
+        }
+        for limit in [2, 4, 8] {
+            let err = checked_cluster_limit(limit, false).unwrap_err();
+            assert!(err.to_string().contains("sm_90"), "{err}");
         }
     }
 
