@@ -852,7 +852,13 @@ fn kernel_for(
     tiling: &Tiling,
     plan: &StepPlan,
 ) -> (Stage, u32) {
-    let registers = match planned {
+    let (
+        stage,
+        RegisterSelection {
+            cluster,
+            holds_longest_row,
+        },
+    ) = match planned {
         Stage::QuestSelect => (
             Stage::QuestSelectInRegisters,
             tiling.quest_register_selection(plan.max_pages, max_cluster),
@@ -863,13 +869,6 @@ fn kernel_for(
         ),
         _ => return (planned, 1),
     };
-    let (
-        stage,
-        RegisterSelection {
-            cluster,
-            holds_longest_row,
-        },
-    ) = registers;
     let in_registers = match selection {
         SelectionKernel::Auto => {
             let ctas = rows * cluster as usize;

@@ -341,7 +341,8 @@ pub(crate) fn ds_select<T: KvElement>(
         .with_cluster(cluster)
         .with_padding(padding);
     // SAFETY: `f` is `_ds_select` or `_ds_select_in_registers` on its block size, in clusters
-    // of `cluster` blocks per row (the kernel reads the size); selected holds rows * selected_stride entries and a row gets at most min(B0, its length) <=
+    // of `cluster` blocks per row (the kernel reads the size); selected holds
+    // rows * selected_stride entries and a row gets at most min(B0, its length) <=
     // selected_stride positions.
     unsafe { l.launch(f, grid, params, "ds_select") }
 }

@@ -243,9 +243,9 @@ pub struct Tiling {
     /// Quest's selection with page scores in registers ([`Stage::QuestSelectInRegisters`]):
     /// its block and the scores each thread keeps, so 512 x 16 = 8192 pages per CTA (128k
     /// tokens at page 16), on clusters of up to [`MAX_SELECT_CLUSTER`] CTAs per row
-    /// ([`Tiling::quest_register_selection`]). It takes rows of more than 4096 pages; shorter rows were
-    /// measured faster in passes (2048 pages; select.cuh's REGISTERS_FROM). 32 keys on 256
-    /// threads spilled.
+    /// ([`Tiling::quest_register_selection`]). It takes rows of more than 4096 pages;
+    /// shorter rows were measured faster in passes (2048 pages; select.cuh's
+    /// REGISTERS_FROM). 32 keys on 256 threads spilled.
     pub quest_select_registers_threads: u32,
     pub quest_select_keys: u32,
     /// The token selection in radix passes ([`Stage::DsSelect`]): its block, and the blocks
@@ -255,8 +255,8 @@ pub struct Tiling {
     pub ds_select_min_blocks: u32,
     /// The token selection with scores in registers ([`Stage::DsSelectInRegisters`]): 512 x
     /// 32 = 16384 tokens per CTA, on clusters as Quest's; it takes rows of more than 8192
-    /// tokens. One CTA of 512 x 64 per 32k-token row spilled 100 bytes and counted on one
-    /// SM per row (v23).
+    /// tokens. One CTA of 512 x 64 per 32k-token row (v23) needed 96 bytes of stack and
+    /// counted on one SM per row (bench/PERF-NOTES.md, v24).
     pub ds_select_registers_threads: u32,
     pub ds_select_keys: u32,
     pub estimate_threads: u32,
