@@ -731,6 +731,9 @@ impl Decoder {
         let ds_padding = spread(&self.ds_select_spread);
         let compact_padding = spread(&self.compact_spread);
         for &planned in self.stages_for(rows) {
+            if plan.selects_everything && planned.is_selector() {
+                continue;
+            }
             let passes_padding = match planned {
                 Stage::QuestSelect => quest_padding,
                 Stage::DsSelect => ds_padding,
@@ -1124,6 +1127,7 @@ mod tests {
             max_cands: 8192,
             chunk_tokens: 96,
             num_chunks: 2,
+            selects_everything: false,
         }
     }
 

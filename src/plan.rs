@@ -131,6 +131,12 @@ pub struct StepPlan {
     /// [`SplitPlan`]'s chunk), and the blocks per (request, KV head).
     pub chunk_tokens: usize,
     pub num_chunks: usize,
+    /// Whether every request fits the budget, so the base selector would choose all of each
+    /// (Quest: B0 covers the longest request's pages; Double Sparsity: its tokens). The step
+    /// then launches neither the selector's scoring nor its top-k, and the pruner reads every
+    /// token of each request as its candidates, in the same order the selection would have
+    /// written them.
+    pub selects_everything: bool,
 }
 
 /// How the attention kernel of a step fills the device: its tile (chunks are whole tiles) and
@@ -168,6 +174,11 @@ impl StepPlan {
         // A budget beyond the longest request selects every page either way.
         let budget_pages = budget.div_ceil(page_size).clamp(1, max_pages);
         let max_tokens = max_pages * page_size;
+        let selects_everything = match spec.selector {
+            Selector::Quest => budget.div_ceil(page_size) >= max_pages,
+            Selector::DoubleSparse { .. } => budget >= max_len,
+            Selector::Full => false,
+        };
         let (max_cands, selected_stride) = match spec.selector {
             Selector::Quest => (budget_pages * page_size, budget_pages),
             Selector::DoubleSparse { .. } => {
@@ -203,6 +214,7 @@ impl StepPlan {
             max_cands,
             chunk_tokens,
             num_chunks,
+            selects_everything,
         }
     }
 
@@ -331,6 +343,34 @@ mod tests {
             StepPlan::new(&dense, 0, fill(32), 64, 32768).split(),
             SplitPlan::new(32, 132, 64, 32768)
         );
+    }
+
+    #[test]
+    fn steps_whose_requests_fit_the_budget_select_everything() {
+        let spec = |selector| VariantSpec {
+            selector,
+            pruning: Pruning::TopP,
+            ..VariantSpec::dense(16, 128, Dtype::F16, 4, KvLayout::Hnd)
+        };
+        let quest = spec(Selector::Quest);
+        let ds = spec(Selector::DoubleSparse { channels: 32 });
+        let everything = |spec: &VariantSpec, budget, max_len| {
+            StepPlan::new(spec, budget, fill(32), 64, max_len).selects_everything
+        };
+        // Quest chooses whole pages: B0 covers a request when its pages are at most
+        // ceil(B0 / page_size), so 8177 tokens of budget cover 8192 (512 pages each).
+        assert!(everything(&quest, 8192, 8192));
+        assert!(everything(&quest, 8177, 8192));
+        assert!(everything(&quest, usize::MAX, 100));
+        assert!(!everything(&quest, 8176, 8192));
+        assert!(!everything(&quest, 8192, 8193));
+        // Double Sparsity chooses tokens.
+        assert!(everything(&ds, 8192, 8192));
+        assert!(!everything(&ds, 8191, 8192));
+        assert!(!everything(&ds, 1, 2));
+        assert!(everything(&ds, 1, 1));
+        // `full` has no selector to skip.
+        assert!(!everything(&spec(Selector::Full), usize::MAX, 16));
     }
 
     /// Every candidate list fits its row, every kept token is covered by a chunk, and chunks

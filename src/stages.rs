@@ -140,19 +140,28 @@ pub(crate) fn function<'p>(
 }
 
 /// The selector's choice as the candidate stages read it: positions, counts and, for Quest,
-/// page ids (null where the selector has none).
+/// page ids (null where the selector has none, and where the step launched no selection
+/// because every request fits the budget: the kernels then take every token).
 struct Selection {
     selected: ConstPtr<i32>,
     selected_count: ConstPtr<i32>,
     selected_pages: ConstPtr<i32>,
 }
 
-fn selection<'a>(
+fn selection<'a, T>(
+    s: &Step<'_, T>,
     l: &mut Launcher<'a>,
     selected: &'a Option<CudaSlice<i32>>,
     selected_count: &'a Option<CudaSlice<i32>>,
     selected_pages: &'a Option<CudaSlice<i32>>,
 ) -> Selection {
+    if s.plan.selects_everything {
+        return Selection {
+            selected: ConstPtr::NULL,
+            selected_count: ConstPtr::NULL,
+            selected_pages: ConstPtr::NULL,
+        };
+    }
     let (selected, selected_count) = match (selected, selected_count) {
         (Some(a), Some(b)) => (l.read(a), l.read(b)),
         _ => (ConstPtr::NULL, ConstPtr::NULL),
@@ -357,7 +366,13 @@ pub(crate) fn estimate<T: KvElement>(
         return Err(missing(s.spec, "4-bit K"));
     };
     let mut l = Launcher::new(s.stream, s.overlap);
-    let sel = selection(&mut l, &ws.selected, &ws.selected_count, &ws.selected_pages);
+    let sel = selection(
+        s,
+        &mut l,
+        &ws.selected,
+        &ws.selected_count,
+        &ws.selected_pages,
+    );
     let params = candidate_params!(EstimateParams, s, l, sel, {
         q: l.read_ref_elem(s.q),
         k_q4: l.read(codes),
@@ -383,7 +398,13 @@ pub(crate) fn threshold<T: KvElement>(
     ws: &mut Workspace,
 ) -> Result<()> {
     let mut l = Launcher::new(s.stream, s.overlap);
-    let sel = selection(&mut l, &ws.selected, &ws.selected_count, &ws.selected_pages);
+    let sel = selection(
+        s,
+        &mut l,
+        &ws.selected,
+        &ws.selected_count,
+        &ws.selected_pages,
+    );
     let params = candidate_params!(ThresholdParams, s, l, sel, {
         logits: l.read(ensured_ref(&ws.logits, "logits")?),
         stats: l.write(ensured(&mut ws.stats, "top-p thresholds")?),
@@ -404,7 +425,13 @@ pub(crate) fn threshold_compact<T: KvElement>(
     kept: &mut DeviceMut<'_, i32>,
 ) -> Result<()> {
     let mut l = Launcher::new(s.stream, s.overlap);
-    let sel = selection(&mut l, &ws.selected, &ws.selected_count, &ws.selected_pages);
+    let sel = selection(
+        s,
+        &mut l,
+        &ws.selected,
+        &ws.selected_count,
+        &ws.selected_pages,
+    );
     let params = candidate_params!(ThresholdCompactParams, s, l, sel, {
         logits: l.read(ensured_ref(&ws.logits, "logits")?),
         stats: l.write(ensured(&mut ws.stats, "top-p thresholds")?),
@@ -431,7 +458,13 @@ pub(crate) fn compact<T: KvElement>(
     kept: &mut DeviceMut<'_, i32>,
 ) -> Result<()> {
     let mut l = Launcher::new(s.stream, s.overlap);
-    let sel = selection(&mut l, &ws.selected, &ws.selected_count, &ws.selected_pages);
+    let sel = selection(
+        s,
+        &mut l,
+        &ws.selected,
+        &ws.selected_count,
+        &ws.selected_pages,
+    );
     // Without pruning the kernel keeps every candidate and reads no logits.
     let (logits, stats) = match (&ws.logits, &ws.stats) {
         (Some(logits), Some(stats)) if s.spec.pruning == twilight_jit::Pruning::TopP => {

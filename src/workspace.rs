@@ -24,6 +24,9 @@ pub struct Workspace {
     pub(crate) partial_o: Option<CudaSlice<f32>>,
     pub(crate) partial_lse: Option<CudaSlice<f32>>,
     pub(crate) done: Option<CudaSlice<i32>>,
+    /// Whether the last step launched its selector (a step whose every request fits the
+    /// budget takes every token without one, and leaves `selected` as it was).
+    pub(crate) selection_written: bool,
 }
 
 /// The workspace of a sparse step (one type serves every variant).
@@ -44,6 +47,7 @@ impl Workspace {
         num_kv_heads: usize,
     ) -> Result<()> {
         let n = WorkspaceSizes::new(spec, plan, batch, num_kv_heads)?;
+        self.selection_written = !plan.selects_everything;
         ensure_some(stream, &mut self.scores, n.scores, "selector scores")?;
         ensure_some(stream, &mut self.selected, n.selected, "selected positions")?;
         ensure_some(
@@ -68,14 +72,16 @@ impl Workspace {
 
     /// The selector's choice in the last step, copied to the host: positions, ascending, in
     /// rows of [`StepPlan::selected_stride`] (page positions for `quest`, token positions for
-    /// `double_sparse`), and their count per (request, KV head). `None` for `full`. For tests
-    /// and diagnostics; it synchronizes.
+    /// `double_sparse`), and their count per (request, KV head). `None` for `full`, and after a
+    /// step whose every request fits the budget ([`StepPlan::selects_everything`]): that step
+    /// launched no selection and took every page or token. For tests and diagnostics; it
+    /// synchronizes.
     ///
     /// # Errors
     /// A failed copy.
     pub fn selection(&self, stream: &Arc<CudaStream>) -> Result<Option<(Vec<i32>, Vec<i32>)>> {
         match (&self.selected, &self.selected_count) {
-            (Some(sel), Some(count)) => Ok(Some((
+            (Some(sel), Some(count)) if self.selection_written => Ok(Some((
                 stream
                     .clone_dtoh(sel)
                     .map_err(|e| Error::driver("downloading selected pages", e))?,

@@ -355,15 +355,37 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
 
     let mut out = poisoned_output(stream, &decoder, &built);
     let mut ws = SparseWorkspace::default();
+    let mut launched = Vec::new();
     decoder
-        .run_into(
+        .run_instrumented(
             &built.cache_q(stream),
             &built.cache,
             &built.table,
             &mut out,
             &mut ws,
+            &mut |stage| {
+                launched.extend(stage);
+                Ok(())
+            },
         )
         .unwrap();
+    // The selector runs unless every request fits the budget (then it would choose everything).
+    let plan = decoder.plan(case.lens.len(), case.num_kv_heads, built.table.max_len());
+    let page_size = spec.page_size as usize;
+    let fits = case.lens.iter().all(|&len| match spec.selector {
+        Selector::Quest => len.div_ceil(page_size) <= case.budget.div_ceil(page_size),
+        _ => len <= case.budget,
+    });
+    assert_eq!(
+        plan.selects_everything,
+        fits && spec.selector != Selector::Full,
+        "{what}: the plan's selects_everything"
+    );
+    assert_eq!(
+        launched.iter().any(|stage| stage.is_selector()),
+        spec.selector != Selector::Full && !plan.selects_everything,
+        "{what}: selector stages launched: {launched:?}"
+    );
     let o: Vec<f32> = stream
         .clone_dtoh(&out.o)
         .unwrap()
@@ -395,9 +417,7 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         let (b, g) = (row / kvh, row % kvh);
         &built.step.q[(b * qo + g * g_size) * d..][..g_size * d]
     };
-    let stride = decoder
-        .plan(case.lens.len(), kvh, built.table.max_len())
-        .selected_stride;
+    let stride = plan.selected_stride;
     // Slot -> position within its request, one map per request.
     let positions_of: Vec<std::collections::HashMap<usize, usize>> = (0..case.lens.len())
         .map(|b| {
@@ -408,6 +428,18 @@ fn run_case<T: KvElement>(stream: &Arc<CudaStream>, case: &Case, seed: u64) {
         .collect();
     let gpu_selection = ws.selection(stream).unwrap();
     let selection_identical = match (&quest, &labels, &gpu_selection) {
+        // Every request fits the budget: the step launched no selection and took every token,
+        // which must be what the reference's selector chose.
+        (Some(_), _, None) | (_, Some(_), None) if plan.selects_everything => {
+            for (row, candidates) in want.candidates.iter().enumerate() {
+                assert_eq!(
+                    candidates.len(),
+                    built.host_table.len_of(row / kvh),
+                    "{what}: the step selected everything but the reference's selector did not (row {row})"
+                );
+            }
+            true
+        }
         (Some(meta), _, Some(gpu)) => check_selection(
             gpu,
             stride,

@@ -69,6 +69,11 @@ impl Stage {
         )
     }
 
+    /// Whether the stage is the base selector's: its scoring or either kernel of its top-k.
+    pub fn is_selector(self) -> bool {
+        self.is_selection() || matches!(self, Stage::QuestScore | Stage::DsScore)
+    }
+
     /// Suffix of the entry symbol: `<variant name>_<suffix>`.
     pub fn suffix(self) -> &'static str {
         match self {

@@ -29,7 +29,9 @@ TW_DEVICE int tw_q8_round(float x, float inv) { return __float2int_rn(x * inv); 
 
 // Candidate c -> token slot, from a page selector's choice: with SELECTED the ids of the
 // selector's pages in the pool (rows of `stride`; the request's last page is always the last
-// of them), otherwise every page of the request.
+// of them), otherwise every page of the request. A SELECTED step whose every request fits the
+// budget launches no selection and passes no selection (null): every page, as the selection
+// would have chosen them.
 template <int PAGE_SIZE, bool SELECTED>
 struct tw_page_candidates {
   const int* pages;  // page ids: the selection's row, or the request's page list
@@ -40,7 +42,7 @@ struct tw_page_candidates {
                                const int* selected, const int* selected_count, const int* selected_pages,
                                int request, int head_row, int stride) {
     const int last = kv_last_page_len[request];
-    if (SELECTED) {
+    if (SELECTED && selected_pages != nullptr) {
       pages = selected_pages + tw_i64(head_row) * stride;
       count = (selected_count[head_row] - 1) * PAGE_SIZE + last;
       capacity = stride * PAGE_SIZE;
@@ -55,35 +57,36 @@ struct tw_page_candidates {
   // A lookup in steps, for loads issued well before the slot is needed and for any c (past
   // the count the result is meaningless and must not be used, but every read stays in
   // bounds): c's position in the page list (c itself here), the id of that position's page,
-  // then the slot.
+  // then the slot. (A request has at least one token, so capacity - 1 is a position.)
   TW_DEVICE int early_position(int c) const { return c; }
-  TW_DEVICE int early_page(int position) const {
-    if (SELECTED) return pages[min(position, capacity - 1) / PAGE_SIZE];
-    return position < count ? pages[position / PAGE_SIZE] : 0;
-  }
+  TW_DEVICE int early_page(int position) const { return pages[min(position, capacity - 1) / PAGE_SIZE]; }
   TW_DEVICE static int slot_of(int position, int page) { return page * PAGE_SIZE + position % PAGE_SIZE; }
   TW_DEVICE int early_slot(int c) const { return slot_of(c, early_page(c)); }
 };
 
 // Candidate c -> token slot, from a token selector's choice: token positions in rows of
-// `stride`, ascending.
+// `stride`, ascending. A step whose every request fits the budget passes no selection (null):
+// every token, position c as candidate c.
 template <int PAGE_SIZE>
 struct tw_token_candidates {
   const int* pages;
-  const int* positions;
+  const int* positions;  // null: the identity
   int count;
 
-  TW_DEVICE tw_token_candidates(const int* kv_indptr, const int* kv_indices, const int*, const int* selected,
-                                const int* selected_count, const int*, int request, int head_row, int stride)
+  TW_DEVICE tw_token_candidates(const int* kv_indptr, const int* kv_indices, const int* kv_last_page_len,
+                                const int* selected, const int* selected_count, const int*, int request,
+                                int head_row, int stride)
       : pages(kv_indices + kv_indptr[request]),
-        positions(selected + tw_i64(head_row) * stride),
-        count(selected_count[head_row]) {}
+        positions(selected != nullptr ? selected + tw_i64(head_row) * stride : nullptr),
+        count(selected != nullptr ? selected_count[head_row]
+                                  : tw_request_len(kv_indptr, kv_last_page_len, request, PAGE_SIZE)) {}
+  TW_DEVICE int position(int c) const { return positions != nullptr ? positions[c] : c; }
   TW_DEVICE int slot(int c) const {
-    const int pos = positions[c];
+    const int pos = position(c);
     return pages[pos / PAGE_SIZE] * PAGE_SIZE + pos % PAGE_SIZE;
   }
   // The same steps as tw_page_candidates's. Past the count a position may be stale: 0 there.
-  TW_DEVICE int early_position(int c) const { return c < count ? positions[c] : 0; }
+  TW_DEVICE int early_position(int c) const { return c < count ? position(c) : 0; }
   TW_DEVICE int early_page(int position) const { return pages[position / PAGE_SIZE]; }
   TW_DEVICE static int slot_of(int position, int page) { return page * PAGE_SIZE + position % PAGE_SIZE; }
   TW_DEVICE int early_slot(int c) const {

@@ -17,7 +17,7 @@ use twilight::{
 };
 use twilight_synth::generator::{GeneratorParams, Preset};
 
-use super::bytes::{selection_bytes, selection_step_bytes};
+use super::bytes::{selection_read_bytes, selection_step_bytes};
 use super::caches::{build_instances, rotation_for, Instance};
 use super::kernels::BenchKernels;
 use super::report::{self, SparseReport};
@@ -442,7 +442,7 @@ fn measure_selector<T: KvElement>(
     let d = shape.head_dim as f64;
     let pairs = (shape.batch * shape.kv_heads) as f64;
     let floor_us = |bytes: f64| bytes * pairs / bandwidth * 1e6;
-    let (cands, select_bytes) = selection_bytes(shape, selector);
+    let (cands, select_bytes) = selection_read_bytes(shape, selector);
     let select_floor = floor_us(select_bytes);
     let estimate_floor = floor_us(cands * (d / 2.0 + 4.0));
     let attend_floor = floor_us(mean * 4.0 * d);
