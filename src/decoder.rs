@@ -129,6 +129,21 @@ pub enum SelectionKernel {
     InRegisters,
 }
 
+/// Which blocks run top-p's threshold (one per query head) and the compaction (one per
+/// (request, KV head)) when they are launched apart.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PruneBlocks {
+    /// Small blocks where they take the longest row in one round (its weights in registers,
+    /// its candidates in one scan), else large ones.
+    #[default]
+    Auto,
+    /// Large blocks (512 threads for the threshold, 1024 for the compaction): few per SM, one
+    /// round for long rows.
+    Large,
+    /// Small blocks (128 and 256 threads): several per SM, several rounds for long rows.
+    Small,
+}
+
 /// Tiles in the smallest chunk of a kept list one attention block takes. Measured on the H200
 /// (`bench sparse --chunk-tiles 2,3,4`, one call; bench/PERF-NOTES.md, v17): against 1 tile,
 /// 2 took the attention stage from 13.6 to 10.9 us at the headline (98 kept tokens per row),
@@ -220,6 +235,7 @@ pub struct Decoder {
     launches_clusters: bool,
     /// Whether kernels of a block per row spread their blocks over the SMs.
     spread_rows: bool,
+    prune_blocks: PruneBlocks,
     /// Paddings that spread the blocks of the radix-pass selections and of the compaction.
     quest_select_spread: RowSpread,
     ds_select_spread: RowSpread,
@@ -333,9 +349,20 @@ impl Decoder {
             quest_select_spread,
             ds_select_spread,
             compact_spread,
+            prune_blocks: PruneBlocks::default(),
         };
         decoder.set_attention_kernel(AttentionKernel::default());
         Ok(decoder)
+    }
+
+    /// Which blocks run the threshold and the compaction launched apart; by default
+    /// [`PruneBlocks::Auto`].
+    pub fn set_prune_blocks(&mut self, blocks: PruneBlocks) {
+        self.prune_blocks = blocks;
+    }
+
+    pub fn prune_blocks(&self) -> PruneBlocks {
+        self.prune_blocks
     }
 
     /// Which kernel runs the attention; by default [`AttentionKernel::default`].
@@ -749,6 +776,8 @@ impl Decoder {
                 &step.tiling,
                 &step.plan,
             );
+            let stage =
+                prune_kernel_for(stage, self.prune_blocks, step.plan.max_cands, &step.tiling);
             before(Some(stage))?;
             let f = stages::function(&self.program, spec, stage)?;
             let tiling = &step.tiling;
@@ -788,13 +817,23 @@ impl Decoder {
                     workspace,
                 )?,
                 Stage::Estimate => stages::estimate(&step, f, workspace)?,
-                Stage::Threshold => stages::threshold(&step, f, workspace)?,
-                Stage::Compact | Stage::ThresholdCompact => {
+                Stage::Threshold => {
+                    stages::threshold(&step, f, tiling.threshold_threads, workspace)?
+                }
+                Stage::ThresholdInSmallBlocks => {
+                    stages::threshold(&step, f, tiling.threshold_small_threads, workspace)?
+                }
+                Stage::Compact | Stage::CompactInSmallBlocks | Stage::ThresholdCompact => {
                     let Some((counts, slots)) = out.kept.as_mut() else {
                         unreachable!("checked above: sparse variants have kept outputs");
                     };
                     if stage == Stage::Compact {
-                        stages::compact(&step, f, compact_padding, workspace, counts, slots)?
+                        let threads = tiling.compact_threads;
+                        let padding = compact_padding;
+                        stages::compact(&step, f, threads, padding, workspace, counts, slots)?
+                    } else if stage == Stage::CompactInSmallBlocks {
+                        let threads = tiling.compact_small_threads;
+                        stages::compact(&step, f, threads, None, workspace, counts, slots)?
                     } else {
                         stages::threshold_compact(&step, f, workspace, counts, slots)?
                     }
@@ -887,6 +926,44 @@ fn kernel_for(
         (planned, 1)
     }
 }
+
+/// The kernel `stage` launches as: the threshold's or the compaction's small blocks where
+/// `blocks` says so; Auto takes them where they hold the longest row in one round. On the H200
+/// the large threshold holds two blocks per SM (64 registers of 512 threads): 2048 query heads
+/// of B0 2048 took eight waves of it, 49 us against 19 in small blocks, and even 256 (one wave)
+/// took 9.8 against 9.1; but 256 rows of 8192 candidates, which small blocks take in passes
+/// over the logits, 12 us against 28. The large compaction (1024 threads, 8 candidates each)
+/// leaves three quarters of its threads idle on rows of 2048: 64 of them took 7.6 us against
+/// 5.9 in small blocks, 256 of them 10.8 against 7.3 (bench/PERF-NOTES.md, v25).
+fn prune_kernel_for(stage: Stage, blocks: PruneBlocks, max_cands: usize, tiling: &Tiling) -> Stage {
+    let (small, small_capacity) = match stage {
+        Stage::Threshold => (
+            Stage::ThresholdInSmallBlocks,
+            tiling.threshold_small_threads as usize * THRESHOLD_WEIGHTS_PER_THREAD,
+        ),
+        Stage::Compact => (
+            Stage::CompactInSmallBlocks,
+            tiling.compact_small_threads as usize * COMPACT_ITEMS_PER_THREAD,
+        ),
+        _ => return stage,
+    };
+    let take_small = match blocks {
+        PruneBlocks::Auto => max_cands <= small_capacity,
+        PruneBlocks::Large => false,
+        PruneBlocks::Small => true,
+    };
+    if take_small {
+        small
+    } else {
+        stage
+    }
+}
+
+/// Weights per thread the threshold keeps in registers (twilight/reduce.cuh, tw_mass_radix's
+/// CACHED), and candidates per thread in one round of the compaction's scan
+/// (twilight/prune.cuh, compact's ITEMS).
+const THRESHOLD_WEIGHTS_PER_THREAD: usize = 16;
+const COMPACT_ITEMS_PER_THREAD: usize = 8;
 
 /// Dense decode (`selector = full, pruning = none`): the baseline every sparse variant is
 /// measured against, and what layers 0 and 1 of a model run.
@@ -1129,6 +1206,50 @@ mod tests {
             num_chunks: 2,
             selects_everything: false,
         }
+    }
+
+    #[test]
+    fn pruning_takes_small_blocks_for_rows_they_hold_in_one_round() {
+        let spec = VariantSpec {
+            selector: twilight_jit::Selector::Quest,
+            pruning: twilight_jit::Pruning::TopP,
+            ..VariantSpec::dense(
+                16,
+                128,
+                twilight_jit::Dtype::F16,
+                4,
+                twilight_jit::KvLayout::Hnd,
+            )
+        };
+        let tiling = Tiling::for_spec(&spec);
+        let pick = |stage, blocks, max_cands| prune_kernel_for(stage, blocks, max_cands, &tiling);
+        use PruneBlocks::*;
+        // B0 2048: a small block holds every row, its weights in registers, its candidates
+        // in one scan.
+        assert_eq!(
+            pick(Stage::Threshold, Auto, 2048),
+            Stage::ThresholdInSmallBlocks
+        );
+        assert_eq!(
+            pick(Stage::Compact, Auto, 2048),
+            Stage::CompactInSmallBlocks
+        );
+        assert_eq!(pick(Stage::Compact, Auto, 1), Stage::CompactInSmallBlocks);
+        // The headline's 8192 candidates, or one more than a small block holds: large.
+        assert_eq!(pick(Stage::Threshold, Auto, 8192), Stage::Threshold);
+        assert_eq!(pick(Stage::Threshold, Auto, 2049), Stage::Threshold);
+        assert_eq!(pick(Stage::Compact, Auto, 2049), Stage::Compact);
+        // Forced either way, whatever the rows; other stages are left alone.
+        assert_eq!(
+            pick(Stage::Threshold, Small, 8192),
+            Stage::ThresholdInSmallBlocks
+        );
+        assert_eq!(pick(Stage::Compact, Large, 16), Stage::Compact);
+        assert_eq!(pick(Stage::Estimate, Small, 16), Stage::Estimate);
+        assert_eq!(
+            pick(Stage::ThresholdCompact, Small, 16),
+            Stage::ThresholdCompact
+        );
     }
 
     #[test]

@@ -35,7 +35,7 @@ pub use twilight_macros::twilight_kernel;
 
 pub use buffer::{DeviceMut, DeviceRef};
 pub use decoder::{
-    AttentionKernel, DecodeOutput, Decoder, DenseDecoder, LaunchOverlap, PruneLaunch,
+    AttentionKernel, DecodeOutput, Decoder, DenseDecoder, LaunchOverlap, PruneBlocks, PruneLaunch,
     SelectionKernel, StepParams, DEFAULT_SPARSE_CHUNK_TILES,
 };
 pub use element::KvElement;

@@ -109,6 +109,11 @@ impl SparseDecoder {
         self.decoder.set_prune_launch(how);
     }
 
+    /// See [`Decoder::set_prune_blocks`].
+    pub fn set_prune_blocks(&mut self, blocks: crate::PruneBlocks) {
+        self.decoder.set_prune_blocks(blocks);
+    }
+
     pub fn spec(&self) -> &VariantSpec {
         self.decoder.spec()
     }

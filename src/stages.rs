@@ -392,9 +392,12 @@ pub(crate) fn estimate<T: KvElement>(
     unsafe { l.launch(f, grid, params, "estimate") }
 }
 
+/// The threshold on `f`, either of its kernels ([`Stage::Threshold`] or
+/// [`Stage::ThresholdInSmallBlocks`]) on its block of `threads`.
 pub(crate) fn threshold<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
+    threads: u32,
     ws: &mut Workspace,
 ) -> Result<()> {
     let mut l = Launcher::new(s.stream, s.overlap);
@@ -411,8 +414,9 @@ pub(crate) fn threshold<T: KvElement>(
         p: s.p,
     });
     let num_qo_heads = s.num_kv_heads * s.spec.group_size as usize;
-    let grid = Grid::rows(num_qo_heads, s.batch, s.tiling.threshold_threads);
-    // SAFETY: `f` is `_threshold`; stats hold 2 floats per (request, query head).
+    let grid = Grid::rows(num_qo_heads, s.batch, threads);
+    // SAFETY: `f` is `_threshold` or `_threshold_small` on its block size; stats hold 2 floats
+    // per (request, query head).
     unsafe { l.launch(f, grid, params, "threshold") }
 }
 
@@ -449,9 +453,12 @@ pub(crate) fn threshold_compact<T: KvElement>(
     unsafe { l.launch(f, grid, params, "threshold_compact") }
 }
 
+/// The compaction on `f`, either of its kernels ([`Stage::Compact`] or
+/// [`Stage::CompactInSmallBlocks`]) on its block of `threads`.
 pub(crate) fn compact<T: KvElement>(
     s: &Step<'_, T>,
     f: &CudaFunction,
+    threads: u32,
     padding: Option<u32>,
     ws: &Workspace,
     kept_counts: &mut DeviceMut<'_, i32>,
@@ -478,8 +485,8 @@ pub(crate) fn compact<T: KvElement>(
         kept: l.write_mut(kept),
         kept_count: l.write_mut(kept_counts),
     });
-    let grid = Grid::rows(s.num_kv_heads, s.batch, s.tiling.compact_threads).with_padding(padding);
-    // SAFETY: `f` is `_compact`; kept holds rows * max_cands entries (the decoder checked the
+    let grid = Grid::rows(s.num_kv_heads, s.batch, threads).with_padding(padding);
+    // SAFETY: `f` is `_compact` or `_compact_small` on its block size; kept holds rows * max_cands entries (the decoder checked the
     // outputs against the plan).
     unsafe { l.launch(f, grid, params, "compact") }
 }

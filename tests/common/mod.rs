@@ -84,7 +84,14 @@ pub fn gpu_contexts(n: usize) -> Option<Vec<Arc<CudaContext>>> {
 /// A new random seed for each run (inputs are fresh every time), printed so that a failure
 /// can be replayed.
 pub fn fresh_seed() -> u64 {
-    let seed = rand::Rng::random(&mut rand::rng());
+    // A failure prints its seed; TWILIGHT_TEST_SEED replays it.
+    let seed = match std::env::var("TWILIGHT_TEST_SEED") {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("TWILIGHT_TEST_SEED={text:?} is not a u64")),
+        Err(_) => rand::Rng::random(&mut rand::rng()),
+    };
     eprintln!("seed {seed}");
     seed
 }

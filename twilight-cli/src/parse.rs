@@ -4,7 +4,7 @@
 
 use twilight::calibration::CalibrationMode;
 use twilight::twilight_jit::spec::{parse_value, FieldValue, SpecField};
-use twilight::{Dtype, KvLayout, Pruning, SelectionKernel, Selector};
+use twilight::{Dtype, KvLayout, PruneBlocks, Pruning, SelectionKernel, Selector};
 use twilight_synth::generator::Preset;
 
 fn field(field: SpecField, text: &str) -> Result<FieldValue, String> {
@@ -66,6 +66,18 @@ pub fn selection_kernel(text: &str) -> Result<SelectionKernel, String> {
     }
 }
 
+/// Blocks of top-p's threshold and compaction: `auto`, `large` or `small`.
+pub fn prune_blocks(text: &str) -> Result<PruneBlocks, String> {
+    match text.trim() {
+        "auto" => Ok(PruneBlocks::Auto),
+        "large" => Ok(PruneBlocks::Large),
+        "small" => Ok(PruneBlocks::Small),
+        other => Err(format!(
+            "`{other}` is not a choice of pruning blocks: auto, large or small"
+        )),
+    }
+}
+
 /// An attention preset of the generator: `default`, `focused`, `diffuse` or `uniform`.
 pub fn preset(text: &str) -> Result<Preset, String> {
     text.trim()
@@ -83,6 +95,16 @@ pub fn calibration_mode(text: &str) -> Result<CalibrationMode, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_blocks_read_by_name_and_refuse_others() {
+        assert_eq!(prune_blocks("auto"), Ok(PruneBlocks::Auto));
+        assert_eq!(prune_blocks(" small"), Ok(PruneBlocks::Small));
+        assert_eq!(prune_blocks("large"), Ok(PruneBlocks::Large));
+        assert!(prune_blocks("tiny")
+            .unwrap_err()
+            .contains("auto, large or small"));
+    }
 
     #[test]
     fn selection_kernels_read_by_name_and_refuse_others() {

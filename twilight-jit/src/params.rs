@@ -386,9 +386,11 @@ impl Stage {
             Stage::DsScore => DsScoreParams::cpp_definition(elem),
             Stage::DsSelect | Stage::DsSelectInRegisters => DsSelectParams::cpp_definition(elem),
             Stage::Estimate => EstimateParams::cpp_definition(elem),
-            Stage::Threshold => ThresholdParams::cpp_definition(elem),
+            Stage::Threshold | Stage::ThresholdInSmallBlocks => {
+                ThresholdParams::cpp_definition(elem)
+            }
             Stage::ThresholdCompact => ThresholdCompactParams::cpp_definition(elem),
-            Stage::Compact => CompactParams::cpp_definition(elem),
+            Stage::Compact | Stage::CompactInSmallBlocks => CompactParams::cpp_definition(elem),
             Stage::Attend | Stage::AttendMma => AttendParams::cpp_definition(elem),
         }
     }

@@ -43,12 +43,19 @@ pub enum Stage {
     Estimate,
     /// Top-p: the exact threshold weight per query head.
     Threshold,
+    /// [`Stage::Threshold`] in blocks of [`Tiling::threshold_small_threads`]: several per SM,
+    /// for steps of more query heads than the large blocks hold at once; the decoder launches
+    /// it in its place for those.
+    ThresholdInSmallBlocks,
     /// Top-p: threshold and compaction of a (request, KV head) in one launch, a cluster of the
     /// group's query heads (sm_90 and later); replaces `Threshold` and `Compact` when the
     /// decoder fuses them.
     ThresholdCompact,
     /// The kept candidates of each (request, KV head) as a list of token slots.
     Compact,
+    /// [`Stage::Compact`] in blocks of [`Tiling::compact_small_threads`], launched in its place
+    /// as [`Stage::ThresholdInSmallBlocks`] is.
+    CompactInSmallBlocks,
     /// Attention: over every token (dense variants) or over the kept list (sparse ones); a
     /// list split over blocks is merged by (o, lse) in the same launch.
     Attend,
@@ -86,8 +93,10 @@ impl Stage {
             Stage::DsSelectInRegisters => "ds_select_in_registers",
             Stage::Estimate => "estimate",
             Stage::Threshold => "threshold",
+            Stage::ThresholdInSmallBlocks => "threshold_small",
             Stage::ThresholdCompact => "threshold_compact",
             Stage::Compact => "compact",
+            Stage::CompactInSmallBlocks => "compact_small",
             Stage::Attend => "attend",
             Stage::AttendMma => "attend_mma",
         }
@@ -101,9 +110,12 @@ impl Stage {
                 "quest.cu.tera"
             }
             Stage::DsScore | Stage::DsSelect | Stage::DsSelectInRegisters => "ds.cu.tera",
-            Stage::Estimate | Stage::Threshold | Stage::ThresholdCompact | Stage::Compact => {
-                "prune.cu.tera"
-            }
+            Stage::Estimate
+            | Stage::Threshold
+            | Stage::ThresholdInSmallBlocks
+            | Stage::ThresholdCompact
+            | Stage::Compact
+            | Stage::CompactInSmallBlocks => "prune.cu.tera",
             Stage::Attend | Stage::AttendMma => "attend.cu.tera",
         }
     }
@@ -271,7 +283,14 @@ pub struct Tiling {
     /// registers, not rings, bound the blocks per SM; two at head_dim 256 (4 KB groups).
     pub estimate_stages: u32,
     pub threshold_threads: u32,
+    /// Blocks of [`Stage::ThresholdInSmallBlocks`]: 128 threads hold 2048 weights (16 each,
+    /// the exact path of twilight/reduce.cuh's tw_mass_radix), B0 2048 of every query head;
+    /// 64 registers allow 8 blocks per SM where 512-thread blocks fit 2.
+    pub threshold_small_threads: u32,
     pub compact_threads: u32,
+    /// Blocks of [`Stage::CompactInSmallBlocks`]: 256 threads take 2048 candidates (8 each) in
+    /// one round of their scan, 6 blocks per SM where 1024-thread blocks fit 1 or 2.
+    pub compact_small_threads: u32,
 }
 
 impl Tiling {
@@ -304,8 +323,10 @@ impl Tiling {
             estimate_threads: 128,
             estimate_stages: if spec.head_dim >= 256 { 2 } else { 3 },
             threshold_threads: 512,
+            threshold_small_threads: 128,
             // One block walks a whole candidate list in order: make each step of it wide.
             compact_threads: 1024,
+            compact_small_threads: 256,
         }
     }
 
@@ -463,6 +484,8 @@ pub fn stages_of(spec: &VariantSpec) -> Vec<Stage> {
         match stage {
             Stage::QuestSelect => stages.push(Stage::QuestSelectInRegisters),
             Stage::DsSelect => stages.push(Stage::DsSelectInRegisters),
+            Stage::Threshold => stages.push(Stage::ThresholdInSmallBlocks),
+            Stage::Compact => stages.push(Stage::CompactInSmallBlocks),
             _ => {}
         }
     }

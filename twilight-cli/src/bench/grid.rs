@@ -99,6 +99,7 @@ pub fn run(args: GridArgs) -> CliResult {
         iters: args.iters,
         chunk_tiles: Vec::new(),
         selection_kernels: Vec::new(),
+        prune_blocks: Vec::new(),
         select_clusters: Vec::new(),
     };
     let mut reports: Vec<SparseReport> = Vec::new();

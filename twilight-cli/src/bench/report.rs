@@ -83,6 +83,10 @@ pub struct SparseReport {
     /// selection stage), microseconds.
     #[serde(default)]
     pub selection_kernels: Vec<(String, f64, f64, f64)>,
+    /// The step with threshold and compaction apart in each choice of blocks asked for:
+    /// (choice, launched, graph replay, threshold stage, compaction stage), microseconds.
+    #[serde(default)]
+    pub prune_blocks: Vec<(String, f64, f64, f64, f64)>,
     pub twilight_floor_us: f64,
     /// DESIGN.md's bytes of one step per (request, KV head): the selector's reads, the 4-bit
     /// estimate of the candidates and K/V of the kept tokens (mean).
@@ -227,6 +231,13 @@ pub fn print(r: &SparseReport) {
             r.twilight_floor_us,
         );
         println!("| stage selection {kernel} | {stage:.1} | - | - |");
+    }
+    for (blocks, t, g, threshold, compact) in &r.prune_blocks {
+        let what = format!("twilight step, pruning apart in {blocks} blocks");
+        row(&what, *t, r.twilight_floor_us);
+        row(&format!("{what}, graph replay"), *g, r.twilight_floor_us);
+        println!("| stage threshold, {blocks} blocks | {threshold:.1} | - | - |");
+        println!("| stage compaction, {blocks} blocks | {compact:.1} | - | - |");
     }
     if let (Some(t), Some(g)) = (
         r.twilight_captured_apart_us,

@@ -12,8 +12,9 @@ use cudarc::driver::{CudaGraph, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use twilight::twilight_jit::{open_device, Stage};
 use twilight::{
     AttentionKernel, DecodeOutput, Decoder, DenseDecoder, DeviceMut, DeviceRef, Dtype, KvElement,
-    KvPool, LaunchOverlap, PageTableView, Pruning, SelectionKernel, Selector, SparseDecoder,
-    SparseOutput, SparseParams, SparseWorkspace, StepOutputs, StepParams, VariantSpec, Workspace,
+    KvPool, LaunchOverlap, PageTableView, PruneBlocks, Pruning, SelectionKernel, Selector,
+    SparseDecoder, SparseOutput, SparseParams, SparseWorkspace, StepOutputs, StepParams,
+    VariantSpec, Workspace,
 };
 use twilight_synth::generator::{GeneratorParams, Preset};
 
@@ -58,6 +59,10 @@ pub struct SparseArgs {
     /// `Decoder::set_selection_cluster_limit` for the default).
     #[arg(long, value_delimiter = ',')]
     select_clusters: Vec<u32>,
+    /// Also time the step with top-p's threshold and compaction, launched apart, in these
+    /// blocks (comma-separated: large, small; see `Decoder::set_prune_blocks`).
+    #[arg(long, value_delimiter = ',', value_parser = parse::prune_blocks)]
+    prune_blocks: Vec<PruneBlocks>,
 }
 
 /// How each shape is measured.
@@ -73,6 +78,8 @@ pub struct Method {
     pub selection_kernels: Vec<SelectionKernel>,
     /// Largest selection clusters to time the step with besides the default's.
     pub select_clusters: Vec<u32>,
+    /// Blocks of the threshold and compaction to time the step with besides the default's.
+    pub prune_blocks: Vec<PruneBlocks>,
 }
 
 pub fn run(args: SparseArgs) -> CliResult {
@@ -87,6 +94,7 @@ pub fn run(args: SparseArgs) -> CliResult {
         chunk_tiles: args.chunk_tiles.clone(),
         selection_kernels: args.selection_kernels.clone(),
         select_clusters: args.select_clusters.clone(),
+        prune_blocks: args.prune_blocks.clone(),
     };
     let stream = graph_ready_stream()?;
     let tools = BenchKernels::new(&stream)?;
@@ -426,6 +434,29 @@ fn measure_selector<T: KvElement>(
         let (t, g, stage) = time_variant(&limited, &|s| s.is_selection())?;
         selection_kernels.push((format!("clusters of at most {limit}"), t, g, stage));
     }
+    let mut prune_blocks = Vec::new();
+    for &blocks in &method.prune_blocks {
+        let mut chosen = SparseDecoder::new(stream.clone(), twilight_spec, *sparse.params())?;
+        chosen.set_prune_blocks(blocks);
+        // Threshold and compaction apart, so that the blocks asked for are the ones launched.
+        chosen.set_fused_prune(false);
+        let (t, g) =
+            time_launched_and_replayed(stream, &chosen, instances, &mut s_out, &mut s_ws, method)?;
+        let stages = time_stages_of(stream, &chosen, instances, &mut s_out, &mut s_ws, method)?;
+        let stage_us = |of: &[Stage]| {
+            stages
+                .iter()
+                .find(|(s, _)| of.contains(s))
+                .map_or(f64::NAN, |(_, t)| t.median_us())
+        };
+        prune_blocks.push((
+            format!("{blocks:?}"),
+            t.median_us(),
+            g.median_us(),
+            stage_us(&[Stage::Threshold, Stage::ThresholdInSmallBlocks]),
+            stage_us(&[Stage::Compact, Stage::CompactInSmallBlocks]),
+        ));
+    }
 
     // Kept budgets of the last step on cache 0.
     stream.synchronize()?;
@@ -490,6 +521,7 @@ fn measure_selector<T: KvElement>(
         default_fuses_prune: Some(default_fuses),
         chunk_tiles,
         selection_kernels,
+        prune_blocks,
         twilight_fused_graph_us: Some(fused_graph_t.median_us()),
         fused_stage_us: fused_stages
             .iter()

@@ -213,6 +213,7 @@ mod tests {
             default_fuses_prune: None,
             chunk_tiles: Vec::new(),
             selection_kernels: Vec::new(),
+            prune_blocks: Vec::new(),
             twilight_floor_us: 23.6,
             step_bytes_per_row: 1.6e6,
             practical_floor_us: None,
