@@ -11,7 +11,7 @@ use twilight::reference::quest::{
 use twilight::reference::{
     decode_step, dense_decode, CacheShape, HostKv, StepInputs, StepParams, StepResult,
 };
-use twilight::{Dtype, KvLayout, Pruning, Selector, VariantSpec};
+use twilight::{AttentionGrid, Dtype, KvLayout, Pruning, Selector, StepPlan, VariantSpec};
 use twilight_synth::generator::{generate, GeneratorParams, Preset};
 use twilight_synth::synthetic::SyntheticStep;
 
@@ -254,6 +254,25 @@ proptest! {
             }
             prop_assert_eq!(&r.o, &dense.o);
         }
+    }
+
+    /// The GPU plan skips Quest's selection (`StepPlan::selects_everything`) exactly where the
+    /// reference's Quest chooses every page of every request.
+    #[test]
+    fn plans_skip_the_selection_exactly_where_quest_chooses_everything(
+        c in case(),
+        b0 in 1usize..=80,
+    ) {
+        let s = step_of(&c);
+        let r = run(&c, &s, Selector::Quest, Pruning::None, StepParams::new(b0, 0.9, sm_scale(&c)));
+        let everything = (0..s.table.batch()).all(|b| {
+            let pages = s.table.pages_of(b).len();
+            (0..c.num_kv_heads).all(|g| r.selected_pages[b * c.num_kv_heads + g].len() == pages)
+        });
+        let grid = AttentionGrid { tile: 32, num_sms: 132, resident_blocks: None };
+        let rows = s.table.batch() * c.num_kv_heads;
+        let plan = StepPlan::new(&spec(&c, Selector::Quest, Pruning::TopP), b0, grid, rows, s.table.max_len());
+        prop_assert_eq!(plan.selects_everything, everything, "B0 {} lens {:?}", b0, &c.lens);
     }
 
     /// Quest: the budget is `min(pages, ceil(B0 / page_size))`, the last page is always in,
