@@ -939,11 +939,11 @@ fn prune_kernel_for(stage: Stage, blocks: PruneBlocks, max_cands: usize, tiling:
     let (small, small_capacity) = match stage {
         Stage::Threshold => (
             Stage::ThresholdInSmallBlocks,
-            tiling.threshold_small_threads as usize * THRESHOLD_WEIGHTS_PER_THREAD,
+            (tiling.threshold_small_threads * tiling.threshold_weights_per_thread) as usize,
         ),
         Stage::Compact => (
             Stage::CompactInSmallBlocks,
-            tiling.compact_small_threads as usize * COMPACT_ITEMS_PER_THREAD,
+            (tiling.compact_small_threads * tiling.compact_items_per_thread) as usize,
         ),
         _ => return stage,
     };
@@ -958,12 +958,6 @@ fn prune_kernel_for(stage: Stage, blocks: PruneBlocks, max_cands: usize, tiling:
         stage
     }
 }
-
-/// Weights per thread the threshold keeps in registers (twilight/reduce.cuh, tw_mass_radix's
-/// CACHED), and candidates per thread in one round of the compaction's scan
-/// (twilight/prune.cuh, compact's ITEMS).
-const THRESHOLD_WEIGHTS_PER_THREAD: usize = 16;
-const COMPACT_ITEMS_PER_THREAD: usize = 8;
 
 /// Dense decode (`selector = full, pruning = none`): the baseline every sparse variant is
 /// measured against, and what layers 0 and 1 of a model run.

@@ -287,10 +287,17 @@ pub struct Tiling {
     /// the exact path of twilight/reduce.cuh's tw_mass_radix), B0 2048 of every query head;
     /// 64 registers allow 8 blocks per SM where 512-thread blocks fit 2.
     pub threshold_small_threads: u32,
+    /// Weights per thread the threshold keeps in registers (twilight/reduce.cuh,
+    /// tw_mass_radix's CACHED; the template asserts the two agree): a small block holds rows of
+    /// up to `threshold_small_threads` times as many.
+    pub threshold_weights_per_thread: u32,
     pub compact_threads: u32,
     /// Blocks of [`Stage::CompactInSmallBlocks`]: 256 threads take 2048 candidates (8 each) in
     /// one round of their scan, 6 blocks per SM where 1024-thread blocks fit 1 or 2.
     pub compact_small_threads: u32,
+    /// Candidates per thread in one round of the compaction's scan (twilight/prune.cuh,
+    /// tw_prune's COMPACT_ITEMS; the template asserts the two agree).
+    pub compact_items_per_thread: u32,
 }
 
 impl Tiling {
@@ -324,9 +331,11 @@ impl Tiling {
             estimate_stages: if spec.head_dim >= 256 { 2 } else { 3 },
             threshold_threads: 512,
             threshold_small_threads: 128,
+            threshold_weights_per_thread: 16,
             // One block walks a whole candidate list in order: make each step of it wide.
             compact_threads: 1024,
             compact_small_threads: 256,
+            compact_items_per_thread: 8,
         }
     }
 

@@ -97,6 +97,8 @@ struct tw_token_candidates {
 
 template <typename T, int HEAD_DIM, int PAGE_SIZE, int GROUP, bool HND>
 struct tw_prune {
+  // Candidates per thread in one round of the compaction's scan (see `compact`).
+  static constexpr int COMPACT_ITEMS = 8;
   typedef tw_paged_layout<HND, PAGE_SIZE, HEAD_DIM / 2> q4_layout;
   typedef tw_paged_layout<HND, PAGE_SIZE, 2> scale_layout;
 
@@ -482,7 +484,7 @@ struct tw_prune {
     int written = 0;
     // Each thread owns ITEMS consecutive candidates, so one block-wide scan of per-thread counts
     // (not one per candidate) places every kept slot, in candidate order.
-    constexpr int ITEMS = 8;
+    constexpr int ITEMS = COMPACT_ITEMS;
     // Rows on a 16-byte boundary read each head's ITEMS logits as float4s: a warp's load
     // instruction then covers 512 contiguous bytes, where one float per lane 32 bytes apart
     // touches 32 sectors for 32 floats.
