@@ -151,6 +151,23 @@ pub struct AttentionGrid {
     pub resident_blocks: Option<usize>,
 }
 
+/// Whether `selector` with a budget of `budget` tokens chooses every token of every request of
+/// at most `max_len` tokens on pages of `page_size`: Quest chooses whole pages, so B0 covers a
+/// request whose pages are at most ceil(B0 / page_size); Double Sparsity chooses tokens; `full`
+/// has no selector ([`StepPlan::selects_everything`]).
+pub fn selects_everything(
+    selector: Selector,
+    page_size: usize,
+    budget: usize,
+    max_len: usize,
+) -> bool {
+    match selector {
+        Selector::Quest => budget.div_ceil(page_size.max(1)) >= max_len.div_ceil(page_size.max(1)),
+        Selector::DoubleSparse { .. } => budget >= max_len,
+        Selector::Full => false,
+    }
+}
+
 /// The plan of a sparse step (the same type: every variant has one plan).
 pub type SparsePlan = StepPlan;
 
@@ -174,11 +191,7 @@ impl StepPlan {
         // A budget beyond the longest request selects every page either way.
         let budget_pages = budget.div_ceil(page_size).clamp(1, max_pages);
         let max_tokens = max_pages * page_size;
-        let selects_everything = match spec.selector {
-            Selector::Quest => budget.div_ceil(page_size) >= max_pages,
-            Selector::DoubleSparse { .. } => budget >= max_len,
-            Selector::Full => false,
-        };
+        let selects_everything = selects_everything(spec.selector, page_size, budget, max_len);
         let (max_cands, selected_stride) = match spec.selector {
             Selector::Quest => (budget_pages * page_size, budget_pages),
             Selector::DoubleSparse { .. } => {

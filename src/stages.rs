@@ -486,8 +486,8 @@ pub(crate) fn compact<T: KvElement>(
         kept_count: l.write_mut(kept_counts),
     });
     let grid = Grid::rows(s.num_kv_heads, s.batch, threads).with_padding(padding);
-    // SAFETY: `f` is `_compact` or `_compact_small` on its block size; kept holds rows * max_cands entries (the decoder checked the
-    // outputs against the plan).
+    // SAFETY: `f` is `_compact` or `_compact_small` on its block size; kept holds
+    // rows * max_cands entries (the decoder checked the outputs against the plan).
     unsafe { l.launch(f, grid, params, "compact") }
 }
 

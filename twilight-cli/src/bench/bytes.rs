@@ -27,10 +27,7 @@ pub fn selection_bytes(shape: &BenchShape, selector: Selector) -> (f64, f64) {
 pub fn selection_read_bytes(shape: &BenchShape, selector: Selector) -> (f64, f64) {
     let (cands, read) = selection_bytes(shape, selector);
     let ps = shape.page_size as usize;
-    let skipped = match selector {
-        Selector::DoubleSparse { .. } => shape.budget >= shape.len,
-        _ => shape.budget.div_ceil(ps) >= shape.len.div_ceil(ps),
-    };
+    let skipped = twilight::plan::selects_everything(selector, ps, shape.budget, shape.len);
     (cands, if skipped { 0.0 } else { read })
 }
 
